@@ -1,0 +1,32 @@
+# Every target sets itself up from a fresh clone: only Python 3.11, make and git needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: test demo check bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python -m cosmigrate.sandbox.smoke
+
+check: $(STAMP)
+	$(BIN)/ruff check cosmigrate tests bench
+	$(BIN)/mypy cosmigrate
+
+bench: $(STAMP)
+	$(BIN)/python bench/sandbox_bench.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/sandbox_bench.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

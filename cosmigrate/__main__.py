@@ -1,0 +1,5 @@
+"""`python -m cosmigrate` runs the CLI."""
+
+from cosmigrate.cli import main
+
+main()

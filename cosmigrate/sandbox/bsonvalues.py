@@ -1,0 +1,203 @@
+"""BSON value semantics the emulators need: type order, equality, hashing, raw scans.
+
+MongoDB compares values across types by a fixed "type bracket" order and
+treats 1, 1.0 and Int64(1) as the same `_id`; Python does neither (and thinks
+True == 1). These helpers give the emulators MongoDB's answers so that `_id`
+lookups, range scans and unique indexes behave like a real server.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import re
+import struct
+from collections.abc import Hashable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import bson
+from bson.binary import Binary
+from bson.code import Code
+from bson.dbref import DBRef
+from bson.decimal128 import Decimal128
+from bson.int64 import Int64
+from bson.max_key import MaxKey
+from bson.min_key import MinKey
+from bson.objectid import ObjectId
+from bson.regex import Regex
+from bson.timestamp import Timestamp
+
+# MongoDB's comparison order of BSON types (lower sorts first).
+RANK_MINKEY = 1
+RANK_NULL = 2
+RANK_NUMBER = 3
+RANK_STRING = 4
+RANK_OBJECT = 5
+RANK_ARRAY = 6
+RANK_BINARY = 7
+RANK_OBJECTID = 8
+RANK_BOOL = 9
+RANK_DATE = 10
+RANK_TIMESTAMP = 11
+RANK_REGEX = 12
+RANK_CODE = 13
+RANK_MAXKEY = 14
+
+
+def _millis(value: dt.datetime) -> int:
+    return calendar.timegm(value.utctimetuple()) * 1000 + value.microsecond // 1000
+
+
+def sort_key(value: Any) -> tuple[Any, ...]:
+    """A tuple that orders like MongoDB orders BSON values (and is equal when they are)."""
+    t = type(value)
+    if t is str:
+        return (RANK_STRING, value)
+    if t is bool:
+        return (RANK_BOOL, value)
+    if t is int or t is Int64 or t is float:
+        return (RANK_NUMBER, value)
+    if t is ObjectId:
+        return (RANK_OBJECTID, value.binary)
+    if value is None:
+        return (RANK_NULL,)
+    if isinstance(value, Decimal128):
+        return (RANK_NUMBER, value.to_decimal())
+    if isinstance(value, (int, float, Decimal)):
+        return (RANK_NUMBER, value)
+    if isinstance(value, dt.datetime):
+        return (RANK_DATE, _millis(value))
+    if isinstance(value, Timestamp):
+        return (RANK_TIMESTAMP, value.time, value.inc)
+    if isinstance(value, (bytes, Binary)):
+        subtype = value.subtype if isinstance(value, Binary) else 0
+        return (RANK_BINARY, len(value), subtype, bytes(value))
+    if isinstance(value, DBRef):
+        return (RANK_OBJECT, _doc_key(value.as_doc()))
+    if isinstance(value, Mapping):
+        return (RANK_OBJECT, _doc_key(value))
+    if isinstance(value, (list, tuple)):
+        return (RANK_ARRAY, tuple(sort_key(v) for v in value))
+    if isinstance(value, MinKey):
+        return (RANK_MINKEY,)
+    if isinstance(value, MaxKey):
+        return (RANK_MAXKEY,)
+    if isinstance(value, Regex):
+        return (RANK_REGEX, value.pattern, value.flags)
+    if isinstance(value, re.Pattern):
+        return (RANK_REGEX, value.pattern, value.flags)
+    if isinstance(value, Code):
+        return (RANK_CODE, str(value))
+    return (RANK_OBJECT, (repr(value),))
+
+
+def _doc_key(doc: Mapping[str, Any]) -> tuple[Any, ...]:
+    # Objects compare field by field: the value's type, then the name, then the value.
+    out = []
+    for name, val in doc.items():
+        k = sort_key(val)
+        out.append((k[0], name, k))
+    return tuple(out)
+
+
+def rank(value: Any) -> int:
+    """The type bracket of a value (range operators only match within one)."""
+    return sort_key(value)[0]
+
+
+def values_equal(a: Any, b: Any) -> bool:
+    """MongoDB equality: 1 == 1.0 == Int64(1), but True != 1."""
+    return sort_key(a) == sort_key(b)
+
+
+def id_key(value: Any) -> Hashable:
+    """A hashable key for an `_id` value, equal exactly when MongoDB finds the ids equal."""
+    t = type(value)
+    if t is ObjectId:
+        return value
+    if t is str:
+        return ("s", value)
+    if t is bool:
+        return ("b", value)
+    if t is int or t is Int64 or t is float:
+        return ("n", value)
+    if value is None:
+        return ("z",)
+    if isinstance(value, Decimal128):
+        return ("n", value.to_decimal())
+    return ("k", sort_key(value))
+
+
+# --- raw BSON scans ------------------------------------------------------------
+
+UNSUPPORTED_TYPES = {
+    0x06: "Undefined",
+    0x0C: "DBPointer",
+    0x0D: "JavaScript",
+    0x0E: "Symbol",
+    0x0F: "JavaScript (with scope)",
+}
+_MAYBE_UNSUPPORTED = re.compile(rb"[\x06\x0c-\x0f]")
+_FIXED_SIZE = {
+    0x01: 8, 0x07: 12, 0x08: 1, 0x09: 8, 0x0A: 0, 0x10: 4, 0x11: 8, 0x12: 8,
+    0x13: 16, 0x7F: 0, 0xFF: 0, 0x06: 0,
+}
+_INT32 = struct.Struct("<i")
+
+
+def find_unsupported_type(raw: bytes) -> tuple[str, str] | None:
+    """Return (field path, type name) of the first element whose type DocumentDB refuses.
+
+    Decoding would hide them (Symbol decodes to str, Undefined to None), so the
+    raw element types are walked. A regex pre-check skips the walk for most
+    documents, which hold none of the suspicious type bytes at all.
+    """
+    if _MAYBE_UNSUPPORTED.search(raw) is None:
+        return None
+    return _walk(raw, 4, "")
+
+
+def _walk(raw: bytes, pos: int, prefix: str) -> tuple[str, str] | None:
+    while raw[pos] != 0:
+        etype = raw[pos]
+        name_end = raw.index(0, pos + 1)
+        name = raw[pos + 1 : name_end].decode("utf-8", "replace")
+        pos = name_end + 1
+        path = f"{prefix}{name}"
+        if etype in UNSUPPORTED_TYPES:
+            return path, UNSUPPORTED_TYPES[etype]
+        if etype in (0x03, 0x04):
+            (length,) = _INT32.unpack_from(raw, pos)
+            found = _walk(raw, pos + 4, path + ".")
+            if found:
+                return found
+            pos += length
+        elif etype == 0x02:
+            (length,) = _INT32.unpack_from(raw, pos)
+            pos += 4 + length
+        elif etype == 0x05:
+            (length,) = _INT32.unpack_from(raw, pos)
+            pos += 5 + length
+        elif etype == 0x0B:
+            pos = raw.index(0, raw.index(0, pos) + 1) + 1
+        elif etype in _FIXED_SIZE:
+            pos += _FIXED_SIZE[etype]
+        else:
+            raise bson.errors.InvalidBSON(f"unknown BSON element type 0x{etype:02x}")
+    return None
+
+
+def first_field_is_id(raw: bytes) -> bool:
+    """True when the document's first element is named `_id` (MongoDB stores it first)."""
+    return len(raw) > 9 and raw[5:9] == b"_id\x00"
+
+
+def prepend_id(raw: bytes, id_value: Any) -> bytes:
+    """Return the document with `_id` as its first field, dropping any later `_id`."""
+    doc = bson.decode(raw, codec_options=DECODE_OPTIONS)
+    doc.pop("_id", None)
+    return bson.encode({"_id": id_value, **doc}, codec_options=DECODE_OPTIONS)
+
+
+DECODE_OPTIONS = bson.CodecOptions(document_class=dict, tz_aware=False)

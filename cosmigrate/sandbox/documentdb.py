@@ -1,0 +1,63 @@
+"""The Amazon DocumentDB personality: the target's refusals and failovers.
+
+Rules emulated (see DESIGN.md): no retryable writes (a write carrying
+`txnNumber` is refused), at most 100,000 writes per command, unique indexes
+enforced, no 2d/hashed/wildcard indexes (nor text and partial indexes below
+5.0, nor collations below 8.0), no capped collections, no DBPointer,
+JavaScript, Symbol or Undefined values. Faults: failovers (connection resets
+and "not primary" for N seconds) and slow writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cosmigrate.sandbox.bsonvalues import find_unsupported_type
+from cosmigrate.sandbox.query import QueryError
+from cosmigrate.sandbox.server import CommandError, DropConnection, MongoServer
+
+
+class DocumentDBTarget(MongoServer):
+    """Emulated Amazon DocumentDB cluster (instance-based, version 5.0 by default)."""
+
+    set_name = "rs0"
+    reject_retryable_writes = True
+
+    def __init__(self, *args: Any, version: str = "5.0.0", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server_version = version
+        self.major = int(version.split(".")[0])
+        self.max_wire_version = 13 if self.major < 8 else 21
+
+    def is_primary(self) -> bool:
+        return not self.faults.failing_over
+
+    async def before_command(self, name: str, body: dict[str, Any]) -> None:
+        await super().before_command(name, body)
+        if self.faults.failing_over:
+            if self.faults.chance(0.5):
+                raise DropConnection()
+            raise CommandError(10107, "not primary", "NotWritablePrimary")
+
+    def check_capped(self) -> None:
+        raise CommandError(115, "Capped collections are not supported by Amazon DocumentDB", "CommandNotSupported")
+
+    def validate_index(self, spec: dict[str, Any]) -> None:
+        name = spec.get("name", "?")
+        for field, kind in dict(spec.get("key", {})).items():
+            if "$**" in field:
+                raise CommandError(67, f"index {name}: wildcard indexes are not supported", "CannotCreateIndex")
+            if kind in ("2d", "hashed", "geoHaystack"):
+                raise CommandError(67, f"index {name}: {kind} indexes are not supported", "CannotCreateIndex")
+            if kind == "text" and self.major < 5:
+                raise CommandError(67, f"index {name}: text indexes need DocumentDB 5.0", "CannotCreateIndex")
+        if "partialFilterExpression" in spec and self.major < 5:
+            raise CommandError(67, f"index {name}: partial indexes need DocumentDB 5.0", "CannotCreateIndex")
+        if "collation" in spec and self.major < 8:
+            raise CommandError(67, f"index {name}: collations need DocumentDB 8.0", "CannotCreateIndex")
+
+    def validate_document(self, raw: bytes) -> None:
+        found = find_unsupported_type(raw)
+        if found is not None:
+            path, type_name = found
+            raise QueryError(2, f"Unsupported BSON type {type_name} in field '{path}'", "BadValue")

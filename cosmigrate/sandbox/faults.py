@@ -1,0 +1,100 @@
+"""Fault switches for the emulators, settable from `--faults`, Python, or the wire.
+
+Tests flip these at run time (`sandbox.source.faults.throttle_rate = 0.3`), a
+separate process can flip them with the `cosmigrateSandbox` command, and the
+CLI takes a spec such as `throttle=0.2,retry_after_ms=50,deletes_preview`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class FaultSpecError(ValueError):
+    """A `--faults` spec that names an unknown switch or a bad value."""
+
+
+@dataclass
+class Faults:
+    """Every switch is off by default: a fresh sandbox behaves like a healthy server."""
+
+    # --- source (Cosmos DB) ---
+    throttle_rate: float = 0.0
+    """Share of data commands answered with 16500 TooManyRequests."""
+    retry_after_ms: int = 20
+    """The RetryAfterMs value carried by a throttling error."""
+    empty_page_rate: float = 0.0
+    """Share of change-stream pages served empty although changes are waiting."""
+    drop_rate: float = 0.0
+    """Share of commands whose connection is closed instead of answered."""
+    idle_timeout_s: float = 0.0
+    """Close connections idle longer than this (0 = never), like Cosmos after ~4 minutes."""
+    reject_tokens: bool = False
+    """Refuse every resume token ("Change feed token format is invalid")."""
+    no_postbatch_token: bool = False
+    """Leave out postBatchResumeToken, reproducing PyMongo's missing operationTime failure."""
+    deletes_preview: bool = False
+    """Accept "delete" in the change-stream $match and emit delete events."""
+
+    # --- target (DocumentDB) ---
+    failover_until: float = 0.0
+    """Monotonic time until which the target acts as if failing over."""
+    slow_write_ms: int = 0
+    """Delay added to every write command."""
+
+    seed: int | None = None
+    rng: random.Random = field(default_factory=random.Random, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.seed is not None:
+            self.rng.seed(self.seed)
+
+    def chance(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
+    def failover(self, seconds: float) -> None:
+        """Start a failover window of `seconds` from now."""
+        self.failover_until = time.monotonic() + seconds
+
+    @property
+    def failing_over(self) -> bool:
+        return time.monotonic() < self.failover_until
+
+    def update(self, values: dict[str, Any]) -> None:
+        """Set switches by name, converting types; unknown names are refused."""
+        known = {f.name: f for f in fields(self) if f.name not in ("rng", "seed")}
+        for name, raw in values.items():
+            if name == "failover_s":
+                self.failover(float(raw))
+                continue
+            if name not in known:
+                raise FaultSpecError(f"unknown fault {name!r}; known: failover_s, {', '.join(sorted(known))}")
+            current = getattr(self, name)
+            try:
+                if isinstance(current, bool):
+                    value: Any = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on", "")
+                elif isinstance(current, int):
+                    value = int(raw)
+                else:
+                    value = float(raw)
+            except (TypeError, ValueError) as exc:
+                raise FaultSpecError(f"fault {name!r} needs a number, got {raw!r}") from exc
+            setattr(self, name, value)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rng"}
+
+
+def parse_spec(spec: str) -> dict[str, Any]:
+    """Parse `name=value,flag,...` into a dict (a bare name means true)."""
+    out: dict[str, Any] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        out[name.strip()] = value.strip() if sep else True
+    return out

@@ -1,0 +1,38 @@
+"""Shared fixtures: the sandbox servers and real PyMongo async clients on them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from cosmigrate.sandbox import Faults, Sandbox
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    sb = Sandbox(source_faults=Faults(seed=7), target_faults=Faults(seed=7))
+    await sb.start()
+    try:
+        yield sb
+    finally:
+        await sb.stop()
+
+
+@pytest.fixture
+async def source(sandbox: Sandbox) -> AsyncIterator[AsyncMongoClient]:
+    client: AsyncMongoClient = AsyncMongoClient(sandbox.source_uri, serverSelectionTimeoutMS=5000)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def target(sandbox: Sandbox) -> AsyncIterator[AsyncMongoClient]:
+    client: AsyncMongoClient = AsyncMongoClient(sandbox.target_uri, serverSelectionTimeoutMS=5000)
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -1,0 +1,290 @@
+"""The shared command surface of both emulators, and their robustness to bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import re
+import signal
+import struct
+import sys
+import uuid
+from decimal import Decimal
+
+import bson
+import pytest
+from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
+from pymongo import AsyncMongoClient, ReplaceOne
+from pymongo.errors import OperationFailure
+
+from cosmigrate.sandbox import Sandbox
+
+RAW = CodecOptions(document_class=RawBSONDocument)
+
+
+def every_type_doc(i: int) -> dict:
+    return {
+        "_id": i,
+        "small_int64": Int64(3),
+        "int32": 7,
+        "double": 1.5,
+        "dec": Decimal128(Decimal("1.10")),
+        "str": "héllo",
+        "bin_generic": Binary(b"\x00\x01", 0),
+        "bin_uuid": Binary(uuid.UUID(int=i).bytes, 4),
+        "bin_user": Binary(b"x", 0x80),
+        "oid": ObjectId(),
+        "bool": True,
+        "date": dt.datetime(2024, 5, 1, 12, 30, 0, 123000),
+        "null": None,
+        "regex": Regex("^a.*b$", "i"),
+        "ts": Timestamp(1700000000, 5),
+        "min": MinKey(),
+        "max": MaxKey(),
+        "code": Code("function(){}"),
+        "nested": {"z": 1, "a": [1, [2, [3, {"deep": Int64(4)}]]]},
+    }
+
+
+async def test_documents_round_trip_byte_for_byte(source: AsyncMongoClient) -> None:
+    coll = source.db.get_collection("c", codec_options=RAW)
+    docs = [RawBSONDocument(bson.encode(every_type_doc(i))) for i in range(3)]
+    await coll.insert_many(docs)
+    got = [d async for d in coll.find().sort("_id", 1)]
+    assert [d.raw for d in got] == [d.raw for d in docs]
+    await coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs])
+    again = await coll.find_one({"_id": 1})
+    assert again.raw == docs[1].raw
+
+
+async def test_ids_scan_in_bson_type_order(target: AsyncMongoClient) -> None:
+    ids = [MaxKey(), "b", 2.5, ObjectId("0" * 24), {"k": 1}, None, True, 1, "a", Int64(2), MinKey(),
+           dt.datetime(2020, 1, 1), Binary(b"z", 0)]
+    await target.db.c.insert_many([{"_id": v} for v in ids])
+    got = [d["_id"] async for d in target.db.c.find().sort("_id", 1)]
+    names = [type(v).__name__ for v in got]
+    assert names == ["MinKey", "NoneType", "int", "Int64", "float", "str", "str", "dict", "bytes",
+                     "ObjectId", "bool", "datetime", "MaxKey"]
+    assert got[5:7] == ["a", "b"]
+    assert [d["_id"] async for d in target.db.c.find().sort("_id", -1)] == got[::-1]
+
+
+async def test_numeric_ids_compare_across_types(target: AsyncMongoClient) -> None:
+    await target.db.c.insert_one({"_id": 1, "v": "int"})
+    with pytest.raises(OperationFailure):
+        await target.db.c.insert_one({"_id": 1.0})
+    assert await target.db.c.find_one({"_id": Int64(1)}) == {"_id": 1, "v": "int"}
+    assert await target.db.c.find_one({"_id": True}) is None
+
+
+async def test_range_scan_with_batches_and_getmore(target: AsyncMongoClient) -> None:
+    await target.db.c.insert_many([{"_id": i, "v": i % 3} for i in range(1000)][::-1])
+    cursor = target.db.c.find({"_id": {"$gte": 250, "$lt": 750}}).sort("_id", 1).batch_size(64)
+    ids = [d["_id"] async for d in cursor]
+    assert ids == list(range(250, 750))
+    page = [d async for d in target.db.c.find({"_id": {"$gt": 990}}).sort("_id", 1).limit(5)]
+    assert [d["_id"] for d in page] == [991, 992, 993, 994, 995]
+    skipped = [d["_id"] async for d in target.db.c.find({"v": 1}).sort("_id", 1).skip(2).limit(3)]
+    assert skipped == [7, 10, 13]
+
+
+async def test_filters_and_projections(target: AsyncMongoClient) -> None:
+    coll = target.db.c
+    await coll.insert_many([
+        {"_id": 1, "a": 5, "tags": ["x", "y"], "sub": {"k": "v"}, "s": "apple"},
+        {"_id": 2, "a": 10, "tags": ["y"], "sub": {"k": "w"}, "s": "banana"},
+        {"_id": 3, "a": "5", "s": "cherry"},
+    ])
+
+    async def ids(flt):
+        return sorted([d["_id"] async for d in coll.find(flt)])
+
+    assert await ids({"a": 5}) == [1]
+    assert await ids({"a": {"$gt": 4}}) == [1, 2]
+    assert await ids({"a": {"$in": [10, "5"]}}) == [2, 3]
+    assert await ids({"a": {"$nin": [10]}}) == [1, 3]
+    assert await ids({"tags": "y"}) == [1, 2]
+    assert await ids({"tags": {"$size": 2}}) == [1]
+    assert await ids({"sub.k": "w"}) == [2]
+    assert await ids({"tags": {"$exists": False}}) == [3]
+    assert await ids({"$or": [{"a": 10}, {"s": {"$regex": "^ch"}}]}) == [2, 3]
+    assert await ids({"s": re.compile("AN", re.I)}) == [2]
+    assert await ids({"$and": [{"a": {"$ne": 5}}, {"a": {"$type": "number"}}]}) == [2]
+    assert await ids({"a": {"$not": {"$gt": 6}}}) == [1, 3]
+    assert await coll.find_one({"_id": 1}, {"a": 1}) == {"_id": 1, "a": 5}
+    assert await coll.find_one({"_id": 1}, {"a": 1, "_id": 0}) == {"a": 5}
+    assert await coll.find_one({"_id": 1}, {"tags": 0, "sub": 0, "s": 0}) == {"_id": 1, "a": 5}
+    assert await coll.find_one({"_id": 2}, {"sub.k": 1}) == {"_id": 2, "sub": {"k": "w"}}
+    with pytest.raises(OperationFailure):
+        await coll.find_one({"a": {"$bogus": 1}})
+
+
+async def test_updates_upserts_and_deletes(target: AsyncMongoClient) -> None:
+    coll = target.db.c
+    r = await coll.update_one({"_id": 1}, {"$set": {"a.b": 1}, "$inc": {"n": 2}}, upsert=True)
+    assert r.upserted_id == 1
+    await coll.update_one({"_id": 1}, {"$push": {"l": 1}, "$unset": {"n": ""}})
+    assert await coll.find_one({"_id": 1}) == {"_id": 1, "a": {"b": 1}, "l": [1]}
+    r = await coll.replace_one({"_id": 1}, {"x": 1})
+    assert r.modified_count == 1
+    assert await coll.find_one({"_id": 1}) == {"_id": 1, "x": 1}
+    r = await coll.update_one({"k": "new"}, {"$setOnInsert": {"s": 1}}, upsert=True)
+    new = await coll.find_one({"_id": r.upserted_id})
+    assert new["k"] == "new" and new["s"] == 1
+    r = await coll.update_many({}, {"$set": {"all": True}})
+    assert r.matched_count == 2
+    with pytest.raises(OperationFailure) as info:
+        await coll.replace_one({"_id": 1}, {"_id": 2})
+    assert info.value.code == 66
+    assert (await coll.delete_many({"all": True})).deleted_count == 2
+    assert await coll.count_documents({}) == 0
+
+
+async def test_count_and_aggregate_stages(target: AsyncMongoClient) -> None:
+    coll = target.db.c
+    await coll.insert_many([{"_id": i, "g": i % 2} for i in range(20)])
+    assert await coll.count_documents({"g": 1}) == 10
+    assert await coll.count_documents({}, skip=5, limit=3) == 3
+    assert await coll.estimated_document_count() == 20
+    agg = [d async for d in await coll.aggregate([{"$match": {"g": 0}}, {"$sort": {"_id": -1}}, {"$limit": 2}, {"$project": {"g": 0}}])]
+    assert agg == [{"_id": 18}, {"_id": 16}]
+    sample = [d async for d in await coll.aggregate([{"$sample": {"size": 5}}])]
+    assert len({d["_id"] for d in sample}) == 5
+    total = [d async for d in await coll.aggregate([{"$group": {"_id": None, "n": {"$sum": 1}}}])]
+    assert total == [{"_id": None, "n": 20}]
+
+
+async def test_databases_collections_and_indexes(target: AsyncMongoClient) -> None:
+    await target.db1.create_collection("a")
+    await target.db1.b.insert_one({"_id": 1})
+    await target.db2.c.insert_one({"_id": 1})
+    assert await target.list_database_names() == ["db1", "db2"]
+    assert sorted(await target.db1.list_collection_names()) == ["a", "b"]
+    with pytest.raises(OperationFailure) as info:
+        await target.db1.command("create", "a")
+    assert info.value.code == 48
+    name = await target.db1.b.create_index([("x", 1), ("y", -1)], unique=True)
+    info = await target.db1.b.index_information()
+    assert info[name]["key"] == [("x", 1), ("y", -1)] and info[name]["unique"]
+    await target.db1.b.drop_index(name)
+    assert list(await target.db1.b.index_information()) == ["_id_"]
+    await target.db1.drop_collection("a")
+    await target.drop_database("db2")
+    assert await target.list_database_names() == ["db1"]
+    assert sorted(await target.db1.list_collection_names()) == ["b"]
+
+
+async def test_unknown_command_is_command_not_found(source: AsyncMongoClient) -> None:
+    with pytest.raises(OperationFailure) as info:
+        await source.admin.command("frobnicate")
+    assert info.value.code == 59
+
+
+async def test_kill_cursors(target: AsyncMongoClient) -> None:
+    await target.db.c.insert_many([{"_id": i} for i in range(300)])
+    cursor = target.db.c.find().batch_size(10)
+    await cursor.next()
+    await cursor.close()
+    reply = await target.db.command({"find": "c", "batchSize": 5})
+    cid = reply["cursor"]["id"]
+    killed = await target.db.command({"killCursors": "c", "cursors": [cid]})
+    assert killed["cursorsKilled"] == [cid]
+    with pytest.raises(OperationFailure) as info:
+        await target.db.command({"getMore": cid, "collection": "c"})
+    assert info.value.code == 43
+
+
+# --- bad input --------------------------------------------------------------------
+
+
+async def _roundtrip(host: str, port: int, payload: bytes, read: bool = True) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        if not read:
+            return b""
+        return await asyncio.wait_for(reader.read(1 << 16), 5)
+    finally:
+        writer.close()
+
+
+def _op_msg(body: bytes, request_id: int = 1) -> bytes:
+    payload = b"\x00\x00\x00\x00\x00" + body
+    return struct.pack("<iiii", 16 + len(payload), request_id, 0, 2013) + payload
+
+
+@pytest.mark.parametrize(
+    "payload,expect_reply",
+    [
+        (b"\xff" * 16, False),  # impossible length
+        (struct.pack("<iiii", 100, 1, 0, 9999) + b"\x00" * 84, False),  # unknown opcode
+        (_op_msg(b"\x05\x00\x00\x00\x01"), True),  # bad BSON terminator
+        (_op_msg(struct.pack("<i", 200) + b"\x10a\x00" + b"\x00" * 4), True),  # lying length
+        (_op_msg(struct.pack("<i", 12) + b"\x7a" + b"x\x00" + b"\x00" * 5), True),  # unknown element type
+        (struct.pack("<iiii", 22, 1, 0, 2013) + b"\x00\x00\x00\x00\x09\x00", True),  # unknown section kind
+        # a well-framed OP_MSG whose body is random garbage
+        (struct.pack("<iiii", 16 + 4096, 1, 0, 2013) + random.Random(3).randbytes(4096), None),
+    ],
+)
+async def test_malformed_messages_never_stop_the_server(
+    sandbox: Sandbox, target: AsyncMongoClient, payload: bytes, expect_reply: bool | None
+) -> None:
+    reply = await _roundtrip(sandbox.target.host, sandbox.target.port, payload)
+    if expect_reply is None:
+        assert reply == b"" or bson.decode(reply[21:])["ok"] == 0
+    elif expect_reply:
+        assert len(reply) > 21
+        doc = bson.decode(reply[21:])
+        assert doc["ok"] == 0 and doc["code"] == 22, doc
+    # Either way, other clients are still served.
+    await target.db.c.insert_one({"_id": 1})
+    assert await target.db.c.find_one() == {"_id": 1}
+
+
+async def test_legacy_op_query_hello_is_answered(sandbox: Sandbox) -> None:
+    q = bson.encode({"isMaster": 1})
+    payload = struct.pack("<i", 0) + b"admin.$cmd\x00" + struct.pack("<ii", 0, -1) + q
+    msg = struct.pack("<iiii", 16 + len(payload), 5, 0, 2004) + payload
+    reply = await _roundtrip(sandbox.source.host, sandbox.source.port, msg)
+    length, _, response_to, op_code = struct.unpack_from("<iiii", reply)
+    assert (op_code, response_to, length) == (1, 5, len(reply))
+    doc = bson.decode(reply[36:])
+    assert doc["ismaster"] is True and doc["setName"] == "globaldb" and doc["maxWireVersion"] >= 9
+
+
+async def test_sandbox_command_prints_uris_and_stops_on_sigterm() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cosmigrate", "sandbox", "--faults", "retry_after_ms=5",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        source_uri = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        target_uri = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        assert source_uri.startswith("mongodb://127.0.0.1:") and "replicaSet=globaldb" in source_uri
+        assert target_uri.startswith("mongodb://127.0.0.1:") and "replicaSet=rs0" in target_uri
+        client: AsyncMongoClient = AsyncMongoClient(target_uri)
+        await client.db.c.insert_one({"_id": 1})
+        assert await client.db.c.count_documents({}) == 1
+        await client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sandbox_command_refuses_a_bad_fault_spec() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cosmigrate", "sandbox", "--faults", "nonsense=1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "unknown fault 'nonsense'" in lines[0]
+    assert "Traceback" not in err.decode()
