@@ -1,0 +1,426 @@
+"""Capture: one watcher and one committer per namespace.
+
+The watcher reads the Cosmos change stream as raw BSON and cuts batches; the
+committer puts each batch in the store, then commits it in the ledger
+(DESIGN.md invariant 2), strictly in seq order.
+
+Resume tokens and pages. Cosmos gives every event of a page the same token,
+the position *after* the page. A batch's resume token must never be ahead of
+its last event, so a batch is cut at a page boundary whenever one exists;
+only a page larger than a whole batch is cut mid-page, and then the batch
+carries the token of the previous boundary (a restart re-reads that page:
+duplicates, which upserts make harmless, but never a gap). A page boundary is
+known when the token changes, when `try_next()` returns None (the page was
+drained and the next getMore found nothing), or when `try_next()` raises
+(it only awaits the network once its page is drained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bson.raw_bson import RawBSONDocument
+from pymongo import AsyncMongoClient
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
+from cosmigrate.config import Config
+from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
+from cosmigrate.logs import get_logger
+from cosmigrate.mongo import event_token, open_change_stream, raw_collection
+from cosmigrate.redact import redact
+from cosmigrate.sandbox.cosmos import beginning_token
+from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
+
+THROTTLED = 16500
+_RETRY_AFTER = re.compile(r"RetryAfterMs=(\d+)")
+# Errors that mean "this position can never be resumed": stop the namespace, never restart from "now".
+FATAL_CODES = {280, 286, 26, 73}
+TOKEN_REJECTED = "Change feed token format is invalid"
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (the AWS architecture blog's recipe)."""
+
+    def __init__(self, base: float = 0.1, cap: float = 30.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next_delay(self) -> float:
+        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def retry_after_s(exc: OperationFailure) -> float:
+    """Cosmos says how long to wait (RetryAfterMs); add jitter so watchers do not stampede."""
+    m = _RETRY_AFTER.search(str(exc))
+    ms = int(m.group(1)) if m else 100
+    return ms / 1000 * random.uniform(1.0, 1.5)
+
+
+def is_fatal(exc: OperationFailure) -> bool:
+    return exc.code in FATAL_CODES or TOKEN_REJECTED in str(exc)
+
+
+@dataclass
+class SealedBatch:
+    seq: int
+    events: list[bytes]
+    nbytes: int
+    token: bytes
+    first_at: float
+    last_at: float
+
+
+@dataclass
+class CaptureStatus:
+    """What status shows for a namespace's capture side."""
+
+    state: str = "starting"
+    last_error: str = ""
+    last_contact: float = 0.0
+    events_read: int = 0
+    committed_seq: int = -1
+    committed_events: int = 0
+    unflushed_bytes: int = 0
+    throttled: int = 0
+    reconnects: int = 0
+
+
+@dataclass
+class _Buffer:
+    """Events read but not yet sealed, with the page boundaries among them."""
+
+    events: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    boundaries: list[tuple[int, bytes]] = field(default_factory=list)  # (events before it, token there)
+    base_token: bytes = b""  # a position at or before events[0]
+    page_token: bytes | None = None  # token of the page being read
+
+    def add(self, raw: bytes, token: bytes, now: float) -> None:
+        if token != self.page_token:
+            self.mark_boundary()
+            self.page_token = token
+        if not self.events:
+            self.first_at = now
+        self.events.append(raw)
+        self.nbytes += len(raw)
+        self.last_at = now
+
+    def mark_boundary(self, token: bytes | None = None) -> None:
+        """Everything read so far is complete pages; `token` (or the page's) is the position after them."""
+        token = token or self.page_token
+        if token is None:
+            return
+        n = len(self.events)
+        if self.boundaries and self.boundaries[-1][0] == n:
+            self.boundaries[-1] = (n, token)
+        else:
+            self.boundaries.append((n, token))
+
+    def cut(self, max_events: int, max_bytes: int, mid_page_ok: bool) -> tuple[list[bytes], int, bytes] | None:
+        """Take a prefix for a batch: up to the last boundary within the limits."""
+        limit = 0
+        total = 0
+        for raw in self.events[:max_events]:
+            if limit and total + len(raw) > max_bytes:
+                break
+            total += len(raw)
+            limit += 1
+        usable = [b for b in self.boundaries if 0 < b[0] <= limit]
+        if usable:
+            n, token = usable[-1]
+        elif mid_page_ok and limit:
+            n, token = limit, self.base_token
+        else:
+            return None
+        events = self.events[:n]
+        nbytes = sum(len(e) for e in events)
+        self.events = self.events[n:]
+        self.nbytes -= nbytes
+        self.boundaries = [(i - n, t) for i, t in self.boundaries if i > n]
+        self.base_token = token
+        return events, nbytes, token
+
+
+class NamespaceCapture:
+    """Watcher + committer for one namespace, owned through `meta.epoch`."""
+
+    def __init__(
+        self, ns: str, meta: NamespaceMeta, source: AsyncMongoClient[Any], store: BatchStore, ledger: Ledger,
+        cfg: Config, crash: CrashPoints | None = None,
+    ) -> None:
+        self.ns = ns
+        self.meta = meta
+        self.epoch = meta.epoch
+        self.source = source
+        self.store = store
+        self.ledger = ledger
+        self.cfg = cfg
+        self.cap = cfg.capture
+        self.crash = crash or CrashPoints()
+        self.codec = BatchCodec()
+        self.prefix = store_prefix(cfg.store.url)
+        self.status = CaptureStatus(committed_seq=meta.next_seq - 1, committed_events=meta.captured_events)
+        self.log = get_logger(namespace=ns)
+        self._next_seq = meta.next_seq
+        self._queue: asyncio.Queue[SealedBatch | None] = asyncio.Queue()
+        self._room = asyncio.Condition()
+        self._stopping = asyncio.Event()
+        self._dead = False  # fenced or failed: never write again
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask for a drain: seal complete pages, commit them, exit."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        committer = asyncio.create_task(self._committer(), name=f"commit:{self.ns}")
+        try:
+            await self._watcher()
+        finally:
+            await self._queue.put(None)
+            await committer
+            if self.status.state == "running":
+                self.status.state = "stopped"
+
+    # --- watcher ----------------------------------------------------------------------
+
+    async def _start_token(self) -> bytes:
+        if self.meta.resume_token is not None:
+            return self.meta.resume_token
+        coll = raw_collection(self.source, self.ns)
+        if self.cap.start_at == "beginning":
+            token = token_bytes(beginning_token())
+        else:
+            async with await open_change_stream(coll, None, deletes_preview=self.cap.deletes_preview,
+                                                max_await_ms=self.cap.max_await_ms) as stream:
+                rt = stream.resume_token
+                if rt is None:
+                    raise LedgerError("the source gave no start position for \"now\"; set capture.start_at = \"beginning\"")
+                token = token_bytes(rt)
+        if not await self.ledger.set_start_token(self.ns, self.epoch, token):
+            stored = await self.ledger.get_namespace(self.ns)
+            assert stored is not None and stored.resume_token is not None
+            token = stored.resume_token
+        self.log.info("capture start position recorded", start_at=self.cap.start_at)
+        return token
+
+    async def _watcher(self) -> None:
+        backoff = Backoff()
+        buf = _Buffer()
+        try:
+            buf.base_token = await self._retrying(self._start_token)
+        except (Fenced, _Stopped):
+            return
+        except (OperationFailure, LedgerError) as exc:
+            await self._fail(f"cannot establish the start position: {exc}")
+            return
+        self.status.state = "running"
+        coll = raw_collection(self.source, self.ns)
+        age = self.cap.max_batch_age_s
+        while not self._stopping.is_set() and not self._dead:
+            try:
+                async with await open_change_stream(
+                    coll, RawBSONDocument(buf.base_token if not buf.boundaries else buf.boundaries[-1][1]),
+                    deletes_preview=self.cap.deletes_preview, max_await_ms=self.cap.max_await_ms,
+                ) as stream:
+                    buf.page_token = None
+                    while not self._stopping.is_set() and not self._dead:
+                        await self._wait_for_room(buf)
+                        change = await stream.try_next()
+                        now = time.time()
+                        self.status.last_contact = now
+                        backoff.reset()
+                        if change is None:
+                            rt = stream.resume_token
+                            buf.mark_boundary(token_bytes(rt) if rt is not None else None)
+                        else:
+                            raw = bytes(change.raw)
+                            buf.add(raw, event_token(raw), now)
+                            self.status.events_read += 1
+                        full = len(buf.events) >= self.cap.max_batch_events or buf.nbytes >= self.cap.max_batch_bytes
+                        old = bool(buf.events) and now - buf.first_at >= age
+                        if full or old:
+                            await self._seal(buf, mid_page_ok=full)
+            except OperationFailure as exc:
+                buf.mark_boundary()
+                if exc.code == THROTTLED:
+                    self.status.throttled += 1
+                    await self._sleep(retry_after_s(exc))
+                    continue
+                if is_fatal(exc):
+                    await self._seal(buf, mid_page_ok=False, everything=True)
+                    await self._fail(f"the source refused to resume the change stream: {exc.details.get('errmsg') if exc.details else exc}")
+                    return
+                self.status.reconnects += 1
+                self.log.warning("change stream error; reopening", error=redact(str(exc)), code=exc.code)
+                await self._sleep(backoff.next_delay())
+            except (ConnectionFailure, PyMongoError) as exc:
+                buf.mark_boundary()
+                self.status.reconnects += 1
+                self.log.warning("source connection lost; reopening", error=redact(str(exc)))
+                await self._sleep(backoff.next_delay())
+        # Drain: commit the complete pages; the rest is re-read after a restart.
+        await self._seal(buf, mid_page_ok=False, everything=True)
+
+    async def _seal(self, buf: _Buffer, mid_page_ok: bool, everything: bool = False) -> None:
+        while buf.events and not self._dead:
+            taken = buf.cut(self.cap.max_batch_events, self.cap.max_batch_bytes, mid_page_ok)
+            if taken is None:
+                return
+            events, nbytes, token = taken
+            sealed = SealedBatch(self._next_seq, events, nbytes, token, buf.first_at, buf.last_at)
+            self._next_seq += 1
+            self.status.unflushed_bytes += nbytes
+            await self._queue.put(sealed)
+            if buf.events:
+                buf.first_at = time.time()
+            if not everything:
+                return
+
+    async def _wait_for_room(self, buf: _Buffer) -> None:
+        """Backpressure: stop reading while too much is read but not yet committed."""
+        if self.status.unflushed_bytes + buf.nbytes <= self.cap.max_unflushed_bytes:
+            return
+        async with self._room:
+            await self._room.wait_for(
+                lambda: self._dead or self._stopping.is_set()
+                or self.status.unflushed_bytes + buf.nbytes <= self.cap.max_unflushed_bytes
+            )
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _retrying(self, fn: Any) -> Any:
+        backoff = Backoff()
+        while True:
+            try:
+                return await fn()
+            except (ConnectionFailure, StoreError) as exc:
+                self.log.warning("retrying", error=redact(str(exc)))
+            except OperationFailure as exc:
+                if exc.code != THROTTLED:
+                    raise
+            except LedgerError as exc:
+                if isinstance(exc, Fenced):
+                    await self._fence(exc)
+                    raise
+                if "does not exist" in str(exc):
+                    raise
+                self.log.warning("ledger unavailable; retrying", error=redact(str(exc)))
+            if self._stopping.is_set():
+                raise _Stopped()
+            await self._sleep(backoff.next_delay())
+
+    # --- committer --------------------------------------------------------------------
+
+    async def _committer(self) -> None:
+        while True:
+            sealed = await self._queue.get()
+            if sealed is None:
+                return
+            if self._dead:
+                continue
+            try:
+                await self._commit(sealed)
+            except Fenced as exc:
+                await self._fence(exc)
+            except SeqConflict as exc:
+                await self._fail(f"ledger sequence conflict: {exc}")
+            finally:
+                self.status.unflushed_bytes -= sealed.nbytes
+                async with self._room:
+                    self._room.notify_all()
+
+    async def _commit(self, sealed: SealedBatch) -> None:
+        header = BatchHeader(
+            cluster=self.cfg.cluster_name, ns=self.ns, seq=sealed.seq, count=len(sealed.events),
+            first_captured_at=dt.datetime.fromtimestamp(sealed.first_at, dt.UTC),
+            last_captured_at=dt.datetime.fromtimestamp(sealed.last_at, dt.UTC),
+            resume_token=RawBSONDocument(sealed.token), raw_bytes=sealed.nbytes,
+        )
+        if sealed.nbytes > 256 * 1024:
+            data, checksum = await asyncio.to_thread(self.codec.encode, header, sealed.events)
+        else:
+            data, checksum = self.codec.encode(header, sealed.events)
+        key = batch_key(self.prefix, self.cfg.cluster_name, self.ns, sealed.seq)
+        backoff = Backoff()
+        while True:
+            try:
+                await self.store.put(key, data)
+                break
+            except StoreError as exc:
+                self.status.last_error = redact(str(exc))
+                self.log.warning("batch store put failed; retrying", seq=sealed.seq, error=self.status.last_error)
+                await asyncio.sleep(backoff.next_delay())
+        self.crash.hit("after_put")
+        record = BatchRecord(
+            ns=self.ns, seq=sealed.seq, key=key, events=len(sealed.events), bytes=len(data), raw_bytes=sealed.nbytes,
+            checksum=checksum, first_captured_at=sealed.first_at, captured_at=time.time(),
+        )
+        backoff.reset()
+        while True:
+            try:
+                await self.ledger.commit_batch(self.ns, self.epoch, record, sealed.token)
+                break
+            except (Fenced, SeqConflict):
+                raise
+            except LedgerError as exc:
+                self.status.last_error = redact(str(exc))
+                self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=self.status.last_error)
+                await asyncio.sleep(backoff.next_delay())
+            except Exception as exc:  # botocore ClientError and friends: transient until proven otherwise
+                self.status.last_error = redact(str(exc))
+                self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=self.status.last_error)
+                await asyncio.sleep(backoff.next_delay())
+        self.crash.hit("after_commit")
+        self.status.committed_seq = sealed.seq
+        self.status.committed_events += len(sealed.events)
+        self.log.debug("batch committed", seq=sealed.seq, events=len(sealed.events), bytes=len(data))
+
+    # --- terminal states ----------------------------------------------------------------
+
+    async def _fence(self, exc: Exception) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self.status.state = "fenced"
+        self.status.last_error = str(exc)
+        self.log.error("namespace taken over by another process; this watcher stops and writes nothing more",
+                       error=str(exc))
+        self._stopping.set()
+
+    async def _fail(self, reason: str) -> None:
+        if self._dead:
+            return
+        self.status.state = "failed"
+        self.status.last_error = redact(reason)
+        self.log.error("namespace capture failed; operator action needed", error=self.status.last_error)
+        try:
+            await self.ledger.set_state(self.ns, self.epoch, "failed", self.status.last_error)
+        except Fenced as exc:
+            await self._fence(exc)
+        except LedgerError as exc:
+            self.log.warning("could not record the failure in the ledger", error=redact(str(exc)))
+        self._stopping.set()
+
+
+class _Stopped(Exception):
+    """Raised out of a retry loop when a stop was requested."""

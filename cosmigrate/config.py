@@ -1,0 +1,251 @@
+"""Configuration: one TOML file, environment overrides, strict validation.
+
+Every key has a default documented in the README. A wrong key, type or value
+fails start-up with one line naming the key (`ConfigError`), never a
+traceback. Environment variables override the file as
+`COSMIGRATE_<SECTION>_<KEY>` (e.g. `COSMIGRATE_SOURCE_URI`); the old recipe's
+`SOURCE_URI` and `S3_CHANGE_FEED_BUCKET_NAME` are still honoured.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cosmigrate.redact import redact
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line that names the key."""
+
+
+@dataclass
+class SourceConfig:
+    uri: str = ""
+
+
+@dataclass
+class TargetConfig:
+    uri: str = ""
+    tls_ca_file: str = ""
+
+
+@dataclass
+class StoreConfig:
+    url: str = "file:///var/lib/cosmigrate/batches"
+    sse: str = "AES256"
+    kms_key_id: str = ""
+
+
+@dataclass
+class LedgerConfig:
+    url: str = "sqlite:///var/lib/cosmigrate/ledger.db"
+
+
+@dataclass
+class AwsConfig:
+    region: str = ""
+    endpoint_url: str = ""
+
+
+@dataclass
+class ControlConfig:
+    socket: str = "/run/cosmigrate/control.sock"
+
+
+@dataclass
+class CaptureConfig:
+    start_at: str = "now"
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    max_batch_events: int = 5000
+    max_batch_bytes: int = 8 * 1024 * 1024
+    max_batch_age_s: float = 1.0
+    max_unflushed_bytes: int = 64 * 1024 * 1024
+    discovery_interval_s: float = 60.0
+    deletes_preview: bool = False
+    max_await_ms: int = 500
+
+
+@dataclass
+class DaemonConfig:
+    drain_timeout_s: float = 30.0
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass
+class Config:
+    cluster_name: str = ""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    aws: AwsConfig = field(default_factory=AwsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "cluster_name"}
+_LEGACY_ENV = {
+    "SOURCE_URI": ("source", "uri"),
+    "CLUSTER_NAME": (None, "cluster_name"),
+}
+
+
+def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:
+    """Convert `value` to the type of `default`, or raise a ConfigError naming `key`."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and str(value).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(value).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env:
+            try:
+                return int(str(value))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(str(value))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind is list:
+        if from_env and isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected a string, got {value!r}")
+
+
+def _apply(section_obj: Any, section: str, values: Mapping[str, Any], from_env: bool) -> None:
+    known = {f.name for f in fields(section_obj)}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in known:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+        setattr(section_obj, name, _coerce(key, value, getattr(section_obj, name), from_env))
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p}: not found") from None
+        except PermissionError:
+            raise ConfigError(f"config file {p}: not readable (permission denied)") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p}: not valid TOML ({exc})") from None
+    cfg = Config()
+    for name, value in raw.items():
+        if name == "cluster_name":
+            cfg.cluster_name = _coerce("cluster_name", value, "", False)
+        elif name in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: expected a [{name}] table")
+            _apply(getattr(cfg, name), name, value, from_env=False)
+        else:
+            raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)})")
+    _apply_env(cfg, env)
+    validate(cfg)
+    return cfg
+
+
+def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
+    for var, (section, name) in _LEGACY_ENV.items():
+        if var in env:
+            if section is None:
+                cfg.cluster_name = env[var]
+            else:
+                setattr(getattr(cfg, section), name, env[var])
+    bucket = env.get("S3_CHANGE_FEED_BUCKET_NAME")
+    if bucket:
+        cfg.store.url = f"s3://{bucket}/cosmigrate"
+    if "COSMIGRATE_CLUSTER_NAME" in env:
+        cfg.cluster_name = env["COSMIGRATE_CLUSTER_NAME"]
+    for section in _SECTIONS:
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            var = f"COSMIGRATE_{section.upper()}_{f.name.upper()}"
+            if var in env:
+                _apply(obj, section, {f.name: env[var]}, from_env=True)
+
+
+def validate(cfg: Config) -> None:
+    """Check values (not just types); every message names its key."""
+    if not cfg.cluster_name:
+        raise ConfigError("cluster_name: required (a name for this migration, e.g. the Cosmos account name)")
+    if not all(c.isalnum() or c in "-_." for c in cfg.cluster_name):
+        raise ConfigError("cluster_name: use only letters, digits, '-', '_' and '.'")
+    for key, uri in (("source.uri", cfg.source.uri), ("target.uri", cfg.target.uri)):
+        if not uri:
+            raise ConfigError(f"{key}: required (a mongodb:// connection string)")
+        if not uri.startswith(("mongodb://", "mongodb+srv://")):
+            raise ConfigError(f"{key}: must start with mongodb:// or mongodb+srv:// (got {redact(uri)!r})")
+    store = urlsplit(cfg.store.url)
+    if store.scheme == "s3":
+        if not store.netloc:
+            raise ConfigError(f"store.url: s3 URL needs a bucket, e.g. s3://my-bucket/prefix (got {cfg.store.url!r})")
+    elif store.scheme == "file":
+        if not store.path.startswith("/"):
+            raise ConfigError(f"store.url: file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches (got {cfg.store.url!r})")
+    else:
+        raise ConfigError(f"store.url: must be s3://bucket/prefix or file:///path (got {cfg.store.url!r})")
+    if cfg.store.sse not in ("AES256", "aws:kms", "none"):
+        raise ConfigError(f"store.sse: must be AES256, aws:kms or none (got {cfg.store.sse!r})")
+    ledger = urlsplit(cfg.ledger.url)
+    if ledger.scheme == "dynamodb":
+        if not ledger.netloc:
+            raise ConfigError(f"ledger.url: dynamodb URL needs a table, e.g. dynamodb://cosmigrate-ledger (got {cfg.ledger.url!r})")
+    elif ledger.scheme == "sqlite":
+        if not ledger.path.startswith("/"):
+            raise ConfigError(f"ledger.url: sqlite URL needs an absolute path, e.g. sqlite:///var/lib/cosmigrate/ledger.db (got {cfg.ledger.url!r})")
+    else:
+        raise ConfigError(f"ledger.url: must be dynamodb://table or sqlite:///path (got {cfg.ledger.url!r})")
+    if cfg.capture.start_at not in ("now", "beginning"):
+        raise ConfigError(f"capture.start_at: must be \"now\" or \"beginning\" (got {cfg.capture.start_at!r})")
+    for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_await_ms"):
+        if getattr(cfg.capture, key) < 1:
+            raise ConfigError(f"capture.{key}: must be at least 1")
+    if cfg.capture.max_batch_events > 100_000:
+        raise ConfigError("capture.max_batch_events: at most 100000 (DocumentDB's write batch limit)")
+    if cfg.capture.max_unflushed_bytes < cfg.capture.max_batch_bytes:
+        raise ConfigError("capture.max_unflushed_bytes: must be at least capture.max_batch_bytes")
+    if cfg.daemon.drain_timeout_s <= 0:
+        raise ConfigError("daemon.drain_timeout_s: must be greater than 0")
+    for key in ("max_batch_age_s", "discovery_interval_s"):
+        if getattr(cfg.capture, key) <= 0:
+            raise ConfigError(f"capture.{key}: must be greater than 0")
+    if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level: must be debug, info, warning or error (got {cfg.log.level!r})")
+    if cfg.log.format not in ("auto", "json", "console"):
+        raise ConfigError(f"log.format: must be auto, json or console (got {cfg.log.format!r})")

@@ -1,0 +1,138 @@
+"""`cosmigrate run`: the one long-running process.
+
+Modelled on uvicorn's server lifecycle: a config object, `serve()`, signal
+handlers that request a graceful stop. One supervisor owns every task; on
+SIGTERM/SIGINT every namespace drains (complete pages are committed, the
+rest is re-read on the next start) within `daemon.drain_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+from cosmigrate.capture import NamespaceCapture
+from cosmigrate.config import Config
+from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.ledger import Ledger, LedgerError, open_ledger
+from cosmigrate.logs import get_logger
+from cosmigrate.mongo import list_namespaces, source_client
+from cosmigrate.redact import redact
+from cosmigrate.stores import BatchStore, StoreError, open_store
+
+
+class StartupError(Exception):
+    """A dependency did not answer at start-up; the message says what to do."""
+
+
+class Daemon:
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None) -> None:
+        self.cfg = cfg
+        env = os.environ if env is None else env
+        self.crash = CrashPoints.from_env(env)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.log = get_logger(cluster=cfg.cluster_name)
+        self.captures: dict[str, NamespaceCapture] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+        self.ledger: Ledger | None = None
+        self.store: BatchStore | None = None
+        self.source: Any = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _connect(self) -> None:
+        self.ledger = open_ledger(self.cfg)
+        try:
+            await self.ledger.check()
+        except LedgerError as exc:
+            raise StartupError(str(exc)) from None
+        self.store = open_store(self.cfg)
+        try:
+            await self.store.check()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000)
+        try:
+            await self.source.admin.command("ping")
+        except PyMongoError as exc:
+            raise StartupError(f"source {redact(self.cfg.source.uri)} did not answer: {redact(str(exc))}") from None
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._connect()
+            self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url)
+            discovery = asyncio.create_task(self._discovery(), name="discovery")
+            await self._stop.wait()
+            self.log.info("stopping: draining namespaces", namespaces=len(self.captures))
+            discovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await discovery
+            await self._drain()
+            self.log.info("cosmigrate stopped")
+        finally:
+            await self._close()
+
+    async def _discovery(self) -> None:
+        assert self.ledger is not None and self.store is not None
+        while not self._stop.is_set():
+            try:
+                names = await list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude)
+                for ns in names:
+                    if ns not in self.captures and not self._stop.is_set():
+                        await self._start_capture(ns)
+            except (PyMongoError, LedgerError) as exc:
+                self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.cfg.capture.discovery_interval_s)
+
+    async def _start_capture(self, ns: str) -> None:
+        assert self.ledger is not None and self.store is not None
+        meta = await self.ledger.claim(ns, self.owner)
+        cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash)
+        self.captures[ns] = cap
+        self._tasks[ns] = asyncio.create_task(self._supervise(cap), name=f"capture:{ns}")
+        self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq)
+
+    async def _supervise(self, cap: NamespaceCapture) -> None:
+        try:
+            await cap.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must mark the namespace, never kill the process silently
+            cap.status.state = "failed"
+            cap.status.last_error = redact(f"internal error: {exc!r}")
+            self.log.exception("namespace capture crashed", namespace=cap.ns)
+
+    async def _drain(self) -> None:
+        for cap in self.captures.values():
+            cap.stop()
+        if not self._tasks:
+            return
+        done, pending = await asyncio.wait(self._tasks.values(), timeout=self.cfg.daemon.drain_timeout_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.log.warning("drain timed out; uncommitted events will be re-read on the next start",
+                             namespaces=len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _close(self) -> None:
+        if self.source is not None:
+            await self.source.close()
+        if self.store is not None:
+            await self.store.close()
+        if self.ledger is not None:
+            await self.ledger.close()

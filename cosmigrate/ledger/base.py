@@ -1,0 +1,107 @@
+"""The checkpoint ledger interface and its records.
+
+The ledger is the source of truth for what has been captured and applied:
+a batch exists for readers only once its commit succeeded, and a commit
+succeeds only when the namespace's `next_seq` equals the batch's seq AND the
+committing process still holds the namespace's epoch (DESIGN.md invariants 2
+and 4). Implementations: SQLite (one transaction) and DynamoDB
+(TransactWriteItems).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class LedgerError(Exception):
+    """The ledger could not be reached or refused an operation."""
+
+
+class Fenced(LedgerError):
+    """Another process took the namespace over (its epoch is newer): stop writing."""
+
+
+class SeqConflict(LedgerError):
+    """The namespace's next_seq is not the seq being committed (should never happen)."""
+
+
+@dataclass
+class NamespaceMeta:
+    ns: str
+    owner: str = ""
+    epoch: int = 0
+    next_seq: int = 0
+    resume_token: bytes | None = None
+    applied_seq: int = -1
+    captured_events: int = 0
+    applied_events: int = 0
+    state: str = "running"
+    last_error: str = ""
+    updated_at: float = 0.0
+
+
+@dataclass
+class BatchRecord:
+    ns: str
+    seq: int
+    key: str
+    events: int
+    bytes: int
+    raw_bytes: int
+    checksum: str
+    first_captured_at: float
+    captured_at: float
+    applied_at: float | None = None
+    epoch: int = 0
+    """The committing owner's epoch (audit trail for fencing)."""
+
+
+@dataclass
+class WriterControl:
+    writer: str = "stopped"
+    changed_by: str = ""
+    changed_at: float = 0.0
+
+
+class Ledger(Protocol):
+    url: str
+
+    async def init(self) -> None:
+        """Create the table/file idempotently (`cosmigrate ledger init`)."""
+
+    async def check(self) -> None:
+        """Raise LedgerError with a helpful message if the ledger is unusable."""
+
+    async def claim(self, ns: str, owner: str) -> NamespaceMeta:
+        """Take the namespace: bump its epoch, record the owner; create it if new."""
+
+    async def set_start_token(self, ns: str, epoch: int, token: bytes) -> bool:
+        """Record the first start position, only if none is stored yet; False if one was."""
+
+    async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
+        """Commit a batch already put in the store; raises Fenced or SeqConflict."""
+
+    async def set_state(self, ns: str, epoch: int, state: str, error: str = "") -> None:
+        """Record the namespace's state (running, failed, ...); raises Fenced."""
+
+    async def get_namespace(self, ns: str) -> NamespaceMeta | None:
+        """One namespace's meta, or None."""
+
+    async def list_namespaces(self) -> list[NamespaceMeta]:
+        """Every namespace of the cluster, sorted by name."""
+
+    async def list_batches(self, ns: str, start_seq: int = 0, limit: int | None = None) -> list[BatchRecord]:
+        """Committed batches of a namespace from `start_seq`, in seq order."""
+
+    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+        """Advance applied_seq from exactly `old_applied_seq`; raises SeqConflict otherwise."""
+
+    async def get_control(self) -> WriterControl:
+        """The cluster's writer switch (stopped until an operator starts it)."""
+
+    async def set_writer(self, writer: str, changed_by: str, changed_at: float) -> WriterControl:
+        """Flip the writer switch; it survives restarts."""
+
+    async def close(self) -> None:
+        """Release the connection."""

@@ -1,0 +1,254 @@
+"""The SQLite ledger: the embedded default, same semantics as DynamoDB in one transaction.
+
+All statements run on one dedicated thread that owns the connection, so the
+event loop never blocks on an fsync. WAL mode with synchronous=FULL: a commit
+that returned is on disk. `BEGIN IMMEDIATE` takes the write lock up front, so
+two processes sharing the file serialize their commits and the epoch check
+fences the loser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cosmigrate.ledger.base import BatchRecord, Fenced, LedgerError, NamespaceMeta, SeqConflict, WriterControl
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS namespaces (
+    cluster TEXT NOT NULL, ns TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '',
+    epoch INTEGER NOT NULL DEFAULT 0, next_seq INTEGER NOT NULL DEFAULT 0,
+    resume_token BLOB, applied_seq INTEGER NOT NULL DEFAULT -1,
+    captured_events INTEGER NOT NULL DEFAULT 0, applied_events INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'running', last_error TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, ns)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    cluster TEXT NOT NULL, ns TEXT NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL,
+    events INTEGER NOT NULL, bytes INTEGER NOT NULL, raw_bytes INTEGER NOT NULL,
+    checksum TEXT NOT NULL, first_captured_at REAL NOT NULL, captured_at REAL NOT NULL,
+    applied_at REAL, epoch INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, ns, seq)
+);
+CREATE TABLE IF NOT EXISTS control (
+    cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL
+);
+"""
+
+_META_COLS = "ns, owner, epoch, next_seq, resume_token, applied_seq, captured_events, applied_events, state, last_error, updated_at"
+_BATCH_COLS = "ns, seq, key, events, bytes, raw_bytes, checksum, first_captured_at, captured_at, applied_at, epoch"
+
+
+class SqliteLedger:
+    def __init__(self, url: str, path: str, cluster: str) -> None:
+        self.url = url
+        self.path = Path(path)
+        self.cluster = cluster
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _connect(self, create: bool) -> sqlite3.Connection:
+        if self._conn is None:
+            if not create and not self.path.exists():
+                raise LedgerError(f"ledger {self.path} does not exist; run `cosmigrate ledger init --config ...`")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            if create:
+                conn.executescript(SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], create: bool = False) -> T:
+        def call() -> T:
+            try:
+                return fn(self._connect(create))
+            except sqlite3.Error as exc:
+                raise LedgerError(f"ledger {self.path}: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    @staticmethod
+    def _tx(conn: sqlite3.Connection, body: Callable[[], T]) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = body()
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    @staticmethod
+    def _meta(row: tuple[Any, ...]) -> NamespaceMeta:
+        ns, owner, epoch, next_seq, token, applied_seq, captured, applied, state, error, updated = row
+        return NamespaceMeta(ns, owner, epoch, next_seq, bytes(token) if token is not None else None,
+                             applied_seq, captured, applied, state, error, updated)
+
+    # --- interface --------------------------------------------------------------------
+
+    async def init(self) -> None:
+        await self._run(lambda conn: None, create=True)
+
+    async def check(self) -> None:
+        def probe(conn: sqlite3.Connection) -> None:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            missing = {"namespaces", "batches", "control"} - tables
+            if missing:
+                raise LedgerError(f"ledger {self.path} lacks tables {sorted(missing)}; run `cosmigrate ledger init`")
+
+        await self._run(probe)
+
+    async def claim(self, ns: str, owner: str) -> NamespaceMeta:
+        def claim(conn: sqlite3.Connection) -> NamespaceMeta:
+            def body() -> NamespaceMeta:
+                now = time.time()
+                conn.execute(
+                    "INSERT INTO namespaces (cluster, ns, owner, epoch, updated_at) VALUES (?, ?, ?, 1, ?) "
+                    "ON CONFLICT (cluster, ns) DO UPDATE SET owner = excluded.owner, epoch = epoch + 1, "
+                    "state = 'running', last_error = '', updated_at = excluded.updated_at",
+                    (self.cluster, ns, owner, now),
+                )
+                row = conn.execute(f"SELECT {_META_COLS} FROM namespaces WHERE cluster=? AND ns=?", (self.cluster, ns)).fetchone()
+                return self._meta(row)
+
+            return self._tx(conn, body)
+
+        return await self._run(claim)
+
+    def _check_epoch(self, conn: sqlite3.Connection, ns: str, epoch: int) -> tuple[int, int]:
+        row = conn.execute("SELECT epoch, next_seq FROM namespaces WHERE cluster=? AND ns=?", (self.cluster, ns)).fetchone()
+        if row is None or row[0] != epoch:
+            raise Fenced(f"{ns}: taken over by another process (epoch {row[0] if row else '?'} > mine {epoch})")
+        return row[0], row[1]
+
+    async def set_start_token(self, ns: str, epoch: int, token: bytes) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            def body() -> bool:
+                self._check_epoch(conn, ns, epoch)
+                cur = conn.execute(
+                    "UPDATE namespaces SET resume_token=?, updated_at=? WHERE cluster=? AND ns=? AND resume_token IS NULL",
+                    (token, time.time(), self.cluster, ns),
+                )
+                return cur.rowcount == 1
+
+            return self._tx(conn, body)
+
+        return await self._run(run)
+
+    async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                _, next_seq = self._check_epoch(conn, ns, epoch)
+                if next_seq != record.seq:
+                    raise SeqConflict(f"{ns}: committing seq {record.seq} but next_seq is {next_seq}")
+                conn.execute(
+                    f"INSERT INTO batches (cluster, {_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (self.cluster, ns, record.seq, record.key, record.events, record.bytes, record.raw_bytes,
+                     record.checksum, record.first_captured_at, record.captured_at, None, epoch),
+                )
+                conn.execute(
+                    "UPDATE namespaces SET next_seq=?, resume_token=?, captured_events=captured_events+?, updated_at=? "
+                    "WHERE cluster=? AND ns=?",
+                    (record.seq + 1, resume_token, record.events, time.time(), self.cluster, ns),
+                )
+
+            self._tx(conn, body)
+
+        await self._run(run)
+
+    async def set_state(self, ns: str, epoch: int, state: str, error: str = "") -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                self._check_epoch(conn, ns, epoch)
+                conn.execute(
+                    "UPDATE namespaces SET state=?, last_error=?, updated_at=? WHERE cluster=? AND ns=?",
+                    (state, error, time.time(), self.cluster, ns),
+                )
+
+            self._tx(conn, body)
+
+        await self._run(run)
+
+    async def get_namespace(self, ns: str) -> NamespaceMeta | None:
+        def run(conn: sqlite3.Connection) -> NamespaceMeta | None:
+            row = conn.execute(f"SELECT {_META_COLS} FROM namespaces WHERE cluster=? AND ns=?", (self.cluster, ns)).fetchone()
+            return self._meta(row) if row else None
+
+        return await self._run(run)
+
+    async def list_namespaces(self) -> list[NamespaceMeta]:
+        def run(conn: sqlite3.Connection) -> list[NamespaceMeta]:
+            rows = conn.execute(f"SELECT {_META_COLS} FROM namespaces WHERE cluster=? ORDER BY ns", (self.cluster,))
+            return [self._meta(r) for r in rows]
+
+        return await self._run(run)
+
+    async def list_batches(self, ns: str, start_seq: int = 0, limit: int | None = None) -> list[BatchRecord]:
+        def run(conn: sqlite3.Connection) -> list[BatchRecord]:
+            rows = conn.execute(
+                f"SELECT {_BATCH_COLS} FROM batches WHERE cluster=? AND ns=? AND seq>=? ORDER BY seq LIMIT ?",
+                (self.cluster, ns, start_seq, -1 if limit is None else limit),
+            )
+            return [BatchRecord(*r) for r in rows]
+
+        return await self._run(run)
+
+    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                cur = conn.execute(
+                    "UPDATE namespaces SET applied_seq=?, applied_events=applied_events+?, updated_at=? "
+                    "WHERE cluster=? AND ns=? AND applied_seq=?",
+                    (new_applied_seq, events, applied_at, self.cluster, ns, old_applied_seq),
+                )
+                if cur.rowcount != 1:
+                    raise SeqConflict(f"{ns}: applied_seq is no longer {old_applied_seq}")
+                conn.execute(
+                    "UPDATE batches SET applied_at=? WHERE cluster=? AND ns=? AND seq>? AND seq<=?",
+                    (applied_at, self.cluster, ns, old_applied_seq, new_applied_seq),
+                )
+
+            self._tx(conn, body)
+
+        await self._run(run)
+
+    async def get_control(self) -> WriterControl:
+        def run(conn: sqlite3.Connection) -> WriterControl:
+            row = conn.execute("SELECT writer, changed_by, changed_at FROM control WHERE cluster=?", (self.cluster,)).fetchone()
+            return WriterControl(*row) if row else WriterControl()
+
+        return await self._run(run)
+
+    async def set_writer(self, writer: str, changed_by: str, changed_at: float) -> WriterControl:
+        def run(conn: sqlite3.Connection) -> WriterControl:
+            conn.execute(
+                "INSERT INTO control (cluster, writer, changed_by, changed_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (cluster) DO UPDATE SET writer=excluded.writer, changed_by=excluded.changed_by, "
+                "changed_at=excluded.changed_at",
+                (self.cluster, writer, changed_by, changed_at),
+            )
+            return WriterControl(writer, changed_by, changed_at)
+
+        return await self._run(run)
+
+    async def close(self) -> None:
+        def shut(conn: sqlite3.Connection) -> None:
+            conn.close()
+
+        if self._conn is not None:
+            await self._run(shut)
+            self._conn = None
+        self._pool.shutdown(wait=False)

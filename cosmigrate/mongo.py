@@ -1,0 +1,104 @@
+"""Everything that touches the MongoDB driver, in one place.
+
+PyMongo's native asyncio client (`AsyncMongoClient`, PyMongo >= 4.13) is the
+driver; Motor reached end of life and wraps the synchronous driver in
+threads. Keeping client creation and the few driver calls here makes the
+choice a one-file change.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import bson
+from bson.codec_options import CodecOptions
+from bson.raw_bson import RawBSONDocument
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
+from pymongo.asynchronous.collection import AsyncCollection
+
+RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+SYSTEM_DATABASES = frozenset({"admin", "local", "config"})
+
+CAPTURE_OPS = ["insert", "update", "replace"]
+CAPTURE_FIELDS = {"_id": 1, "fullDocument": 1, "ns": 1, "documentKey": 1}
+
+
+def change_pipeline(deletes_preview: bool) -> list[dict[str, Any]]:
+    """The only pipeline Cosmos DB accepts (plus deletes when the preview is enabled)."""
+    if deletes_preview:
+        return [
+            {"$match": {"operationType": {"$in": [*CAPTURE_OPS, "delete"]}}},
+            {"$project": {**CAPTURE_FIELDS, "operationType": 1}},
+        ]
+    return [{"$match": {"operationType": {"$in": CAPTURE_OPS}}}, {"$project": dict(CAPTURE_FIELDS)}]
+
+
+def source_client(uri: str, **overrides: Any) -> AsyncMongoClient[RawBSONDocument]:
+    """A client for Cosmos DB: no retryable writes, idle connections recycled before Cosmos drops them."""
+    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", "document_class": RawBSONDocument}
+    if "maxidletimems" not in uri.lower():
+        opts["maxIdleTimeMS"] = 120_000
+    opts.update(overrides)
+    return AsyncMongoClient(uri, **opts)
+
+
+def target_client(uri: str, tls_ca_file: str = "", **overrides: Any) -> AsyncMongoClient[RawBSONDocument]:
+    """A client for DocumentDB: retryable writes are unsupported there, so always off."""
+    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", "document_class": RawBSONDocument}
+    if tls_ca_file:
+        opts["tlsCAFile"] = tls_ca_file
+    opts.update(overrides)
+    return AsyncMongoClient(uri, **opts)
+
+
+def raw_collection(client: AsyncMongoClient[Any], ns: str) -> AsyncCollection[RawBSONDocument]:
+    db, _, coll = ns.partition(".")
+    return client[db].get_collection(coll, codec_options=RAW)
+
+
+async def open_change_stream(
+    coll: AsyncCollection[RawBSONDocument], resume_after: RawBSONDocument | None, *, deletes_preview: bool,
+    max_await_ms: int, batch_size: int | None = None,
+) -> AsyncCollectionChangeStream[RawBSONDocument]:
+    """Open the Cosmos change stream; events come back as RawBSONDocument (never decoded)."""
+    return await coll.watch(
+        change_pipeline(deletes_preview), full_document="updateLookup", resume_after=resume_after,
+        max_await_time_ms=max_await_ms, batch_size=batch_size,
+    )
+
+
+def matches_patterns(ns: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """`db.*`-style include/exclude patterns; exclude wins."""
+    return any(fnmatch.fnmatchcase(ns, p) for p in include) and not any(fnmatch.fnmatchcase(ns, p) for p in exclude)
+
+
+async def list_namespaces(client: AsyncMongoClient[Any], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
+    """Every user collection as `db.coll`, skipping system databases and `system.*`."""
+    out = []
+    for db in await client.list_database_names():
+        if db in SYSTEM_DATABASES:
+            continue
+        for coll in await client[db].list_collection_names():
+            if coll.startswith("system."):
+                continue
+            ns = f"{db}.{coll}"
+            if matches_patterns(ns, include, exclude):
+                out.append(ns)
+    return sorted(out)
+
+
+def event_token(raw: bytes) -> bytes:
+    """The raw `_id` (resume token) of a raw change event, without decoding the event.
+
+    Cosmos puts `_id` first; the fast path slices it out. Anything else falls
+    back to a real decode of the top level.
+    """
+    if raw[4] == 0x03 and raw[5:9] == b"_id\x00":
+        size = int.from_bytes(raw[9:13], "little")
+        return raw[9 : 9 + size]
+    doc = RawBSONDocument(raw)
+    token = doc["_id"]
+    return bytes(token.raw) if isinstance(token, RawBSONDocument) else bson.encode(token)

@@ -1,0 +1,109 @@
+"""A batch store in S3 (aioboto3), the production choice.
+
+Every put carries a server-side encryption header. botocore's standard retry
+mode handles throttling and 5xx answers; what still fails surfaces as
+StoreError and the caller retries with backoff (a batch is never dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import aioboto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from cosmigrate.stores.base import ObjectMissing, StoreError
+
+
+def boto_config() -> BotoConfig:
+    return BotoConfig(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60)
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
+    return str(exc)
+
+
+class S3Store:
+    def __init__(self, url: str, bucket: str, prefix: str, *, region: str = "", endpoint_url: str = "",
+                 sse: str = "AES256", kms_key_id: str = "") -> None:
+        self.url = url
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._session = aioboto3.Session()
+        self._client_args: dict[str, Any] = {"config": boto_config()}
+        if region:
+            self._client_args["region_name"] = region
+        if endpoint_url:
+            self._client_args["endpoint_url"] = endpoint_url
+        self._sse: dict[str, str] = {}
+        if sse != "none":
+            self._sse["ServerSideEncryption"] = sse
+            if sse == "aws:kms" and kms_key_id:
+                self._sse["SSEKMSKeyId"] = kms_key_id
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+
+    async def _s3(self) -> Any:
+        if self._client is None:
+            self._stack = contextlib.AsyncExitStack()
+            self._client = await self._stack.enter_async_context(self._session.client("s3", **self._client_args))
+        return self._client
+
+    async def put(self, key: str, data: bytes) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.put_object(Bucket=self.bucket, Key=key, Body=data, **self._sse)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"s3://{self.bucket}/{key}: put failed: {_explain(exc)}") from exc
+
+    async def get(self, key: str) -> bytes:
+        s3 = await self._s3()
+        try:
+            resp = await s3.get_object(Bucket=self.bucket, Key=key)
+            async with resp["Body"] as body:
+                return bytes(await body.read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectMissing(f"s3://{self.bucket}/{key}: no such batch object") from None
+            raise StoreError(f"s3://{self.bucket}/{key}: get failed: {_explain(exc)}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"s3://{self.bucket}/{key}: get failed: {_explain(exc)}") from exc
+
+    async def delete(self, key: str) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"s3://{self.bucket}/{key}: delete failed: {_explain(exc)}") from exc
+
+    async def list(self, prefix: str) -> list[str]:
+        s3 = await self._s3()
+        keys: list[str] = []
+        try:
+            paginator = s3.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"s3://{self.bucket}/{prefix}: list failed: {_explain(exc)}") from exc
+        return sorted(keys)
+
+    async def check(self) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(
+                f"bucket {self.bucket}: not reachable ({_explain(exc)}); create it (deploy/cloudformation) "
+                "and grant the instance role s3:PutObject/GetObject/DeleteObject/ListBucket"
+            ) from exc
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+            self._client = None
