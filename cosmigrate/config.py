@@ -249,3 +249,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"log.level: must be debug, info, warning or error (got {cfg.log.level!r})")
     if cfg.log.format not in ("auto", "json", "console"):
         raise ConfigError(f"log.format: must be auto, json or console (got {cfg.log.format!r})")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def to_toml(cfg: Config) -> str:
+    """Render a config as TOML (the demo and tests write configs for child processes)."""
+    lines = [f"cluster_name = {_toml_value(cfg.cluster_name)}"]
+    for section in _SECTIONS:
+        lines.append(f"\n[{section}]")
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+    return "\n".join(lines) + "\n"

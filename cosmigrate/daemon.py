@@ -83,6 +83,8 @@ class Daemon:
             await self._drain()
             self.log.info("cosmigrate stopped")
         finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
             await self._close()
 
     async def _discovery(self) -> None:

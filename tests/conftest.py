@@ -36,3 +36,25 @@ async def target(sandbox: Sandbox) -> AsyncIterator[AsyncMongoClient]:
         yield client
     finally:
         await client.close()
+
+
+# --- AWS (moto server over HTTP) ------------------------------------------------------
+
+import os  # noqa: E402
+
+from tests.helpers import AWS_ENV  # noqa: E402
+
+os.environ.update(AWS_ENV)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

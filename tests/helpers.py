@@ -1,0 +1,245 @@
+"""Helpers for capture/apply tests: configs, a workload, and invariant checks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import random
+import uuid
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import bson
+from bson import Binary, Decimal128, Int64, ObjectId
+from bson.raw_bson import RawBSONDocument
+from pymongo import AsyncMongoClient
+
+from cosmigrate.batchfile import Batch, BatchCodec
+from cosmigrate.config import Config, to_toml, validate
+from cosmigrate.ledger import open_ledger
+from cosmigrate.stores import open_store
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def make_config(tmp_path: Path, source_uri: str, target_uri: str, backend: str, aws_endpoint: str | None = None,
+                **capture: Any) -> Config:
+    """A config on `file+sqlite` or `s3+dynamodb` (moto), unique per test."""
+    cfg = Config(cluster_name="test")
+    cfg.source.uri = source_uri
+    cfg.target.uri = target_uri
+    cfg.control.socket = str(tmp_path / "control.sock")
+    cfg.log.format = "json"
+    if backend == "file+sqlite":
+        cfg.store.url = f"file://{tmp_path / 'batches'}"
+        cfg.ledger.url = f"sqlite://{tmp_path / 'ledger.db'}"
+    else:
+        assert aws_endpoint
+        suffix = uuid.uuid4().hex[:10]
+        cfg.store.url = f"s3://bucket-{suffix}/changes"
+        cfg.ledger.url = f"dynamodb://ledger-{suffix}"
+        cfg.aws.endpoint_url = aws_endpoint
+        cfg.aws.region = "us-east-1"
+    cfg.capture.start_at = "beginning"
+    cfg.capture.discovery_interval_s = 0.5
+    cfg.capture.max_batch_age_s = 0.3
+    cfg.capture.max_await_ms = 200
+    for k, v in capture.items():
+        setattr(cfg.capture, k, v)
+    validate(cfg)
+    return cfg
+
+
+def write_config(cfg: Config, path: Path) -> Path:
+    path.write_text(to_toml(cfg))
+    return path
+
+
+async def prepare_backends(cfg: Config) -> None:
+    """Create the bucket (S3) and the ledger, as an operator would before `run`."""
+    if cfg.store.url.startswith("s3://"):
+        import aioboto3
+
+        bucket = cfg.store.url.removeprefix("s3://").split("/")[0]
+        async with aioboto3.Session().client("s3", endpoint_url=cfg.aws.endpoint_url, region_name="us-east-1") as s3:
+            await s3.create_bucket(Bucket=bucket)
+    ledger = open_ledger(cfg)
+    try:
+        await ledger.init()
+    finally:
+        await ledger.close()
+
+
+@dataclass
+class Committed:
+    """Everything committed for one namespace, read back through the ledger and the store."""
+
+    ns: str
+    batches: list[Batch]
+    objects: list[bytes]
+    seqs: list[int]
+    epochs: list[int]
+    resume_token: bytes | None
+    next_seq: int
+    applied_seq: int = -1
+    state: str = ""
+    last_error: str = ""
+
+
+async def read_committed(cfg: Config) -> dict[str, Committed]:
+    ledger = open_ledger(cfg)
+    store = open_store(cfg)
+    codec = BatchCodec()
+    out: dict[str, Committed] = {}
+    try:
+        for meta in await ledger.list_namespaces():
+            records = await ledger.list_batches(meta.ns)
+            objects = [await store.get(r.key) for r in records]
+            batches = [codec.decode(o, expect_checksum=r.checksum) for o, r in zip(objects, records, strict=True)]
+            out[meta.ns] = Committed(meta.ns, batches, objects, [r.seq for r in records], [r.epoch for r in records],
+                                     meta.resume_token, meta.next_seq, meta.applied_seq, meta.state, meta.last_error)
+    finally:
+        await store.close()
+        await ledger.close()
+    return out
+
+
+def id_of(doc: Any) -> bytes:
+    return bson.encode({"_id": doc["_id"]})
+
+
+async def source_docs(client: AsyncMongoClient, namespaces: list[str]) -> dict[str, dict[bytes, bytes]]:
+    """Every live document of each namespace, raw, keyed by its encoded _id."""
+    out: dict[str, dict[bytes, bytes]] = {}
+    for ns in namespaces:
+        db, _, coll = ns.partition(".")
+        c = client[db].get_collection(coll, codec_options=bson.CodecOptions(document_class=RawBSONDocument))
+        out[ns] = {id_of(d): bytes(d.raw) async for d in c.find()}
+    return out
+
+
+def check_committed(c: Committed, expected: dict[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+    """Assert the capture invariants for one namespace; return the last event per document."""
+    assert c.seqs == list(range(len(c.seqs))), f"{c.ns}: seqs not gap-free: {c.seqs[:20]}"
+    assert c.next_seq == len(c.seqs), f"{c.ns}: next_seq {c.next_seq} but {len(c.seqs)} batches"
+    codec = BatchCodec()
+    for batch, obj in zip(c.batches, c.objects, strict=True):
+        again, _ = codec.encode(batch.header, batch.events)
+        assert again == obj, f"{c.ns} seq {batch.header.seq}: batch does not round-trip byte for byte"
+        assert batch.header.ns == c.ns and batch.header.count == len(batch.events)
+    if c.batches:
+        assert c.resume_token == bytes(c.batches[-1].header.resume_token.raw), \
+            f"{c.ns}: ledger resume token differs from the last committed batch's"
+    last: dict[bytes, bytes] = {}
+    versions: dict[bytes, int] = {}
+    for batch in c.batches:
+        for raw in batch.events:
+            event = RawBSONDocument(raw)
+            key = bson.encode({"_id": event["documentKey"]["_id"]})
+            full = event.get("fullDocument")
+            if full is None:
+                last.pop(key, None)
+                continue
+            v = full.get("v")
+            if v is not None:
+                assert v >= versions.get(key, -1), f"{c.ns}: document changes out of order ({versions[key]} then {v})"
+                versions[key] = v
+            last[key] = bytes(full.raw)
+    if expected is not None:
+        missing = set(expected) - set(last)
+        assert not missing, f"{c.ns}: {len(missing)} documents never captured"
+        stale = [k for k in expected if last[k] != expected[k]]
+        assert not stale, f"{c.ns}: {len(stale)} documents captured at an old version"
+    return last
+
+
+def rich_doc(key: Any, v: int, rng: random.Random) -> dict[str, Any]:
+    """A document with many BSON types, so type loss anywhere shows up."""
+    return {
+        "_id": key,
+        "v": v,
+        "small_long": Int64(rng.randint(0, 100)),
+        "dec": Decimal128(Decimal(f"{rng.randint(0, 10**6)}.{rng.randint(0, 99):02d}")),
+        "when": dt.datetime(2024, 1, 1) + dt.timedelta(milliseconds=rng.randint(0, 10**9)),
+        "bin": Binary(rng.randbytes(8), 0),
+        "uuid": Binary(uuid.UUID(int=rng.getrandbits(128)).bytes, 4),
+        "oid": ObjectId(),
+        "nested": {"b": rng.random(), "a": [1, "two", {"three": Int64(3)}]},
+        "pad": "x" * rng.randint(0, 300),
+    }
+
+
+@dataclass
+class Workload:
+    """Random inserts/updates/replaces over several collections, 20% of writes on 1% of keys."""
+
+    client: AsyncMongoClient
+    namespaces: list[str]
+    keys_per_ns: int = 500
+    seed: int = 1
+    writes: int = 0
+    rng: random.Random = field(init=False)
+    versions: dict[tuple[str, Any], int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def _pick(self) -> tuple[str, Any]:
+        ns = self.rng.choice(self.namespaces)
+        hot = max(1, self.keys_per_ns // 100)
+        idx = self.rng.randrange(hot) if self.rng.random() < 0.2 else self.rng.randrange(self.keys_per_ns)
+        key = idx if idx % 3 else f"k{idx}"
+        return ns, key
+
+    async def write_one(self) -> None:
+        ns, key = self._pick()
+        db, _, coll = ns.partition(".")
+        c = self.client[db][coll]
+        v = self.versions.get((ns, key), -1) + 1
+        if v == 0:
+            await c.insert_one(rich_doc(key, v, self.rng))
+        elif self.rng.random() < 0.5:
+            await c.update_one({"_id": key}, {"$set": {"v": v, "f": self.rng.random(), "small_long": Int64(v)}})
+        else:
+            await c.replace_one({"_id": key}, rich_doc(key, v, self.rng))
+        self.versions[(ns, key)] = v
+        self.writes += 1
+
+    async def run(self, count: int, stop: asyncio.Event | None = None, pace_s: float = 0.0) -> None:
+        for _ in range(count):
+            if stop is not None and stop.is_set():
+                return
+            await self.write_one()
+            if pace_s:
+                await asyncio.sleep(pace_s)
+
+
+async def wait_for(predicate: Any, limit_s: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll an async predicate until it returns a truthy value, or fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    last_exc: Exception | None = None
+    while loop.time() < deadline:
+        try:
+            result = await predicate()
+            if result:
+                return result
+        except AssertionError as exc:
+            last_exc = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {limit_s}s waiting for {what}" + (f": {last_exc}" if last_exc else ""))
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(AWS_ENV)
+    env.update(extra or {})
+    return env
