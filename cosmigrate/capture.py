@@ -360,7 +360,7 @@ class NamespaceCapture:
             data, checksum = await asyncio.to_thread(self.codec.encode, header, sealed.events)
         else:
             data, checksum = self.codec.encode(header, sealed.events)
-        key = batch_key(self.prefix, self.cfg.cluster_name, self.ns, sealed.seq)
+        key = batch_key(self.prefix, self.cfg.cluster_name, self.ns, sealed.seq, self.epoch)
         backoff = Backoff()
         while True:
             try:

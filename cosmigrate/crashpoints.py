@@ -33,4 +33,5 @@ class CrashPoints:
     def hit(self, name: str) -> None:
         rate = self._rates.get(name)
         if rate and self._rng.random() < rate:
+            os.write(2, f"crash point {name}: SIGKILL\n".encode())
             os.kill(os.getpid(), signal.SIGKILL)

@@ -100,6 +100,6 @@ def test_split_events_refuses_garbage() -> None:
 
 
 def test_batch_key_layout() -> None:
-    assert batch_key("changes", "prod", "sales.orders", 42) == "changes/prod/sales/orders/000000000042"
-    assert batch_key("", "prod", "db.a/b c", 1) == "prod/db/a%2Fb%20c/000000000001"
-    assert re.fullmatch(r"p/c/d/e\.f/\d{12}", batch_key("/p/", "c", "d.e.f", 3))
+    assert batch_key("changes", "prod", "sales.orders", 42, 3) == "changes/prod/sales/orders/000000000042-e3"
+    assert batch_key("", "prod", "db.a/b c", 1, 1) == "prod/db/a%2Fb%20c/000000000001-e1"
+    assert re.fullmatch(r"p/c/d/e\.f/\d{12}-e7", batch_key("/p/", "c", "d.e.f", 3, 7))

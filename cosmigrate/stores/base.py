@@ -1,8 +1,10 @@
 """The batch store interface: a flat key -> bytes object store.
 
 Modelled on Litestream's replica client: a few verbs, no knowledge of what a
-batch means. Keys are deterministic (see `batch_key`), so re-capturing the
-same seq after a crash overwrites the same object, harmlessly.
+batch means. Keys are deterministic per (namespace, seq, owner epoch), see
+`batch_key`: a retried put overwrites its own object, harmlessly, but a
+fenced ("zombie") process can never overwrite an object that the namespace's
+new owner committed under the same seq.
 """
 
 from __future__ import annotations
@@ -43,9 +45,13 @@ class BatchStore(Protocol):
         """Release connections."""
 
 
-def batch_key(prefix: str, cluster: str, ns: str, seq: int) -> str:
-    """`<prefix>/<cluster>/<db>/<coll>/<seq, 12 digits>`, each name part URL-quoted."""
+def batch_key(prefix: str, cluster: str, ns: str, seq: int, epoch: int) -> str:
+    """`<prefix>/<cluster>/<db>/<coll>/<seq, 12 digits>-e<epoch>`, each name part URL-quoted.
+
+    The epoch suffix is what keeps a fenced owner from clobbering committed
+    data: its late put lands beside the new owner's object, never on it.
+    """
     db, _, coll = ns.partition(".")
     parts = [quote(p, safe="-_.") for p in (cluster, db, coll)]
     head = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
-    return f"{head}{'/'.join(parts)}/{seq:012d}"
+    return f"{head}{'/'.join(parts)}/{seq:012d}-e{epoch}"

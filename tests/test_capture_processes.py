@@ -1,0 +1,160 @@
+"""Crash safety and fencing with real `cosmigrate run` processes (SIGKILL, two owners)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+
+from pymongo import AsyncMongoClient
+
+from cosmigrate.sandbox import Sandbox
+from tests.helpers import (
+    Workload,
+    check_committed,
+    child_env,
+    make_config,
+    prepare_backends,
+    read_committed,
+    source_docs,
+    wait_for,
+    write_config,
+)
+
+NAMESPACES = ["app.users", "app.orders", "shop.items"]
+# Quick by default; COSMIGRATE_CRASH_KILLS=200 for a soak.
+KILLS = int(os.environ.get("COSMIGRATE_CRASH_KILLS", "20"))
+
+
+class Child:
+    """A `cosmigrate run` child whose output is collected as it comes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._readers = [asyncio.create_task(self._pump(proc.stdout, self.stdout)),
+                         asyncio.create_task(self._pump(proc.stderr, self.stderr))]
+
+    @classmethod
+    async def start(cls, config: Path, **env: str) -> Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cosmigrate", "run", "--config", str(config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_env(env),
+        )
+        return cls(proc)
+
+    @staticmethod
+    async def _pump(stream: asyncio.StreamReader | None, into: list[str]) -> None:
+        assert stream is not None
+        async for line in stream:
+            into.append(line.decode(errors="replace").rstrip())
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.stdout:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    async def finish(self, sig: int | None = None, limit_s: float = 60) -> int:
+        if sig is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), limit_s)
+        await asyncio.gather(*self._readers)
+        return code
+
+
+async def _check_all(cfg, source: AsyncMongoClient | None = None) -> bool:
+    committed = await read_committed(cfg)
+    expected = await source_docs(source, NAMESPACES) if source is not None else {}
+    for ns in NAMESPACES:
+        if source is not None:
+            assert ns in committed, f"{ns} not captured"
+        if ns in committed:
+            check_committed(committed[ns], expected.get(ns))
+    return True
+
+
+async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", max_batch_events=30,
+                      max_batch_age_s=0.2)
+    config = write_config(cfg, tmp_path / "cosmigrate.toml")
+    await prepare_backends(cfg)
+    rng = random.Random(2024)
+    workload = Workload(source, NAMESPACES, keys_per_ns=300, seed=9)
+    stop = asyncio.Event()
+    writer = asyncio.create_task(workload.run(10**9, stop, pace_s=0.001))
+    external = between_put_and_commit = after_commit = 0
+    try:
+        while external + between_put_and_commit + after_commit < KILLS:
+            child = await Child.start(config, COSMIGRATE_CRASH_POINTS="after_put=0.012,after_commit=0.008")
+            try:
+                await asyncio.wait_for(asyncio.shield(child.proc.wait()), rng.uniform(0.6, 2.5))
+            except TimeoutError:
+                external += 1
+                code = await child.finish(signal.SIGKILL)
+            else:
+                code = await child.finish()
+                between_put_and_commit += any("crash point after_put" in ln for ln in child.stderr)
+                after_commit += any("crash point after_commit" in ln for ln in child.stderr)
+            assert code == -signal.SIGKILL, (code, child.stderr[-5:])
+            # After every kill: gap-free seqs, and the stored token is exactly the last committed batch's.
+            await _check_all(cfg)
+    finally:
+        stop.set()
+        await writer
+    assert between_put_and_commit >= 1, "no kill landed between the store put and the ledger commit"
+    final = await Child.start(config)
+    try:
+        await wait_for(lambda: _check_all(cfg, source), 120, what="every change captured after the kills")
+    finally:
+        assert await final.finish(signal.SIGTERM) == 0, final.stderr[-5:]
+    print(f"kills: {external} external, {between_put_and_commit} between put and commit, {after_commit} after commit; "
+          f"{workload.writes} writes")
+
+
+async def test_two_processes_never_both_commit_for_one_namespace(tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", max_batch_events=20)
+    config = write_config(cfg, tmp_path / "cosmigrate.toml")
+    await prepare_backends(cfg)
+    workload = Workload(source, NAMESPACES, keys_per_ns=100, seed=4)
+    stop = asyncio.Event()
+    writer = asyncio.create_task(workload.run(10**9, stop, pace_s=0.002))
+    first = await Child.start(config)
+    second: Child | None = None
+    try:
+        async def first_committed() -> bool:
+            committed = await read_committed(cfg)
+            return all(ns in committed and committed[ns].batches for ns in NAMESPACES)
+
+        await wait_for(first_committed, 60, what="first process commits")
+        second = await Child.start(config)
+
+        def fenced_namespaces() -> set[str]:
+            return {e.get("namespace") for e in first.events() if "taken over" in e.get("event", "")}
+
+        async def all_fenced() -> bool:
+            return fenced_namespaces() == set(NAMESPACES)
+
+        await wait_for(all_fenced, 60, what="the first process to be fenced on every namespace")
+    finally:
+        stop.set()
+        await writer
+    try:
+        await wait_for(lambda: _check_all(cfg, source), 60, what="the second process to capture everything")
+    finally:
+        assert await first.finish(signal.SIGTERM) == 0
+        assert second is not None and await second.finish(signal.SIGTERM) == 0
+    committed = await read_committed(cfg)
+    for ns in NAMESPACES:
+        epochs = committed[ns].epochs
+        assert set(epochs) == {1, 2}, epochs
+        # Once the second owner committed, the first never did again.
+        assert epochs == sorted(epochs), f"{ns}: commits interleaved between owners: {epochs}"
