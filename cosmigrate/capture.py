@@ -180,6 +180,7 @@ class NamespaceCapture:
         self._room = asyncio.Condition()
         self._stopping = asyncio.Event()
         self._dead = False  # fenced or failed: never write again
+        self.on_commit: Any = None  # called after each commit (wakes the namespace's applier)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -391,6 +392,8 @@ class NamespaceCapture:
                 self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=self.status.last_error)
                 await asyncio.sleep(backoff.next_delay())
         self.crash.hit("after_commit")
+        if self.on_commit is not None:
+            self.on_commit()
         self.status.committed_seq = sealed.seq
         self.status.committed_events += len(sealed.events)
         self.log.debug("batch committed", seq=sealed.seq, events=len(sealed.events), bytes=len(data))

@@ -41,8 +41,11 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 ledger_app = typer.Typer(help="The checkpoint ledger (DynamoDB table or SQLite file).", no_args_is_help=True)
 batches_app = typer.Typer(help="Look inside the captured change batches.", no_args_is_help=True)
+ctl_app = typer.Typer(help="Talk to the running daemon over its control socket.", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(batches_app, name="batches")
+app.add_typer(ctl_app, name="ctl")
+DEFAULT_SOCKET = "/run/cosmigrate/control.sock"
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the TOML config file.")]
 
@@ -169,6 +172,80 @@ def batches_dump(
     except CorruptBatch as exc:
         raise fail(f"{namespace} batch {seq} is corrupt: {exc}", code=1) from None
     typer.echo("\n".join(lines))
+
+
+@ctl_app.callback()
+def ctl(
+    ctx: typer.Context,
+    socket: Annotated[str | None, typer.Option(help=f"Control socket path (default: the config's, else {DEFAULT_SOCKET}).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Read the socket path from this config.")] = None,
+) -> None:
+    """Talk to the running daemon over its control socket."""
+    path = socket or (_load(config).control.socket if config else DEFAULT_SOCKET)
+    ctx.obj = path
+
+
+def _ctl_request(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+    from cosmigrate.control import ControlError, request
+
+    try:
+        return asyncio.run(request(path, payload))
+    except ControlError as exc:
+        raise fail(str(exc), code=1) from None
+
+
+@ctl_app.command("writer")
+def ctl_writer(ctx: typer.Context, action: Annotated[str, typer.Argument(help="start or stop")]) -> None:
+    """Start or stop applying changes to the target (stored in the ledger: survives restarts).
+
+    `stop` returns once the bulk write in flight has finished: nothing reaches
+    the target after it answers. Capture continues either way.
+    """
+    if action not in ("start", "stop"):
+        raise fail(f"writer: action must be start or stop, not {action!r}")
+    import getpass
+
+    reply = _ctl_request(ctx.obj, {"cmd": "writer", "action": action, "by": getpass.getuser()})
+    typer.echo(f"writer {reply['writer']}")
+
+
+@ctl_app.command("status")
+def ctl_status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status object as JSON.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep a live table on screen (Ctrl+C to leave).")] = False,
+    interval: Annotated[float, typer.Option(help="Refresh interval for --watch, seconds.")] = 2.0,
+) -> None:
+    """Show lag, progress, failures and cutover readiness."""
+    import json
+
+    from rich.console import Console
+
+    from cosmigrate.statusview import render
+
+    if interval <= 0:
+        raise fail("--interval must be greater than 0")
+    if not watch:
+        status = _ctl_request(ctx.obj, {"cmd": "status"})["status"]
+        if as_json:
+            typer.echo(json.dumps(status, indent=1))
+        else:
+            Console().print(render(status))
+        return
+    import time
+
+    from rich.live import Live
+
+    console = Console()
+    status = _ctl_request(ctx.obj, {"cmd": "status"})["status"]
+    try:
+        with Live(render(status), console=console, refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval)
+                status = _ctl_request(ctx.obj, {"cmd": "status"})["status"]
+                live.update(render(status))
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()

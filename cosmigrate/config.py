@@ -56,6 +56,18 @@ class AwsConfig:
 @dataclass
 class ControlConfig:
     socket: str = "/run/cosmigrate/control.sock"
+    allowed_group: str = ""
+    max_request_bytes: int = 65536
+
+
+@dataclass
+class ApplyConfig:
+    pool_size: int = 4
+    max_batches_per_round: int = 8
+    max_ops_per_write: int = 10000
+    max_bytes_per_write: int = 32 * 1024 * 1024
+    poll_interval_s: float = 0.5
+    cutover_threshold_seconds: float = 10.0
 
 
 @dataclass
@@ -93,6 +105,7 @@ class Config:
     aws: AwsConfig = field(default_factory=AwsConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    apply: ApplyConfig = field(default_factory=ApplyConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -240,6 +253,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("capture.max_batch_events: at most 100000 (DocumentDB's write batch limit)")
     if cfg.capture.max_unflushed_bytes < cfg.capture.max_batch_bytes:
         raise ConfigError("capture.max_unflushed_bytes: must be at least capture.max_batch_bytes")
+    for key in ("pool_size", "max_batches_per_round", "max_ops_per_write", "max_bytes_per_write"):
+        if getattr(cfg.apply, key) < 1:
+            raise ConfigError(f"apply.{key}: must be at least 1")
+    if cfg.apply.max_ops_per_write > 100_000:
+        raise ConfigError("apply.max_ops_per_write: at most 100000 (DocumentDB's write batch limit)")
+    for key in ("poll_interval_s", "cutover_threshold_seconds"):
+        if getattr(cfg.apply, key) <= 0:
+            raise ConfigError(f"apply.{key}: must be greater than 0")
+    if cfg.control.max_request_bytes < 256:
+        raise ConfigError("control.max_request_bytes: must be at least 256")
     if cfg.daemon.drain_timeout_s <= 0:
         raise ConfigError("daemon.drain_timeout_s: must be greater than 0")
     for key in ("max_batch_age_s", "discovery_interval_s"):

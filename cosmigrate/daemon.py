@@ -13,19 +13,23 @@ import contextlib
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from pymongo.errors import PyMongoError
 
+from cosmigrate.apply import NamespaceApplier, WriterGate
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.config import Config
+from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import list_namespaces, source_client
+from cosmigrate.mongo import list_namespaces, source_client, target_client
 from cosmigrate.redact import redact
+from cosmigrate.status import build_status
 from cosmigrate.stores import BatchStore, StoreError, open_store
 
 
@@ -41,11 +45,16 @@ class Daemon:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.log = get_logger(cluster=cfg.cluster_name)
         self.captures: dict[str, NamespaceCapture] = {}
+        self.appliers: dict[str, NamespaceApplier] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self.ledger: Ledger | None = None
         self.store: BatchStore | None = None
         self.source: Any = None
+        self.target: Any = None
+        self.gate = WriterGate(started=False)
+        self.pool = asyncio.Semaphore(cfg.apply.pool_size)
+        self.control: ControlServer | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -66,6 +75,44 @@ class Daemon:
             await self.source.admin.command("ping")
         except PyMongoError as exc:
             raise StartupError(f"source {redact(self.cfg.source.uri)} did not answer: {redact(str(exc))}") from None
+        self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=30_000)
+        try:
+            await self.target.admin.command("ping")
+        except PyMongoError as exc:
+            raise StartupError(f"target {redact(self.cfg.target.uri)} did not answer: {redact(str(exc))}") from None
+        control = await self.ledger.get_control()
+        if control.writer == "started":
+            self.gate.start()
+        self.control = ControlServer(self.cfg.control.socket, self.handle_control,
+                                     allowed_group=self.cfg.control.allowed_group,
+                                     max_request_bytes=self.cfg.control.max_request_bytes)
+        try:
+            await self.control.start()
+        except ControlError as exc:
+            raise StartupError(str(exc)) from None
+
+    async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control request; every failure is an error reply."""
+        cmd = request.get("cmd")
+        if cmd == "ping":
+            return {"ok": True}
+        if cmd == "status":
+            return {"ok": True, "status": await build_status(self)}
+        if cmd == "writer":
+            action = request.get("action")
+            if action not in ("start", "stop"):
+                return {"ok": False, "error": 'writer needs "action": "start" or "stop"'}
+            assert self.ledger is not None
+            by = str(request.get("by", "ctl"))[:100]
+            state = "started" if action == "start" else "stopped"
+            await self.ledger.set_writer(state, by, time.time())
+            if action == "start":
+                self.gate.start()
+            else:
+                await self.gate.stop()  # returns once no bulk write is in flight
+            self.log.info(f"writer {state}", by=by)
+            return {"ok": True, "writer": state}
+        return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, ping)"}
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,21 +151,28 @@ class Daemon:
         assert self.ledger is not None and self.store is not None
         meta = await self.ledger.claim(ns, self.owner)
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash)
+        app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash)
+        cap.on_commit = app.wake.set
         self.captures[ns] = cap
-        self._tasks[ns] = asyncio.create_task(self._supervise(cap), name=f"capture:{ns}")
-        self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq)
+        self.appliers[ns] = app
+        self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")
+        self._tasks[f"apply:{ns}"] = asyncio.create_task(self._supervise(app, app.run), name=f"apply:{ns}")
+        self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq,
+                      applied_seq=meta.applied_seq)
 
-    async def _supervise(self, cap: NamespaceCapture) -> None:
+    async def _supervise(self, part: NamespaceCapture | NamespaceApplier, run: Any) -> None:
         try:
-            await cap.run()
+            await run()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must mark the namespace, never kill the process silently
-            cap.status.state = "failed"
-            cap.status.last_error = redact(f"internal error: {exc!r}")
-            self.log.exception("namespace capture crashed", namespace=cap.ns)
+            part.status.state = "failed"
+            part.status.last_error = redact(f"internal error: {exc!r}")
+            self.log.exception("namespace task crashed", namespace=part.ns, task=type(part).__name__)
 
     async def _drain(self) -> None:
+        for app in self.appliers.values():
+            app.stop()
         for cap in self.captures.values():
             cap.stop()
         if not self._tasks:
@@ -132,6 +186,10 @@ class Daemon:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _close(self) -> None:
+        if self.control is not None:
+            await self.control.stop()
+        if self.target is not None:
+            await self.target.close()
         if self.source is not None:
             await self.source.close()
         if self.store is not None:

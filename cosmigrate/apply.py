@@ -1,0 +1,373 @@
+"""Apply: replay committed batches to DocumentDB, per namespace, in seq order.
+
+A round takes up to `apply.max_batches_per_round` consecutive pending batches
+(fetched concurrently, checksums verified), collapses them to the last event
+per document key, and writes unordered `ReplaceOne(upsert=True)` /
+`DeleteOne` bulk writes. `applied_seq` advances in the ledger only after the
+target acknowledged every write of those batches (DESIGN.md invariant 3).
+
+Duplicate keys on secondary unique indexes (the Cosmos feed orders changes
+per document only): failed writes are retried after the rest; a write still
+blocked by a document that the same run rewrites is a cycle (A and B swap
+values) and is broken by deleting the blockers and writing the final
+versions; whatever still conflicts stays *deferred*: carried into the next
+round (merged with newer batches, newer events win), retried every round,
+shown in status, and holding `applied_seq` back so a restart re-applies it.
+Nothing is ever dropped. Any other refused document fails the namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import bson
+from bson.raw_bson import RawBSONDocument
+from pymongo import DeleteOne, ReplaceOne
+from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
+
+from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
+from cosmigrate.capture import Backoff
+from cosmigrate.config import Config
+from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, SeqConflict
+from cosmigrate.logs import get_logger
+from cosmigrate.mongo import raw_collection
+from cosmigrate.redact import redact
+from cosmigrate.stores import BatchStore, StoreError
+
+DUPLICATE_KEY = 11000
+# Failover, network, throttling and interruption codes: retry the same writes.
+TRANSIENT_CODES = {6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 16500}
+
+
+class WriterGate:
+    """The writer switch as the appliers see it.
+
+    `stop()` returns only once no bulk write is in flight, so nothing reaches
+    the target after `ctl writer stop` has answered.
+    """
+
+    def __init__(self, started: bool) -> None:
+        self._started = asyncio.Event()
+        if started:
+            self._started.set()
+        self._inflight = 0
+        self._idle = asyncio.Condition()
+
+    @property
+    def started(self) -> bool:
+        return self._started.is_set()
+
+    def start(self) -> None:
+        self._started.set()
+
+    async def stop(self) -> None:
+        self._started.clear()
+        async with self._idle:
+            await self._idle.wait_for(lambda: self._inflight == 0)
+
+    async def wait_started(self) -> None:
+        await self._started.wait()
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Hold the gate open for one bulk write (waits while the writer is stopped)."""
+        while not self._started.is_set():
+            await self._started.wait()
+        self._inflight += 1  # same step as the check above: stop() cannot slip in between
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            async with self._idle:
+                self._idle.notify_all()
+
+
+@dataclass
+class Op:
+    """The final write for one document key in a run."""
+
+    key: bytes  # raw documentKey, the identity of the document
+    filter: RawBSONDocument
+    doc: RawBSONDocument | None  # None = delete
+    origin_seq: int
+
+    def request(self) -> ReplaceOne[Any] | DeleteOne:
+        if self.doc is None:
+            return DeleteOne(self.filter)
+        return ReplaceOne(self.filter, self.doc, upsert=True)
+
+
+class ApplyFailed(Exception):
+    """A batch or document that must stop the namespace until an operator acts."""
+
+
+@dataclass
+class ApplyStatus:
+    state: str = "idle"
+    applied_seq: int = -1
+    written_seq: int = -1
+    deferred: int = 0
+    deferred_ids: list[str] = field(default_factory=list)
+    last_error: str = ""
+    cycles_broken: int = 0
+    target_writes: int = 0
+    events_applied: int = 0
+    recent: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=600))
+
+    def throughput(self, window_s: float = 60.0) -> float:
+        """Events applied per second over the last minute."""
+        now = time.time()
+        events = sum(n for t, n in self.recent if now - t <= window_s)
+        return events / window_s
+
+
+def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, Op]:
+    """Last event per document key wins; carried (deferred) writes are older than any batch."""
+    ops = dict(carried)
+    for batch in batches:
+        seq = batch.header.seq
+        for raw in batch.events:
+            event = RawBSONDocument(raw)
+            key_doc = event["documentKey"]
+            key = bytes(key_doc.raw)
+            op_type = event.get("operationType")
+            full = event.get("fullDocument")
+            if op_type == "delete" or full is None:
+                ops[key] = Op(key, key_doc, None, seq)
+            else:
+                ops.pop(key, None)  # keep insertion order = latest position
+                ops[key] = Op(key, key_doc, full, seq)
+    return ops
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionFailure):
+        return True
+    if isinstance(exc, OperationFailure) and not isinstance(exc, BulkWriteError):
+        return exc.code in TRANSIENT_CODES or exc.has_error_label("RetryableWriteError")
+    return False
+
+
+class NamespaceApplier:
+    def __init__(
+        self, ns: str, target: Any, store: BatchStore, ledger: Ledger, cfg: Config, gate: WriterGate,
+        pool: asyncio.Semaphore, crash: CrashPoints | None = None,
+    ) -> None:
+        self.ns = ns
+        self.target = target
+        self.coll = raw_collection(target, ns)
+        self.store = store
+        self.ledger = ledger
+        self.cfg = cfg
+        self.acfg = cfg.apply
+        self.gate = gate
+        self.pool = pool
+        self.crash = crash or CrashPoints()
+        self.codec = BatchCodec()
+        self.status = ApplyStatus()
+        self.log = get_logger(namespace=ns)
+        self.wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._deferred: dict[bytes, Op] = {}
+        self._unmarked: dict[int, int] = {}  # seq -> events, written but applied_seq held back
+        self._unique: list[list[str]] | None = None
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.wake.set()
+
+    async def run(self) -> None:
+        meta = await self.ledger.get_namespace(self.ns)
+        self.status.applied_seq = self.status.written_seq = meta.applied_seq if meta else -1
+        self.status.state = "running"
+        backoff = Backoff(cap=10.0)
+        while not self._stopping.is_set():
+            if not self.gate.started:
+                self.status.state = "paused"
+                await self._wait(self.gate.wait_started())
+                continue
+            self.status.state = "running"
+            try:
+                worked = await self._round()
+                backoff.reset()
+            except ApplyFailed as exc:
+                self.status.state = "failed"
+                self.status.last_error = redact(str(exc))
+                self.log.error("apply stopped for this namespace; operator action needed", error=self.status.last_error)
+                return
+            except (StoreError, LedgerError, PyMongoError) as exc:
+                self.status.last_error = redact(str(exc))
+                self.log.warning("apply round failed; retrying", error=self.status.last_error)
+                await self._sleep(backoff.next_delay())
+                continue
+            if not worked:
+                self.wake.clear()
+                await self._wait(self.wake.wait(), self.acfg.poll_interval_s)
+        self.status.state = "stopped" if self.status.state != "failed" else "failed"
+
+    async def _wait(self, aw: Any, limit_s: float | None = None) -> None:
+        stop = asyncio.ensure_future(self._stopping.wait())
+        task = asyncio.ensure_future(aw)
+        try:
+            await asyncio.wait({stop, task}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (stop, task):
+                t.cancel()
+
+    async def _sleep(self, seconds: float) -> None:
+        await self._wait(asyncio.sleep(seconds), seconds)
+
+    async def _fetch(self, record: BatchRecord) -> Batch:
+        data = await self.store.get(record.key)
+        try:
+            return self.codec.decode(data, expect_checksum=record.checksum)
+        except CorruptBatch as exc:
+            raise ApplyFailed(f"batch {record.seq} ({record.key}) is corrupt: {exc}") from exc
+
+    async def _round(self) -> bool:
+        records = await self.ledger.list_batches(self.ns, self.status.written_seq + 1, self.acfg.max_batches_per_round)
+        records = [r for i, r in enumerate(records) if r.seq == self.status.written_seq + 1 + i]
+        if not records and not self._deferred:
+            return False
+        batches = list(await asyncio.gather(*(self._fetch(r) for r in records)))
+        ops = collapse(batches, self._deferred)
+        async with self.pool:
+            deferred = await self._write_run(ops)
+        self.crash.hit("after_write")
+        for r in records:
+            self._unmarked[r.seq] = r.events
+        if records:
+            self.status.written_seq = records[-1].seq
+        self._deferred = deferred
+        self.status.deferred = len(deferred)
+        self.status.deferred_ids = [str(op.filter.get("_id")) for op in list(deferred.values())[:10]]
+        hold = min((op.origin_seq for op in deferred.values()), default=self.status.written_seq + 1)
+        new_applied = min(self.status.written_seq, hold - 1)
+        if new_applied > self.status.applied_seq:
+            events = sum(n for s, n in self._unmarked.items() if s <= new_applied)
+            try:
+                await self.ledger.mark_applied(self.ns, self.status.applied_seq, new_applied, events, time.time())
+            except SeqConflict as exc:
+                raise ApplyFailed(f"applied_seq moved under this applier: {exc}") from exc
+            self.crash.hit("after_mark")
+            self._unmarked = {s: n for s, n in self._unmarked.items() if s > new_applied}
+            self.status.applied_seq = new_applied
+            self.status.events_applied += events
+            self.status.recent.append((time.time(), events))
+        return bool(records)
+
+    # --- writing ------------------------------------------------------------------------
+
+    def _chunks(self, ops: list[Op]) -> Iterable[list[Op]]:
+        chunk: list[Op] = []
+        size = 0
+        for op in ops:
+            n = len(op.doc.raw) if op.doc is not None else 64
+            if chunk and (len(chunk) >= self.acfg.max_ops_per_write or size + n > self.acfg.max_bytes_per_write):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(op)
+            size += n
+        if chunk:
+            yield chunk
+
+    async def _bulk(self, ops: list[Op]) -> dict[bytes, tuple[Op, dict[str, Any]]]:
+        """Write ops (unordered, retried on transient errors); return the write errors by key."""
+        failed: dict[bytes, tuple[Op, dict[str, Any]]] = {}
+        for chunk in self._chunks(ops):
+            backoff = Backoff(base=0.2, cap=10.0)
+            pending = chunk
+            while pending:
+                try:
+                    async with self.gate.writing():
+                        await self.coll.bulk_write([op.request() for op in pending], ordered=False)
+                    self.status.target_writes += len(pending)
+                    pending = []
+                except BulkWriteError as exc:
+                    errors = exc.details.get("writeErrors", [])
+                    retry = []
+                    for err in errors:
+                        op = pending[err["index"]]
+                        if err.get("code") == DUPLICATE_KEY:
+                            failed[op.key] = (op, err)
+                        elif err.get("code") in TRANSIENT_CODES:
+                            retry.append(op)
+                        else:
+                            raise ApplyFailed(
+                                f"the target refused document _id={op.filter.get('_id')!r}: "
+                                f"{err.get('errmsg', '')} (code {err.get('code')})"
+                            ) from None
+                    self.status.target_writes += len(pending) - len(errors)
+                    pending = retry
+                    if retry:
+                        await asyncio.sleep(backoff.next_delay())
+                except PyMongoError as exc:
+                    if not _transient(exc):
+                        raise
+                    self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
+                    await asyncio.sleep(backoff.next_delay())
+        return failed
+
+    async def _unique_indexes(self, refresh: bool = False) -> list[list[str]]:
+        if self._unique is None or refresh:
+            found = []
+            async for ix in await self.coll.list_indexes():
+                if ix.get("unique") and ix.get("name") != "_id_":
+                    found.append(list(ix["key"].keys()))
+            self._unique = found
+        return self._unique
+
+    async def _blockers(self, op: Op) -> set[bytes]:
+        """Target documents holding a unique value that `op` needs (their raw documentKeys)."""
+        assert op.doc is not None
+        out: set[bytes] = set()
+        for fields in await self._unique_indexes():
+            flt: dict[str, Any] = {f: _get_path(op.doc, f) for f in fields}
+            flt["_id"] = {"$ne": op.filter["_id"]}
+            async for doc in self.coll.find(flt, {"_id": 1}):
+                out.add(bson.encode({"_id": doc["_id"]}))
+        return out
+
+    async def _write_run(self, ops: dict[bytes, Op]) -> dict[bytes, Op]:
+        failed = await self._bulk(list(ops.values()))
+        if not failed:
+            return {}
+        await self._unique_indexes(refresh=True)
+        # 1. Retry after the rest: the blocker may have moved on within this run.
+        failed = await self._bulk([op for op, _ in failed.values()])
+        for _ in range(3):
+            if not failed:
+                return {}
+            # 2. Cycles: blockers that this run rewrites are removed, then everyone's final version is written.
+            blockers: set[bytes] = set()
+            for op, _ in failed.values():
+                blockers |= {b for b in await self._blockers(op) if b in ops}
+            if not blockers:
+                break
+            async with self.gate.writing():
+                await self.coll.bulk_write([DeleteOne(ops[b].filter) for b in blockers], ordered=False)
+            self.status.cycles_broken += 1
+            self.log.info("unique-index cycle broken", documents=len(blockers) + len(failed))
+            again = [op for op, _ in failed.values()] + [ops[b] for b in blockers if b not in failed]
+            failed = await self._bulk(again)
+        if failed:
+            self.log.warning("writes deferred by unique-index conflicts; retried every round",
+                             count=len(failed), example=str(next(iter(failed.values()))[1].get("errmsg", ""))[:200])
+        return {key: op for key, (op, _) in failed.items()}
+
+
+def _get_path(doc: Any, path: str) -> Any:
+    cur = doc
+    for part in path.split("."):
+        try:
+            cur = cur[part]
+        except (KeyError, TypeError, IndexError):
+            return None
+    return cur
