@@ -243,3 +243,20 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(AWS_ENV)
     env.update(extra or {})
     return env
+
+
+async def target_docs(client: AsyncMongoClient, namespaces: list[str]) -> dict[str, dict[bytes, bytes]]:
+    return await source_docs(client, namespaces)
+
+
+async def assert_converged(source: AsyncMongoClient, target: AsyncMongoClient, namespaces: list[str]) -> bool:
+    """Target equals source document for document, byte for byte (types and field order)."""
+    src = await source_docs(source, namespaces)
+    dst = await target_docs(target, namespaces)
+    for ns in namespaces:
+        missing = set(src[ns]) - set(dst[ns])
+        extra = set(dst[ns]) - set(src[ns])
+        differ = [k for k in src[ns] if k in dst[ns] and src[ns][k] != dst[ns][k]]
+        assert not (missing or extra or differ), \
+            f"{ns}: {len(missing)} missing, {len(extra)} extra, {len(differ)} different on the target"
+    return True
