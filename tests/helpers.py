@@ -213,6 +213,30 @@ class Workload:
         self.versions[(ns, key)] = v
         self.writes += 1
 
+    async def run_bulk(self, count: int, per_write: int = 500) -> None:
+        """`count` changes sent as ordered bulk writes (fast), each op a change like write_one's."""
+        from pymongo import InsertOne, ReplaceOne, UpdateOne
+
+        done = 0
+        while done < count:
+            by_ns: dict[str, list[Any]] = {}
+            for _ in range(min(per_write, count - done)):
+                ns, key = self._pick()
+                v = self.versions.get((ns, key), -1) + 1
+                if v == 0:
+                    op: Any = InsertOne(rich_doc(key, v, self.rng))
+                elif self.rng.random() < 0.5:
+                    op = UpdateOne({"_id": key}, {"$set": {"v": v, "f": self.rng.random(), "small_long": Int64(v)}})
+                else:
+                    op = ReplaceOne({"_id": key}, rich_doc(key, v, self.rng))
+                self.versions[(ns, key)] = v
+                by_ns.setdefault(ns, []).append(op)
+                done += 1
+            for ns, ops in by_ns.items():
+                db, _, coll = ns.partition(".")
+                await self.client[db][coll].bulk_write(ops, ordered=True)
+            self.writes += sum(len(o) for o in by_ns.values())
+
     async def run(self, count: int, stop: asyncio.Event | None = None, pace_s: float = 0.0) -> None:
         for _ in range(count):
             if stop is not None and stop.is_set():

@@ -99,7 +99,7 @@ async def test_a_disallowed_uid_is_refused(tmp_path: Path, sandbox: Sandbox) -> 
         pytest.skip("needs root to connect as another uid")
     cfg = config(tmp_path, sandbox)
     shared = Path(tempfile.mkdtemp(prefix="cosmigrate-ctl-"))
-    shared.chmod(0o755)  # pytest's own tmp dirs are 0700: the other uid could not even reach the socket
+    os.chmod(shared, 0o755)  # pytest's own tmp dirs are 0700: the other uid could not even reach the socket
     cfg.control.socket = str(shared / "control.sock")
     async with Running(cfg) as run:
         os.chmod(cfg.control.socket, 0o666)  # let the other uid reach the socket: the uid check must refuse it
