@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m cosmigrate.sandbox.smoke
+	$(BIN)/cosmigrate demo
 
 check: $(STAMP)
 	$(BIN)/ruff check cosmigrate tests bench

@@ -249,6 +249,19 @@ def ctl_status(
 
 
 @app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds of application traffic.")] = 20.0,
+    workdir: Annotated[str | None, typer.Option(help="Keep the batches, ledger and daemon log here (default: a temp dir).")] = None,
+) -> None:
+    """Run a whole migration on this machine: sandbox databases, local store, SQLite ledger, live traffic."""
+    from cosmigrate.demo import run_demo
+
+    if duration <= 0:
+        raise fail("--duration must be greater than 0")
+    raise typer.Exit(run_demo(workdir, duration))
+
+
+@app.command()
 def sandbox(
     source_port: Annotated[int, typer.Option(help="Port of the Cosmos DB emulator (0 = any free port).")] = 0,
     target_port: Annotated[int, typer.Option(help="Port of the DocumentDB emulator (0 = any free port).")] = 0,
