@@ -87,6 +87,7 @@ class CaptureConfig:
 @dataclass
 class DaemonConfig:
     drain_timeout_s: float = 30.0
+    status_interval_s: float = 5.0
 
 
 @dataclass
@@ -263,8 +264,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"apply.{key}: must be greater than 0")
     if cfg.control.max_request_bytes < 256:
         raise ConfigError("control.max_request_bytes: must be at least 256")
-    if cfg.daemon.drain_timeout_s <= 0:
-        raise ConfigError("daemon.drain_timeout_s: must be greater than 0")
+    for key in ("drain_timeout_s", "status_interval_s"):
+        if getattr(cfg.daemon, key) <= 0:
+            raise ConfigError(f"daemon.{key}: must be greater than 0")
     for key in ("max_batch_age_s", "discovery_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")

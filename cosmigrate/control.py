@@ -97,6 +97,9 @@ class ControlServer:
         try:
             ok, uid = self._allowed(writer.get_extra_info("socket"))
             if not ok:
+                # Read the request first, so that the client's write never meets a closed socket.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(reader.readline(), 5)
                 self.log.warning("control request refused", peer_uid=uid)
                 await reply({"ok": False, "error": f"permission denied: uid {uid} may not control this daemon "
                                                    "(use the service user, root, or control.allowed_group)"})

@@ -29,7 +29,8 @@ from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import list_namespaces, source_client, target_client
 from cosmigrate.redact import redact
-from cosmigrate.status import build_status
+from cosmigrate.sdnotify import Notifier
+from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
 
 
@@ -55,6 +56,7 @@ class Daemon:
         self.gate = WriterGate(started=False)
         self.pool = asyncio.Semaphore(cfg.apply.pool_size)
         self.control: ControlServer | None = None
+        self.notify = Notifier(env)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -121,12 +123,17 @@ class Daemon:
         try:
             await self._connect()
             self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url)
-            discovery = asyncio.create_task(self._discovery(), name="discovery")
+            background = [asyncio.create_task(self._discovery(), name="discovery"),
+                          asyncio.create_task(self._report(), name="sd-status")]
+            if self.notify.watchdog_interval_s:
+                background.append(asyncio.create_task(self._watchdog(self.notify.watchdog_interval_s), name="watchdog"))
+            self.notify.ready(f"writer {'started' if self.gate.started else 'stopped'}, starting capture")
             await self._stop.wait()
+            self.notify.stopping()
             self.log.info("stopping: draining namespaces", namespaces=len(self.captures))
-            discovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await discovery
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._drain()
             self.log.info("cosmigrate stopped")
         finally:
@@ -146,6 +153,21 @@ class Daemon:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self.cfg.capture.discovery_interval_s)
+
+    async def _report(self) -> None:
+        """Refresh systemd's STATUS= line (what `systemctl status cosmigrate` shows)."""
+        while True:
+            await asyncio.sleep(self.cfg.daemon.status_interval_s)
+            try:
+                self.notify.status(one_line(await build_status(self)))
+            except LedgerError as exc:
+                self.notify.status(f"ledger unavailable: {redact(str(exc))[:200]}")
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd from the event loop itself: a blocked loop misses pings and gets restarted."""
+        while True:
+            self.notify.watchdog()
+            await asyncio.sleep(interval)
 
     async def _start_capture(self, ns: str) -> None:
         assert self.ledger is not None and self.store is not None
@@ -186,6 +208,7 @@ class Daemon:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _close(self) -> None:
+        self.notify.close()
         if self.control is not None:
             await self.control.stop()
         if self.target is not None:

@@ -115,6 +115,7 @@ class MongoServer:
         self._cursors: dict[int, Any] = {}
         self._conn_ids = itertools.count(1)
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -133,6 +134,9 @@ class MongoServer:
         if self._server is not None:
             self._server.close()
             self.drop_connections()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
 
@@ -149,6 +153,9 @@ class MongoServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn_id = next(self._conn_ids)
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             while True:
                 idle = self.faults.idle_timeout_s or None
@@ -164,8 +171,12 @@ class MongoServer:
                     await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, wire.ProtocolError, DropConnection):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is stopping
         finally:
             self._writers.discard(writer)
+            if task is not None:
+                self._handlers.discard(task)
             writer.transport.abort()
 
     async def _answer(self, conn_id: int, request_id: int, op_code: int, payload: bytes) -> bytes | None:
