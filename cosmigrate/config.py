@@ -190,8 +190,79 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
         else:
             raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)})")
     _apply_env(cfg, env)
+    resolve_secrets(cfg, env)
     validate(cfg)
     return cfg
+
+
+SECRET_KEYS = (("source", "uri"), ("target", "uri"))
+
+
+def resolve_secret(key: str, value: str, env: Mapping[str, str], cfg: Config) -> str:
+    """Turn a secret reference into its value.
+
+    `env:NAME` (an environment variable, e.g. from an EnvironmentFile), `file:/path`,
+    `credential:NAME` (systemd LoadCredential, under $CREDENTIALS_DIRECTORY) or an AWS
+    Secrets Manager ARN (`arn:aws:secretsmanager:...`; a JSON secret may hold the value
+    under "uri" or "connection_string"). Anything else is taken literally.
+    """
+    if value.startswith("env:"):
+        name = value[4:]
+        if name not in env:
+            raise ConfigError(f"{key}: environment variable {name} is not set")
+        return env[name]
+    if value.startswith(("file:", "credential:")):
+        if value.startswith("file:"):
+            path = Path(value[5:])
+        else:
+            directory = env.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ConfigError(f"{key}: {value} needs systemd's LoadCredential= ($CREDENTIALS_DIRECTORY is not set)")
+            path = Path(directory) / value[len("credential:"):]
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(f"{key}: secret file {path} does not exist") from None
+        except PermissionError:
+            raise ConfigError(f"{key}: secret file {path} is not readable by this user") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{key}: cannot read secret file {path} ({exc.__class__.__name__})") from None
+    if value.startswith("arn:aws:secretsmanager:"):
+        return _secrets_manager(key, value, cfg)
+    return value
+
+
+def _secrets_manager(key: str, arn: str, cfg: Config) -> str:
+    import json
+
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    region = cfg.aws.region or arn.split(":")[3]
+    kwargs: dict[str, Any] = {"region_name": region}
+    if cfg.aws.endpoint_url:
+        kwargs["endpoint_url"] = cfg.aws.endpoint_url
+    try:
+        secret = boto3.client("secretsmanager", **kwargs).get_secret_value(SecretId=arn)["SecretString"]
+    except (ClientError, BotoCoreError, KeyError) as exc:
+        code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else exc.__class__.__name__
+        raise ConfigError(f"{key}: cannot read secret {arn} from Secrets Manager ({code})") from None
+    try:
+        parsed = json.loads(secret)
+    except ValueError:
+        return str(secret).strip()
+    if isinstance(parsed, dict):
+        for field_name in ("uri", "connection_string", "connectionString"):
+            if field_name in parsed:
+                return str(parsed[field_name])
+        raise ConfigError(f"{key}: secret {arn} is JSON without a \"uri\" or \"connection_string\" field")
+    return str(parsed)
+
+
+def resolve_secrets(cfg: Config, env: Mapping[str, str]) -> None:
+    for section, name in SECRET_KEYS:
+        obj = getattr(cfg, section)
+        setattr(obj, name, resolve_secret(f"{section}.{name}", getattr(obj, name), env, cfg))
 
 
 def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
@@ -230,7 +301,7 @@ def validate(cfg: Config) -> None:
         if not store.netloc:
             raise ConfigError(f"store.url: s3 URL needs a bucket, e.g. s3://my-bucket/prefix (got {cfg.store.url!r})")
     elif store.scheme == "file":
-        if not store.path.startswith("/"):
+        if store.netloc not in ("", "localhost") or not store.path.startswith("/"):
             raise ConfigError(f"store.url: file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches (got {cfg.store.url!r})")
     else:
         raise ConfigError(f"store.url: must be s3://bucket/prefix or file:///path (got {cfg.store.url!r})")
@@ -241,7 +312,7 @@ def validate(cfg: Config) -> None:
         if not ledger.netloc:
             raise ConfigError(f"ledger.url: dynamodb URL needs a table, e.g. dynamodb://cosmigrate-ledger (got {cfg.ledger.url!r})")
     elif ledger.scheme == "sqlite":
-        if not ledger.path.startswith("/"):
+        if ledger.netloc not in ("", "localhost") or not ledger.path.startswith("/"):
             raise ConfigError(f"ledger.url: sqlite URL needs an absolute path, e.g. sqlite:///var/lib/cosmigrate/ledger.db (got {cfg.ledger.url!r})")
     else:
         raise ConfigError(f"ledger.url: must be dynamodb://table or sqlite:///path (got {cfg.ledger.url!r})")

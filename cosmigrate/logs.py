@@ -1,19 +1,31 @@
-"""Structured logging: JSON lines for journald, console output on a terminal.
+"""Structured logging: JSON lines on stdout, console on a terminal, native journal fields under systemd.
 
 Every string that reaches a log record passes through `redact`, so a
 connection string with a password can never be logged by accident.
+
+Under systemd, stdout is connected to the journal and `$JOURNAL_STREAM`
+names that stream (`<dev>:<inode>`). Then records go to the journal's native
+socket instead, one field per key (`COSMIGRATE_NAMESPACE`, `COSMIGRATE_SEQ`,
+...), so `journalctl -u cosmigrate COSMIGRATE_NAMESPACE=sales.orders` filters
+one namespace.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import struct
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
 
 from cosmigrate.redact import redact
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2}
 
 
 def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -23,10 +35,71 @@ def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+def journal_fields(event: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Map a structlog event to journal fields: MESSAGE, PRIORITY, and COSMIGRATE_<KEY>."""
+    fields = [
+        ("MESSAGE", str(event.get("event", ""))),
+        ("PRIORITY", str(_PRIORITY.get(str(event.get("level", "info")), 6))),
+        ("SYSLOG_IDENTIFIER", "cosmigrate"),
+    ]
+    for key, value in event.items():
+        if key in ("event", "level", "timestamp"):
+            continue
+        name = "COSMIGRATE_" + "".join(c if c.isalnum() else "_" for c in key.upper())
+        fields.append((name, str(value)))
+    return fields
+
+
+def encode_journal(fields: list[tuple[str, str]]) -> bytes:
+    """The journal's native datagram format (binary-safe form for values with newlines)."""
+    out = bytearray()
+    for name, value in fields:
+        data = value.encode()
+        if b"\n" in data:
+            out += name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalSender:
+    """A structlog renderer that sends each record to the journal socket and prints nothing."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def __call__(self, _: Any, __: str, event: MutableMapping[str, Any]) -> str:
+        try:
+            self.sock.sendto(encode_journal(journal_fields(event)), self.path)
+        except OSError:
+            # The journal is gone or the record is too large: fall back to stdout, which systemd also collects.
+            return structlog.processors.JSONRenderer()(_, __, event)  # type: ignore[return-value]
+        raise structlog.DropEvent
+
+
+def stdout_is_journal(env: Mapping[str, str]) -> bool:
+    stream = env.get("JOURNAL_STREAM", "")
+    if ":" not in stream:
+        return False
+    try:
+        st = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError):
+        return False
+    dev, _, ino = stream.partition(":")
+    return dev == str(st.st_dev) and ino == str(st.st_ino)
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", env: Mapping[str, str] | None = None) -> None:
     """Set up structlog once per process (called by the CLI, never at import)."""
-    use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer(colors=True) if use_console else structlog.processors.JSONRenderer()
+    env = os.environ if env is None else env
+    renderer: Any
+    if stdout_is_journal(env):
+        renderer = JournalSender(env.get("COSMIGRATE_JOURNAL_SOCKET", JOURNAL_SOCKET))
+    elif fmt == "console" or (fmt == "auto" and sys.stdout.isatty()):
+        renderer = structlog.dev.ConsoleRenderer(colors=True)
+    else:
+        renderer = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
