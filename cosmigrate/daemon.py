@@ -9,7 +9,6 @@ rest is re-read on the next start) within `daemon.drain_timeout_s`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -27,7 +26,7 @@ from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import list_namespaces, source_client, target_client
+from cosmigrate.mongo import list_namespaces, matches_patterns, source_client, target_client
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
@@ -39,8 +38,10 @@ class StartupError(Exception):
 
 
 class Daemon:
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, config_path: str | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
+        self._reload = asyncio.Event()
         env = os.environ if env is None else env
         self.crash = CrashPoints.from_env(env)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -120,6 +121,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
             await self._connect()
             self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url)
@@ -137,7 +139,7 @@ class Daemon:
             await self._drain()
             self.log.info("cosmigrate stopped")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._close()
 
@@ -151,8 +153,42 @@ class Daemon:
                         await self._start_capture(ns)
             except (PyMongoError, LedgerError) as exc:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.cfg.capture.discovery_interval_s)
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload.wait())
+            await asyncio.wait({stop, reload}, timeout=self.cfg.capture.discovery_interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reload.cancel()
+            if self._reload.is_set():
+                self._reload.clear()
+                await self._apply_reload()
+
+    async def _apply_reload(self) -> None:
+        """SIGHUP: take the new include/exclude patterns and log level; everything else needs a restart."""
+        from cosmigrate.config import ConfigError, load_config
+        from cosmigrate.logs import configure_logging
+
+        if self.config_path is None:
+            self.log.warning("SIGHUP ignored: the daemon was not started from a config file")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            self.log.error("reload refused; keeping the running configuration", error=str(exc))
+            return
+        self.cfg.capture.include, self.cfg.capture.exclude = new.capture.include, new.capture.exclude
+        self.cfg.log.level = new.log.level
+        configure_logging(new.log.level, self.cfg.log.format)
+        dropped = [ns for ns in self.captures if not matches_patterns(ns, new.capture.include, new.capture.exclude)]
+        for ns in dropped:
+            self.captures[ns].stop()
+            self.appliers[ns].stop()
+        names = [name for ns in dropped for name in (ns, f"apply:{ns}")]
+        await asyncio.gather(*(self._tasks.pop(name) for name in names if name in self._tasks), return_exceptions=True)
+        for ns in dropped:
+            del self.captures[ns], self.appliers[ns]
+        self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
+                      level=new.log.level, stopped=dropped)
 
     async def _report(self) -> None:
         """Refresh systemd's STATUS= line (what `systemctl status cosmigrate` shows)."""

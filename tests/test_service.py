@@ -137,3 +137,37 @@ def test_without_journal_stream_logs_are_json_lines(monkeypatch) -> None:
 
     record = json.loads(buf.getvalue())
     assert record["event"] == "hello" and record["namespace"] == "a.b" and "pw@" not in buf.getvalue()
+
+
+async def test_sighup_reloads_patterns_and_refuses_a_broken_file(tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    from cosmigrate.daemon import Daemon
+
+    for ns in ("app.a", "app.b", "shop.c"):
+        db, _, coll = ns.partition(".")
+        await source[db][coll].insert_one({"_id": 1})
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    cfg.capture.include = ["app.*"]
+    config = write_config(cfg, tmp_path / "cosmigrate.toml")
+    await prepare_backends(cfg)
+    daemon = Daemon(cfg, env={}, config_path=str(config))
+    task = asyncio.create_task(daemon.serve())
+    try:
+        await wait_for(lambda: _is(set(daemon.captures), {"app.a", "app.b"}), 30, what="initial namespaces")
+        config.write_text(config.read_text().replace('include = ["app.*"]', 'include = ["app.*", "shop.*"]')
+                          .replace("exclude = []", 'exclude = ["app.b"]').replace('level = "info"', 'level = "debug"'))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await wait_for(lambda: _is(set(daemon.captures), {"app.a", "shop.c"}), 30, what="reloaded namespaces")
+        assert daemon.cfg.log.level == "debug"
+        config.write_text("this is not toml [[[")
+        os.kill(os.getpid(), signal.SIGHUP)  # refused: the daemon keeps running with what it has
+        await source.shop.c.insert_one({"_id": 2})
+        await wait_for(lambda: _is(daemon.captures["shop.c"].status.committed_events >= 2, True), 30, what="still capturing")
+        assert set(daemon.captures) == {"app.a", "shop.c"}
+    finally:
+        daemon.request_stop()
+        await asyncio.wait_for(task, 60)
+        structlog.reset_defaults()
+
+
+async def _is(a, b) -> bool:
+    return a == b
