@@ -135,7 +135,7 @@ async def test_second_daemon_with_the_same_control_socket_is_refused(tmp_path: P
 
 
 async def _exists(path: Path) -> bool:
-    return os.path.exists(path)
+    return await asyncio.to_thread(os.path.exists, path)
 
 
 async def test_two_processes_never_both_commit_for_one_namespace(tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
