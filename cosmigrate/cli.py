@@ -82,6 +82,21 @@ def run(config: ConfigOpt) -> None:
         raise fail(str(exc), code=1) from None
 
 
+@app.command()
+def preflight(config: ConfigOpt) -> None:
+    """Check the set-up before migrating: source, target, store, ledger, control socket. Exit 1 on any FAIL."""
+    from cosmigrate.preflight import Preflight
+
+    cfg = _load(config)
+    checks = _run_async(Preflight(cfg).run())
+    for check in checks:
+        typer.echo(check.line())
+    failed = [c for c in checks if not c.ok]
+    typer.echo(f"{len(checks) - len(failed)} ok, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(1)
+
+
 @ledger_app.command("init")
 def ledger_init(config: ConfigOpt) -> None:
     """Create the ledger (DynamoDB table with on-demand capacity, PITR and TTL, or the SQLite file). Idempotent."""

@@ -150,6 +150,8 @@ class CosmosSource(MongoServer):
         raise CommandError(2, PIPELINE_ERROR)
 
     def open_change_stream(self, db: str, body: dict[str, Any], pipeline: list[Any]) -> dict[str, Any]:
+        if self.faults.refuse_change_streams:
+            raise CommandError(2, PIPELINE_ERROR)
         target = body["aggregate"]
         options = dict(pipeline[0]["$changeStream"])
         if not isinstance(target, str) or options.get("allChangesForCluster"):

@@ -38,6 +38,8 @@ class Faults:
     """Leave out postBatchResumeToken, reproducing PyMongo's missing operationTime failure."""
     deletes_preview: bool = False
     """Accept "delete" in the change-stream $match and emit delete events."""
+    refuse_change_streams: bool = False
+    """Refuse every change stream, as an account without change-feed support would."""
 
     # --- target (DocumentDB) ---
     failover_until: float = 0.0

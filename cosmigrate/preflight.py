@@ -1,0 +1,196 @@
+"""`cosmigrate preflight`: catch a bad set-up before the migration starts.
+
+Each check prints one line, `ok` or `FAIL`, and for a failure what to do.
+Nothing is changed except a scratch collection on the target and a probe
+object in the batch store, both removed again.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+from cosmigrate.config import Config
+from cosmigrate.ledger import LedgerError, open_ledger
+from cosmigrate.mongo import list_namespaces, open_change_stream, raw_collection, source_client, target_client
+from cosmigrate.redact import redact
+from cosmigrate.stores import StoreError, open_store, store_prefix
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+        return text + (f" -> {self.fix}" if self.fix and not self.ok else "")
+
+
+def unsupported_index(spec: dict[str, Any], target_major: int) -> str | None:
+    """Why DocumentDB (of that major version) cannot build this source index, or None."""
+    for field, kind in dict(spec.get("key", {})).items():
+        if "$**" in field:
+            return "wildcard index"
+        if kind in ("2d", "hashed", "geoHaystack"):
+            return f"{kind} index"
+        if kind == "text" and target_major < 5:
+            return "text index (needs DocumentDB 5.0)"
+    if "partialFilterExpression" in spec and target_major < 5:
+        return "partial index (needs DocumentDB 5.0)"
+    if "collation" in spec and target_major < 8:
+        return "collation (needs DocumentDB 8.0)"
+    return None
+
+
+class Preflight:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.checks: list[Check] = []
+        self.namespaces: list[str] = []
+        self.source: Any = None
+        self.target: Any = None
+
+    async def _step(self, name: str, fn: Callable[[], Awaitable[Check]], fix: str) -> bool:
+        try:
+            check = await fn()
+        except (PyMongoError, StoreError, LedgerError, OSError) as exc:
+            check = Check(name, False, redact(str(exc)).splitlines()[0][:300], fix)
+        if not check.fix:
+            check.fix = fix
+        self.checks.append(check)
+        return check.ok
+
+    async def run(self) -> list[Check]:
+        self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=10_000)
+        self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=10_000)
+        try:
+            if await self._step("source reachable", self._source_reachable,
+                                "check source.uri (host, port 10255, user and password) and the network path to Azure"):
+                await self._step("source namespaces", self._source_namespaces,
+                                 "check capture.include / capture.exclude, or the account is empty")
+                if self.namespaces:
+                    await self._step("source change stream", self._change_stream,
+                                     "the account must support change streams (Cosmos DB for MongoDB, server 4.0+, "
+                                     "RU-based); check the server version and that the user may read the collection")
+            if await self._step("target reachable", self._target_reachable,
+                                "check target.uri, the security group (port 27017 from this instance) and "
+                                "target.tls_ca_file (global-bundle.pem)"):
+                await self._step("target write permission", self._target_write,
+                                 "the target user needs readWrite on the migrated databases")
+                await self._step("target index compatibility", self._indexes,
+                                 "drop or change those indexes on the target side before the bulk copy "
+                                 "(mongorestore --noIndexRestore and create supported ones)")
+            await self._step("target retryWrites=false", self._retry_writes,
+                             "add retryWrites=false to target.uri: DocumentDB refuses retryable writes "
+                             "(cosmigrate turns them off itself, but mongorestore and your applications need it)")
+            await self._step("batch store", self._store,
+                             "create the bucket (deploy/cloudformation/core-resources.yaml) or directory and "
+                             "grant write access")
+            await self._step("ledger", self._ledger, "run `cosmigrate ledger init --config ...`")
+            await self._step("control socket", self._socket,
+                             "create the directory (systemd's RuntimeDirectory=cosmigrate does) or set control.socket")
+        finally:
+            await self.source.close()
+            await self.target.close()
+        return self.checks
+
+    async def _source_reachable(self) -> Check:
+        await self.source.admin.command("ping")
+        info = await self.source.admin.command("buildInfo")
+        await self.source.list_database_names()  # proves authentication
+        return Check("source reachable", True, f"server version {info.get('version', '?')}, authenticated")
+
+    async def _source_namespaces(self) -> Check:
+        self.namespaces = await list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude)
+        if not self.namespaces:
+            return Check("source namespaces", False, "no collection matches capture.include / capture.exclude")
+        sizes = []
+        for ns in self.namespaces[:20]:
+            db, _, coll = ns.partition(".")
+            sizes.append(f"{ns} ({await self.source[db][coll].estimated_document_count()} docs)")
+        more = f" and {len(self.namespaces) - 20} more" if len(self.namespaces) > 20 else ""
+        return Check("source namespaces", True, f"{len(self.namespaces)} to migrate: {', '.join(sizes)}{more}")
+
+    async def _change_stream(self) -> Check:
+        ns = self.namespaces[0]
+        async with await open_change_stream(raw_collection(self.source, ns), None,
+                                            deletes_preview=self.cfg.capture.deletes_preview, max_await_ms=100):
+            pass
+        return Check("source change stream", True, f"the Cosmos change-stream pipeline is accepted on {ns}")
+
+    async def _target_reachable(self) -> Check:
+        uri = self.cfg.target.uri.lower()
+        if ("tls=true" in uri or "ssl=true" in uri) and self.cfg.target.tls_ca_file and not Path(self.cfg.target.tls_ca_file).is_file():
+            return Check("target reachable", False, f"target.tls_ca_file {self.cfg.target.tls_ca_file} does not exist")
+        await self.target.admin.command("ping")
+        info = await self.target.admin.command("buildInfo")
+        tls = "over TLS" if "tls=true" in uri or "ssl=true" in uri else "without TLS"
+        return Check("target reachable", True, f"server version {info.get('version', '?')}, {tls}")
+
+    async def _target_write(self) -> Check:
+        name = f"check_{uuid.uuid4().hex[:8]}"
+        db = self.target["cosmigrate_preflight"]
+        try:
+            await db[name].insert_one({"_id": 1})
+        finally:
+            await db.drop_collection(name)
+        return Check("target write permission", True, "wrote and removed a scratch collection")
+
+    async def _indexes(self) -> Check:
+        info = await self.target.admin.command("buildInfo")
+        major = int(str(info.get("version", "5")).split(".")[0])
+        problems = []
+        for ns in self.namespaces:
+            db, _, coll = ns.partition(".")
+            async for spec in await self.source[db][coll].list_indexes():
+                why = unsupported_index(dict(spec), major)
+                if why:
+                    problems.append(f"{ns} {spec.get('name')} ({why})")
+        if problems:
+            return Check("target index compatibility", False,
+                         f"DocumentDB {major} cannot build {len(problems)} source indexes: {'; '.join(problems[:10])}")
+        return Check("target index compatibility", True, f"every source index can be built on DocumentDB {major}")
+
+    async def _retry_writes(self) -> Check:
+        ok = "retrywrites=false" in self.cfg.target.uri.lower()
+        return Check("target retryWrites=false", ok, "set in target.uri" if ok else "target.uri lacks retryWrites=false")
+
+    async def _store(self) -> Check:
+        store = open_store(self.cfg)
+        try:
+            await store.check()
+            prefix = store_prefix(self.cfg.store.url)
+            key = f"{prefix + '/' if prefix else ''}{self.cfg.cluster_name}/_preflight/{uuid.uuid4().hex}"
+            await store.put(key, b"preflight")
+            if await store.get(key) != b"preflight":
+                return Check("batch store", False, f"{self.cfg.store.url}: read back different bytes")
+            await store.delete(key)
+        finally:
+            await store.close()
+        return Check("batch store", True, f"{self.cfg.store.url}: write, read and delete work")
+
+    async def _ledger(self) -> Check:
+        ledger = open_ledger(self.cfg)
+        try:
+            await ledger.check()
+        finally:
+            await ledger.close()
+        return Check("ledger", True, f"{self.cfg.ledger.url} is reachable with the right key schema")
+
+    async def _socket(self) -> Check:
+        parent = Path(self.cfg.control.socket).parent
+        probe = parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            return Check("control socket", False, f"{parent} is not writable by this user")
+        return Check("control socket", True, f"{self.cfg.control.socket} can be created")
