@@ -7,6 +7,7 @@ object in the batch store, both removed again.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Awaitable, Callable
@@ -129,7 +130,8 @@ class Preflight:
 
     async def _target_reachable(self) -> Check:
         uri = self.cfg.target.uri.lower()
-        if ("tls=true" in uri or "ssl=true" in uri) and self.cfg.target.tls_ca_file and not Path(self.cfg.target.tls_ca_file).is_file():
+        ca = self.cfg.target.tls_ca_file
+        if ("tls=true" in uri or "ssl=true" in uri) and ca and not await asyncio.to_thread(os.path.isfile, ca):
             return Check("target reachable", False, f"target.tls_ca_file {self.cfg.target.tls_ca_file} does not exist")
         await self.target.admin.command("ping")
         info = await self.target.admin.command("buildInfo")
