@@ -153,6 +153,8 @@ class Daemon:
                         await self._start_capture(ns)
             except (PyMongoError, LedgerError) as exc:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
+            except Exception as exc:  # never let discovery die silently: log it and try again next round
+                self.log.exception("namespace discovery crashed; will retry", error=redact(repr(exc)))
             stop = asyncio.ensure_future(self._stop.wait())
             reload = asyncio.ensure_future(self._reload.wait())
             await asyncio.wait({stop, reload}, timeout=self.cfg.capture.discovery_interval_s,
