@@ -22,25 +22,17 @@ import time
 from decimal import Decimal
 from typing import Any
 
-import aioboto3
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
 
+from cosmigrate.aws import LazyClient, error_code
+from cosmigrate.aws import explain as _explain
 from cosmigrate.ledger.base import BatchRecord, Fenced, LedgerError, NamespaceMeta, SeqConflict, WriterControl
-from cosmigrate.stores.s3 import boto_config
 
 APPLIED_BATCH_TTL_S = 7 * 24 * 3600
 
 
-def _explain(exc: Exception) -> str:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
-    return str(exc)
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+_code = error_code
 
 
 class DynamoLedger:
@@ -48,22 +40,12 @@ class DynamoLedger:
         self.url = url
         self.table = table
         self.cluster = cluster
-        self._session = aioboto3.Session()
-        self._client_args: dict[str, Any] = {"config": boto_config()}
-        if region:
-            self._client_args["region_name"] = region
-        if endpoint_url:
-            self._client_args["endpoint_url"] = endpoint_url
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._client: Any = None
+        self._client = LazyClient("dynamodb", region=region, endpoint_url=endpoint_url)
         self._ser = TypeSerializer()
         self._de = TypeDeserializer()
 
     async def _db(self) -> Any:
-        if self._client is None:
-            self._stack = contextlib.AsyncExitStack()
-            self._client = await self._stack.enter_async_context(self._session.client("dynamodb", **self._client_args))
-        return self._client
+        return await self._client.get()
 
     def _item(self, values: dict[str, Any]) -> dict[str, Any]:
         return {k: self._ser.serialize(v) for k, v in values.items() if v is not None}
@@ -321,7 +303,4 @@ class DynamoLedger:
         return WriterControl(writer, changed_by, changed_at)
 
     async def close(self) -> None:
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
-            self._client = None
+        await self._client.close()

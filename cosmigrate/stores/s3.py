@@ -1,31 +1,19 @@
 """A batch store in S3 (aioboto3), the production choice.
 
-Every put carries a server-side encryption header. botocore's standard retry
-mode handles throttling and 5xx answers; what still fails surfaces as
-StoreError and the caller retries with backoff (a batch is never dropped).
+Every put carries a server-side encryption header. What still fails after
+botocore's retries surfaces as StoreError and the caller retries with backoff
+(a batch is never dropped).
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
-import aioboto3
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from cosmigrate.aws import LazyClient
+from cosmigrate.aws import explain as _explain
 from cosmigrate.stores.base import ObjectMissing, StoreError
-
-
-def boto_config() -> BotoConfig:
-    return BotoConfig(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60)
-
-
-def _explain(exc: Exception) -> str:
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
-    return str(exc)
 
 
 class S3Store:
@@ -34,25 +22,15 @@ class S3Store:
         self.url = url
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self._session = aioboto3.Session()
-        self._client_args: dict[str, Any] = {"config": boto_config()}
-        if region:
-            self._client_args["region_name"] = region
-        if endpoint_url:
-            self._client_args["endpoint_url"] = endpoint_url
+        self._client = LazyClient("s3", region=region, endpoint_url=endpoint_url)
         self._sse: dict[str, str] = {}
         if sse != "none":
             self._sse["ServerSideEncryption"] = sse
             if sse == "aws:kms" and kms_key_id:
                 self._sse["SSEKMSKeyId"] = kms_key_id
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._client: Any = None
 
     async def _s3(self) -> Any:
-        if self._client is None:
-            self._stack = contextlib.AsyncExitStack()
-            self._client = await self._stack.enter_async_context(self._session.client("s3", **self._client_args))
-        return self._client
+        return await self._client.get()
 
     async def put(self, key: str, data: bytes) -> None:
         s3 = await self._s3()
@@ -103,7 +81,4 @@ class S3Store:
             ) from exc
 
     async def close(self) -> None:
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
-            self._client = None
+        await self._client.close()
