@@ -37,7 +37,7 @@ from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import raw_collection
+from cosmigrate.mongo import event_parts, raw_collection
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError
 
@@ -129,21 +129,20 @@ class ApplyStatus:
 
 
 def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, Op]:
-    """Last event per document key wins; carried (deferred) writes are older than any batch."""
-    ops = dict(carried)
+    """Last event per document key wins; carried (deferred) writes are older than any batch.
+
+    Events are sliced, never decoded; driver objects are built only for the
+    documents that survive collapsing.
+    """
+    latest: dict[bytes, tuple[bytes | None, int]] = {}
     for batch in batches:
         seq = batch.header.seq
         for raw in batch.events:
-            event = RawBSONDocument(raw)
-            key_doc = event["documentKey"]
-            key = bytes(key_doc.raw)
-            op_type = event.get("operationType")
-            full = event.get("fullDocument")
-            if op_type == "delete" or full is None:
-                ops[key] = Op(key, key_doc, None, seq)
-            else:
-                ops.pop(key, None)  # keep insertion order = latest position
-                ops[key] = Op(key, key_doc, full, seq)
+            key, full = event_parts(raw)
+            latest[key] = (full, seq)
+    ops = {k: op for k, op in carried.items() if k not in latest}
+    for key, (full, seq) in latest.items():
+        ops[key] = Op(key, RawBSONDocument(key), RawBSONDocument(full) if full is not None else None, seq)
     return ops
 
 
@@ -194,6 +193,7 @@ class NamespaceApplier:
                 await self._wait(self.gate.wait_started())
                 continue
             self.status.state = "running"
+            self.wake.clear()  # before the round: a commit during the round must not be missed
             try:
                 worked = await self._round()
                 backoff.reset()
@@ -208,7 +208,6 @@ class NamespaceApplier:
                 await self._sleep(backoff.next_delay())
                 continue
             if not worked:
-                self.wake.clear()
                 await self._wait(self.wake.wait(), self.acfg.poll_interval_s)
         self.status.state = "stopped" if self.status.state != "failed" else "failed"
 

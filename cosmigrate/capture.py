@@ -240,8 +240,10 @@ class NamespaceCapture:
                     deletes_preview=self.cap.deletes_preview, max_await_ms=self.cap.max_await_ms,
                 ) as stream:
                     buf.page_token = None
+                    room = self.cap.max_unflushed_bytes
                     while not self._stopping.is_set() and not self._dead:
-                        await self._wait_for_room(buf)
+                        if self.status.unflushed_bytes + buf.nbytes > room:
+                            await self._wait_for_room(buf)
                         change = await stream.try_next()
                         now = time.time()
                         self.status.last_contact = now

@@ -9,6 +9,7 @@ choice a one-file change.
 from __future__ import annotations
 
 import fnmatch
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,3 +103,40 @@ def event_token(raw: bytes) -> bytes:
     doc = RawBSONDocument(raw)
     token = doc["_id"]
     return bytes(token.raw) if isinstance(token, RawBSONDocument) else bson.encode(token)
+
+
+_FULL_DOC = b"\x03fullDocument\x00"
+_NS = b"\x03ns\x00"
+_DOC_KEY = b"\x03documentKey\x00"
+
+
+_unpack_i32 = struct.Struct("<i").unpack_from
+
+
+def event_parts(raw: bytes) -> tuple[bytes, bytes | None]:
+    """(raw documentKey, raw fullDocument or None for a delete) of a raw change event, without decoding it.
+
+    Cosmos lays events out as `_id, fullDocument, ns, documentKey`; that layout
+    is sliced directly (a few integer reads, on the hot path of every event).
+    Anything else (the delete preview's `operationType`, another order) takes
+    the general path.
+    """
+    if raw[4] == 0x03 and raw.startswith(b"_id\x00", 5):
+        pos = 9 + _unpack_i32(raw, 9)[0]
+        if raw.startswith(_FULL_DOC, pos):
+            start = pos + 14  # len(_FULL_DOC)
+            end = start + _unpack_i32(raw, start)[0]
+            if raw.startswith(_NS, end):
+                pos = end + 4  # len(_NS)
+                pos += _unpack_i32(raw, pos)[0]
+                if raw.startswith(_DOC_KEY, pos):
+                    key_start = pos + 13  # len(_DOC_KEY)
+                    key_end = key_start + _unpack_i32(raw, key_start)[0]
+                    if key_end == len(raw) - 1:
+                        return raw[key_start:key_end], raw[start:end]
+    event = RawBSONDocument(raw)
+    key = bytes(event["documentKey"].raw)
+    full = event.get("fullDocument")
+    if event.get("operationType") == "delete" or full is None:
+        return key, None
+    return key, bytes(full.raw)
