@@ -22,11 +22,19 @@ check: $(STAMP)
 	$(BIN)/ruff check cosmigrate tests bench
 	$(BIN)/mypy cosmigrate
 
-bench: $(STAMP)
-	$(BIN)/python bench/sandbox_bench.py
+BENCH_STAMP := $(VENV)/.bench-stamp
 
-bench-quick: $(STAMP)
-	$(BIN)/python bench/sandbox_bench.py --quick
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python bench/sandbox_bench.py
+	$(BIN)/python bench/run.py
+	$(BIN)/python bench/capture_memory.py
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

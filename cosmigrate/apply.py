@@ -278,41 +278,54 @@ class NamespaceApplier:
             yield chunk
 
     async def _bulk(self, ops: list[Op]) -> dict[bytes, tuple[Op, dict[str, Any]]]:
-        """Write ops (unordered, retried on transient errors); return the write errors by key."""
+        """Write ops (unordered, retried on transient errors); return the write errors by key.
+
+        Every document key appears once in a run, so chunks are independent and up to
+        `apply.write_concurrency` of them are in flight at once: the target works while
+        this process prepares the next chunk.
+        """
         failed: dict[bytes, tuple[Op, dict[str, Any]]] = {}
-        for chunk in self._chunks(ops):
-            backoff = Backoff(base=0.2, cap=10.0)
-            pending = chunk
-            while pending:
-                try:
-                    async with self.gate.writing():
-                        await self.coll.bulk_write([op.request() for op in pending], ordered=False)
-                    self.status.target_writes += len(pending)
-                    pending = []
-                except BulkWriteError as exc:
-                    errors = exc.details.get("writeErrors", [])
-                    retry = []
-                    for err in errors:
-                        op = pending[err["index"]]
-                        if err.get("code") == DUPLICATE_KEY:
-                            failed[op.key] = (op, err)
-                        elif err.get("code") in TRANSIENT_CODES:
-                            retry.append(op)
-                        else:
-                            raise ApplyFailed(
-                                f"the target refused document _id={op.filter.get('_id')!r}: "
-                                f"{err.get('errmsg', '')} (code {err.get('code')})"
-                            ) from None
-                    self.status.target_writes += len(pending) - len(errors)
-                    pending = retry
-                    if retry:
-                        await asyncio.sleep(backoff.next_delay())
-                except PyMongoError as exc:
-                    if not _transient(exc):
-                        raise
-                    self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
-                    await asyncio.sleep(backoff.next_delay())
+        limit = asyncio.Semaphore(self.acfg.write_concurrency)
+
+        async def one(chunk: list[Op]) -> None:
+            async with limit:
+                await self._write_chunk(chunk, failed)
+
+        await asyncio.gather(*(one(chunk) for chunk in self._chunks(ops)))
         return failed
+
+    async def _write_chunk(self, chunk: list[Op], failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> None:
+        backoff = Backoff(base=0.2, cap=10.0)
+        pending = chunk
+        while pending:
+            try:
+                async with self.gate.writing():
+                    await self.coll.bulk_write([op.request() for op in pending], ordered=False)
+                self.status.target_writes += len(pending)
+                pending = []
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                retry = []
+                for err in errors:
+                    op = pending[err["index"]]
+                    if err.get("code") == DUPLICATE_KEY:
+                        failed[op.key] = (op, err)
+                    elif err.get("code") in TRANSIENT_CODES:
+                        retry.append(op)
+                    else:
+                        raise ApplyFailed(
+                            f"the target refused document _id={op.filter.get('_id')!r}: "
+                            f"{err.get('errmsg', '')} (code {err.get('code')})"
+                        ) from None
+                self.status.target_writes += len(pending) - len(errors)
+                pending = retry
+                if retry:
+                    await asyncio.sleep(backoff.next_delay())
+            except PyMongoError as exc:
+                if not _transient(exc):
+                    raise
+                self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
+                await asyncio.sleep(backoff.next_delay())
 
     async def _unique_indexes(self, refresh: bool = False) -> list[list[str]]:
         if self._unique is None or refresh:

@@ -1,0 +1,77 @@
+"""Suite 3, catch-up: a backlog captured with the writer stopped, then `ctl writer start`.
+
+Reported: drain time, events applied per second, target writes per event
+(collapsing), the share of distinct keys among the events (what writes per
+event should approach), the daemon's peak RSS, and the apply rate against the
+sandbox target's own ceiling measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+from bench.harness import Daemon, Sandbox, bench_config, ceiling, prepare, target_writes, totals
+from cosmigrate.sandbox.workload import Workload
+
+NAMESPACES = ["app.orders", "app.events", "shop.items"]
+
+
+async def run_catchup(changes: int) -> dict[str, Any]:
+    with Sandbox() as sb:
+        cfg = bench_config(sb, "file+sqlite")
+        await prepare(cfg)
+        source: AsyncMongoClient[Any] = AsyncMongoClient(sb.source_uri)
+        target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri)
+        try:
+            async with Daemon(cfg) as daemon:
+                workload = Workload(source, NAMESPACES, keys_per_ns=max(1000, changes // 15), seed=5)
+                t0 = time.perf_counter()
+                await workload.run_bulk(changes, per_write=1000)
+                write_s = time.perf_counter() - t0
+                # Wait until capture has everything: captured events stop growing.
+                last, stable = -1, 0
+                while stable < 6:
+                    now = totals(await daemon.status())["captured_events"]
+                    stable = stable + 1 if now == last else 0
+                    last = now
+                    await asyncio.sleep(0.5)
+                captured = last
+                distinct = sum([await source[ns.split(".")[0]][ns.split(".")[1]].estimated_document_count()
+                                for ns in NAMESPACES])
+                # The reference, in the same conditions just before the drain: median of three direct loops.
+                limit = sorted([await ceiling(sb.target_uri, 20_000) for _ in range(3)])[1]
+                writes0 = await target_writes(target)
+                t0 = time.perf_counter()
+                await daemon.writer("start")
+                while totals(await daemon.status())["pending_events"] > 0:
+                    await asyncio.sleep(0.1)
+                drain_s = time.perf_counter() - t0
+                writes = await target_writes(target) - writes0
+                rss = daemon.peak_rss_mb()
+        finally:
+            await source.close()
+            await target.close()
+    return {
+        "catchup.changes_written": changes,
+        "catchup.changes_written_per_s": round(changes / write_s),
+        "catchup.events_captured": captured,
+        "catchup.drain_s": round(drain_s, 2),
+        "catchup.events_applied_per_s": round(captured / drain_s),
+        "catchup.target_writes": writes,
+        "catchup.writes_per_event": round(writes / captured, 3),
+        "catchup.distinct_key_share": round(distinct / captured, 3),
+        "catchup.peak_rss_mb": round(rss, 1),
+        "catchup.target_ceiling_writes_per_s": round(limit),
+        "live.apply_ratio_vs_target_ceiling": round((writes / drain_s) / limit, 3),
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(asyncio.run(run_catchup(100_000 if "--quick" in sys.argv else 1_000_000)), indent=2))

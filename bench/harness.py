@@ -1,0 +1,166 @@
+"""Processes for the end-to-end suites: sandbox, moto server and `cosmigrate run`, each its own process.
+
+Nothing here is timed against a fixed number: the suites compare what they
+measure with references measured in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cosmigrate.config import Config, to_toml
+from cosmigrate.control import request
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sandbox:
+    def __enter__(self) -> Sandbox:
+        self.proc = subprocess.Popen([sys.executable, "-m", "cosmigrate", "sandbox"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        self.source_uri = self.proc.stdout.readline().strip()
+        self.target_uri = self.proc.stdout.readline().strip()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+class Moto:
+    def __enter__(self) -> Moto:
+        port = free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not start")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def bench_config(sandbox: Sandbox, backend: str, moto: Moto | None = None) -> Config:
+    tmp = Path(tempfile.mkdtemp(prefix="cosmigrate-bench-"))
+    cfg = Config(cluster_name="bench")
+    cfg.source.uri, cfg.target.uri = sandbox.source_uri, sandbox.target_uri
+    cfg.control.socket = str(tmp / "control.sock")
+    cfg.capture.start_at = "beginning"
+    cfg.capture.discovery_interval_s = 1.0
+    cfg.log.format = "json"
+    cfg.log.level = "warning"
+    if backend == "file+sqlite":
+        cfg.store.url = f"file://{tmp / 'batches'}"
+        cfg.ledger.url = f"sqlite://{tmp / 'ledger.db'}"
+    else:
+        assert moto is not None
+        cfg.store.url = f"s3://bench-{tmp.name.lower().replace('_', '-')[-20:]}/changes"
+        cfg.ledger.url = f"dynamodb://bench-{tmp.name[-12:]}"
+        cfg.aws.endpoint_url, cfg.aws.region = moto.url, "us-east-1"
+    return cfg
+
+
+async def prepare(cfg: Config) -> None:
+    os.environ.update(AWS_ENV)
+    if cfg.store.url.startswith("s3://"):
+        import aioboto3
+
+        async with aioboto3.Session().client("s3", endpoint_url=cfg.aws.endpoint_url, region_name="us-east-1") as s3:
+            await s3.create_bucket(Bucket=cfg.store.url[5:].split("/")[0])
+    from cosmigrate.ledger import open_ledger
+
+    ledger = open_ledger(cfg)
+    await ledger.init()
+    await ledger.close()
+
+
+class Daemon:
+    """`cosmigrate run` in its own process, driven over its control socket."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    async def __aenter__(self) -> Daemon:
+        path = Path(self.cfg.control.socket).parent / "cosmigrate.toml"
+        path.write_text(to_toml(self.cfg))
+        self.log = open(path.parent / "daemon.log", "wb")  # noqa: SIM115
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cosmigrate", "run", "--config", str(path), stdout=self.log, stderr=self.log,
+            env={**os.environ, **AWS_ENV})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                await request(self.cfg.control.socket, {"cmd": "ping"})
+                return self
+            except Exception:
+                await asyncio.sleep(0.2)
+        raise RuntimeError("daemon did not start; see " + str(path.parent / "daemon.log"))
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 60)
+        except TimeoutError:
+            self.proc.kill()
+        self.log.close()
+
+    async def status(self) -> dict[str, Any]:
+        return dict((await request(self.cfg.control.socket, {"cmd": "status"}))["status"])
+
+    async def writer(self, action: str) -> None:
+        await request(self.cfg.control.socket, {"cmd": "writer", "action": action})
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def totals(status: dict[str, Any]) -> dict[str, int]:
+    ns = status["namespaces"]
+    return {k: sum(n[k] for n in ns) for k in ("captured_events", "applied_events", "pending_events", "deferred")}
+
+
+async def target_writes(client: Any) -> int:
+    return int((await client.admin.command("cosmigrateSandbox"))["writes"])
+
+
+async def ceiling(target_uri: str, n: int = 30_000) -> float:
+    """The sandbox target's own ceiling: a direct bulk-upsert loop (1,000 per write), documents/s."""
+    from pymongo import AsyncMongoClient, ReplaceOne
+
+    client: AsyncMongoClient[Any] = AsyncMongoClient(target_uri)
+    docs = [{"_id": i, "v": i, "pad": "x" * 700} for i in range(n)]
+    t0 = time.perf_counter()
+    for s in range(0, n, 1000):
+        await client.ceiling.c.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs[s:s + 1000]],
+                                          ordered=False)
+    rate = n / (time.perf_counter() - t0)
+    await client.drop_database("ceiling")
+    await client.close()
+    return rate

@@ -1,0 +1,151 @@
+"""`make bench` / `make bench-quick`: every suite, then bench/results/latest.json, a markdown table, a plot.
+
+Numbers are ratios against references measured in the same run wherever a
+target is a ratio; absolute figures are reported with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from bench.catchup import run_catchup  # noqa: E402
+from bench.driver import run_driver  # noqa: E402
+from bench.live import run_live  # noqa: E402
+from bench.pipeline import run_suite as run_pipeline  # noqa: E402
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+TARGETS = [
+    ("pipeline.ratio_vs_bson_reference", ">=", 2.0, "events/s vs (a) decode + re-encode every event"),
+    ("pipeline.ratio_vs_seed_path", ">=", 5.0, "events/s vs (b) the old recipe's JSON path"),
+    ("pipeline.events_per_s", ">=", 50_000, "events/s through the whole pipeline"),
+    ("live.apply_ratio_vs_target_ceiling", ">=", 0.7, "apply writes/s vs the target's own bulk-upsert ceiling"),
+    ("live.lag_p99_s", "<", 5.0, "end-to-end lag p99 at the highest sustained rate"),
+    ("catchup.peak_rss_mb", "<", 400, "daemon peak RSS while draining the backlog"),
+]
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {os.cpu_count()} cores {cpu}, Python {platform.python_version()}, {platform.system()}"
+
+
+def verdict(value: Any, op: str, goal: float) -> str:
+    if value is None:
+        return "not measured"
+    ok = value >= goal if op == ">=" else value < goal
+    return "met" if ok else "**missed**"
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = ["| metric | value | target | verdict | what |", "| --- | --- | --- | --- | --- |"]
+    for key, op, goal, what in TARGETS:
+        lines.append(f"| `{key}` | {r.get(key)} | {op} {goal:g} | {verdict(r.get(key), op, goal)} | {what} |")
+    lines.append(f"| `catchup.writes_per_event` | {r['catchup.writes_per_event']} | close to `catchup.distinct_key_share` "
+                 f"({r['catchup.distinct_key_share']}) | see notes | target writes per captured event |")
+    lines += ["", "| more figures | value |", "| --- | --- |"]
+    for key in ("pipeline.cpu_us_per_event", "pipeline.peak_rss_mb", "pipeline.reference_bson_events_per_s",
+                "pipeline.reference_seed_events_per_s", "pipeline.seed_path_fidelity", "live.max_sustained_rate",
+                "catchup.events_captured", "catchup.drain_s", "catchup.events_applied_per_s",
+                "catchup.target_ceiling_writes_per_s", "driver.native_events_per_s", "driver.motor_events_per_s",
+                "driver.ratio_native_vs_motor"):
+        lines.append(f"| `{key}` | {r.get(key)} |")
+    lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for backend, runs in r["live.runs"].items():
+        for run in runs:
+            lines.append(f"| {backend} | {run['rate']} | {run['achieved']} | {run['lag_p50_s']} s | {run['lag_p99_s']} s | "
+                         f"{run['lag_max_s']} s | {run['gap_in_seconds_max']} s |")
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for backend, runs in r["live.runs"].items():
+        for run in runs:
+            xs = [t for t, _ in run["samples"]]
+            ys = [lag for _, lag in run["samples"]]
+            ax1.plot(xs, ys, marker=".", label=f"{backend}, {run['achieved']}/s")
+    ax1.set_xlabel("seconds into the run")
+    ax1.set_ylabel("end-to-end lag (s)")
+    ax1.set_title("Lag under sustained load")
+    ax1.legend(fontsize=8)
+    names = ["pipeline", "ref (a) BSON", "ref (b) old recipe", "catch-up apply", "native driver", "Motor"]
+    values = [r["pipeline.events_per_s"], r["pipeline.reference_bson_events_per_s"], r["pipeline.reference_seed_events_per_s"],
+              r["catchup.events_applied_per_s"], r["driver.native_events_per_s"], r["driver.motor_events_per_s"]]
+    ax2.barh(names, values, color=["#2a7", "#999", "#c55", "#2a7", "#27a", "#a72"])
+    ax2.set_xlabel("events per second")
+    ax2.set_title("Throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def update_readme(md: str, r: dict[str, Any]) -> None:
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    block = (f"{start}\nLatest run: {r['date']} on {r['machine']} ({'quick' if r['quick'] else 'full'} mode, "
+             f"{r['seconds']:.0f} s).\n\n{md}\n\n![lag and throughput](results/latest.png)\n{end}")
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    readme.write_text(head + block + tail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run every benchmark suite.")
+    parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
+    args = parser.parse_args()
+    from cosmigrate.logs import configure_logging
+
+    configure_logging("warning", "json")  # the in-process suites would otherwise print every batch
+    t0 = time.monotonic()
+    q = args.quick
+    r: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": q}
+    print("suite 1: pipeline cost", flush=True)
+    r.update(run_pipeline(q))
+    print("suite 2: sustained live load", flush=True)
+    r.update(asyncio.run(run_live(["file+sqlite"], [1000, 3000], 8) if q else
+                         run_live(["file+sqlite", "s3+dynamodb"], [1000, 3000, 6000], 20)))
+    print("suite 3: catch-up", flush=True)
+    r.update(asyncio.run(run_catchup(100_000 if q else 1_000_000)))
+    print("suite 4: driver check", flush=True)
+    r.update(asyncio.run(run_driver(20_000 if q else 100_000, 2 if q else 3)))
+    r["seconds"] = time.monotonic() - t0
+    RESULTS.mkdir(exist_ok=True)
+    plot(r, RESULTS / "latest.png")
+    md = table(r)
+    for runs in r["live.runs"].values():
+        for run in runs:
+            run["lag_samples"] = len(run.pop("samples"))
+    (RESULTS / "latest.json").write_text(json.dumps(r, indent=2) + "\n")
+    (RESULTS / "latest.md").write_text(md + "\n")
+    update_readme(md, r)
+    print(md)
+    print(f"done in {r['seconds']:.0f}s; bench/results/latest.json, latest.md, latest.png, bench/README.md")
+
+
+if __name__ == "__main__":
+    main()
