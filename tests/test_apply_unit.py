@@ -1,0 +1,96 @@
+"""Narrow unit tests: raw event slicing, collapsing, and the writer gate's stop guarantee."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import bson
+from bson import Int64
+from bson.raw_bson import RawBSONDocument
+
+from cosmigrate.apply import Op, WriterGate, collapse
+from cosmigrate.batchfile import Batch, BatchHeader
+from cosmigrate.mongo import event_parts
+from cosmigrate.sandbox.cosmos import make_token
+
+TOKEN = make_token("rid", 7)
+
+
+def event(key, doc=None, op: str | None = None, order: str = "cosmos") -> bytes:
+    fields: dict = {"_id": TOKEN}
+    if order == "cosmos":
+        if op:
+            fields["operationType"] = op
+        if doc is not None:
+            fields["fullDocument"] = doc
+        fields["ns"] = {"db": "d", "coll": "c"}
+        fields["documentKey"] = {"_id": key}
+    else:
+        fields["documentKey"] = {"_id": key}
+        fields["ns"] = {"db": "d", "coll": "c"}
+        fields["fullDocument"] = doc
+    return bson.encode(fields)
+
+
+def test_event_parts_slices_without_decoding_and_falls_back_when_needed() -> None:
+    doc = {"_id": "a", "n": Int64(1), "when": dt.datetime(2026, 1, 1)}
+    for raw in (event("a", doc), event("a", doc, order="other")):
+        key, full = event_parts(raw)
+        assert key == bson.encode({"_id": "a"})
+        assert full == bson.encode(doc)
+    key, full = event_parts(event(5, op="delete"))
+    assert key == bson.encode({"_id": 5}) and full is None
+
+
+def _batch(seq: int, events: list[bytes]) -> Batch:
+    now = dt.datetime.now(dt.UTC)
+    header = BatchHeader("c", "d.c", seq, len(events), now, now, RawBSONDocument(bson.encode(TOKEN)), sum(map(len, events)))
+    return Batch(header, events, "")
+
+
+def test_collapse_keeps_the_last_event_per_document() -> None:
+    carried_key = bson.encode({"_id": "kept"})
+    overridden = bson.encode({"_id": 1})
+    carried = {
+        carried_key: Op(carried_key, RawBSONDocument(carried_key), RawBSONDocument(bson.encode({"_id": "kept"})), 0),
+        overridden: Op(overridden, RawBSONDocument(overridden), RawBSONDocument(bson.encode({"_id": 1, "v": 0})), 0),
+    }
+    ops = collapse([_batch(1, [event(1, {"_id": 1, "v": 1}), event(2, {"_id": 2, "v": 1})]),
+                    _batch(2, [event(1, {"_id": 1, "v": 2}), event(2, op="delete")])], carried)
+    assert set(ops) == {carried_key, overridden, bson.encode({"_id": 2})}
+    assert bson.decode(ops[overridden].doc.raw) == {"_id": 1, "v": 2} and ops[overridden].origin_seq == 2
+    assert ops[bson.encode({"_id": 2})].doc is None  # the delete won
+    assert ops[carried_key].origin_seq == 0  # untouched carried write stays
+
+
+async def test_writer_gate_stop_waits_for_the_write_in_flight() -> None:
+    gate = WriterGate(started=True)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def write() -> None:
+        async with gate.writing():
+            order.append("write started")
+            await release.wait()
+            order.append("write finished")
+
+    writer = asyncio.create_task(write())
+    while not order:
+        await asyncio.sleep(0)
+    stopper = asyncio.create_task(gate.stop())
+    await asyncio.sleep(0)
+    assert not stopper.done()  # stop() is still waiting for the bulk write
+    release.set()
+    await stopper
+    order.append("stop returned")
+    assert order == ["write started", "write finished", "stop returned"]
+    blocked = asyncio.create_task(write())
+    for _ in range(20):  # give it every chance to run: it must stay parked at the gate
+        await asyncio.sleep(0)
+    assert order[-1] == "stop returned" and not blocked.done()  # nothing starts while stopped
+    gate.start()
+    release.set()
+    await asyncio.wait_for(blocked, 5)
+    await writer
+    assert order[-2:] == ["write started", "write finished"]
