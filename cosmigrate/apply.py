@@ -177,7 +177,6 @@ class NamespaceApplier:
         self._deferred: dict[bytes, Op] = {}
         self._unmarked: dict[int, int] = {}  # seq -> events, written but applied_seq held back
         self._unique: list[list[str]] | None = None
-        self._prefetch: tuple[int, asyncio.Future[tuple[list[BatchRecord], dict[bytes, Op]]]] | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -210,10 +209,6 @@ class NamespaceApplier:
                 continue
             if not worked:
                 await self._wait(self.wake.wait(), self.acfg.poll_interval_s)
-        if self._prefetch is not None:
-            self._prefetch[1].cancel()
-            await asyncio.gather(self._prefetch[1], return_exceptions=True)
-            self._prefetch = None
         self.status.state = "stopped" if self.status.state != "failed" else "failed"
 
     async def _wait(self, aw: Any, limit_s: float | None = None) -> None:
@@ -235,34 +230,13 @@ class NamespaceApplier:
         except CorruptBatch as exc:
             raise ApplyFailed(f"batch {record.seq} ({record.key}) is corrupt: {exc}") from exc
 
-    async def _prepare(self, start_seq: int) -> tuple[list[BatchRecord], dict[bytes, Op]]:
-        """Fetch, verify and collapse up to one round of consecutive batches from `start_seq`."""
-        records = await self.ledger.list_batches(self.ns, start_seq, self.acfg.max_batches_per_round)
-        records = [r for i, r in enumerate(records) if r.seq == start_seq + i]
-        batches = list(await asyncio.gather(*(self._fetch(r) for r in records)))
-        return records, collapse(batches, {})
-
     async def _round(self) -> bool:
-        start = self.status.written_seq + 1
-        prefetched, self._prefetch = self._prefetch, None
-        records: list[BatchRecord] = []
-        if prefetched is not None and prefetched[0] == start:
-            records, fresh = await prefetched[1]
-        elif prefetched is not None:
-            prefetched[1].cancel()  # stale: an earlier round failed and will be redone from `start`
-        if not records:  # nothing prefetched, or nothing was committed yet when it ran
-            records, fresh = await self._prepare(start)
+        records = await self.ledger.list_batches(self.ns, self.status.written_seq + 1, self.acfg.max_batches_per_round)
+        records = [r for i, r in enumerate(records) if r.seq == self.status.written_seq + 1 + i]
         if not records and not self._deferred:
             return False
-        # Deferred writes are older than any batch: newer events for the same document replace them.
-        ops = {k: op for k, op in self._deferred.items() if k not in fresh}
-        ops.update(fresh)
-        if records:
-            # Pipelining: the next round is fetched and collapsed while this round's writes are in flight.
-            nxt = records[-1].seq + 1
-            future = asyncio.ensure_future(self._prepare(nxt))
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # an abandoned one never warns
-            self._prefetch = (nxt, future)
+        batches = list(await asyncio.gather(*(self._fetch(r) for r in records)))
+        ops = collapse(batches, self._deferred)
         async with self.pool:
             deferred = await self._write_run(ops)
         self.crash.hit("after_write")

@@ -67,17 +67,18 @@ def test_collapse_keeps_the_last_event_per_document() -> None:
 async def test_writer_gate_stop_waits_for_the_write_in_flight() -> None:
     gate = WriterGate(started=True)
     release = asyncio.Event()
+    entered = asyncio.Event()
     order: list[str] = []
 
     async def write() -> None:
         async with gate.writing():
             order.append("write started")
+            entered.set()
             await release.wait()
             order.append("write finished")
 
     writer = asyncio.create_task(write())
-    while not order:
-        await asyncio.sleep(0)
+    await asyncio.wait_for(entered.wait(), 5)
     stopper = asyncio.create_task(gate.stop())
     await asyncio.sleep(0)
     assert not stopper.done()  # stop() is still waiting for the bulk write
