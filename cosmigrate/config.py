@@ -286,6 +286,18 @@ def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
                 _apply(obj, section, {f.name: env[var]}, from_env=True)
 
 
+def _check_url(key: str, url: str, schemes: dict[str, tuple[str, str]]) -> None:
+    """A URL of one of `schemes`: "remote" ones need a host part (bucket, table), "local" ones an absolute path."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        choices = " or ".join(f"{s}://..." for s in schemes)
+        raise ConfigError(f"{key}: must be {choices} (got {url!r})")
+    kind, hint = schemes[parts.scheme]
+    ok = bool(parts.netloc) if kind == "remote" else parts.netloc in ("", "localhost") and parts.path.startswith("/")
+    if not ok:
+        raise ConfigError(f"{key}: {hint} (got {url!r})")
+
+
 def validate(cfg: Config) -> None:
     """Check values (not just types); every message names its key."""
     if not cfg.cluster_name:
@@ -297,26 +309,16 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: required (a mongodb:// connection string)")
         if not uri.startswith(("mongodb://", "mongodb+srv://")):
             raise ConfigError(f"{key}: must start with mongodb:// or mongodb+srv:// (got {redact(uri)!r})")
-    store = urlsplit(cfg.store.url)
-    if store.scheme == "s3":
-        if not store.netloc:
-            raise ConfigError(f"store.url: s3 URL needs a bucket, e.g. s3://my-bucket/prefix (got {cfg.store.url!r})")
-    elif store.scheme == "file":
-        if store.netloc not in ("", "localhost") or not store.path.startswith("/"):
-            raise ConfigError(f"store.url: file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches (got {cfg.store.url!r})")
-    else:
-        raise ConfigError(f"store.url: must be s3://bucket/prefix or file:///path (got {cfg.store.url!r})")
+    _check_url("store.url", cfg.store.url, {
+        "s3": ("remote", "s3 URL needs a bucket, e.g. s3://my-bucket/prefix"),
+        "file": ("local", "file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches"),
+    })
     if cfg.store.sse not in ("AES256", "aws:kms", "none"):
         raise ConfigError(f"store.sse: must be AES256, aws:kms or none (got {cfg.store.sse!r})")
-    ledger = urlsplit(cfg.ledger.url)
-    if ledger.scheme == "dynamodb":
-        if not ledger.netloc:
-            raise ConfigError(f"ledger.url: dynamodb URL needs a table, e.g. dynamodb://cosmigrate-ledger (got {cfg.ledger.url!r})")
-    elif ledger.scheme == "sqlite":
-        if ledger.netloc not in ("", "localhost") or not ledger.path.startswith("/"):
-            raise ConfigError(f"ledger.url: sqlite URL needs an absolute path, e.g. sqlite:///var/lib/cosmigrate/ledger.db (got {cfg.ledger.url!r})")
-    else:
-        raise ConfigError(f"ledger.url: must be dynamodb://table or sqlite:///path (got {cfg.ledger.url!r})")
+    _check_url("ledger.url", cfg.ledger.url, {
+        "dynamodb": ("remote", "dynamodb URL needs a table, e.g. dynamodb://cosmigrate-ledger"),
+        "sqlite": ("local", "sqlite URL needs an absolute path, e.g. sqlite:///var/lib/cosmigrate/ledger.db"),
+    })
     if cfg.capture.start_at not in ("now", "beginning"):
         raise ConfigError(f"capture.start_at: must be \"now\" or \"beginning\" (got {cfg.capture.start_at!r})")
     for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_await_ms"):
