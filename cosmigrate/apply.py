@@ -31,8 +31,8 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import DeleteOne, ReplaceOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
 
+from cosmigrate.backoff import Backoff
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
-from cosmigrate.capture import Backoff
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, SeqConflict

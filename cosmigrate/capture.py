@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,43 +27,20 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from cosmigrate.backoff import Backoff, retry_after_s
 from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import event_token, open_change_stream, raw_collection
+from cosmigrate.mongo import beginning_token, event_token, open_change_stream, raw_collection
 from cosmigrate.redact import redact
-from cosmigrate.sandbox.cosmos import beginning_token
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
 
 THROTTLED = 16500
-_RETRY_AFTER = re.compile(r"RetryAfterMs=(\d+)")
 # Errors that mean "this position can never be resumed": stop the namespace, never restart from "now".
 FATAL_CODES = {280, 286, 26, 73}
 TOKEN_REJECTED = "Change feed token format is invalid"
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter (the AWS architecture blog's recipe)."""
-
-    def __init__(self, base: float = 0.1, cap: float = 30.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next_delay(self) -> float:
-        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-def retry_after_s(exc: OperationFailure) -> float:
-    """Cosmos says how long to wait (RetryAfterMs); add jitter so watchers do not stampede."""
-    m = _RETRY_AFTER.search(str(exc))
-    ms = int(m.group(1)) if m else 100
-    return ms / 1000 * random.uniform(1.0, 1.5)
 
 
 def is_fatal(exc: OperationFailure) -> bool:

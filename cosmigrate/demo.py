@@ -27,7 +27,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from cosmigrate.capture import retry_after_s
+from cosmigrate.backoff import retry_after_s
 from cosmigrate.config import Config, to_toml
 from cosmigrate.control import ControlError, request
 from cosmigrate.ledger import open_ledger

@@ -9,11 +9,13 @@ choice a one-file change.
 from __future__ import annotations
 
 import fnmatch
+import json
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import bson
+from bson.binary import Binary
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
@@ -35,6 +37,13 @@ def change_pipeline(deletes_preview: bool) -> list[dict[str, Any]]:
             {"$project": {**CAPTURE_FIELDS, "operationType": 1}},
         ]
     return [{"$match": {"operationType": {"$in": CAPTURE_OPS}}}, {"$project": dict(CAPTURE_FIELDS)}]
+
+
+def beginning_token() -> dict[str, Any]:
+    """The resume token meaning "from the beginning of the change feed": the old token form, LSN "0"
+    over the full partition range. Cosmos replays the latest version of every document from it."""
+    data = [{"token": '"0"', "range": {"min": "", "max": "FF"}}]
+    return {"_data": Binary(json.dumps(data, separators=(",", ":")).encode())}
 
 
 def source_client(uri: str, **overrides: Any) -> AsyncMongoClient[RawBSONDocument]:

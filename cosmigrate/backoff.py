@@ -1,0 +1,32 @@
+"""Waiting before a retry: capped exponential backoff, and Cosmos DB's own RetryAfterMs."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from pymongo.errors import OperationFailure
+
+_RETRY_AFTER = re.compile(r"RetryAfterMs=(\d+)")
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter (the AWS architecture blog's recipe)."""
+
+    def __init__(self, base: float = 0.1, cap: float = 30.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next_delay(self) -> float:
+        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def retry_after_s(exc: OperationFailure) -> float:
+    """Cosmos says how long to wait (RetryAfterMs); add jitter so watchers do not stampede."""
+    m = _RETRY_AFTER.search(str(exc))
+    ms = int(m.group(1)) if m else 100
+    return ms / 1000 * random.uniform(1.0, 1.5)
