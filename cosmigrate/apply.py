@@ -114,10 +114,8 @@ class ApplyStatus:
     applied_seq: int = -1
     written_seq: int = -1
     deferred: int = 0
-    deferred_ids: list[str] = field(default_factory=list)
     last_error: str = ""
     cycles_broken: int = 0
-    target_writes: int = 0
     events_applied: int = 0
     recent: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=600))
 
@@ -246,7 +244,6 @@ class NamespaceApplier:
             self.status.written_seq = records[-1].seq
         self._deferred = deferred
         self.status.deferred = len(deferred)
-        self.status.deferred_ids = [str(op.filter.get("_id")) for op in list(deferred.values())[:10]]
         hold = min((op.origin_seq for op in deferred.values()), default=self.status.written_seq + 1)
         new_applied = min(self.status.written_seq, hold - 1)
         if new_applied > self.status.applied_seq:
@@ -301,7 +298,6 @@ class NamespaceApplier:
             try:
                 async with self.gate.writing():
                     await self.coll.bulk_write([op.request() for op in pending], ordered=False)
-                self.status.target_writes += len(pending)
                 pending = []
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors", [])
@@ -317,7 +313,6 @@ class NamespaceApplier:
                             f"the target refused document _id={op.filter.get('_id')!r}: "
                             f"{err.get('errmsg', '')} (code {err.get('code')})"
                         ) from None
-                self.status.target_writes += len(pending) - len(errors)
                 pending = retry
                 if retry:
                     await asyncio.sleep(backoff.next_delay())

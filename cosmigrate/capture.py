@@ -69,7 +69,6 @@ class CaptureStatus:
     committed_events: int = 0
     unflushed_bytes: int = 0
     throttled: int = 0
-    reconnects: int = 0
 
 
 @dataclass
@@ -244,12 +243,10 @@ class NamespaceCapture:
                     await self._seal(buf, mid_page_ok=False, everything=True)
                     await self._fail(f"the source refused to resume the change stream: {exc.details.get('errmsg') if exc.details else exc}")
                     return
-                self.status.reconnects += 1
                 self.log.warning("change stream error; reopening", error=redact(str(exc)), code=exc.code)
                 await self._sleep(backoff.next_delay())
             except (ConnectionFailure, PyMongoError) as exc:
                 buf.mark_boundary()
-                self.status.reconnects += 1
                 self.log.warning("source connection lost; reopening", error=redact(str(exc)))
                 await self._sleep(backoff.next_delay())
         # Drain: commit the complete pages; the rest is re-read after a restart.
