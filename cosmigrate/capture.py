@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bson.raw_bson import RawBSONDocument
+from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
@@ -31,13 +32,17 @@ from cosmigrate.backoff import Backoff, retry_after_s
 from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.freshness import Freshness
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import beginning_token, event_token, open_change_stream, raw_collection
+from cosmigrate.mongo import beginning_token, change_stream_tokens, event_token, open_change_stream, raw_collection
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
 
 THROTTLED = 16500
+# With server-side retry on, Cosmos answers a throttled request with ExceededTimeLimit after a while: retry it too.
+EXCEEDED_TIME_LIMIT = 50
+TRANSIENT_SOURCE_CODES = {THROTTLED, EXCEEDED_TIME_LIMIT}
 # Errors that mean "this position can never be resumed": stop the namespace, never restart from "now".
 FATAL_CODES = {280, 286, 26, 73}
 TOKEN_REJECTED = "Change feed token format is invalid"
@@ -69,6 +74,9 @@ class CaptureStatus:
     committed_events: int = 0
     unflushed_bytes: int = 0
     throttled: int = 0
+    empty_pages: int = 0
+    """Empty pages that came back faster than max_await_ms (a throttled stream); each one backs off."""
+    started_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -134,10 +142,14 @@ class NamespaceCapture:
 
     def __init__(
         self, ns: str, meta: NamespaceMeta, source: AsyncMongoClient[Any], store: BatchStore, ledger: Ledger,
-        cfg: Config, crash: CrashPoints | None = None,
+        cfg: Config, crash: CrashPoints | None = None, *, start_at: str | None = None,
+        freshness: Freshness | None = None,
     ) -> None:
         self.ns = ns
         self.meta = meta
+        self.start_at = start_at or cfg.capture.start_at
+        """Where a namespace without a stored position starts; the daemon forces "beginning" for late ones."""
+        self.freshness = freshness or Freshness()
         self.epoch = meta.epoch
         self.source = source
         self.store = store
@@ -178,8 +190,8 @@ class NamespaceCapture:
         if self.meta.resume_token is not None:
             return self.meta.resume_token
         coll = raw_collection(self.source, self.ns)
-        if self.cap.start_at == "beginning":
-            token = token_bytes(beginning_token())
+        if self.start_at == "beginning":
+            token = await self._beginning()
         else:
             async with await open_change_stream(coll, None, deletes_preview=self.cap.deletes_preview,
                                                 max_await_ms=self.cap.max_await_ms) as stream:
@@ -191,8 +203,27 @@ class NamespaceCapture:
             stored = await self.ledger.get_namespace(self.ns)
             assert stored is not None and stored.resume_token is not None
             token = stored.resume_token
-        self.log.info("capture start position recorded", start_at=self.cap.start_at)
+        self.log.info("capture start position recorded", start_at=self.start_at)
         return token
+
+    async def _beginning(self) -> bytes:
+        """The position before every change of the collection.
+
+        The documented route is GetChangeStreamTokens at Timestamp(0, 0); one token per physical partition,
+        so a single token is a whole-collection position. The old LSN-"0" token is the fallback for accounts
+        without the custom command (or with several partitions, until per-partition capture exists).
+        """
+        try:
+            tokens = await change_stream_tokens(self.source, self.ns, Timestamp(0, 0))
+        except OperationFailure as exc:
+            if exc.code in TRANSIENT_SOURCE_CODES:
+                raise
+            tokens = []
+        except ValueError:
+            tokens = []
+        if len(tokens) == 1:
+            return tokens[0]
+        return token_bytes(beginning_token())
 
     async def _watcher(self) -> None:
         backoff = Backoff()
@@ -207,6 +238,9 @@ class NamespaceCapture:
         self.status.state = "running"
         coll = raw_collection(self.source, self.ns)
         age = self.cap.max_batch_age_s
+        self.freshness.mark(buf.base_token, self._next_seq - 1)
+        empty = Backoff(base=0.05, cap=max(0.05, self.cap.max_await_ms / 1000))
+        fast_s = self.cap.max_await_ms / 2000
         while not self._stopping.is_set() and not self._dead:
             try:
                 async with await open_change_stream(
@@ -218,14 +252,25 @@ class NamespaceCapture:
                     while not self._stopping.is_set() and not self._dead:
                         if self.status.unflushed_bytes + buf.nbytes > room:
                             await self._wait_for_room(buf)
+                        asked = time.monotonic()
                         change = await stream.try_next()
                         now = time.time()
                         self.status.last_contact = now
                         backoff.reset()
                         if change is None:
                             rt = stream.resume_token
-                            buf.mark_boundary(token_bytes(rt) if rt is not None else None)
+                            token = token_bytes(rt) if rt is not None else None
+                            buf.mark_boundary(token)
+                            if token is not None and not buf.events:
+                                # Nothing unsealed: every event up to here is in batches <= the last sealed seq.
+                                self.freshness.mark(token, self._next_seq - 1)
+                            if time.monotonic() - asked < fast_s:
+                                # An empty page that came back at once: a throttled stream. Asking again at
+                                # once spins and burns request units; back off (capped, reset by an event).
+                                self.status.empty_pages += 1
+                                await self._sleep(empty.next_delay())
                         else:
+                            empty.reset()
                             raw = bytes(change.raw)
                             buf.add(raw, event_token(raw), now)
                             self.status.events_read += 1
@@ -235,9 +280,9 @@ class NamespaceCapture:
                             await self._seal(buf, mid_page_ok=full)
             except OperationFailure as exc:
                 buf.mark_boundary()
-                if exc.code == THROTTLED:
+                if exc.code in TRANSIENT_SOURCE_CODES:
                     self.status.throttled += 1
-                    await self._sleep(retry_after_s(exc))
+                    await self._sleep(retry_after_s(exc) if exc.code == THROTTLED else backoff.next_delay())
                     continue
                 if is_fatal(exc):
                     await self._seal(buf, mid_page_ok=False, everything=True)
@@ -259,6 +304,7 @@ class NamespaceCapture:
                 return
             events, nbytes, token = taken
             sealed = SealedBatch(self._next_seq, events, nbytes, token, buf.first_at, buf.last_at)
+            self.freshness.mark(token, sealed.seq)
             self._next_seq += 1
             self.status.unflushed_bytes += nbytes
             await self._queue.put(sealed)
@@ -291,7 +337,7 @@ class NamespaceCapture:
             except (ConnectionFailure, StoreError) as exc:
                 self.log.warning("retrying", error=redact(str(exc)))
             except OperationFailure as exc:
-                if exc.code != THROTTLED:
+                if exc.code not in TRANSIENT_SOURCE_CODES:
                     raise
             except LedgerError as exc:
                 if isinstance(exc, Fenced):

@@ -77,9 +77,11 @@ def run(config: ConfigOpt) -> None:
     cfg = _load(config)
     configure_logging(cfg.log.level, cfg.log.format)
     try:
-        _run_async(Daemon(cfg, config_path=str(config)).serve())
+        code = _run_async(Daemon(cfg, config_path=str(config)).serve())
     except StartupError as exc:
         raise fail(str(exc), code=1) from None
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

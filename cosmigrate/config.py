@@ -83,6 +83,7 @@ class CaptureConfig:
     discovery_interval_s: float = 60.0
     deletes_preview: bool = False
     max_await_ms: int = 500
+    head_sample_interval_s: float = 2.0
 
 
 @dataclass
@@ -341,7 +342,7 @@ def validate(cfg: Config) -> None:
     for key in ("drain_timeout_s", "status_interval_s"):
         if getattr(cfg.daemon, key) <= 0:
             raise ConfigError(f"daemon.{key}: must be greater than 0")
-    for key in ("max_batch_age_s", "discovery_interval_s"):
+    for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):

@@ -24,6 +24,8 @@ from cosmigrate.capture import NamespaceCapture
 from cosmigrate.config import Config
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.freshness import Freshness
+from cosmigrate.heads import HeadSampler
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import list_namespaces, matches_patterns, source_client, target_client
@@ -37,6 +39,10 @@ class StartupError(Exception):
     """A dependency did not answer at start-up; the message says what to do."""
 
 
+EXIT_FENCED = 4
+"""`cosmigrate run` exit status when another daemon took over every namespace this one owned."""
+
+
 class Daemon:
     def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, config_path: str | None = None) -> None:
         self.cfg = cfg
@@ -48,6 +54,10 @@ class Daemon:
         self.log = get_logger(cluster=cfg.cluster_name)
         self.captures: dict[str, NamespaceCapture] = {}
         self.appliers: dict[str, NamespaceApplier] = {}
+        self.freshness: dict[str, Freshness] = {}
+        self.started_at = time.time()
+        self.sampler: HeadSampler | None = None
+        self.exit_code = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
         self.ledger: Ledger | None = None
@@ -100,7 +110,9 @@ class Daemon:
         if cmd == "ping":
             return {"ok": True}
         if cmd == "status":
-            return {"ok": True, "status": await build_status(self)}
+            asked = time.time()
+            await self.certify()
+            return {"ok": True, "status": await build_status(self, fresh_after=asked)}
         if cmd == "writer":
             action = request.get("action")
             if action not in ("start", "stop"):
@@ -117,7 +129,8 @@ class Daemon:
             return {"ok": True, "writer": state}
         return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, ping)"}
 
-    async def serve(self) -> None:
+    async def serve(self) -> int:
+        """Run until a stop is requested; the exit status for `cosmigrate run` (0, or EXIT_FENCED)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -125,8 +138,10 @@ class Daemon:
         try:
             await self._connect()
             self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url)
+            sampler = self.sampler = HeadSampler(self.source, self._sampled, self.cfg.capture.head_sample_interval_s)
             background = [asyncio.create_task(self._discovery(), name="discovery"),
-                          asyncio.create_task(self._report(), name="sd-status")]
+                          asyncio.create_task(self._report(), name="sd-status"),
+                          asyncio.create_task(sampler.run(), name="head-sampler")]
             if self.notify.watchdog_interval_s:
                 background.append(asyncio.create_task(self._watchdog(self.notify.watchdog_interval_s), name="watchdog"))
             self.notify.ready(f"writer {'started' if self.gate.started else 'stopped'}, starting capture")
@@ -137,20 +152,74 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._drain()
-            self.log.info("cosmigrate stopped")
+            self.log.info("cosmigrate stopped", exit_code=self.exit_code)
+            return self.exit_code
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._close()
 
+    async def certify(self) -> None:
+        """Sample every head now and give capture and apply a moment to reach it.
+
+        `ctl status` calls this, so "lag 0" means caught up to the source as it was
+        when the operator asked, not as it was at the last periodic sample (the
+        applications may have written in between). Bounded: at most one getMore
+        wait plus a second; a namespace that has not reached the new head by then
+        simply shows its lag.
+        """
+        if self.sampler is None:
+            return
+        targets = self._sampled()
+        if not targets:
+            return
+        async with asyncio.TaskGroup() as group:
+            for ns, fresh in targets.items():
+                group.create_task(self.sampler.sample(ns, fresh))
+        deadline = time.monotonic() + self.cfg.capture.max_await_ms / 1000 + 1.0
+        while time.monotonic() < deadline:
+            behind = False
+            for ns, fresh in targets.items():
+                cap, app = self.captures.get(ns), self.appliers.get(ns)
+                if cap is None or app is None:
+                    continue
+                fresh.update(cap.status.committed_seq, app.status.applied_seq)
+                behind = behind or not fresh.latest_is_caught_up
+            if not behind:
+                return
+            await asyncio.sleep(0.05)
+
+    def _sampled(self) -> dict[str, Freshness]:
+        """The namespaces whose head the sampler reads: every one this daemon captures."""
+        return {ns: self.freshness[ns] for ns, cap in self.captures.items() if ns in self.freshness}
+
+    async def _first_round(self) -> bool:
+        """Whether this is the cluster's very first discovery round.
+
+        `capture.start_at = "now"` applies only to the namespaces found then. Any
+        namespace first seen later (a collection created after the first start, or
+        while the daemon was down) starts from the beginning of its feed: its first
+        writes were never copied anywhere else. The marker is recorded BEFORE the
+        first listing, so a crash in the first round errs on the side of "beginning".
+        """
+        assert self.ledger is not None
+        if await self.ledger.get_first_discovery():
+            return False
+        mine = time.time()
+        return await self.ledger.set_first_discovery(mine) == mine
+
     async def _discovery(self) -> None:
         assert self.ledger is not None and self.store is not None
+        first: bool | None = None
         while not self._stop.is_set():
             try:
+                if first is None:
+                    first = await self._first_round()
                 names = await list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude)
+                start_at, first = (None if first else "beginning"), False  # a retry of this round errs to "beginning"
                 for ns in names:
                     if ns not in self.captures and not self._stop.is_set():
-                        await self._start_capture(ns)
+                        await self._start_capture(ns, start_at)
             except (PyMongoError, LedgerError) as exc:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
             except Exception as exc:  # never let discovery die silently: log it and try again next round
@@ -189,6 +258,7 @@ class Daemon:
         await asyncio.gather(*(self._tasks.pop(name) for name in names if name in self._tasks), return_exceptions=True)
         for ns in dropped:
             del self.captures[ns], self.appliers[ns]
+            self.freshness.pop(ns, None)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
                       level=new.log.level, stopped=dropped)
 
@@ -207,10 +277,12 @@ class Daemon:
             self.notify.watchdog()
             await asyncio.sleep(interval)
 
-    async def _start_capture(self, ns: str) -> None:
+    async def _start_capture(self, ns: str, start_at: str | None) -> None:
         assert self.ledger is not None and self.store is not None
         meta = await self.ledger.claim(ns, self.owner)
-        cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash)
+        fresh = self.freshness[ns] = Freshness()
+        cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
+                               start_at=start_at, freshness=fresh)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash)
         cap.on_commit = app.wake.set
         self.captures[ns] = cap
@@ -218,7 +290,7 @@ class Daemon:
         self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")
         self._tasks[f"apply:{ns}"] = asyncio.create_task(self._supervise(app, app.run), name=f"apply:{ns}")
         self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq,
-                      applied_seq=meta.applied_seq)
+                      applied_seq=meta.applied_seq, start_at=cap.start_at if meta.resume_token is None else "stored")
 
     async def _supervise(self, part: NamespaceCapture | NamespaceApplier, run: Any) -> None:
         try:
@@ -229,6 +301,19 @@ class Daemon:
             part.status.state = "failed"
             part.status.last_error = redact(f"internal error: {exc!r}")
             self.log.exception("namespace task crashed", namespace=part.ns, task=type(part).__name__)
+        if isinstance(part, NamespaceCapture) and part.status.state == "fenced":
+            self._fenced(part.ns)
+
+    def _fenced(self, ns: str) -> None:
+        """A capture lost its namespace: its applier stops too (the new owner applies), and a daemon
+        that owns nothing any more exits non-zero instead of idling as if it were migrating."""
+        app = self.appliers.get(ns)
+        if app is not None:
+            app.fence()
+        if self.captures and all(c.status.state == "fenced" for c in self.captures.values()):
+            self.log.error("every namespace was taken over by another daemon; exiting", exit_code=EXIT_FENCED)
+            self.exit_code = EXIT_FENCED
+            self.request_stop()
 
     async def _drain(self) -> None:
         for app in self.appliers.values():

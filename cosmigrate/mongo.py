@@ -18,6 +18,7 @@ import bson
 from bson.binary import Binary
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
+from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
@@ -149,3 +150,22 @@ def event_parts(raw: bytes) -> tuple[bytes, bytes | None]:
     if event.get("operationType") == "delete" or full is None:
         return key, None
     return key, bytes(full.raw)
+
+
+async def change_stream_tokens(
+    client: AsyncMongoClient[Any], ns: str, start_at: Timestamp | None = None,
+) -> list[bytes]:
+    """Cosmos DB's `GetChangeStreamTokens`: one resume token per physical partition, as raw BSON.
+
+    Without `start_at` the tokens are the partitions' heads at the moment the
+    command runs; `Timestamp(0, 0)` gives each partition's beginning.
+    """
+    db, _, coll = ns.partition(".")
+    cmd: dict[str, Any] = {"customAction": "GetChangeStreamTokens", "collection": coll}
+    if start_at is not None:
+        cmd["startAtOperationTime"] = start_at
+    reply = await client[db].command(cmd, codec_options=RAW)
+    tokens = reply.get("resumeAfterTokens")
+    if tokens is None:
+        raise ValueError("GetChangeStreamTokens answered without resumeAfterTokens")
+    return [bytes(t.raw) if isinstance(t, RawBSONDocument) else bson.encode(t) for t in tokens]

@@ -1,10 +1,14 @@
 """The status an operator watches before cutover (`ctl status`, systemd STATUS=).
 
-Cosmos events carry no source timestamp, so lag is measured as the operator
-feels it: per namespace, the age of the oldest captured batch not yet applied
-(0 when none is pending). `gap_in_seconds` is the largest namespace lag, as in
-the old recipe's status output. Ready for cutover = writer started, every
-namespace healthy, nothing deferred, and the gap under the threshold.
+Lag is measured against the source's head, never inferred from silence: the
+daemon samples each namespace's head position every few seconds (see
+`cosmigrate.freshness`). `lag_seconds` is 0 when the namespace has captured
+and applied up to its latest head sample, otherwise now - the latest sampled
+moment that is both captured and applied (`caught_up_at`). `gap_in_seconds`
+is the largest lag. Ready for cutover = writer started, every namespace
+healthy, nothing deferred, and every namespace caught up to a head sampled
+within the threshold. A namespace whose head cannot be sampled has unknown
+freshness and blocks readiness, with a reason that says what to grant.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
 
+from cosmigrate.mongo import matches_patterns
+
 if TYPE_CHECKING:
     from cosmigrate.daemon import Daemon
 
 NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
-    "pending_events", "lag_seconds", "last_capture_contact", "deferred", "throughput_eps", "last_error",
+    "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
+    "throughput_eps", "last_error",
 )
 CLUSTER_FIELDS = (
     "cluster_name", "current_time", "writer", "gap_in_seconds", "ready_for_cutover", "not_ready_reasons", "namespaces",
@@ -31,20 +38,49 @@ def _iso(ts: float) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def build_status(daemon: Daemon) -> dict[str, Any]:
-    """Assemble the status object from the ledger and the in-memory tasks."""
+async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict[str, Any]:
+    """Assemble the status object from the ledger, the head samples and the in-memory tasks.
+
+    `fresh_after`: a namespace shows lag 0 only when it reached a head sampled at or after this
+    moment (`ctl status` samples on demand and passes the request's time; the periodic STATUS=
+    line accepts the last couple of sampling rounds).
+    """
     assert daemon.ledger is not None
     now = time.time()
+    if fresh_after is None:
+        fresh_after = now - max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0)
     writer = "started" if daemon.gate.started else "stopped"
+    threshold = daemon.cfg.apply.cutover_threshold_seconds
+    include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
     namespaces: list[dict[str, Any]] = []
+    stale: list[str] = []
     for meta in await daemon.ledger.list_namespaces():
+        if not matches_patterns(meta.ns, include, exclude):
+            continue  # excluded (SIGHUP or config): not part of the migration any more
         cap = daemon.captures.get(meta.ns)
         app = daemon.appliers.get(meta.ns)
-        lag = 0.0
-        if meta.next_seq - 1 > meta.applied_seq:
-            oldest = await daemon.ledger.list_batches(meta.ns, meta.applied_seq + 1, 1)
-            if oldest:
-                lag = max(0.0, now - oldest[0].first_captured_at)
+        fresh = daemon.freshness.get(meta.ns)
+        committed_seq = meta.next_seq - 1
+        since = cap.status.started_at if cap else daemon.started_at
+        if fresh is not None:
+            fresh.update(committed_seq, meta.applied_seq)
+            lag = fresh.lag(now, since, fresh_after)
+            if fresh.unknown_reason:
+                freshness = f"unknown: {fresh.unknown_reason}"
+            elif not fresh.sampled:
+                freshness = "not sampled yet"
+            elif fresh.last_sample_error:
+                # The latest attempt failed: whatever was proven before says nothing about writes since.
+                freshness = f"source head unreachable: {fresh.last_sample_error[:160]}"
+            elif fresh.caught_up_at and now - fresh.caught_up_at < threshold:
+                freshness = "current"
+            else:
+                freshness = "behind"
+            caught_up_at = fresh.caught_up_at
+        else:
+            lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", 0.0
+        if freshness != "current":
+            stale.append(f"{meta.ns} ({freshness})")
         states = [s for s in (cap.status.state if cap else None, app.status.state if app else None) if s]
         if meta.state == "failed" or "failed" in states:
             state = "failed"
@@ -60,20 +96,22 @@ async def build_status(daemon: Daemon) -> dict[str, Any]:
         namespaces.append({
             "namespace": meta.ns,
             "state": state,
-            "captured_seq": meta.next_seq - 1,
+            "captured_seq": committed_seq,
             "captured_events": meta.captured_events,
             "applied_seq": meta.applied_seq,
             "applied_events": meta.applied_events,
-            "pending_batches": max(0, meta.next_seq - 1 - meta.applied_seq),
+            "pending_batches": max(0, committed_seq - meta.applied_seq),
             "pending_events": max(0, meta.captured_events - meta.applied_events),
             "lag_seconds": round(lag, 3),
+            "caught_up_at": _iso(caught_up_at),
+            "freshness": freshness,
             "last_capture_contact": _iso(cap.status.last_contact) if cap else None,
+            "empty_pages": cap.status.empty_pages if cap else 0,
             "deferred": app.status.deferred if app else 0,
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": errors[-1] if errors else "",
         })
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
-    threshold = daemon.cfg.apply.cutover_threshold_seconds
     reasons = []
     if writer != "started":
         reasons.append("writer is stopped (run `cosmigrate ctl writer start`)")
@@ -83,6 +121,8 @@ async def build_status(daemon: Daemon) -> dict[str, Any]:
     deferred = sum(n["deferred"] for n in namespaces)
     if deferred:
         reasons.append(f"{deferred} writes deferred by unique-index conflicts")
+    if stale:
+        reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
         reasons.append(f"gap {gap:.1f}s is not under {threshold:g}s")
     if not namespaces:

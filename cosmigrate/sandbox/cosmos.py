@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import bson
 from bson.binary import Binary
 from bson.int64 import Int64
 from bson.raw_bson import RawBSONDocument
+from bson.timestamp import Timestamp
 
 from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS
 from cosmigrate.sandbox.server import CommandError, DropConnection, MongoServer
@@ -119,6 +121,37 @@ class CosmosSource(MongoServer):
                 "request later.)'",
                 "TooManyRequests",
             )
+
+    def cmd_customaction(self, req: Any, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
+        """Cosmos's custom commands; only GetChangeStreamTokens is emulated (one token per physical partition)."""
+        action = body.get("customAction")
+        if action != "GetChangeStreamTokens":
+            raise CommandError(2, f"Unsupported customAction {action!r}")
+        if self.faults.no_head_tokens:
+            raise CommandError(59, "no such command: 'customAction'", "CommandNotFound")
+        if self.faults.refuse_head_tokens:
+            raise CommandError(13, "not authorized on the account to execute command GetChangeStreamTokens",
+                               "Unauthorized")
+        if self.faults.chance(self.faults.head_throttle_rate):
+            raise CommandError(16500, f"Error=16500, RetryAfterMs={self.faults.retry_after_ms}, Details='Request "
+                               "rate is large'", "TooManyRequests")
+        name = body.get("collection")
+        coll = self.store.get(db, name) if isinstance(name, str) else None
+        if coll is None or coll.feed is None:
+            raise CommandError(26, f"Collection {db}.{name} does not exist", "NamespaceNotFound")
+        lsn = coll.feed.lsn
+        start = body.get("startAtOperationTime")
+        if start is not None:
+            if not isinstance(start, Timestamp):
+                raise CommandError(2, "startAtOperationTime must be a Timestamp")
+            if start.time == 0 and start.inc == 0:
+                lsn = 0
+            elif start.time < int(time.time()):
+                raise CommandError(2, "the sandbox emulates startAtOperationTime only for Timestamp(0, 0) and now")
+        token = make_token(coll.feed.rid, lsn)
+        if start is not None:
+            token["_startAtOperationTime"] = start
+        return {"resumeAfterTokens": [token], "ok": 1.0}
 
     def remove_doc(self, coll: Collection, key: Any) -> None:
         coll.remove(key, emit_delete=self.faults.deletes_preview)

@@ -40,6 +40,12 @@ class Faults:
     """Accept "delete" in the change-stream $match and emit delete events."""
     refuse_change_streams: bool = False
     """Refuse every change stream, as an account without change-feed support would."""
+    refuse_head_tokens: bool = False
+    """Refuse GetChangeStreamTokens with Unauthorized (13), as a key without the permission would."""
+    no_head_tokens: bool = False
+    """Answer GetChangeStreamTokens with CommandNotFound, as an old account would."""
+    head_throttle_rate: float = 0.0
+    """Share of GetChangeStreamTokens calls answered with 16500 (on top of throttle_rate)."""
 
     # --- target (DocumentDB) ---
     failover_until: float = 0.0

@@ -1,0 +1,88 @@
+"""The head sampler: every few seconds, each namespace's source head position.
+
+One `GetChangeStreamTokens` call per namespace per interval (a few request
+units each; `capture.head_sample_interval_s` sets the pace). The local clock is
+read BEFORE the request is sent, so a sample never claims a moment later
+than the head it carries. A failed sample adds nothing: freshness then ages
+on its own, which is the point (an unreachable source must make lag grow).
+
+Refusals that will not go away by waiting (no permission, an account or
+server version without the custom command) make the namespace's freshness
+*unknown* with a reason that says what to grant; readiness stays blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pymongo.errors import OperationFailure
+
+from cosmigrate.freshness import Freshness
+from cosmigrate.logs import get_logger
+from cosmigrate.mongo import change_stream_tokens
+from cosmigrate.redact import redact
+
+UNAUTHORIZED = {13, 18}
+UNSUPPORTED = {59, 115, 9, 40324}
+GRANT = (
+    "grant the source account's key the right to run the custom command GetChangeStreamTokens "
+    "(a read-write or read-only account key; Entra ID roles need the customAction permission)"
+)
+UNSUPPORTED_TEXT = (
+    "the source does not support GetChangeStreamTokens (upgrade the account's server version to 4.2 or later "
+    "in the Azure portal)"
+)
+
+
+def classify(exc: BaseException) -> str | None:
+    """The 'unknown freshness' reason for a permanent refusal, or None for a transient failure."""
+    if isinstance(exc, OperationFailure):
+        msg = str(exc).lower()
+        if exc.code in UNAUTHORIZED or "not authorized" in msg or "unauthorized" in msg:
+            return f"cannot sample the source head: not authorized; {GRANT}"
+        if exc.code in UNSUPPORTED or "customaction" in msg or "no such command" in msg:
+            return f"cannot sample the source head: {UNSUPPORTED_TEXT}"
+    return None
+
+
+class HeadSampler:
+    """Samples the head of every namespace in `targets()` every `interval_s` seconds."""
+
+    def __init__(
+        self, source: Any, targets: Callable[[], Mapping[str, Freshness]], interval_s: float, concurrency: int = 16,
+    ) -> None:
+        self.source = source
+        self._limit = asyncio.Semaphore(concurrency)
+        self.targets = targets
+        self.interval_s = interval_s
+        self.log = get_logger()
+
+    async def sample(self, ns: str, fresh: Freshness) -> None:
+        async with self._limit:
+            await self._sample(ns, fresh)
+
+    async def _sample(self, ns: str, fresh: Freshness) -> None:
+        at = time.time()
+        try:
+            tokens = await asyncio.wait_for(change_stream_tokens(self.source, ns), timeout=max(5.0, self.interval_s * 5))
+        except Exception as exc:  # every failure only means "no sample this round"; never kill the sampler
+            reason = classify(exc)
+            fresh.last_sample_error = redact(str(exc))[:300] or type(exc).__name__
+            if reason is not None:
+                if fresh.unknown_reason != reason:
+                    self.log.warning("source head cannot be sampled; freshness unknown", namespace=ns, reason=reason)
+                fresh.unknown_reason = reason
+            return
+        fresh.add_sample(at, tokens)
+
+    async def run(self) -> None:
+        while True:
+            targets = dict(self.targets())
+            if targets:
+                async with asyncio.TaskGroup() as group:
+                    for ns, fresh in targets.items():
+                        group.create_task(self.sample(ns, fresh))
+            await asyncio.sleep(self.interval_s)

@@ -1,0 +1,109 @@
+"""Reading positions out of Cosmos DB resume tokens.
+
+Tokens stay opaque everywhere in the data path (they are stored and handed
+back as raw BSON). Only freshness needs to look inside: to know that capture
+has seen everything up to a sampled head, the LSN of each partition range in
+the committed token is compared with the LSN in the head token.
+
+Forms seen on real accounts (all handled here):
+- `{_data: BinData(JSON)}` or `{_data: "<JSON>"}`, optionally `_kind: 1`;
+- `{_data: BinData(gzip(JSON)), _kind: 4}`;
+- tokens from `GetChangeStreamTokens` also carry `_startAtOperationTime`.
+The JSON is either the old form, a list of `{"token": "\\"<lsn>\\"", "range": {min, max}}`,
+or the current one, `{"V": 2, "Rid": ..., "Continuation": [{"FeedRange": {"value": {min, max}}, "State":
+{"value": "\\"<lsn>\\""}}]}`. LSNs are comparable only within one partition range.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import bson
+from bson.binary import Binary
+from bson.raw_bson import RawBSONDocument
+
+Range = tuple[str, str]
+Positions = dict[Range, int]
+"""LSN per partition range (min, max) of effective partition key, hex strings ("" .. "FF")."""
+
+GZIP_KIND = 4
+
+
+class TokenFormatError(ValueError):
+    """A token whose positions cannot be read (freshness then stays unknown; capture is not affected)."""
+
+
+def _json_text(token: Mapping[str, Any]) -> str:
+    data = token.get("_data")
+    if isinstance(data, Binary | bytes):
+        raw = bytes(data)
+        if token.get("_kind") == GZIP_KIND or raw[:2] == b"\x1f\x8b":
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError) as exc:
+                raise TokenFormatError("a _kind 4 token is not gzip data") from exc
+        try:
+            return raw.decode()
+        except UnicodeDecodeError as exc:
+            raise TokenFormatError("token data is not UTF-8 JSON") from exc
+    if isinstance(data, str):
+        return data
+    raise TokenFormatError("token has no _data")
+
+
+def _lsn(value: Any) -> int:
+    """LSNs are JSON strings inside JSON strings (`"\\"12\\""`), sometimes plain numbers."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, str):
+        value = value.strip('"')
+    return int(value)
+
+
+def positions(token: bytes | Mapping[str, Any]) -> Positions:
+    """The LSN of every partition range a token names; raises TokenFormatError."""
+    try:
+        doc: Mapping[str, Any] = (
+            bson.decode(token) if isinstance(token, bytes) else
+            bson.decode(token.raw) if isinstance(token, RawBSONDocument) else token
+        )
+        parsed = json.loads(_json_text(doc))
+        out: Positions = {}
+        if isinstance(parsed, list):  # the old form
+            for entry in parsed:
+                rng = entry["range"]
+                out[(rng["min"], rng["max"])] = _lsn(entry["token"])
+        else:
+            for cont in parsed["Continuation"]:
+                rng = cont["FeedRange"]["value"]
+                out[(rng["min"], rng["max"])] = _lsn(cont["State"]["value"])
+        if not out:
+            raise TokenFormatError("token names no partition range")
+        return out
+    except TokenFormatError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, bson.errors.InvalidBSON) as exc:
+        raise TokenFormatError(f"unreadable resume token ({type(exc).__name__})") from exc
+
+
+def _contains(outer: Range, inner: Range) -> bool:
+    """Effective partition key ranges are hex strings; "" is the lowest and "FF" the highest bound."""
+    lo_ok = outer[0] == "" or (inner[0] != "" and inner[0] >= outer[0])
+    hi_ok = outer[1] == "FF" or (inner[1] != "FF" and inner[1] <= outer[1])
+    return lo_ok and hi_ok
+
+
+def reached(position: Positions, head: Positions) -> bool:
+    """True when `position` is at or past `head` in every partition range of the head.
+
+    A head range is reached when a position range that contains it has an LSN at
+    least the head's. A range the position does not cover is not reached: unknown
+    is never reported as caught up.
+    """
+    for hrange, hlsn in head.items():
+        if not any(_contains(prange, hrange) and plsn >= hlsn for prange, plsn in position.items()):
+            return False
+    return True

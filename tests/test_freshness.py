@@ -1,0 +1,138 @@
+"""The head-position barrier: token positions, the freshness rules, and GetChangeStreamTokens in the sandbox."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import bson
+import pytest
+from bson.binary import Binary
+from bson.timestamp import Timestamp
+from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure
+
+from cosmigrate.freshness import Freshness
+from cosmigrate.heads import HeadSampler, classify
+from cosmigrate.mongo import change_stream_tokens
+from cosmigrate.sandbox import Sandbox
+from cosmigrate.tokens import TokenFormatError, positions, reached
+
+FULL = {"min": "", "max": "FF"}
+
+
+def v2(lsn: int, rng: dict[str, str] = FULL, kind: int | None = None) -> bytes:
+    data = json.dumps({"V": 2, "Rid": "abc", "Continuation": [
+        {"FeedRange": {"type": "Effective Partition Key Range", "value": rng},
+         "State": {"type": "continuation", "value": json.dumps(str(lsn))}}]}).encode()
+    doc: dict = {"_data": Binary(gzip.compress(data) if kind == 4 else data)}
+    if kind is not None:
+        doc["_kind"] = kind
+    return bson.encode(doc)
+
+
+def old(lsn: int) -> bytes:
+    return bson.encode({"_data": Binary(json.dumps([{"token": json.dumps(str(lsn)), "range": FULL}]).encode())})
+
+
+def test_positions_read_every_token_form() -> None:
+    assert positions(v2(12)) == {("", "FF"): 12}
+    assert positions(v2(12, kind=1)) == {("", "FF"): 12}
+    assert positions(v2(99, kind=4)) == {("", "FF"): 99}
+    assert positions(old(0)) == {("", "FF"): 0}
+    with pytest.raises(TokenFormatError):
+        positions(bson.encode({"_data": Binary(b"not json")}))
+    with pytest.raises(TokenFormatError):
+        positions(bson.encode({"_data": Binary(b"\x1f\x8bbroken"), "_kind": 4}))
+
+
+def test_reached_needs_every_head_range() -> None:
+    head = {("", "80"): 10, ("80", "FF"): 5}
+    assert reached({("", "FF"): 10}, {("", "FF"): 10})
+    assert not reached({("", "FF"): 9}, {("", "FF"): 10})
+    assert reached({("", "80"): 11, ("80", "FF"): 5}, head)
+    assert not reached({("", "80"): 11}, head)  # a range the position does not cover is never "reached"
+    assert not reached({("", "80"): 11, ("80", "FF"): 4}, head)
+
+
+def test_lag_is_zero_only_when_the_latest_fresh_sample_is_captured_and_applied() -> None:
+    f = Freshness()
+    assert f.lag(now=100.0, since=90.0) == 10.0  # nothing sampled: a lower bound, never 0
+    f.mark(v2(5), seq=-1)  # start position: nothing to apply up to LSN 5
+    f.add_sample(100.0, [v2(5)])
+    f.update(committed_seq=-1, applied_seq=-1)
+    assert f.caught_up_at == 100.0 and f.lag(now=101.0, fresh_after=100.0) == 0.0
+    assert f.lag(now=101.0, fresh_after=100.5) == 1.0  # a sample older than asked proves nothing newer
+
+    f.add_sample(102.0, [v2(8)])  # the source moved: LSNs 6..8 not yet read
+    f.update(committed_seq=-1, applied_seq=-1)
+    assert f.lag(now=103.0) == 3.0 and f.caught_up_at == 100.0
+    f.mark(v2(8), seq=0)  # batch 0 holds up to LSN 8 (sealed)
+    f.update(committed_seq=-1, applied_seq=-1)
+    assert f.captured_at == 100.0  # batch 0 is sealed, not committed yet
+    f.update(committed_seq=0, applied_seq=-1)
+    assert f.captured_at == 102.0 and f.caught_up_at == 100.0  # captured, not applied
+    f.update(committed_seq=0, applied_seq=0)
+    assert f.caught_up_at == 102.0 and f.lag(now=104.0) == 0.0
+
+
+def test_marks_after_a_sample_resolve_the_first_batch_that_crossed_it() -> None:
+    f = Freshness()
+    f.add_sample(10.0, [v2(7)])
+    f.mark(v2(3), seq=0)
+    f.mark(v2(7), seq=1)
+    f.mark(v2(9), seq=2)
+    f.update(committed_seq=2, applied_seq=1)
+    assert f.caught_up_at == 10.0  # batch 1 crossed LSN 7; batch 2 need not be applied
+
+
+def test_an_unreadable_head_adds_no_sample() -> None:
+    f = Freshness()
+    f.add_sample(10.0, [bson.encode({"_data": "[]"})])
+    assert not f.sampled and f.last_sample_error
+
+
+def test_permanent_refusals_are_classified_with_what_to_grant() -> None:
+    assert "grant" in (classify(OperationFailure("not authorized", 13)) or "")
+    assert "upgrade" in (classify(OperationFailure("no such command", 59)) or "")
+    assert classify(OperationFailure("Request rate is large", 16500)) is None
+
+
+async def test_sandbox_serves_one_head_token_per_partition(sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    await source.app.users.insert_many([{"_id": i} for i in range(3)])
+    (now,) = await change_stream_tokens(source, "app.users")
+    assert positions(now) == {("", "FF"): 3}
+    (start,) = await change_stream_tokens(source, "app.users", Timestamp(0, 0))
+    assert positions(start) == {("", "FF"): 0}
+    assert bson.decode(start)["_startAtOperationTime"] == Timestamp(0, 0)
+    # The beginning token opens a stream that replays every document.
+    async with await source.app.users.watch(
+        [{"$match": {"operationType": {"$in": ["insert", "update", "replace"]}}},
+         {"$project": {"_id": 1, "fullDocument": 1, "ns": 1, "documentKey": 1}}],
+        full_document="updateLookup", resume_after=bson.decode(start),
+    ) as stream:
+        seen = [(await stream.next())["documentKey"]["_id"] for _ in range(3)]
+    assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("fault", "code"), [("refuse_head_tokens", 13), ("no_head_tokens", 59)])
+async def test_sandbox_head_token_faults(sandbox: Sandbox, source: AsyncMongoClient, fault: str, code: int) -> None:
+    await source.app.users.insert_one({"_id": 1})
+    setattr(sandbox.source.faults, fault, True)
+    with pytest.raises(OperationFailure) as err:
+        await change_stream_tokens(source, "app.users")
+    assert err.value.code == code
+    fresh = Freshness()
+    await HeadSampler(source, lambda: {"app.users": fresh}, 1.0).sample("app.users", fresh)
+    assert fresh.unknown_reason and not fresh.sampled
+
+
+async def test_sandbox_head_tokens_can_be_throttled(sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    await source.app.users.insert_one({"_id": 1})
+    sandbox.source.faults.head_throttle_rate = 1.0
+    with pytest.raises(OperationFailure) as err:
+        await change_stream_tokens(source, "app.users")
+    assert err.value.code == 16500
+    fresh = Freshness()
+    await HeadSampler(source, lambda: {"app.users": fresh}, 1.0).sample("app.users", fresh)
+    assert not fresh.unknown_reason and not fresh.sampled and "16500" in fresh.last_sample_error
