@@ -288,3 +288,46 @@ async def test_sandbox_command_refuses_a_bad_fault_spec() -> None:
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "unknown fault 'nonsense'" in lines[0]
     assert "Traceback" not in err.decode()
+
+
+# --- document sizes -----------------------------------------------------------------
+
+MAX_BSON = 16 * 1024 * 1024
+
+
+@pytest.fixture(params=["source", "target"])
+def either(request: pytest.FixtureRequest) -> AsyncMongoClient:
+    """Each emulator in turn: both share storage and CRUD, and must agree."""
+    return request.getfixturevalue(request.param)
+
+
+def doc_of_size(doc_id: int, size: int, salt: int = 0) -> RawBSONDocument:
+    """A raw document of exactly `size` BSON bytes.
+
+    Its fields hold the type bytes DocumentDB's unsupported-type scan looks for
+    (0x06, 0x0c-0x0f) as plain values, so that scan walks the whole document.
+    """
+    base = {"_id": doc_id, "n": Int64(13), "sub": {"k": 14, "s": "\x0c\x0e"}, "pad": Binary(b"")}
+    empty = len(bson.encode(base))
+    pattern = bytes((i * 7 + salt) % 256 for i in range(256))
+    pad = (pattern * (size // 256 + 1))[: size - empty]
+    raw = bson.encode({**base, "pad": Binary(pad)})
+    assert len(raw) == size
+    return RawBSONDocument(raw)
+
+
+@pytest.mark.parametrize("size", [3 * 1024, 5 * 1024, 100 * 1024, 2 * 1024 * 1024, MAX_BSON])
+async def test_documents_of_any_valid_size_round_trip_byte_for_byte(either: AsyncMongoClient, size: int) -> None:
+    # PyMongo hands a nested raw document of 4 KiB or more over as a memoryview;
+    # the server must still store and return exactly the bytes that were sent.
+    coll = either.db.get_collection("big", codec_options=RAW)
+    first, second = doc_of_size(1, size), doc_of_size(1, size, salt=1)
+    result = await coll.bulk_write([ReplaceOne({"_id": 1}, first, upsert=True)])
+    assert result.upserted_count == 1
+    assert (await coll.find_one({"_id": 1})).raw == first.raw
+    result = await coll.bulk_write([ReplaceOne({"_id": 1}, second, upsert=True)])
+    assert result.modified_count == 1
+    assert (await coll.find_one({"_id": 1})).raw == second.raw
+    third = doc_of_size(2, size, salt=2)
+    await coll.insert_many([third])
+    assert [d.raw async for d in coll.find().sort("_id", 1)] == [second.raw, third.raw]

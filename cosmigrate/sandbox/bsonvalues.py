@@ -25,6 +25,7 @@ from bson.int64 import Int64
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.objectid import ObjectId
+from bson.raw_bson import RawBSONDocument
 from bson.regex import Regex
 from bson.timestamp import Timestamp
 
@@ -198,6 +199,19 @@ def prepend_id(raw: bytes, id_value: Any) -> bytes:
     doc = bson.decode(raw, codec_options=DECODE_OPTIONS)
     doc.pop("_id", None)
     return bson.encode({"_id": id_value, **doc}, codec_options=DECODE_OPTIONS)
+
+
+def raw_bytes(doc: RawBSONDocument) -> bytes:
+    """The BSON bytes of a raw document, as `bytes`.
+
+    PyMongo exposes a nested raw document of 4 KiB or more (a replacement inside
+    an update statement, say) as a read-only memoryview slice of the enclosing
+    buffer, not as bytes. Storage must own plain bytes: a memoryview has no
+    .index()/.decode(), and it would pin the whole request buffer for as long
+    as the document lives.
+    """
+    raw = doc.raw
+    return raw if type(raw) is bytes else bytes(raw)
 
 
 DECODE_OPTIONS = bson.CodecOptions(document_class=dict, tz_aware=False)

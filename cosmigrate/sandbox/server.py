@@ -14,7 +14,7 @@ import itertools
 import random
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import bson
 from bson.int64 import Int64
@@ -27,6 +27,7 @@ from cosmigrate.sandbox.bsonvalues import (
     first_field_is_id,
     id_key,
     prepend_id,
+    raw_bytes,
     values_equal,
 )
 from cosmigrate.sandbox.faults import Faults, FaultSpecError
@@ -608,7 +609,7 @@ class MongoServer:
         errors = []
         for i, doc in enumerate(docs):
             try:
-                raw = cast(bytes, doc.raw)
+                raw = raw_bytes(doc)
                 try:
                     id_value = doc["_id"]
                 except KeyError:
@@ -691,7 +692,7 @@ class MongoServer:
                     id_value = u_doc["_id"]
                 else:
                     id_value = equality_fields(q).get("_id", ObjectId())
-                raw = cast(bytes, u.raw)
+                raw = raw_bytes(u)
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 doc = None
@@ -711,7 +712,7 @@ class MongoServer:
             else:
                 if "_id" in u_doc and not values_equal(u_doc["_id"], id_value):
                     raise QueryError(66, "After applying the update, the (immutable) field '_id' was found to have been altered", "ImmutableField")
-                raw = cast(bytes, u.raw)
+                raw = raw_bytes(u)
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 self._store_doc(coll, key, id_value, raw, u_doc)
