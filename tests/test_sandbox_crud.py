@@ -18,7 +18,7 @@ from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Rege
 from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient, ReplaceOne
-from pymongo.errors import OperationFailure
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from cosmigrate.sandbox import Sandbox
 
@@ -331,3 +331,23 @@ async def test_documents_of_any_valid_size_round_trip_byte_for_byte(either: Asyn
     third = doc_of_size(2, size, salt=2)
     await coll.insert_many([third])
     assert [d.raw async for d in coll.find().sort("_id", 1)] == [second.raw, third.raw]
+
+
+async def test_documents_over_16_mib_are_refused_like_mongod(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("big", codec_options=RAW)
+    await coll.insert_one({"_id": 1})
+    too_big = MAX_BSON + 1
+    cases = [
+        (coll.insert_many([doc_of_size(2, too_big)]), 2, "object to insert too large"),
+        (coll.bulk_write([ReplaceOne({"_id": 3}, doc_of_size(3, too_big), upsert=True)]),
+         17420, "Document to upsert is larger than 16777216"),
+        (coll.bulk_write([ReplaceOne({"_id": 1}, doc_of_size(1, too_big), upsert=True)]),
+         17419, "Resulting document after update is larger than 16777216"),
+    ]
+    for write, code, message in cases:
+        with pytest.raises(BulkWriteError) as info:
+            await write
+        (error,) = info.value.details["writeErrors"]
+        assert (error["index"], error["code"]) == (0, code)
+        assert message in error["errmsg"]
+    assert [d.raw async for d in coll.find()] == [bson.encode({"_id": 1})]

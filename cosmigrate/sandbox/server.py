@@ -592,9 +592,12 @@ class MongoServer:
             return {"index": index, "code": exc.code, "errmsg": str(exc)}
         return {"index": index, "code": 1, "errmsg": f"internal sandbox error: {exc!r}"}
 
-    def _store_doc(self, coll: Collection, key: Hashable, id_value: Any, raw: bytes, doc: dict[str, Any] | None = None) -> None:
+    def _store_doc(
+        self, coll: Collection, key: Hashable, id_value: Any, raw: bytes, doc: dict[str, Any] | None, write: str
+    ) -> None:
+        """Validate and store one document; `write` is insert, upsert or update (for the size error)."""
         if len(raw) > MAX_BSON_SIZE:
-            raise CommandError(10334, f"object to insert too large. size in bytes: {len(raw)}, max size: {MAX_BSON_SIZE}", "BSONObjectTooLarge")
+            raise _too_large(write, len(raw))
         self.validate_document(raw)
         coll.put(key, id_value, raw, doc)
         self.store.writes += 1
@@ -621,7 +624,7 @@ class MongoServer:
                 key = id_key(id_value)
                 if key in coll.docs:
                     raise DuplicateKey(coll.ns, coll.indexes["_id_"], {"_id": id_value})
-                self._store_doc(coll, key, id_value, raw)
+                self._store_doc(coll, key, id_value, raw, None, "insert")
                 n += 1
             except (DuplicateKey, QueryError, CommandError) as exc:
                 errors.append(self._write_error(i, exc))
@@ -697,7 +700,7 @@ class MongoServer:
                     raw = prepend_id(raw, id_value)
                 doc = None
             key = id_key(id_value)
-            self._store_doc(coll, key, id_value, raw, doc)
+            self._store_doc(coll, key, id_value, raw, doc, "upsert")
             return 0, 0, id_value
         modified = 0
         for key in keys:
@@ -708,14 +711,14 @@ class MongoServer:
                 if new == old:
                     continue
                 raw = bson.encode(new, codec_options=DECODE_OPTIONS)
-                self._store_doc(coll, key, id_value, raw, new)
+                self._store_doc(coll, key, id_value, raw, new, "update")
             else:
                 if "_id" in u_doc and not values_equal(u_doc["_id"], id_value):
                     raise QueryError(66, "After applying the update, the (immutable) field '_id' was found to have been altered", "ImmutableField")
                 raw = raw_bytes(u)
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
-                self._store_doc(coll, key, id_value, raw, u_doc)
+                self._store_doc(coll, key, id_value, raw, u_doc, "update")
             modified += 1
         return len(keys), modified, None
 
@@ -740,6 +743,20 @@ class MongoServer:
 
     def remove_doc(self, coll: Collection, key: Hashable) -> None:
         coll.remove(key)
+
+
+def _too_large(write: str, size: int) -> CommandError:
+    """The write error mongod gives for a document over 16 MiB; the code depends on the write path.
+
+    From mongod (jstests/core/max_doc_size.js): an insert fails with BadValue
+    (2), an upsert's new document with 17420, an update or replacement of an
+    existing document with 17419. Each is a per-statement write error.
+    """
+    if write == "insert":
+        return CommandError(2, f"object to insert too large. size in bytes: {size}, max size: {MAX_BSON_SIZE}")
+    if write == "upsert":
+        return CommandError(17420, f"Document to upsert is larger than {MAX_BSON_SIZE}", "Location17420")
+    return CommandError(17419, f"Resulting document after update is larger than {MAX_BSON_SIZE}", "Location17419")
 
 
 def _lower_bound(cond: Any) -> tuple[Any, bool]:
