@@ -351,3 +351,12 @@ async def test_documents_over_16_mib_are_refused_like_mongod(either: AsyncMongoC
         assert (error["index"], error["code"]) == (0, code)
         assert message in error["errmsg"]
     assert [d.raw async for d in coll.find()] == [bson.encode({"_id": 1})]
+
+
+async def test_a_reply_batch_stops_before_16_mib_like_mongod(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("big", codec_options=RAW)
+    docs = [doc_of_size(i, 9 * 1024 * 1024, salt=i) for i in range(3)]
+    await coll.insert_many(docs)
+    reply = await either.db.command("find", "big", batchSize=10, codec_options=RAW)
+    assert len(reply["cursor"]["firstBatch"]) == 1 and reply["cursor"]["id"] != 0
+    assert [d.raw async for d in coll.find().sort("_id", 1).batch_size(10)] == [d.raw for d in docs]

@@ -85,14 +85,30 @@ class Cursor:
 
     ns: str
     docs: Iterator[RawBSONDocument]
+    held: RawBSONDocument | None = None
 
     def next_batch(self, size: int) -> tuple[list[RawBSONDocument], bool]:
+        """Up to `size` documents (0: no count limit), and whether the cursor is exhausted.
+
+        Like mongod, a batch holds at least one document and otherwise stops
+        before the document that would take it past REPLY_BATCH_BYTES; that
+        document opens the next batch. A reply therefore never carries two
+        near-16 MiB documents, which a real server would never send.
+        """
         out: list[RawBSONDocument] = []
         total = 0
-        for doc in self.docs:
+        docs: Iterator[RawBSONDocument] = self.docs
+        if self.held is not None:
+            docs = itertools.chain([self.held], docs)
+            self.held = None
+        for doc in docs:
+            n = len(doc.raw)
+            if out and total + n > REPLY_BATCH_BYTES:
+                self.held = doc
+                return out, False
             out.append(doc)
-            total += len(doc.raw)
-            if (size and len(out) >= size) or total >= REPLY_BATCH_BYTES:
+            total += n
+            if size and len(out) >= size:
                 return out, False
         return out, True
 
