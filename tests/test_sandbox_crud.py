@@ -15,7 +15,8 @@ from decimal import Decimal
 import bson
 import pytest
 from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
-from bson.codec_options import CodecOptions
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.errors import BulkWriteError, OperationFailure
@@ -360,3 +361,48 @@ async def test_a_reply_batch_stops_before_16_mib_like_mongod(either: AsyncMongoC
     reply = await either.db.command("find", "big", batchSize=10, codec_options=RAW)
     assert len(reply["cursor"]["firstBatch"]) == 1 and reply["cursor"]["id"] != 0
     assert [d.raw async for d in coll.find().sort("_id", 1).batch_size(10)] == [d.raw for d in docs]
+
+
+# --- dates outside Python's years 1-9999 --------------------------------------------------
+
+AUTO_DATES = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+YEAR_1_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+YEAR_10000_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
+EDGE_DATES_MS = [-(2**62), YEAR_1_MS - 1, YEAR_1_MS, 0, YEAR_10000_MS - 1, YEAR_10000_MS, 2**62]
+
+
+async def test_dates_outside_years_1_to_9999_are_kept_raw(either: AsyncMongoClient) -> None:
+    # BSON dates are any int64 of milliseconds; a server must store, match, sort
+    # and return them unchanged however far they are from year 1-9999.
+    coll = either.db.get_collection("dates", codec_options=AUTO_DATES)
+    docs = {
+        ms: RawBSONDocument(
+            bson.encode({"_id": DatetimeMS(ms), "at": DatetimeMS(ms), "in": {"l": [DatetimeMS(ms)]}}), AUTO_DATES
+        )
+        for ms in EDGE_DATES_MS
+    }
+    await coll.insert_many(list(docs.values())[::-1])
+    for ms, doc in docs.items():
+        assert (await coll.find_one({"_id": DatetimeMS(ms)})).raw == doc.raw
+        assert (await coll.find_one({"at": DatetimeMS(ms)})).raw == doc.raw
+        assert (await coll.find_one({"in.l": DatetimeMS(ms)})).raw == doc.raw
+    in_order = [d.raw for d in docs.values()]
+    assert [d.raw async for d in coll.find().sort("_id", 1)] == in_order
+    assert [d.raw async for d in coll.find().sort("at", -1)] == in_order[::-1]
+    before_year_1 = [d.raw async for d in coll.find({"at": {"$lt": DatetimeMS(YEAR_1_MS)}}).sort("_id", 1)]
+    assert before_year_1 == in_order[:2]
+    with pytest.raises(BulkWriteError) as info:
+        await coll.insert_many([docs[2**62]])
+    assert info.value.details["writeErrors"][0]["code"] == 11000
+
+    far = DatetimeMS(-(2**62))
+    replacement = RawBSONDocument(bson.encode({"_id": far, "at": DatetimeMS(YEAR_10000_MS), "v": 2}), AUTO_DATES)
+    result = await coll.bulk_write([ReplaceOne({"_id": far}, replacement, upsert=True)])
+    assert result.modified_count == 1
+    assert (await coll.find_one({"_id": far})).raw == replacement.raw
+    await coll.update_one({"_id": far}, {"$set": {"v": 3}})
+    updated = bson.encode({"_id": far, "at": DatetimeMS(YEAR_10000_MS), "v": 3})
+    assert (await coll.find_one({"_id": far})).raw == updated
+    new = DatetimeMS(YEAR_10000_MS + 1)
+    result = await coll.bulk_write([ReplaceOne({"_id": new}, {"_id": new, "v": 1}, upsert=True)])
+    assert result.upserted_ids == {0: new}

@@ -19,6 +19,8 @@ from typing import Any
 import bson
 from bson.binary import Binary
 from bson.code import Code
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
 from bson.dbref import DBRef
 from bson.decimal128 import Decimal128
 from bson.int64 import Int64
@@ -63,6 +65,8 @@ def sort_key(value: Any) -> tuple[Any, ...]:
         return (RANK_OBJECTID, value.binary)
     if value is None:
         return (RANK_NULL,)
+    if t is DatetimeMS:
+        return (RANK_DATE, int(value))
     if isinstance(value, Decimal128):
         return (RANK_NUMBER, value.to_decimal())
     if isinstance(value, (int, float, Decimal)):
@@ -214,4 +218,12 @@ def raw_bytes(doc: RawBSONDocument) -> bytes:
     return raw if type(raw) is bytes else bytes(raw)
 
 
-DECODE_OPTIONS = bson.CodecOptions(document_class=dict, tz_aware=False)
+# Dates decode as DatetimeMS (raw int64 milliseconds): BSON allows any int64,
+# Python's datetime only years 1-9999, and a server must neither refuse nor
+# alter a date a client could write. `sort_key` orders both kinds alike.
+DECODE_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(
+    document_class=dict, tz_aware=False, datetime_conversion=DatetimeConversion.DATETIME_MS
+)
+RAW_OPTIONS: CodecOptions[RawBSONDocument] = CodecOptions(
+    document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_MS
+)

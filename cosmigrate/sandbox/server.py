@@ -24,6 +24,7 @@ from bson.raw_bson import RawBSONDocument
 from cosmigrate.sandbox import wire
 from cosmigrate.sandbox.bsonvalues import (
     DECODE_OPTIONS,
+    RAW_OPTIONS,
     first_field_is_id,
     id_key,
     prepend_id,
@@ -70,7 +71,7 @@ class DropConnection(Exception):
 def _raw(doc: Any) -> RawBSONDocument:
     if isinstance(doc, RawBSONDocument):
         return doc
-    return RawBSONDocument(bson.encode(doc, codec_options=DECODE_OPTIONS))
+    return RawBSONDocument(bson.encode(doc, codec_options=DECODE_OPTIONS), RAW_OPTIONS)
 
 
 def _to_py(value: Any) -> Any:
