@@ -406,3 +406,66 @@ async def test_dates_outside_years_1_to_9999_are_kept_raw(either: AsyncMongoClie
     new = DatetimeMS(YEAR_10000_MS + 1)
     result = await coll.bulk_write([ReplaceOne({"_id": new}, {"_id": new, "v": 1}, upsert=True)])
     assert result.upserted_ids == {0: new}
+
+
+# --- which values are one _id --------------------------------------------------------------
+
+
+def _raw(doc: dict) -> bytes:
+    return bson.encode(doc)
+
+
+async def _dup_codes(coll, docs: list[dict]) -> list[int]:
+    """The write error codes of an unordered insert of `docs` (one per refused document)."""
+    try:
+        await coll.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        return [e["code"] for e in exc.details["writeErrors"]]
+    return []
+
+
+async def test_equal_and_unequal_ids_beyond_plain_numbers(either: AsyncMongoClient) -> None:
+    coll = either.db.ids
+    await coll.insert_many([{"_id": -0.0}, {"_id": {"a": 1, "b": [1, 2]}}, {"_id": Int64(2**53 + 1)},
+                            {"_id": [float("nan"), -0.0]}])
+    equal = [0, Decimal128("-0"), Decimal128("0E+10"), {"a": 1.0, "b": [Int64(1), Decimal128("2.0")]},
+             Decimal128("9007199254740993"), [Decimal128("NaN"), 0]]
+    assert await _dup_codes(coll, [{"_id": i} for i in equal]) == [11000] * len(equal)
+    # Not equal: precision beyond a double, field order, bool vs number, string vs number.
+    distinct = [float(2**53), {"b": [1, 2], "a": 1}, {"a": 1}, False, True, "0", Decimal128("0.1"), 0.1]
+    assert await _dup_codes(coll, [{"_id": i} for i in distinct]) == []
+    assert await coll.count_documents({}) == 4 + len(distinct)
+    assert (await coll.find_one({"_id": Int64(2**53)}))["_id"] == float(2**53)
+    assert (await coll.find_one({"_id": {"a": Int64(1), "b": [1.0, 2]}}))["_id"] == {"a": 1, "b": [1, 2]}
+    assert (await coll.find_one({"_id": 0.0}))["_id"] == 0.0
+    assert (await coll.find_one({"_id": Decimal128("0.1")}))["_id"] == Decimal128("0.1")
+
+
+async def test_nan_id_is_one_document(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("nan", codec_options=RAW)
+    nan = float("nan")
+    first = await coll.replace_one({"_id": nan}, {"_id": nan, "v": 1}, upsert=True)
+    second = await coll.replace_one({"_id": float("nan")}, {"_id": float("nan"), "v": 2}, upsert=True)
+    assert first.upserted_id is not None and second.upserted_id is None and second.matched_count == 1
+    assert [d.raw async for d in coll.find()] == [_raw({"_id": nan, "v": 2})]
+    assert (await coll.find_one({"_id": Decimal128("NaN")})).raw == _raw({"_id": nan, "v": 2})
+    assert await _dup_codes(coll, [{"_id": float("nan")}, {"_id": Decimal128("NaN")}]) == [11000, 11000]
+    await coll.delete_one({"_id": Decimal128("-NaN")})
+    assert await coll.count_documents({}) == 0
+
+
+async def test_nan_in_filters_matches_only_nan(either: AsyncMongoClient) -> None:
+    coll = either.db.nanq
+    await coll.insert_many([{"_id": 1, "x": float("nan")}, {"_id": 2, "x": float("-inf")}, {"_id": 3, "x": 1},
+                            {"_id": 4, "x": Decimal128("NaN")}])
+
+    async def ids(flt: dict) -> list:
+        return [d["_id"] async for d in coll.find(flt).sort("_id", 1)]
+
+    assert await ids({"x": float("nan")}) == [1, 4]
+    assert await ids({"x": {"$in": [Decimal128("NaN")]}}) == [1, 4]
+    assert await ids({"x": {"$lt": 5}}) == [2, 3]  # NaN sorts first but $lt never matches it
+    assert await ids({"x": {"$gt": float("nan")}}) == []
+    assert await ids({"x": {"$gte": float("nan")}}) == [1, 4]
+    assert await ids({"x": {"$ne": float("nan")}}) == [2, 3]
+    assert [d["_id"] async for d in coll.find().sort([("x", 1), ("_id", 1)])] == [1, 4, 2, 3]

@@ -25,8 +25,8 @@ from cosmigrate.sandbox import wire
 from cosmigrate.sandbox.bsonvalues import (
     DECODE_OPTIONS,
     RAW_OPTIONS,
+    canonical_key,
     first_field_is_id,
-    id_key,
     prepend_id,
     raw_bytes,
     values_equal,
@@ -417,7 +417,7 @@ class MongoServer:
         if only_id and "_id" in flt:
             cond = flt["_id"]
             if not (isinstance(cond, dict) and cond and next(iter(cond)).startswith("$")):
-                key = id_key(cond)
+                key = canonical_key(cond)
                 if key in coll.docs:
                     yield key, None
                 return
@@ -425,7 +425,7 @@ class MongoServer:
             docs = [coll.decode(k) for k in list(coll.docs)]
             docs = [d for d in docs if matches(d, flt)]
             for d in sort_documents(docs, sort):
-                yield id_key(d["_id"]), d
+                yield canonical_key(d["_id"]), d
             return
         if sort:
             lower, inclusive = _lower_bound(flt.get("_id"))
@@ -638,7 +638,7 @@ class MongoServer:
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 id_value = _to_py(id_value)
-                key = id_key(id_value)
+                key = canonical_key(id_value)
                 if key in coll.docs:
                     raise DuplicateKey(coll.ns, coll.indexes["_id_"], {"_id": id_value})
                 self._store_doc(coll, key, id_value, raw, None, "insert")
@@ -716,7 +716,7 @@ class MongoServer:
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 doc = None
-            key = id_key(id_value)
+            key = canonical_key(id_value)
             self._store_doc(coll, key, id_value, raw, doc, "upsert")
             return 0, 0, id_value
         modified = 0

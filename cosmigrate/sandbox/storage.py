@@ -20,7 +20,7 @@ from typing import Any
 
 import bson
 
-from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS, id_key, sort_key
+from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS, canonical_key, sort_key
 from cosmigrate.sandbox.query import QueryError, matches, resolve
 
 SYSTEM_DATABASES = ("admin", "local", "config")
@@ -59,7 +59,7 @@ class IndexSpec:
             values = resolve(doc, path)
             if values:
                 present = True
-            parts.append(id_key(values[0] if values else None))
+            parts.append(canonical_key(values[0] if values else None))
         if self.sparse and not present:
             return None
         return tuple(parts)
@@ -79,6 +79,9 @@ class DuplicateKey(Exception):
 
 class ChangeFeed:
     """Cosmos DB's change feed for one collection ("latest version" mode).
+
+    Entries are keyed by `canonical_key` of the `_id`, as storage is, so writes
+    to `_id` 1, then 1.0, then NaN, then NaN again are two documents, not four.
 
     Every write moves the document to the feed's end with a new LSN; a reader
     positioned after LSN n gets each document whose latest write is past n,
