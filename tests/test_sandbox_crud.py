@@ -424,6 +424,30 @@ async def _dup_codes(coll, docs: list[dict]) -> list[int]:
     return []
 
 
+async def test_numerically_equal_ids_are_one_document(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("ids", codec_options=RAW)
+    await coll.insert_one({"_id": 1, "v": "int32"})
+    equal_ids = [1.0, Int64(1), Decimal128("1"), Decimal128("1.0"), Decimal128("1E0")]
+    assert await _dup_codes(coll, [{"_id": i} for i in equal_ids]) == [11000] * len(equal_ids)
+    for i in equal_ids:
+        assert (await coll.find_one({"_id": i})).raw == _raw({"_id": 1, "v": "int32"})
+        assert (await coll.find_one({"_id": {"$in": [i]}, "v": "int32"})) is not None
+    # An upsert under an equal _id replaces that document, and mongod stores the
+    # replacement as given: its own _id (checked equal by value) comes along.
+    result = await coll.bulk_write([ReplaceOne({"_id": Int64(1)}, {"_id": Int64(1), "v": "int64"}, upsert=True)])
+    assert (result.matched_count, result.upserted_count) == (1, 0)
+    assert [d.raw async for d in coll.find()] == [_raw({"_id": Int64(1), "v": "int64"})]
+    # A replacement without _id keeps the stored one.
+    await coll.replace_one({"_id": Decimal128("1.0")}, {"v": "kept"})
+    assert [d.raw async for d in coll.find()] == [_raw({"_id": Int64(1), "v": "kept"})]
+    # $set of an equal number of another type is a change (mongod's no-op test is binary).
+    result = await coll.update_one({"_id": 1}, {"$set": {"v": 2}})
+    result = await coll.update_one({"_id": 1}, {"$set": {"v": 2.0}})
+    assert result.modified_count == 1
+    assert (await coll.find_one({"_id": 1})).raw == _raw({"_id": Int64(1), "v": 2.0})
+    assert await coll.count_documents({}) == 1
+
+
 async def test_equal_and_unequal_ids_beyond_plain_numbers(either: AsyncMongoClient) -> None:
     coll = either.db.ids
     await coll.insert_many([{"_id": -0.0}, {"_id": {"a": 1, "b": [1, 2]}}, {"_id": Int64(2**53 + 1)},

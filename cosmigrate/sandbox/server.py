@@ -723,15 +723,18 @@ class MongoServer:
         for key in keys:
             id_value = coll.id_values[key]
             if operator:
-                old = coll.decode(key)
-                new = apply_update(old, u_doc, inserting=False)
-                if new == old:
-                    continue
+                new = apply_update(coll.decode(key), u_doc, inserting=False)
                 raw = bson.encode(new, codec_options=DECODE_OPTIONS)
+                if raw == coll.docs[key]:
+                    continue  # mongod's no-op test is binary: {$set: {a: 1.0}} on a: 1 is a change
                 self._store_doc(coll, key, id_value, raw, new, "update")
             else:
-                if "_id" in u_doc and not values_equal(u_doc["_id"], id_value):
-                    raise QueryError(66, "After applying the update, the (immutable) field '_id' was found to have been altered", "ImmutableField")
+                if "_id" in u_doc:
+                    # mongod checks the immutable _id by value (1.0 may replace 1) and
+                    # then stores the replacement as given, _id included.
+                    if not values_equal(u_doc["_id"], id_value):
+                        raise QueryError(66, "After applying the update, the (immutable) field '_id' was found to have been altered", "ImmutableField")
+                    id_value = u_doc["_id"]
                 raw = raw_bytes(u)
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)

@@ -170,7 +170,13 @@ class Collection:
     def put(
         self, key: Hashable, id_value: Any, raw: bytes, doc: Mapping[str, Any] | None = None
     ) -> None:
-        """Insert or replace one document; `doc` (decoded) is needed when unique indexes exist."""
+        """Insert or replace one document; `doc` (decoded) is needed when unique indexes exist.
+
+        `key` is the canonical key of `id_value`. A replacement may carry an
+        `_id` that is equal but not identical to the stored one (1.0 for 1):
+        mongod then stores the replacement as given, so `id_value` is always
+        taken as the document's `_id` from now on.
+        """
         uniques = self.unique_indexes
         if uniques:
             if doc is None:
@@ -183,8 +189,8 @@ class Collection:
                 if ek is not None:
                     ix.entries[ek] = key
         op = "update" if key in self.docs else "insert"
-        if key not in self.docs:
-            self.id_values[key] = id_value
+        self.id_values[key] = id_value
+        if op == "insert":
             if key not in self._in_order:
                 self._in_order.add(key)
                 self._pending.append((sort_key(id_value), key))
