@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import bson
 import pytest
+from bson import Decimal128, Int64
+from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect, OperationFailure
@@ -175,6 +178,25 @@ async def test_beginning_token_replays_every_live_document_once(source: AsyncMon
     by_id = {e["documentKey"]["_id"]: e["fullDocument"] for e in events}
     assert len(events) == len(by_id) == 9
     assert by_id == {i: {"_id": i, "v": 3 if i < 5 else 0} for i in range(9)}
+
+
+async def test_feed_keys_documents_by_mongodb_id_equality(source: AsyncMongoClient) -> None:
+    # 1, 1.0 and Decimal128("1") are one document, and every NaN is one _id: the
+    # feed holds each once, named by the _id it carries now.
+    coll = source.db.get_collection("c", codec_options=CodecOptions(document_class=RawBSONDocument))
+    await coll.insert_one({"_id": 1, "v": 0})
+    await coll.replace_one({"_id": 1.0}, {"_id": 1.0, "v": 1})
+    await coll.update_one({"_id": Int64(1)}, {"$set": {"v": 2}})
+    await coll.replace_one({"_id": float("nan")}, {"_id": float("nan"), "v": 1}, upsert=True)
+    await coll.replace_one({"_id": Decimal128("NaN")}, {"_id": Decimal128("NaN"), "v": 2}, upsert=True)
+    async with await watch(coll, resume_after=beginning_token()) as stream:
+        events = await drain(stream, 2)
+        assert await quiet(stream) == []
+    one, nan = (e["fullDocument"].raw for e in events)
+    assert one == bson.encode({"_id": 1.0, "v": 2})
+    assert nan == bson.encode({"_id": Decimal128("NaN"), "v": 2})
+    keys = [e["documentKey"].raw for e in events]
+    assert keys == [bson.encode({"_id": 1.0}), bson.encode({"_id": Decimal128("NaN")})]
 
 
 async def test_v2_token_at_lsn_zero_also_means_the_beginning(source: AsyncMongoClient, sandbox: Sandbox) -> None:

@@ -15,10 +15,11 @@ from decimal import Decimal
 import bson
 import pytest
 from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
-from bson.codec_options import CodecOptions
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient, ReplaceOne
-from pymongo.errors import OperationFailure
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from cosmigrate.sandbox import Sandbox
 
@@ -288,3 +289,207 @@ async def test_sandbox_command_refuses_a_bad_fault_spec() -> None:
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and "unknown fault 'nonsense'" in lines[0]
     assert "Traceback" not in err.decode()
+
+
+# --- document sizes -----------------------------------------------------------------
+
+MAX_BSON = 16 * 1024 * 1024
+
+
+@pytest.fixture(params=["source", "target"])
+def either(request: pytest.FixtureRequest) -> AsyncMongoClient:
+    """Each emulator in turn: both share storage and CRUD, and must agree."""
+    return request.getfixturevalue(request.param)
+
+
+def doc_of_size(doc_id: int, size: int, salt: int = 0) -> RawBSONDocument:
+    """A raw document of exactly `size` BSON bytes.
+
+    Its fields hold the type bytes DocumentDB's unsupported-type scan looks for
+    (0x06, 0x0c-0x0f) as plain values, so that scan walks the whole document.
+    """
+    base = {"_id": doc_id, "n": Int64(13), "sub": {"k": 14, "s": "\x0c\x0e"}, "pad": Binary(b"")}
+    empty = len(bson.encode(base))
+    pattern = bytes((i * 7 + salt) % 256 for i in range(256))
+    pad = (pattern * (size // 256 + 1))[: size - empty]
+    raw = bson.encode({**base, "pad": Binary(pad)})
+    assert len(raw) == size
+    return RawBSONDocument(raw)
+
+
+@pytest.mark.parametrize("size", [3 * 1024, 5 * 1024, 100 * 1024, 2 * 1024 * 1024, MAX_BSON])
+async def test_documents_of_any_valid_size_round_trip_byte_for_byte(either: AsyncMongoClient, size: int) -> None:
+    # PyMongo hands a nested raw document of 4 KiB or more over as a memoryview;
+    # the server must still store and return exactly the bytes that were sent.
+    coll = either.db.get_collection("big", codec_options=RAW)
+    first, second = doc_of_size(1, size), doc_of_size(1, size, salt=1)
+    result = await coll.bulk_write([ReplaceOne({"_id": 1}, first, upsert=True)])
+    assert result.upserted_count == 1
+    assert (await coll.find_one({"_id": 1})).raw == first.raw
+    result = await coll.bulk_write([ReplaceOne({"_id": 1}, second, upsert=True)])
+    assert result.modified_count == 1
+    assert (await coll.find_one({"_id": 1})).raw == second.raw
+    third = doc_of_size(2, size, salt=2)
+    await coll.insert_many([third])
+    assert [d.raw async for d in coll.find().sort("_id", 1)] == [second.raw, third.raw]
+
+
+async def test_documents_over_16_mib_are_refused_like_mongod(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("big", codec_options=RAW)
+    await coll.insert_one({"_id": 1})
+    too_big = MAX_BSON + 1
+    cases = [
+        (coll.insert_many([doc_of_size(2, too_big)]), 2, "object to insert too large"),
+        (coll.bulk_write([ReplaceOne({"_id": 3}, doc_of_size(3, too_big), upsert=True)]),
+         17420, "Document to upsert is larger than 16777216"),
+        (coll.bulk_write([ReplaceOne({"_id": 1}, doc_of_size(1, too_big), upsert=True)]),
+         17419, "Resulting document after update is larger than 16777216"),
+    ]
+    for write, code, message in cases:
+        with pytest.raises(BulkWriteError) as info:
+            await write
+        (error,) = info.value.details["writeErrors"]
+        assert (error["index"], error["code"]) == (0, code)
+        assert message in error["errmsg"]
+    assert [d.raw async for d in coll.find()] == [bson.encode({"_id": 1})]
+
+
+async def test_a_reply_batch_stops_before_16_mib_like_mongod(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("big", codec_options=RAW)
+    docs = [doc_of_size(i, 9 * 1024 * 1024, salt=i) for i in range(3)]
+    await coll.insert_many(docs)
+    reply = await either.db.command("find", "big", batchSize=10, codec_options=RAW)
+    assert len(reply["cursor"]["firstBatch"]) == 1 and reply["cursor"]["id"] != 0
+    assert [d.raw async for d in coll.find().sort("_id", 1).batch_size(10)] == [d.raw for d in docs]
+
+
+# --- dates outside Python's years 1-9999 --------------------------------------------------
+
+AUTO_DATES = CodecOptions(document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO)
+YEAR_1_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+YEAR_10000_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z
+EDGE_DATES_MS = [-(2**62), YEAR_1_MS - 1, YEAR_1_MS, 0, YEAR_10000_MS - 1, YEAR_10000_MS, 2**62]
+
+
+async def test_dates_outside_years_1_to_9999_are_kept_raw(either: AsyncMongoClient) -> None:
+    # BSON dates are any int64 of milliseconds; a server must store, match, sort
+    # and return them unchanged however far they are from year 1-9999.
+    coll = either.db.get_collection("dates", codec_options=AUTO_DATES)
+    docs = {
+        ms: RawBSONDocument(
+            bson.encode({"_id": DatetimeMS(ms), "at": DatetimeMS(ms), "in": {"l": [DatetimeMS(ms)]}}), AUTO_DATES
+        )
+        for ms in EDGE_DATES_MS
+    }
+    await coll.insert_many(list(docs.values())[::-1])
+    for ms, doc in docs.items():
+        assert (await coll.find_one({"_id": DatetimeMS(ms)})).raw == doc.raw
+        assert (await coll.find_one({"at": DatetimeMS(ms)})).raw == doc.raw
+        assert (await coll.find_one({"in.l": DatetimeMS(ms)})).raw == doc.raw
+    in_order = [d.raw for d in docs.values()]
+    assert [d.raw async for d in coll.find().sort("_id", 1)] == in_order
+    assert [d.raw async for d in coll.find().sort("at", -1)] == in_order[::-1]
+    before_year_1 = [d.raw async for d in coll.find({"at": {"$lt": DatetimeMS(YEAR_1_MS)}}).sort("_id", 1)]
+    assert before_year_1 == in_order[:2]
+    with pytest.raises(BulkWriteError) as info:
+        await coll.insert_many([docs[2**62]])
+    assert info.value.details["writeErrors"][0]["code"] == 11000
+
+    far = DatetimeMS(-(2**62))
+    replacement = RawBSONDocument(bson.encode({"_id": far, "at": DatetimeMS(YEAR_10000_MS), "v": 2}), AUTO_DATES)
+    result = await coll.bulk_write([ReplaceOne({"_id": far}, replacement, upsert=True)])
+    assert result.modified_count == 1
+    assert (await coll.find_one({"_id": far})).raw == replacement.raw
+    await coll.update_one({"_id": far}, {"$set": {"v": 3}})
+    updated = bson.encode({"_id": far, "at": DatetimeMS(YEAR_10000_MS), "v": 3})
+    assert (await coll.find_one({"_id": far})).raw == updated
+    new = DatetimeMS(YEAR_10000_MS + 1)
+    result = await coll.bulk_write([ReplaceOne({"_id": new}, {"_id": new, "v": 1}, upsert=True)])
+    assert result.upserted_ids == {0: new}
+
+
+# --- which values are one _id --------------------------------------------------------------
+
+
+def _raw(doc: dict) -> bytes:
+    return bson.encode(doc)
+
+
+async def _dup_codes(coll, docs: list[dict]) -> list[int]:
+    """The write error codes of an unordered insert of `docs` (one per refused document)."""
+    try:
+        await coll.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        return [e["code"] for e in exc.details["writeErrors"]]
+    return []
+
+
+async def test_numerically_equal_ids_are_one_document(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("ids", codec_options=RAW)
+    await coll.insert_one({"_id": 1, "v": "int32"})
+    equal_ids = [1.0, Int64(1), Decimal128("1"), Decimal128("1.0"), Decimal128("1E0")]
+    assert await _dup_codes(coll, [{"_id": i} for i in equal_ids]) == [11000] * len(equal_ids)
+    for i in equal_ids:
+        assert (await coll.find_one({"_id": i})).raw == _raw({"_id": 1, "v": "int32"})
+        assert (await coll.find_one({"_id": {"$in": [i]}, "v": "int32"})) is not None
+    # An upsert under an equal _id replaces that document, and mongod stores the
+    # replacement as given: its own _id (checked equal by value) comes along.
+    result = await coll.bulk_write([ReplaceOne({"_id": Int64(1)}, {"_id": Int64(1), "v": "int64"}, upsert=True)])
+    assert (result.matched_count, result.upserted_count) == (1, 0)
+    assert [d.raw async for d in coll.find()] == [_raw({"_id": Int64(1), "v": "int64"})]
+    # A replacement without _id keeps the stored one.
+    await coll.replace_one({"_id": Decimal128("1.0")}, {"v": "kept"})
+    assert [d.raw async for d in coll.find()] == [_raw({"_id": Int64(1), "v": "kept"})]
+    # $set of an equal number of another type is a change (mongod's no-op test is binary).
+    result = await coll.update_one({"_id": 1}, {"$set": {"v": 2}})
+    result = await coll.update_one({"_id": 1}, {"$set": {"v": 2.0}})
+    assert result.modified_count == 1
+    assert (await coll.find_one({"_id": 1})).raw == _raw({"_id": Int64(1), "v": 2.0})
+    assert await coll.count_documents({}) == 1
+
+
+async def test_equal_and_unequal_ids_beyond_plain_numbers(either: AsyncMongoClient) -> None:
+    coll = either.db.ids
+    await coll.insert_many([{"_id": -0.0}, {"_id": {"a": 1, "b": [1, 2]}}, {"_id": Int64(2**53 + 1)},
+                            {"_id": [float("nan"), -0.0]}])
+    equal = [0, Decimal128("-0"), Decimal128("0E+10"), {"a": 1.0, "b": [Int64(1), Decimal128("2.0")]},
+             Decimal128("9007199254740993"), [Decimal128("NaN"), 0]]
+    assert await _dup_codes(coll, [{"_id": i} for i in equal]) == [11000] * len(equal)
+    # Not equal: precision beyond a double, field order, bool vs number, string vs number.
+    distinct = [float(2**53), {"b": [1, 2], "a": 1}, {"a": 1}, False, True, "0", Decimal128("0.1"), 0.1]
+    assert await _dup_codes(coll, [{"_id": i} for i in distinct]) == []
+    assert await coll.count_documents({}) == 4 + len(distinct)
+    assert (await coll.find_one({"_id": Int64(2**53)}))["_id"] == float(2**53)
+    assert (await coll.find_one({"_id": {"a": Int64(1), "b": [1.0, 2]}}))["_id"] == {"a": 1, "b": [1, 2]}
+    assert (await coll.find_one({"_id": 0.0}))["_id"] == 0.0
+    assert (await coll.find_one({"_id": Decimal128("0.1")}))["_id"] == Decimal128("0.1")
+
+
+async def test_nan_id_is_one_document(either: AsyncMongoClient) -> None:
+    coll = either.db.get_collection("nan", codec_options=RAW)
+    nan = float("nan")
+    first = await coll.replace_one({"_id": nan}, {"_id": nan, "v": 1}, upsert=True)
+    second = await coll.replace_one({"_id": float("nan")}, {"_id": float("nan"), "v": 2}, upsert=True)
+    assert first.upserted_id is not None and second.upserted_id is None and second.matched_count == 1
+    assert [d.raw async for d in coll.find()] == [_raw({"_id": nan, "v": 2})]
+    assert (await coll.find_one({"_id": Decimal128("NaN")})).raw == _raw({"_id": nan, "v": 2})
+    assert await _dup_codes(coll, [{"_id": float("nan")}, {"_id": Decimal128("NaN")}]) == [11000, 11000]
+    await coll.delete_one({"_id": Decimal128("-NaN")})
+    assert await coll.count_documents({}) == 0
+
+
+async def test_nan_in_filters_matches_only_nan(either: AsyncMongoClient) -> None:
+    coll = either.db.nanq
+    await coll.insert_many([{"_id": 1, "x": float("nan")}, {"_id": 2, "x": float("-inf")}, {"_id": 3, "x": 1},
+                            {"_id": 4, "x": Decimal128("NaN")}])
+
+    async def ids(flt: dict) -> list:
+        return [d["_id"] async for d in coll.find(flt).sort("_id", 1)]
+
+    assert await ids({"x": float("nan")}) == [1, 4]
+    assert await ids({"x": {"$in": [Decimal128("NaN")]}}) == [1, 4]
+    assert await ids({"x": {"$lt": 5}}) == [2, 3]  # NaN sorts first but $lt never matches it
+    assert await ids({"x": {"$gt": float("nan")}}) == []
+    assert await ids({"x": {"$gte": float("nan")}}) == [1, 4]
+    assert await ids({"x": {"$ne": float("nan")}}) == [2, 3]
+    assert [d["_id"] async for d in coll.find().sort([("x", 1), ("_id", 1)])] == [1, 4, 2, 3]

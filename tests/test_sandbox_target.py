@@ -7,6 +7,7 @@ import struct
 
 import bson
 import pytest
+from bson import Decimal128, Int64
 from bson.code import Code
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient, InsertOne, ReplaceOne
@@ -64,6 +65,30 @@ async def test_sparse_and_partial_unique_indexes(target: AsyncMongoClient) -> No
     await coll.insert_one({"_id": 5, "p": 1, "on": True})
     with pytest.raises(DuplicateKeyError):
         await coll.insert_one({"_id": 6, "p": 1, "on": True})
+
+
+async def test_unique_index_treats_equal_values_as_one_key(target: AsyncMongoClient) -> None:
+    # A unique index keys values as mongod compares them: numbers by value across
+    # types, every NaN alike, -0.0 as 0, sub-documents field by field.
+    coll = target.db.u
+    await coll.create_index("e", unique=True)
+    held = [5, float("nan"), -0.0, {"a": 1}, Int64(2**53 + 1), float(2**53)]
+    await coll.insert_many([{"_id": i, "e": v} for i, v in enumerate(held)])
+    clashing = [5.0, Decimal128("5.0"), Int64(5), Decimal128("NaN"), float("nan"), 0, Decimal128("0"),
+                {"a": 1.0}, Decimal128("9007199254740993"), Int64(2**53)]
+    for i, value in enumerate(clashing, start=100):
+        with pytest.raises(DuplicateKeyError) as info:
+            await coll.insert_one({"_id": i, "e": value})
+        assert info.value.code == 11000
+    with pytest.raises(BulkWriteError) as bulk:
+        await coll.bulk_write([ReplaceOne({"_id": 200}, {"_id": 200, "e": Decimal128("NaN")}, upsert=True)])
+    assert bulk.value.details["writeErrors"][0]["code"] == 11000
+    assert await coll.count_documents({}) == len(held)
+    # Building a unique index over equal values fails the same way.
+    await target.db.v.insert_many([{"_id": 1, "e": float("nan")}, {"_id": 2, "e": Decimal128("-NaN")}])
+    with pytest.raises(OperationFailure) as built:
+        await target.db.v.create_index("e", unique=True)
+    assert built.value.code == 11000
 
 
 async def test_retryable_write_is_refused(sandbox: Sandbox) -> None:

@@ -1,9 +1,11 @@
 """BSON value semantics the emulators need: type order, equality, hashing, raw scans.
 
 MongoDB compares values across types by a fixed "type bracket" order and
-treats 1, 1.0 and Int64(1) as the same `_id`; Python does neither (and thinks
-True == 1). These helpers give the emulators MongoDB's answers so that `_id`
-lookups, range scans and unique indexes behave like a real server.
+treats 1, 1.0, Int64(1) and Decimal128("1.0") as the same `_id`, every NaN as
+equal to every NaN and -0.0 as equal to 0.0; Python does none of that (and
+thinks True == 1). `sort_key` and `canonical_key` give the emulators MongoDB's
+answers, so that `_id` lookups, range scans, unique indexes, query equality
+and the change feed all agree on which values are "the same".
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from typing import Any
 import bson
 from bson.binary import Binary
 from bson.code import Code
+from bson.codec_options import CodecOptions, DatetimeConversion
+from bson.datetime_ms import DatetimeMS
 from bson.dbref import DBRef
 from bson.decimal128 import Decimal128
 from bson.int64 import Int64
 from bson.max_key import MaxKey
 from bson.min_key import MinKey
 from bson.objectid import ObjectId
+from bson.raw_bson import RawBSONDocument
 from bson.regex import Regex
 from bson.timestamp import Timestamp
 
@@ -45,27 +50,76 @@ RANK_CODE = 13
 RANK_MAXKEY = 14
 
 
+class _NaNKey:
+    """Stands in for every NaN (Double or Decimal128) inside keys.
+
+    MongoDB treats all NaNs as one value that equals itself and sorts below
+    every other number. Python's NaN equals nothing, so a NaN `_id` would never
+    be found again, and it orders with nothing. Stateless; one shared instance.
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __hash__(self) -> int:
+        return 0x4E614E
+
+    def __lt__(self, other: object) -> bool:
+        return other is not self
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __gt__(self, other: object) -> bool:
+        return False
+
+    def __ge__(self, other: object) -> bool:
+        return other is self
+
+    def __repr__(self) -> str:
+        return "NaN"
+
+
+NAN_KEY = _NaNKey()
+
+
 def _millis(value: dt.datetime) -> int:
     return calendar.timegm(value.utctimetuple()) * 1000 + value.microsecond // 1000
 
 
 def sort_key(value: Any) -> tuple[Any, ...]:
-    """A tuple that orders like MongoDB orders BSON values (and is equal when they are)."""
+    """A hashable tuple that orders like MongoDB orders BSON values, equal exactly when they are.
+
+    A number becomes (RANK_NUMBER, n) with n the Python int, float or Decimal:
+    Python compares and hashes those exactly across types (1 == 1.0 ==
+    Decimal("1.0") with equal hashes, 2**53 + 1 != 2.0**53, Decimal("0.1") !=
+    0.1), as mongod compares Int32/Int64/Double/Decimal128; -0.0 == 0 already,
+    and every NaN becomes NAN_KEY. Strings compare by code point, which is the
+    order of their UTF-8 bytes, as in mongod.
+    """
     t = type(value)
     if t is str:
         return (RANK_STRING, value)
-    if t is bool:
-        return (RANK_BOOL, value)
-    if t is int or t is Int64 or t is float:
+    if t is int or t is Int64:
         return (RANK_NUMBER, value)
     if t is ObjectId:
         return (RANK_OBJECTID, value.binary)
+    if t is float:
+        return (RANK_NUMBER, value if value == value else NAN_KEY)
+    if t is bool:
+        return (RANK_BOOL, value)
     if value is None:
         return (RANK_NULL,)
+    if t is DatetimeMS:
+        return (RANK_DATE, int(value))
     if isinstance(value, Decimal128):
-        return (RANK_NUMBER, value.to_decimal())
-    if isinstance(value, (int, float, Decimal)):
-        return (RANK_NUMBER, value)
+        value = value.to_decimal()
+    if isinstance(value, Decimal):
+        return (RANK_NUMBER, NAN_KEY if value.is_nan() else value)
+    if isinstance(value, (int, float)):
+        return (RANK_NUMBER, value if value == value else NAN_KEY)
     if isinstance(value, dt.datetime):
         return (RANK_DATE, _millis(value))
     if isinstance(value, Timestamp):
@@ -106,27 +160,32 @@ def rank(value: Any) -> int:
     return sort_key(value)[0]
 
 
-def values_equal(a: Any, b: Any) -> bool:
-    """MongoDB equality: 1 == 1.0 == Int64(1), but True != 1."""
-    return sort_key(a) == sort_key(b)
+def is_nan_key(key: tuple[Any, ...]) -> bool:
+    """True for the sort key of a NaN ($lt/$gt never match it; $lte/$gte only NaN to NaN)."""
+    return len(key) == 2 and key[1] is NAN_KEY
 
 
-def id_key(value: Any) -> Hashable:
-    """A hashable key for an `_id` value, equal exactly when MongoDB finds the ids equal."""
+def canonical_key(value: Any) -> Hashable:
+    """The one hashable identity of a BSON value: equal exactly when MongoDB finds the values equal.
+
+    Storage and the change feed key documents by it, unique indexes key their
+    entries by it and query equality (`values_equal`) compares by it, so none
+    of them can disagree on which `_id`s are one document. ObjectId and str,
+    the common `_id`s, are their own key (cheap; neither equals the other nor
+    any `sort_key` tuple); everything else is its `sort_key`, inlined for
+    integers, the other common `_id`.
+    """
     t = type(value)
-    if t is ObjectId:
+    if t is ObjectId or t is str:
         return value
-    if t is str:
-        return ("s", value)
-    if t is bool:
-        return ("b", value)
-    if t is int or t is Int64 or t is float:
-        return ("n", value)
-    if value is None:
-        return ("z",)
-    if isinstance(value, Decimal128):
-        return ("n", value.to_decimal())
-    return ("k", sort_key(value))
+    if t is int or t is Int64:
+        return (RANK_NUMBER, value)
+    return sort_key(value)
+
+
+def values_equal(a: Any, b: Any) -> bool:
+    """MongoDB equality: 1 == 1.0 == Int64(1) == Decimal128("1.0"), NaN == NaN, but True != 1."""
+    return canonical_key(a) == canonical_key(b)
 
 
 # --- raw BSON scans ------------------------------------------------------------
@@ -200,4 +259,25 @@ def prepend_id(raw: bytes, id_value: Any) -> bytes:
     return bson.encode({"_id": id_value, **doc}, codec_options=DECODE_OPTIONS)
 
 
-DECODE_OPTIONS = bson.CodecOptions(document_class=dict, tz_aware=False)
+def raw_bytes(doc: RawBSONDocument) -> bytes:
+    """The BSON bytes of a raw document, as `bytes`.
+
+    PyMongo exposes a nested raw document of 4 KiB or more (a replacement inside
+    an update statement, say) as a read-only memoryview slice of the enclosing
+    buffer, not as bytes. Storage must own plain bytes: a memoryview has no
+    .index()/.decode(), and it would pin the whole request buffer for as long
+    as the document lives.
+    """
+    raw = doc.raw
+    return raw if type(raw) is bytes else bytes(raw)
+
+
+# Dates decode as DatetimeMS (raw int64 milliseconds): BSON allows any int64,
+# Python's datetime only years 1-9999, and a server must neither refuse nor
+# alter a date a client could write. `sort_key` orders both kinds alike.
+DECODE_OPTIONS: CodecOptions[dict[str, Any]] = CodecOptions(
+    document_class=dict, tz_aware=False, datetime_conversion=DatetimeConversion.DATETIME_MS
+)
+RAW_OPTIONS: CodecOptions[RawBSONDocument] = CodecOptions(
+    document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_MS
+)

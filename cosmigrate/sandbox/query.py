@@ -17,7 +17,7 @@ from typing import Any
 
 from bson.regex import Regex
 
-from cosmigrate.sandbox.bsonvalues import rank, sort_key, values_equal
+from cosmigrate.sandbox.bsonvalues import is_nan_key, rank, sort_key, values_equal
 
 
 class QueryError(Exception):
@@ -138,11 +138,22 @@ def _regex_matches(values: list[Any], pattern: str, options: str) -> bool:
     return any(isinstance(v, str) and rx.search(v) for v in _expand(values))
 
 
-def _compare(values: list[Any], arg: Any, test: Any) -> bool:
+def _compare(values: list[Any], arg: Any, test: Any, nan_matches_nan: bool) -> bool:
+    """Range operators: only within one type bracket, and NaN apart.
+
+    NaN sorts below every number, but mongod's matcher does not let $lt/$gt
+    match NaN at all, and $lte/$gte match it only against NaN.
+    """
     arg_key = sort_key(arg)
+    arg_nan = is_nan_key(arg_key)
     for v in _expand(values):
         k = sort_key(v)
-        if k[0] == arg_key[0] and test(k, arg_key):
+        if k[0] != arg_key[0]:
+            continue
+        if arg_nan or is_nan_key(k):
+            if nan_matches_nan and arg_nan and is_nan_key(k):
+                return True
+        elif test(k, arg_key):
             return True
     return False
 
@@ -153,13 +164,13 @@ def _op_matches(values: list[Any], op: str, arg: Any, options: str) -> bool:
     if op == "$ne":
         return not _eq_matches(values, arg)
     if op == "$gt":
-        return _compare(values, arg, lambda a, b: a > b)
+        return _compare(values, arg, lambda a, b: a > b, False)
     if op == "$gte":
-        return _compare(values, arg, lambda a, b: a >= b)
+        return _compare(values, arg, lambda a, b: a >= b, True)
     if op == "$lt":
-        return _compare(values, arg, lambda a, b: a < b)
+        return _compare(values, arg, lambda a, b: a < b, False)
     if op == "$lte":
-        return _compare(values, arg, lambda a, b: a <= b)
+        return _compare(values, arg, lambda a, b: a <= b, True)
     if op == "$in":
         if not isinstance(arg, list):
             raise QueryError(2, "$in needs an array")

@@ -14,7 +14,7 @@ import itertools
 import random
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import bson
 from bson.int64 import Int64
@@ -24,9 +24,11 @@ from bson.raw_bson import RawBSONDocument
 from cosmigrate.sandbox import wire
 from cosmigrate.sandbox.bsonvalues import (
     DECODE_OPTIONS,
+    RAW_OPTIONS,
+    canonical_key,
     first_field_is_id,
-    id_key,
     prepend_id,
+    raw_bytes,
     values_equal,
 )
 from cosmigrate.sandbox.faults import Faults, FaultSpecError
@@ -69,7 +71,7 @@ class DropConnection(Exception):
 def _raw(doc: Any) -> RawBSONDocument:
     if isinstance(doc, RawBSONDocument):
         return doc
-    return RawBSONDocument(bson.encode(doc, codec_options=DECODE_OPTIONS))
+    return RawBSONDocument(bson.encode(doc, codec_options=DECODE_OPTIONS), RAW_OPTIONS)
 
 
 def _to_py(value: Any) -> Any:
@@ -84,14 +86,30 @@ class Cursor:
 
     ns: str
     docs: Iterator[RawBSONDocument]
+    held: RawBSONDocument | None = None
 
     def next_batch(self, size: int) -> tuple[list[RawBSONDocument], bool]:
+        """Up to `size` documents (0: no count limit), and whether the cursor is exhausted.
+
+        Like mongod, a batch holds at least one document and otherwise stops
+        before the document that would take it past REPLY_BATCH_BYTES; that
+        document opens the next batch. A reply therefore never carries two
+        near-16 MiB documents, which a real server would never send.
+        """
         out: list[RawBSONDocument] = []
         total = 0
-        for doc in self.docs:
+        docs: Iterator[RawBSONDocument] = self.docs
+        if self.held is not None:
+            docs = itertools.chain([self.held], docs)
+            self.held = None
+        for doc in docs:
+            n = len(doc.raw)
+            if out and total + n > REPLY_BATCH_BYTES:
+                self.held = doc
+                return out, False
             out.append(doc)
-            total += len(doc.raw)
-            if (size and len(out) >= size) or total >= REPLY_BATCH_BYTES:
+            total += n
+            if size and len(out) >= size:
                 return out, False
         return out, True
 
@@ -399,7 +417,7 @@ class MongoServer:
         if only_id and "_id" in flt:
             cond = flt["_id"]
             if not (isinstance(cond, dict) and cond and next(iter(cond)).startswith("$")):
-                key = id_key(cond)
+                key = canonical_key(cond)
                 if key in coll.docs:
                     yield key, None
                 return
@@ -407,7 +425,7 @@ class MongoServer:
             docs = [coll.decode(k) for k in list(coll.docs)]
             docs = [d for d in docs if matches(d, flt)]
             for d in sort_documents(docs, sort):
-                yield id_key(d["_id"]), d
+                yield canonical_key(d["_id"]), d
             return
         if sort:
             lower, inclusive = _lower_bound(flt.get("_id"))
@@ -591,9 +609,12 @@ class MongoServer:
             return {"index": index, "code": exc.code, "errmsg": str(exc)}
         return {"index": index, "code": 1, "errmsg": f"internal sandbox error: {exc!r}"}
 
-    def _store_doc(self, coll: Collection, key: Hashable, id_value: Any, raw: bytes, doc: dict[str, Any] | None = None) -> None:
+    def _store_doc(
+        self, coll: Collection, key: Hashable, id_value: Any, raw: bytes, doc: dict[str, Any] | None, write: str
+    ) -> None:
+        """Validate and store one document; `write` is insert, upsert or update (for the size error)."""
         if len(raw) > MAX_BSON_SIZE:
-            raise CommandError(10334, f"object to insert too large. size in bytes: {len(raw)}, max size: {MAX_BSON_SIZE}", "BSONObjectTooLarge")
+            raise _too_large(write, len(raw))
         self.validate_document(raw)
         coll.put(key, id_value, raw, doc)
         self.store.writes += 1
@@ -608,7 +629,7 @@ class MongoServer:
         errors = []
         for i, doc in enumerate(docs):
             try:
-                raw = cast(bytes, doc.raw)
+                raw = raw_bytes(doc)
                 try:
                     id_value = doc["_id"]
                 except KeyError:
@@ -617,10 +638,10 @@ class MongoServer:
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 id_value = _to_py(id_value)
-                key = id_key(id_value)
+                key = canonical_key(id_value)
                 if key in coll.docs:
                     raise DuplicateKey(coll.ns, coll.indexes["_id_"], {"_id": id_value})
-                self._store_doc(coll, key, id_value, raw)
+                self._store_doc(coll, key, id_value, raw, None, "insert")
                 n += 1
             except (DuplicateKey, QueryError, CommandError) as exc:
                 errors.append(self._write_error(i, exc))
@@ -691,30 +712,33 @@ class MongoServer:
                     id_value = u_doc["_id"]
                 else:
                     id_value = equality_fields(q).get("_id", ObjectId())
-                raw = cast(bytes, u.raw)
+                raw = raw_bytes(u)
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 doc = None
-            key = id_key(id_value)
-            self._store_doc(coll, key, id_value, raw, doc)
+            key = canonical_key(id_value)
+            self._store_doc(coll, key, id_value, raw, doc, "upsert")
             return 0, 0, id_value
         modified = 0
         for key in keys:
             id_value = coll.id_values[key]
             if operator:
-                old = coll.decode(key)
-                new = apply_update(old, u_doc, inserting=False)
-                if new == old:
-                    continue
+                new = apply_update(coll.decode(key), u_doc, inserting=False)
                 raw = bson.encode(new, codec_options=DECODE_OPTIONS)
-                self._store_doc(coll, key, id_value, raw, new)
+                if raw == coll.docs[key]:
+                    continue  # mongod's no-op test is binary: {$set: {a: 1.0}} on a: 1 is a change
+                self._store_doc(coll, key, id_value, raw, new, "update")
             else:
-                if "_id" in u_doc and not values_equal(u_doc["_id"], id_value):
-                    raise QueryError(66, "After applying the update, the (immutable) field '_id' was found to have been altered", "ImmutableField")
-                raw = cast(bytes, u.raw)
+                if "_id" in u_doc:
+                    # mongod checks the immutable _id by value (1.0 may replace 1) and
+                    # then stores the replacement as given, _id included.
+                    if not values_equal(u_doc["_id"], id_value):
+                        raise QueryError(66, "After applying the update, the (immutable) field '_id' was found to have been altered", "ImmutableField")
+                    id_value = u_doc["_id"]
+                raw = raw_bytes(u)
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
-                self._store_doc(coll, key, id_value, raw, u_doc)
+                self._store_doc(coll, key, id_value, raw, u_doc, "update")
             modified += 1
         return len(keys), modified, None
 
@@ -739,6 +763,20 @@ class MongoServer:
 
     def remove_doc(self, coll: Collection, key: Hashable) -> None:
         coll.remove(key)
+
+
+def _too_large(write: str, size: int) -> CommandError:
+    """The write error mongod gives for a document over 16 MiB; the code depends on the write path.
+
+    From mongod (jstests/core/max_doc_size.js): an insert fails with BadValue
+    (2), an upsert's new document with 17420, an update or replacement of an
+    existing document with 17419. Each is a per-statement write error.
+    """
+    if write == "insert":
+        return CommandError(2, f"object to insert too large. size in bytes: {size}, max size: {MAX_BSON_SIZE}")
+    if write == "upsert":
+        return CommandError(17420, f"Document to upsert is larger than {MAX_BSON_SIZE}", "Location17420")
+    return CommandError(17419, f"Resulting document after update is larger than {MAX_BSON_SIZE}", "Location17419")
 
 
 def _lower_bound(cond: Any) -> tuple[Any, bool]:

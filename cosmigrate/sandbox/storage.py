@@ -20,7 +20,7 @@ from typing import Any
 
 import bson
 
-from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS, id_key, sort_key
+from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS, canonical_key, sort_key
 from cosmigrate.sandbox.query import QueryError, matches, resolve
 
 SYSTEM_DATABASES = ("admin", "local", "config")
@@ -59,7 +59,7 @@ class IndexSpec:
             values = resolve(doc, path)
             if values:
                 present = True
-            parts.append(id_key(values[0] if values else None))
+            parts.append(canonical_key(values[0] if values else None))
         if self.sparse and not present:
             return None
         return tuple(parts)
@@ -79,6 +79,9 @@ class DuplicateKey(Exception):
 
 class ChangeFeed:
     """Cosmos DB's change feed for one collection ("latest version" mode).
+
+    Entries are keyed by `canonical_key` of the `_id`, as storage is, so writes
+    to `_id` 1, then 1.0, then NaN, then NaN again are two documents, not four.
 
     Every write moves the document to the feed's end with a new LSN; a reader
     positioned after LSN n gets each document whose latest write is past n,
@@ -167,7 +170,13 @@ class Collection:
     def put(
         self, key: Hashable, id_value: Any, raw: bytes, doc: Mapping[str, Any] | None = None
     ) -> None:
-        """Insert or replace one document; `doc` (decoded) is needed when unique indexes exist."""
+        """Insert or replace one document; `doc` (decoded) is needed when unique indexes exist.
+
+        `key` is the canonical key of `id_value`. A replacement may carry an
+        `_id` that is equal but not identical to the stored one (1.0 for 1):
+        mongod then stores the replacement as given, so `id_value` is always
+        taken as the document's `_id` from now on.
+        """
         uniques = self.unique_indexes
         if uniques:
             if doc is None:
@@ -180,8 +189,8 @@ class Collection:
                 if ek is not None:
                     ix.entries[ek] = key
         op = "update" if key in self.docs else "insert"
-        if key not in self.docs:
-            self.id_values[key] = id_value
+        self.id_values[key] = id_value
+        if op == "insert":
             if key not in self._in_order:
                 self._in_order.add(key)
                 self._pending.append((sort_key(id_value), key))

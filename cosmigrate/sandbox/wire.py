@@ -15,7 +15,7 @@ from typing import Any
 import bson
 from bson.raw_bson import RawBSONDocument
 
-from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS
+from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS, RAW_OPTIONS
 
 OP_REPLY = 1
 OP_QUERY = 2004
@@ -70,7 +70,7 @@ def _split_docs(payload: bytes, start: int, end: int) -> list[RawBSONDocument]:
         (size,) = _INT32.unpack_from(payload, pos)
         if size < 5 or pos + size > end or payload[pos + size - 1] != 0:
             raise BadCommand("invalid document size in sequence")
-        docs.append(RawBSONDocument(payload[pos : pos + size]))
+        docs.append(RawBSONDocument(payload[pos : pos + size], RAW_OPTIONS))
         pos += size
     return docs
 
