@@ -15,7 +15,19 @@ from typing import Protocol
 
 
 class LedgerError(Exception):
-    """The ledger could not be reached or refused an operation."""
+    """The ledger could not be reached or refused an operation.
+
+    Every failure of a ledger method is one of these (never a raw botocore or
+    sqlite3 exception), so callers need one `except` to retry or report.
+    """
+
+
+class LedgerUnavailable(LedgerError):
+    """A transient failure (throttling, 5xx, network) outlasted the ledger's own retries.
+
+    The operation may or may not have taken effect; calling it again is safe
+    because every write is conditional and recognises its own earlier success.
+    """
 
 
 class Fenced(LedgerError):
@@ -80,7 +92,11 @@ class Ledger(Protocol):
         """Record the first start position, only if none is stored yet; False if one was."""
 
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
-        """Commit a batch already put in the store; raises Fenced or SeqConflict."""
+        """Commit a batch already put in the store; raises Fenced or SeqConflict.
+
+        Returns normally if this very batch (same seq and checksum, my epoch) is
+        already committed: our earlier call whose answer was lost.
+        """
 
     async def set_state(self, ns: str, epoch: int, state: str, error: str = "") -> None:
         """Record the namespace's state (running, failed, ...); raises Fenced."""

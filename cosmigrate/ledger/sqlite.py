@@ -17,7 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cosmigrate.ledger.base import BatchRecord, Fenced, LedgerError, NamespaceMeta, SeqConflict, WriterControl
+from cosmigrate.ledger.base import (
+    BatchRecord,
+    Fenced,
+    LedgerError,
+    LedgerUnavailable,
+    NamespaceMeta,
+    SeqConflict,
+    WriterControl,
+)
 
 T = TypeVar("T")
 
@@ -63,11 +71,15 @@ class SqliteLedger:
                 raise LedgerError(f"ledger {self.path} does not exist; run `cosmigrate ledger init --config ...`")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            if create:
-                conn.executescript(SCHEMA)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA busy_timeout=30000")
+                if create:
+                    conn.executescript(SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
         return self._conn
 
@@ -75,7 +87,11 @@ class SqliteLedger:
         def call() -> T:
             try:
                 return fn(self._connect(create))
-            except sqlite3.Error as exc:
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise LedgerUnavailable(f"ledger {self.path}: {exc}") from exc
+                raise LedgerError(f"ledger {self.path}: {exc}") from exc
+            except (sqlite3.Error, OSError) as exc:
                 raise LedgerError(f"ledger {self.path}: {exc}") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
