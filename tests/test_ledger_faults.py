@@ -1,7 +1,7 @@
 """The ledger under AWS failures (moto over HTTP behind tests/flakyhttp.py).
 
-Throttling, 5xx, dropped connections and transaction conflicts must never
-surface as a raw botocore exception.
+Lost answers, throttling, 5xx and dropped connections must never surface as a
+raw botocore exception, nor as a SeqConflict for a write that went through.
 """
 
 from __future__ import annotations
@@ -29,6 +29,26 @@ def record(seq: int, events: int = 10) -> BatchRecord:
                        checksum=f"{seq:032x}", first_captured_at=time.time(), captured_at=time.time())
 
 
+class LoseNext:
+    """The proxy's random source, scripted: fail exactly the next `n` requests in the proxy's first mode.
+
+    This makes "the write took effect but its answer was lost" happen on the one
+    request under test, deterministically; the proxy, moto and aioboto3 stay real.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def random(self) -> float:
+        if self.n > 0:
+            self.n -= 1
+            return 0.0
+        return 1.0
+
+    def choice(self, modes: tuple[str, ...]) -> str:
+        return modes[0]
+
+
 async def _backends(tmp_path: Path, moto_endpoint: str) -> Config:
     cfg = make_config(tmp_path, "mongodb://127.0.0.1:1", "mongodb://127.0.0.1:2", "s3+dynamodb", moto_endpoint)
     await prepare_backends(cfg)  # set-up goes straight to moto
@@ -42,6 +62,42 @@ async def proxy(moto_endpoint: str) -> AsyncIterator[FlakyHttpProxy]:
         yield p
     finally:
         await p.stop()
+
+
+async def test_lost_answers_are_recognised_as_done(tmp_path: Path, moto_endpoint: str, proxy: FlakyHttpProxy) -> None:
+    cfg = await _backends(tmp_path, moto_endpoint)
+    cfg.aws.endpoint_url = proxy.url
+    proxy.modes = ("lost",)
+    proxy.fail_rate = 0.5  # only the threshold matters with the scripted source
+    lose = LoseNext()
+    proxy.rng = lose  # type: ignore[assignment]
+    ledger = open_ledger(cfg)
+    try:
+        meta = await ledger.claim(NS, "me")
+
+        async def lost(call: Awaitable[T]) -> T:
+            before = proxy.failures["lost"]
+            lose.n = 1
+            result = await call
+            assert proxy.failures["lost"] == before + 1 and lose.n == 0, "the write's answer was not lost"
+            return result
+
+        assert await lost(ledger.set_start_token(NS, meta.epoch, b"start"))
+        for seq in range(3):
+            await lost(ledger.commit_batch(NS, meta.epoch, record(seq), f"t{seq}".encode()))
+        await lost(ledger.mark_applied(NS, meta.epoch, -1, 1, 20, time.time()))
+        await lost(ledger.mark_applied(NS, meta.epoch, 1, 2, 10, time.time()))
+        await lost(ledger.set_state(NS, meta.epoch, "failed", "x"))
+
+        meta2 = await ledger.get_namespace(NS)
+        assert meta2 is not None
+        assert (meta2.epoch, meta2.next_seq, meta2.resume_token, meta2.captured_events) == (meta.epoch, 3, b"t2", 30)
+        assert (meta2.applied_seq, meta2.applied_events, meta2.state) == (2, 30, "failed")
+        batches = await ledger.list_batches(NS)
+        assert [(b.seq, b.checksum, b.epoch) for b in batches] == [(s, f"{s:032x}", meta.epoch) for s in range(3)]
+        assert all(b.applied_at for b in batches)
+    finally:
+        await ledger.close()
 
 
 async def _persist(call: Callable[[], Awaitable[T]], unavailable: list[str]) -> T:
@@ -61,8 +117,7 @@ async def test_throttling_5xx_and_dropped_connections_leave_the_ledger_exact(
 ) -> None:
     cfg = await _backends(tmp_path, moto_endpoint)
     cfg.aws.endpoint_url = proxy.url
-    proxy.modes = ("503", "reset")
-    proxy.fail_rate = 0.3
+    proxy.fail_rate = 0.3  # modes: 503, reset and lost
     ledger = open_ledger(cfg)
     unavailable: list[str] = []
     batches, events = 60, 7
@@ -74,7 +129,7 @@ async def test_throttling_5xx_and_dropped_connections_leave_the_ledger_exact(
         for seq in range(batches):
             await _persist(lambda s=seq: ledger.commit_batch(NS, epoch, record(s, events), f"t{s}".encode()), unavailable)
             if seq % 3 == 2:
-                await _persist(lambda s=seq, a=applied: ledger.mark_applied(NS, a, s, (s - a) * events, time.time()),
+                await _persist(lambda s=seq, a=applied: ledger.mark_applied(NS, epoch, a, s, (s - a) * events, time.time()),
                                unavailable)
                 applied = seq
                 assert [b.seq for b in await _persist(lambda s=seq: ledger.list_batches(NS, s), unavailable)] == [seq]
@@ -83,7 +138,7 @@ async def test_throttling_5xx_and_dropped_connections_leave_the_ledger_exact(
         await _persist(lambda: ledger.set_state(NS, epoch, "failed", "x"), unavailable)
     finally:
         await ledger.close()
-    assert proxy.failures["503"] > 10 and proxy.failures["reset"] > 10, proxy.failures
+    assert all(n > 10 for n in proxy.failures.values()), proxy.failures
 
     proxy.fail_rate = 0.0  # read the outcome without faults
     check = open_ledger(cfg)

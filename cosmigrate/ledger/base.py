@@ -89,7 +89,10 @@ class Ledger(Protocol):
         """Take the namespace: bump its epoch, record the owner; create it if new."""
 
     async def set_start_token(self, ns: str, epoch: int, token: bytes) -> bool:
-        """Record the first start position, only if none is stored yet; False if one was."""
+        """Record the first start position, only if none is stored yet; False if another one was.
+
+        True also when `token` itself is already stored: our earlier call whose answer was lost.
+        """
 
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
         """Commit a batch already put in the store; raises Fenced or SeqConflict.
@@ -110,8 +113,15 @@ class Ledger(Protocol):
     async def list_batches(self, ns: str, start_seq: int = 0, limit: int | None = None) -> list[BatchRecord]:
         """Committed batches of a namespace from `start_seq`, in seq order."""
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
-        """Advance applied_seq from exactly `old_applied_seq`; raises SeqConflict otherwise."""
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
+        """Advance applied_seq from exactly `old_applied_seq` and add `events` to applied_events.
+
+        Raises Fenced if the stored epoch is not `epoch` (an applier that lost its
+        namespace must not move applied_seq), SeqConflict if applied_seq is neither
+        `old_applied_seq` nor already `new_applied_seq` (the latter is our own
+        earlier call whose answer was lost: it returns without counting twice).
+        """
 
     async def get_control(self) -> WriterControl:
         """The cluster's writer switch (stopped until an operator starts it)."""

@@ -278,7 +278,7 @@ class DynamoLedger:
             meta = await self.get_namespace(ns)
             if meta is None or meta.epoch != epoch:
                 raise self._fenced(ns, epoch, meta) from None
-            return False
+            return meta.resume_token == token  # ours: an earlier attempt went through and its answer was lost
 
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
         batch_item = {
@@ -372,17 +372,25 @@ class DynamoLedger:
         out = [self._to_batch(i) for i in items]
         return out[:limit] if limit is not None else out
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
         try:
             await self._call(
                 "update_item", TableName=self.table, Key=self._meta_key(ns),
                 UpdateExpression="SET applied_seq = :new, updated_at = :now ADD applied_events :n",
-                ConditionExpression="applied_seq = :old",
+                ConditionExpression="epoch = :epoch AND applied_seq = :old",
                 ExpressionAttributeValues=self._item({":new": new_applied_seq, ":old": old_applied_seq, ":n": events,
-                                                      ":now": Decimal(str(applied_at))}),
+                                                      ":epoch": epoch, ":now": Decimal(str(applied_at))}),
             )
         except _ConditionFailed:
-            raise SeqConflict(f"{ns}: applied_seq is no longer {old_applied_seq}") from None
+            meta = await self.get_namespace(ns)
+            if meta is None or meta.epoch != epoch:
+                raise self._fenced(ns, epoch, meta) from None
+            if meta.applied_seq != new_applied_seq:
+                raise SeqConflict(
+                    f"{ns}: applied_seq is {meta.applied_seq}, neither {old_applied_seq} nor {new_applied_seq}") from None
+            # Our earlier attempt went through (and counted the events); its answer was lost.
+            # Its batch stamps below may not have been written: write them (again).
         expires = Decimal(int(applied_at) + APPLIED_BATCH_TTL_S)
         for seq in range(old_applied_seq + 1, new_applied_seq + 1):
             # Best effort: applied_at is for audit and expiry. Failing here would make the caller

@@ -144,21 +144,23 @@ class SqliteLedger:
 
         return await self._run(claim)
 
-    def _check_epoch(self, conn: sqlite3.Connection, ns: str, epoch: int) -> tuple[int, int]:
-        row = conn.execute("SELECT epoch, next_seq FROM namespaces WHERE cluster=? AND ns=?", (self.cluster, ns)).fetchone()
+    def _check_epoch(self, conn: sqlite3.Connection, ns: str, epoch: int) -> tuple[int, int, int, bytes | None]:
+        """(epoch, next_seq, applied_seq, resume_token) of `ns`; raises Fenced unless the epoch is `epoch`."""
+        row = conn.execute("SELECT epoch, next_seq, applied_seq, resume_token FROM namespaces WHERE cluster=? AND ns=?",
+                           (self.cluster, ns)).fetchone()
         if row is None or row[0] != epoch:
-            raise Fenced(f"{ns}: taken over by another process (epoch {row[0] if row else '?'} > mine {epoch})")
-        return row[0], row[1]
+            raise Fenced(f"{ns}: taken over by another process (stored epoch {row[0] if row else 'none'}, mine {epoch})")
+        return row[0], row[1], row[2], bytes(row[3]) if row[3] is not None else None
 
     async def set_start_token(self, ns: str, epoch: int, token: bytes) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             def body() -> bool:
-                self._check_epoch(conn, ns, epoch)
-                cur = conn.execute(
-                    "UPDATE namespaces SET resume_token=?, updated_at=? WHERE cluster=? AND ns=? AND resume_token IS NULL",
-                    (token, time.time(), self.cluster, ns),
-                )
-                return cur.rowcount == 1
+                stored = self._check_epoch(conn, ns, epoch)[3]
+                if stored is not None:
+                    return stored == token  # the same token: a repeated call, as on DynamoDB after a lost answer
+                conn.execute("UPDATE namespaces SET resume_token=?, updated_at=? WHERE cluster=? AND ns=?",
+                             (token, time.time(), self.cluster, ns))
+                return True
 
             return self._tx(conn, body)
 
@@ -167,8 +169,10 @@ class SqliteLedger:
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
         def run(conn: sqlite3.Connection) -> None:
             def body() -> None:
-                _, next_seq = self._check_epoch(conn, ns, epoch)
+                next_seq = self._check_epoch(conn, ns, epoch)[1]
                 if next_seq != record.seq:
+                    if next_seq > record.seq and self._committed_by(conn, ns, record, epoch):
+                        return  # a repeated call: same semantics as DynamoDB after a lost answer
                     raise SeqConflict(f"{ns}: committing seq {record.seq} but next_seq is {next_seq}")
                 conn.execute(
                     f"INSERT INTO batches (cluster, {_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -184,6 +188,11 @@ class SqliteLedger:
             self._tx(conn, body)
 
         await self._run(run)
+
+    def _committed_by(self, conn: sqlite3.Connection, ns: str, record: BatchRecord, epoch: int) -> bool:
+        row = conn.execute("SELECT checksum, epoch FROM batches WHERE cluster=? AND ns=? AND seq=?",
+                           (self.cluster, ns, record.seq)).fetchone()
+        return row is not None and tuple(row) == (record.checksum, epoch)
 
     async def set_state(self, ns: str, epoch: int, state: str, error: str = "") -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -222,16 +231,20 @@ class SqliteLedger:
 
         return await self._run(run)
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
         def run(conn: sqlite3.Connection) -> None:
             def body() -> None:
-                cur = conn.execute(
+                applied_seq = self._check_epoch(conn, ns, epoch)[2]
+                if applied_seq != old_applied_seq:
+                    if applied_seq == new_applied_seq:
+                        return  # a repeated call, already counted: same semantics as DynamoDB after a lost answer
+                    raise SeqConflict(f"{ns}: applied_seq is {applied_seq}, neither {old_applied_seq} nor {new_applied_seq}")
+                conn.execute(
                     "UPDATE namespaces SET applied_seq=?, applied_events=applied_events+?, updated_at=? "
-                    "WHERE cluster=? AND ns=? AND applied_seq=?",
-                    (new_applied_seq, events, applied_at, self.cluster, ns, old_applied_seq),
+                    "WHERE cluster=? AND ns=?",
+                    (new_applied_seq, events, applied_at, self.cluster, ns),
                 )
-                if cur.rowcount != 1:
-                    raise SeqConflict(f"{ns}: applied_seq is no longer {old_applied_seq}")
                 conn.execute(
                     "UPDATE batches SET applied_at=? WHERE cluster=? AND ns=? AND seq>? AND seq<=?",
                     (applied_at, self.cluster, ns, old_applied_seq, new_applied_seq),
