@@ -1,4 +1,4 @@
-"""The ledger under AWS failures (moto over HTTP behind tests/flakyhttp.py).
+"""The ledger under AWS failures (moto over HTTP behind tests/flakyhttp.py), and SQLite file details.
 
 Lost answers, throttling, 5xx and dropped connections must never surface as a
 raw botocore exception, nor as a SeqConflict for a write that went through.
@@ -6,6 +6,7 @@ raw botocore exception, nor as a SeqConflict for a write that went through.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from botocore.exceptions import ClientError
 from cosmigrate.config import Config
 from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, LedgerUnavailable, SeqConflict, open_ledger
 from cosmigrate.ledger.dynamodb import RETRY_TRIES, DynamoLedger
+from cosmigrate.ledger.sqlite import SqliteLedger
 from tests.flakyhttp import FlakyHttpProxy
 from tests.helpers import make_config, prepare_backends
 
@@ -87,6 +89,7 @@ async def test_lost_answers_are_recognised_as_done(tmp_path: Path, moto_endpoint
             await lost(ledger.commit_batch(NS, meta.epoch, record(seq), f"t{seq}".encode()))
         await lost(ledger.mark_applied(NS, meta.epoch, -1, 1, 20, time.time()))
         await lost(ledger.mark_applied(NS, meta.epoch, 1, 2, 10, time.time()))
+        assert await lost(ledger.set_first_discovery(1700000000.5)) == 1700000000.5
         await lost(ledger.set_state(NS, meta.epoch, "failed", "x"))
 
         meta2 = await ledger.get_namespace(NS)
@@ -125,6 +128,7 @@ async def test_throttling_5xx_and_dropped_connections_leave_the_ledger_exact(
         meta = await _persist(lambda: ledger.claim(NS, "me"), unavailable)
         epoch = meta.epoch
         assert await _persist(lambda: ledger.set_start_token(NS, epoch, b"start"), unavailable)
+        assert await _persist(lambda: ledger.set_first_discovery(1700000000.5), unavailable) == 1700000000.5
         applied = -1
         for seq in range(batches):
             await _persist(lambda s=seq: ledger.commit_batch(NS, epoch, record(s, events), f"t{s}".encode()), unavailable)
@@ -153,6 +157,7 @@ async def test_throttling_5xx_and_dropped_connections_leave_the_ledger_exact(
         assert [(b.seq, b.checksum, b.events, b.epoch) for b in listed] == \
             [(s, f"{s:032x}", events, epoch) for s in range(batches)]
         assert (await check.get_control()).writer == "started"
+        assert await check.get_first_discovery() == 1700000000.5
     finally:
         await check.close()
 
@@ -239,3 +244,34 @@ async def test_permission_and_missing_table_errors_say_what_to_do(
         assert not isinstance(info2.value, LedgerUnavailable)
     finally:
         await missing.close()
+
+
+# --- SQLite ---------------------------------------------------------------------------
+
+OLD_CONTROL_TABLE = """
+CREATE TABLE control (
+    cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL
+);
+"""
+
+
+async def test_an_old_sqlite_ledger_gains_the_first_discovery_marker(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    old = SqliteLedger(f"sqlite://{path}", str(path), "test")
+    await old.init()
+    await old.close()
+    with sqlite3.connect(path) as conn:  # as the previous release left it: no first_discovery_at column
+        conn.executescript(f"DROP TABLE control; {OLD_CONTROL_TABLE}")
+        conn.execute("INSERT INTO control VALUES ('test', 'started', 'ops', 5.0)")
+    conn.close()
+
+    ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")  # the daemon opens it without `ledger init`
+    try:
+        await ledger.check()
+        assert await ledger.get_first_discovery() == 0.0
+        assert await ledger.set_first_discovery(1700000000.5) == 1700000000.5
+        assert await ledger.set_first_discovery(1800000000.0) == 1700000000.5
+        control = await ledger.get_control()
+        assert (control.writer, control.changed_by, control.changed_at) == ("started", "ops", 5.0)
+    finally:
+        await ledger.close()

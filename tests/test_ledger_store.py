@@ -110,6 +110,21 @@ async def test_an_applier_with_a_stale_epoch_cannot_move_applied_seq(cfg) -> Non
         await second.close()
 
 
+async def test_first_discovery_is_recorded_once(cfg) -> None:
+    first, second = open_ledger(cfg), open_ledger(cfg)
+    try:
+        assert await first.get_first_discovery() == 0.0
+        assert await first.set_first_discovery(1700000000.25) == 1700000000.25
+        assert await second.set_first_discovery(1800000000.5) == 1700000000.25  # the first value stays
+        assert await first.set_first_discovery(1700000000.25) == 1700000000.25  # a repeat is harmless
+        await second.set_writer("started", "ops", 123.0)  # the writer switch shares the control record
+        assert await second.get_first_discovery() == 1700000000.25
+        assert (await first.get_control()).writer == "started"
+    finally:
+        await first.close()
+        await second.close()
+
+
 async def test_state_writer_switch_and_listing(cfg) -> None:
     ledger = open_ledger(cfg)
     try:

@@ -129,5 +129,15 @@ class Ledger(Protocol):
     async def set_writer(self, writer: str, changed_by: str, changed_at: float) -> WriterControl:
         """Flip the writer switch; it survives restarts."""
 
+    async def get_first_discovery(self) -> float:
+        """When the cluster's first namespace discovery completed; 0.0 if it never did.
+
+        A collection first seen after this moment was created while the cluster
+        ran, so the daemon captures it from the beginning of its feed.
+        """
+
+    async def set_first_discovery(self, at: float) -> float:
+        """Record `at` unless a time is already recorded; return the stored time (idempotent)."""
+
     async def close(self) -> None:
         """Release the connection."""

@@ -4,7 +4,7 @@ Items (a simplification of DESIGN.md's layout, documented in the README):
 
 | pk                  | sk               | what                                               |
 | ------------------- | ---------------- | -------------------------------------------------- |
-| `<cluster>`         | `control`        | writer switch                                      |
+| `<cluster>`         | `control`        | writer switch, first-discovery time                |
 | `<cluster>`         | `ns#<ns>`        | namespace meta (owner, epoch, next_seq, token, ...) |
 | `<cluster>#<ns>`    | `batch#<seq:012>`| one committed batch                                |
 
@@ -415,12 +415,29 @@ class DynamoLedger:
         return WriterControl(d.get("writer", "stopped"), d.get("changed_by", ""), float(d.get("changed_at", 0)))
 
     async def set_writer(self, writer: str, changed_by: str, changed_at: float) -> WriterControl:
+        """An update, not a put: the control item also holds the first-discovery marker."""
         await self._call(
-            "put_item", TableName=self.table,
-            Item={**self._control_key(),
-                  **self._item({"writer": writer, "changed_by": changed_by, "changed_at": Decimal(str(changed_at))})},
+            "update_item", TableName=self.table, Key=self._control_key(),
+            UpdateExpression="SET writer = :w, changed_by = :by, changed_at = :at",
+            ExpressionAttributeValues=self._item({":w": writer, ":by": changed_by, ":at": Decimal(str(changed_at))}),
         )
         return WriterControl(writer, changed_by, changed_at)
+
+    async def get_first_discovery(self) -> float:
+        return float((await self._control()).get("first_discovery_at", 0.0))
+
+    async def set_first_discovery(self, at: float) -> float:
+        try:
+            await self._call(
+                "update_item", TableName=self.table, Key=self._control_key(),
+                UpdateExpression="SET first_discovery_at = :at",
+                ConditionExpression="attribute_not_exists(first_discovery_at)",
+                ExpressionAttributeValues=self._item({":at": Decimal(str(at))}),
+            )
+            return at
+        except _ConditionFailed:
+            # Recorded already: by someone else, or by our own attempt whose answer was lost.
+            return await self.get_first_discovery()
 
     async def close(self) -> None:
         await self._client.close()

@@ -47,9 +47,16 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (cluster, ns, seq)
 );
 CREATE TABLE IF NOT EXISTS control (
-    cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL
+    cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL,
+    first_discovery_at REAL NOT NULL DEFAULT 0
 );
 """
+
+# Columns added after the first release: (table, column, definition). A ledger file
+# written by older code gains them on open, so an upgrade needs no manual step.
+MIGRATIONS = [
+    ("control", "first_discovery_at", "REAL NOT NULL DEFAULT 0"),
+]
 
 _META_COLS = "ns, owner, epoch, next_seq, resume_token, applied_seq, captured_events, applied_events, state, last_error, updated_at"
 _BATCH_COLS = "ns, seq, key, events, bytes, raw_bytes, checksum, first_captured_at, captured_at, applied_at, epoch"
@@ -77,11 +84,30 @@ class SqliteLedger:
                 conn.execute("PRAGMA busy_timeout=30000")
                 if create:
                     conn.executescript(SCHEMA)
+                self._migrate(conn)
             except BaseException:
                 conn.close()
                 raise
             self._conn = conn
         return self._conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Add the columns that a ledger file from older code lacks (under the write lock: two processes may race)."""
+
+        def missing() -> list[tuple[str, str, str]]:
+            out = []
+            for table, column, definition in MIGRATIONS:
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                if have and column not in have:  # no table at all: `check` tells the operator to run init
+                    out.append((table, column, definition))
+            return out
+
+        def body() -> None:
+            for table, column, definition in missing():
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+        if missing():
+            self._tx(conn, body)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], create: bool = False) -> T:
         def call() -> T:
@@ -270,6 +296,30 @@ class SqliteLedger:
                 (self.cluster, writer, changed_by, changed_at),
             )
             return WriterControl(writer, changed_by, changed_at)
+
+        return await self._run(run)
+
+    async def get_first_discovery(self) -> float:
+        def run(conn: sqlite3.Connection) -> float:
+            row = conn.execute("SELECT first_discovery_at FROM control WHERE cluster=?", (self.cluster,)).fetchone()
+            return float(row[0]) if row else 0.0
+
+        return await self._run(run)
+
+    async def set_first_discovery(self, at: float) -> float:
+        def run(conn: sqlite3.Connection) -> float:
+            def body() -> float:
+                conn.execute(
+                    "INSERT INTO control (cluster, writer, changed_by, changed_at, first_discovery_at) "
+                    "VALUES (?, 'stopped', '', 0, ?) "
+                    "ON CONFLICT (cluster) DO UPDATE SET first_discovery_at=excluded.first_discovery_at "
+                    "WHERE first_discovery_at = 0",
+                    (self.cluster, at),
+                )
+                return float(conn.execute("SELECT first_discovery_at FROM control WHERE cluster=?",
+                                          (self.cluster,)).fetchone()[0])
+
+            return self._tx(conn, body)
 
         return await self._run(run)
 
