@@ -6,7 +6,9 @@ raw botocore exception, nor as a SeqConflict for a write that went through.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -253,6 +255,20 @@ CREATE TABLE control (
     cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL
 );
 """
+
+
+async def test_sqlite_ledger_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "ledger.db"
+    ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
+    previous = os.umask(0)  # the most permissive umask: the ledger must not rely on the caller's
+    try:
+        await ledger.init()
+        await ledger.claim(NS, "me")  # a write: the -wal and -shm files exist while the ledger is open
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+    finally:
+        os.umask(previous)
+        await ledger.close()
+    assert modes == {"ledger.db": 0o600, "ledger.db-wal": 0o600, "ledger.db-shm": 0o600}
 
 
 async def test_an_old_sqlite_ledger_gains_the_first_discovery_marker(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ fences the loser.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -77,6 +78,10 @@ class SqliteLedger:
             if not create and not self.path.exists():
                 raise LedgerError(f"ledger {self.path} does not exist; run `cosmigrate ledger init --config ...`")
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The ledger holds resume tokens: create it owner-only whatever the umask (root's is
+            # usually 022). SQLite creates -wal and -shm with the main file's mode, so they follow.
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
