@@ -34,12 +34,14 @@ async def test_commit_requires_next_seq_and_epoch(cfg) -> None:
         assert (meta.epoch, meta.next_seq, meta.applied_seq, meta.resume_token) == (1, 0, -1, None)
         assert await ledger.set_start_token("db.c", 1, b"start")
         assert not await ledger.set_start_token("db.c", 1, b"other")  # only the first start position sticks
+        assert await ledger.set_start_token("db.c", 1, b"start")  # a repeat of the call that set it: done
         await ledger.commit_batch("db.c", 1, record(0), b"t0")
         await ledger.commit_batch("db.c", 1, record(1), b"t1")
         with pytest.raises(SeqConflict):
             await ledger.commit_batch("db.c", 1, record(3), b"t3")
         with pytest.raises(SeqConflict):
             await ledger.commit_batch("db.c", 1, record(1, "cd" * 16), b"t1")
+        await ledger.commit_batch("db.c", 1, record(1), b"t1")  # a repeat of a commit that went through: done
         meta = await ledger.get_namespace("db.c")
         assert meta is not None and (meta.next_seq, meta.resume_token, meta.captured_events) == (2, b"t1", 20)
         batches = await ledger.list_batches("db.c")
@@ -75,15 +77,52 @@ async def test_applied_seq_advances_only_from_its_old_value(cfg) -> None:
         meta = await ledger.claim("db.c", "me")
         for seq in range(3):
             await ledger.commit_batch("db.c", meta.epoch, record(seq), b"t")
-        await ledger.mark_applied("db.c", -1, 1, 20, time.time())
+        await ledger.mark_applied("db.c", meta.epoch, -1, 1, 20, time.time())
+        await ledger.mark_applied("db.c", meta.epoch, -1, 1, 20, time.time())  # a repeat: done, not counted twice
         with pytest.raises(SeqConflict):
-            await ledger.mark_applied("db.c", -1, 2, 10, time.time())
-        await ledger.mark_applied("db.c", 1, 2, 10, time.time())
+            await ledger.mark_applied("db.c", meta.epoch, -1, 2, 10, time.time())
+        await ledger.mark_applied("db.c", meta.epoch, 1, 2, 10, time.time())
         meta = await ledger.get_namespace("db.c")
         assert meta is not None and (meta.applied_seq, meta.applied_events) == (2, 30)
         assert all(b.applied_at for b in await ledger.list_batches("db.c"))
     finally:
         await ledger.close()
+
+
+async def test_an_applier_with_a_stale_epoch_cannot_move_applied_seq(cfg) -> None:
+    first, second = open_ledger(cfg), open_ledger(cfg)
+    try:
+        old = await first.claim("db.c", "old")
+        for seq in range(2):
+            await first.commit_batch("db.c", old.epoch, record(seq), b"t")
+        new = await second.claim("db.c", "new")
+        with pytest.raises(Fenced):
+            await first.mark_applied("db.c", old.epoch, -1, 1, 20, time.time())
+        with pytest.raises(Fenced):
+            await first.mark_applied("db.c", old.epoch + 5, -1, 1, 20, time.time())
+        meta = await second.get_namespace("db.c")
+        assert meta is not None and (meta.applied_seq, meta.applied_events) == (-1, 0)
+        await second.mark_applied("db.c", new.epoch, -1, 1, 20, time.time())
+        meta = await second.get_namespace("db.c")
+        assert meta is not None and (meta.applied_seq, meta.applied_events) == (1, 20)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_first_discovery_is_recorded_once(cfg) -> None:
+    first, second = open_ledger(cfg), open_ledger(cfg)
+    try:
+        assert await first.get_first_discovery() == 0.0
+        assert await first.set_first_discovery(1700000000.25) == 1700000000.25
+        assert await second.set_first_discovery(1800000000.5) == 1700000000.25  # the first value stays
+        assert await first.set_first_discovery(1700000000.25) == 1700000000.25  # a repeat is harmless
+        await second.set_writer("started", "ops", 123.0)  # the writer switch shares the control record
+        assert await second.get_first_discovery() == 1700000000.25
+        assert (await first.get_control()).writer == "started"
+    finally:
+        await first.close()
+        await second.close()
 
 
 async def test_state_writer_switch_and_listing(cfg) -> None:

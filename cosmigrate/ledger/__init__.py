@@ -10,13 +10,15 @@ from cosmigrate.ledger.base import (
     Fenced,
     Ledger,
     LedgerError,
+    LedgerUnavailable,
     NamespaceMeta,
     SeqConflict,
     WriterControl,
 )
 
 __all__ = [
-    "BatchRecord", "Fenced", "Ledger", "LedgerError", "NamespaceMeta", "SeqConflict", "WriterControl", "open_ledger",
+    "BatchRecord", "Fenced", "Ledger", "LedgerError", "LedgerUnavailable", "NamespaceMeta", "SeqConflict", "WriterControl",
+    "open_ledger",
 ]
 
 

@@ -15,7 +15,19 @@ from typing import Protocol
 
 
 class LedgerError(Exception):
-    """The ledger could not be reached or refused an operation."""
+    """The ledger could not be reached or refused an operation.
+
+    Every failure of a ledger method is one of these (never a raw botocore or
+    sqlite3 exception), so callers need one `except` to retry or report.
+    """
+
+
+class LedgerUnavailable(LedgerError):
+    """A transient failure (throttling, 5xx, network) outlasted the ledger's own retries.
+
+    The operation may or may not have taken effect; calling it again is safe
+    because every write is conditional and recognises its own earlier success.
+    """
 
 
 class Fenced(LedgerError):
@@ -77,10 +89,17 @@ class Ledger(Protocol):
         """Take the namespace: bump its epoch, record the owner; create it if new."""
 
     async def set_start_token(self, ns: str, epoch: int, token: bytes) -> bool:
-        """Record the first start position, only if none is stored yet; False if one was."""
+        """Record the first start position, only if none is stored yet; False if another one was.
+
+        True also when `token` itself is already stored: our earlier call whose answer was lost.
+        """
 
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
-        """Commit a batch already put in the store; raises Fenced or SeqConflict."""
+        """Commit a batch already put in the store; raises Fenced or SeqConflict.
+
+        Returns normally if this very batch (same seq and checksum, my epoch) is
+        already committed: our earlier call whose answer was lost.
+        """
 
     async def set_state(self, ns: str, epoch: int, state: str, error: str = "") -> None:
         """Record the namespace's state (running, failed, ...); raises Fenced."""
@@ -94,14 +113,31 @@ class Ledger(Protocol):
     async def list_batches(self, ns: str, start_seq: int = 0, limit: int | None = None) -> list[BatchRecord]:
         """Committed batches of a namespace from `start_seq`, in seq order."""
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
-        """Advance applied_seq from exactly `old_applied_seq`; raises SeqConflict otherwise."""
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
+        """Advance applied_seq from exactly `old_applied_seq` and add `events` to applied_events.
+
+        Raises Fenced if the stored epoch is not `epoch` (an applier that lost its
+        namespace must not move applied_seq), SeqConflict if applied_seq is neither
+        `old_applied_seq` nor already `new_applied_seq` (the latter is our own
+        earlier call whose answer was lost: it returns without counting twice).
+        """
 
     async def get_control(self) -> WriterControl:
         """The cluster's writer switch (stopped until an operator starts it)."""
 
     async def set_writer(self, writer: str, changed_by: str, changed_at: float) -> WriterControl:
         """Flip the writer switch; it survives restarts."""
+
+    async def get_first_discovery(self) -> float:
+        """When the cluster's first namespace discovery completed; 0.0 if it never did.
+
+        A collection first seen after this moment was created while the cluster
+        ran, so the daemon captures it from the beginning of its feed.
+        """
+
+    async def set_first_discovery(self, at: float) -> float:
+        """Record `at` unless a time is already recorded; return the stored time (idempotent)."""
 
     async def close(self) -> None:
         """Release the connection."""

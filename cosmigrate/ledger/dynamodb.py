@@ -4,35 +4,117 @@ Items (a simplification of DESIGN.md's layout, documented in the README):
 
 | pk                  | sk               | what                                               |
 | ------------------- | ---------------- | -------------------------------------------------- |
-| `<cluster>`         | `control`        | writer switch                                      |
+| `<cluster>`         | `control`        | writer switch, first-discovery time                |
 | `<cluster>`         | `ns#<ns>`        | namespace meta (owner, epoch, next_seq, token, ...) |
 | `<cluster>#<ns>`    | `batch#<seq:012>`| one committed batch                                |
 
 Keeping every namespace's meta under the cluster's partition makes status a
 single Query. A capture commit is one TransactWriteItems: put the batch item
-if absent + update the meta where `next_seq = seq AND epoch = mine`. When a
-transaction's outcome is ambiguous (a lost response retried), the meta and
-batch item are re-read to tell "already committed" from "fenced".
+if absent + update the meta where `next_seq = seq AND epoch = mine`.
+
+Failures: every request goes through `_call`, which turns each botocore error
+into a LedgerError (table-driven below) and retries the transient ones
+(throttling, 5xx, dropped connections, transaction conflicts) a few times with
+backoff before raising LedgerUnavailable. Every write is conditional, so when
+a retried write finds its condition failed, the item is re-read to tell our
+own earlier success whose answer was lost ("already done") from a real
+SeqConflict or Fenced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
 import time
+import uuid
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cosmigrate.aws import LazyClient, error_code
 from cosmigrate.aws import explain as _explain
-from cosmigrate.ledger.base import BatchRecord, Fenced, LedgerError, NamespaceMeta, SeqConflict, WriterControl
+from cosmigrate.backoff import Backoff
+from cosmigrate.ledger.base import (
+    BatchRecord,
+    Fenced,
+    LedgerError,
+    LedgerUnavailable,
+    NamespaceMeta,
+    SeqConflict,
+    WriterControl,
+)
+from cosmigrate.redact import redact
 
 APPLIED_BATCH_TTL_S = 7 * 24 * 3600
 
+# The ledger retries transient failures itself (botocore's own retries are off for its
+# client, see _LedgerClient): one policy, and a bound on how long a ledger call may take
+# before the caller hears LedgerUnavailable and applies its own, longer backoff.
+RETRY_TRIES = 6
+RETRY_BUDGET_S = 10.0
+RETRY_BASE_S = 0.1
+RETRY_CAP_S = 4.0
+
+# Error codes worth retrying (DynamoDB's, and botocore's generic throttling ones); any HTTP 5xx is too.
+TRANSIENT_CODES = frozenset({
+    "ProvisionedThroughputExceededException", "ThrottlingException", "Throttling", "ThrottledException",
+    "RequestLimitExceeded", "RequestThrottled", "TooManyRequestsException", "LimitExceededException",
+    "InternalServerError", "ServiceUnavailable", "TransactionInProgressException", "RequestTimeout",
+    "RequestTimeoutException",
+})
+
+# Errors an operator must fix, with what to do. `{table}` and `{action}` (the IAM action) are filled in.
+OPERATOR_HINTS = {
+    "ResourceNotFoundException": "ledger table {table} does not exist; run `cosmigrate ledger init --config ...`",
+    "AccessDeniedException": "access denied: the ledger needs the IAM permission dynamodb:{action} on table {table}",
+    "UnrecognizedClientException": "AWS rejected the credentials used for ledger table {table}; check the access key",
+    "ExpiredTokenException": "the AWS session token for ledger table {table} expired; renew the credentials",
+}
+
+# IAM actions behind the API calls whose name does not say it.
+IAM_ACTIONS = {"transact_write_items": "PutItem and dynamodb:UpdateItem"}
+
+# Transaction cancellation reasons that no retry will cure (besides ConditionalCheckFailed, handled by the caller).
+PERMANENT_CANCEL_REASONS = frozenset({"ValidationError", "ItemCollectionSizeLimitExceeded"})
+
+_REASONS_IN_MESSAGE = re.compile(r"\[([A-Za-z, ]+)\]\s*$")
 
 _code = error_code
+
+
+class _LedgerClient(LazyClient):
+    """The shared lazy DynamoDB client with botocore's retries off: `DynamoLedger._call` retries instead.
+
+    The shared client lets botocore make up to 9 attempts with pauses of up to 20 s
+    (and none once its client-wide retry quota is spent); stacked under the
+    ledger's own retries, one ledger call could take minutes instead of seconds.
+    """
+
+    def __init__(self, *, region: str, endpoint_url: str) -> None:
+        super().__init__("dynamodb", region=region, endpoint_url=endpoint_url)
+        self._args["config"] = self._args["config"].merge(BotoConfig(retries={"mode": "standard", "total_max_attempts": 1}))
+
+
+class _ConditionFailed(LedgerError):
+    """A write's condition (or a transaction item's) was false: the method re-reads to decide what it means.
+
+    Internal: each method catches it and raises Fenced or SeqConflict, or returns (already done).
+    """
+
+
+def _cancellation_reasons(exc: ClientError) -> set[str]:
+    """The reason codes of a TransactionCanceledException (structured, else parsed from its message)."""
+    reasons = exc.response.get("CancellationReasons")
+    if reasons:
+        return {str(r.get("Code") or "None") for r in reasons}
+    m = _REASONS_IN_MESSAGE.search(str(exc.response.get("Error", {}).get("Message", "")))
+    return {r.strip() for r in m.group(1).split(",")} if m else set()
 
 
 class DynamoLedger:
@@ -40,7 +122,7 @@ class DynamoLedger:
         self.url = url
         self.table = table
         self.cluster = cluster
-        self._client = LazyClient("dynamodb", region=region, endpoint_url=endpoint_url)
+        self._client = _LedgerClient(region=region, endpoint_url=endpoint_url)
         self._ser = TypeSerializer()
         self._de = TypeDeserializer()
 
@@ -79,80 +161,109 @@ class DynamoLedger:
             applied_at=float(d["applied_at"]) if "applied_at" in d else None, epoch=d.get("epoch", 0),
         )
 
-    async def _call(self, op: str, **kwargs: Any) -> Any:
-        db = await self._db()
-        try:
-            return await getattr(db, op)(**kwargs)
-        except ClientError as exc:
-            if _code(exc) == "ResourceNotFoundException":
-                raise LedgerError(f"ledger table {self.table} does not exist; run `cosmigrate ledger init --config ...`") from None
-            raise
-        except BotoCoreError as exc:
-            raise LedgerError(f"ledger table {self.table}: {_explain(exc)}") from exc
+    def _translate(self, op: str, exc: Exception) -> LedgerError:
+        """The ledger's own error for a botocore/network failure: LedgerUnavailable when a retry may cure it."""
+        what = redact(f"ledger table {self.table}: {op}: {_explain(exc)}")
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            if code == "ConditionalCheckFailedException":
+                return _ConditionFailed(what)
+            if code == "TransactionCanceledException":
+                reasons = _cancellation_reasons(exc)
+                if "ConditionalCheckFailed" in reasons:
+                    return _ConditionFailed(what)
+                if reasons & PERMANENT_CANCEL_REASONS:
+                    return LedgerError(what)
+                return LedgerUnavailable(what)  # TransactionConflict, throttling, None: try again
+            if code in OPERATOR_HINTS:
+                action = IAM_ACTIONS.get(op, "".join(w.title() for w in op.split("_")))
+                hint = OPERATOR_HINTS[code].format(table=self.table, action=action)
+                return LedgerError(redact(f"{hint} ({_explain(exc)})"))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return LedgerUnavailable(what) if code in TRANSIENT_CODES or status >= 500 else LedgerError(what)
+        if isinstance(exc, BotoCoreError) and not isinstance(exc, (HTTPClientError, BotoConnectionError)):
+            return LedgerError(what)  # no credentials or region, a bad parameter: retrying will not help
+        return LedgerUnavailable(what)  # connection refused/reset/closed, timeouts
+
+    async def _call(self, op: str, *, tolerate: frozenset[str] = frozenset(), **kwargs: Any) -> Any:
+        """One DynamoDB request; only LedgerError subclasses leave (None for a `tolerate`d error code).
+
+        Transient failures are retried here with backoff (bounded tries and time).
+        A write whose answer was lost may thus run twice: each caller's condition
+        plus re-read makes that harmless.
+        """
+        backoff = Backoff(base=RETRY_BASE_S, cap=RETRY_CAP_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_BUDGET_S
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                db = await self._db()
+                return await getattr(db, op)(**kwargs)
+            except ClientError as exc:
+                if _code(exc) in tolerate:
+                    return None
+                err = self._translate(op, exc)
+                cause: Exception = exc
+            except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
+                err, cause = self._translate(op, exc), exc
+            delay = backoff.next_delay()
+            if not isinstance(err, LedgerUnavailable) or tries >= RETRY_TRIES or loop.time() + delay > deadline:
+                raise err from cause
+            await asyncio.sleep(delay)
+
+    def _fenced(self, ns: str, epoch: int, meta: NamespaceMeta | None) -> Fenced:
+        return Fenced(f"{ns}: taken over by another process (stored epoch {meta.epoch if meta else 'none'}, mine {epoch})")
 
     # --- interface --------------------------------------------------------------------
 
     async def init(self) -> None:
-        db = await self._db()
+        await self._call(
+            "create_table", tolerate=frozenset({"ResourceInUseException"}),
+            TableName=self.table,
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+            BillingMode="PAY_PER_REQUEST",
+            SSESpecification={"Enabled": True},
+        )
         try:
-            await db.create_table(
-                TableName=self.table,
-                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}],
-                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-                BillingMode="PAY_PER_REQUEST",
-                SSESpecification={"Enabled": True},
-            )
-        except ClientError as exc:
-            if _code(exc) != "ResourceInUseException":
-                raise LedgerError(f"cannot create ledger table {self.table}: {_explain(exc)}") from exc
-        waiter = db.get_waiter("table_exists")
-        await waiter.wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+            waiter = (await self._db()).get_waiter("table_exists")
+            await waiter.wait(TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise self._translate("describe_table", exc) from exc
         await self.check()
-        with contextlib.suppress(ClientError):
-            await db.update_continuous_backups(
-                TableName=self.table, PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True})
-        try:
-            await db.update_time_to_live(TableName=self.table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
-        except ClientError as exc:
-            if "already enabled" not in str(exc).lower() and _code(exc) != "ValidationException":
-                raise LedgerError(f"cannot enable TTL on {self.table}: {_explain(exc)}") from exc
+        with contextlib.suppress(LedgerError):  # point-in-time recovery is a bonus, not a requirement
+            await self._call("update_continuous_backups", TableName=self.table,
+                             PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True})
+        await self._call("update_time_to_live", tolerate=frozenset({"ValidationException"}),  # already enabled
+                         TableName=self.table, TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"})
 
     async def check(self) -> None:
-        try:
-            desc = await self._call("describe_table", TableName=self.table)
-        except ClientError as exc:
-            raise LedgerError(f"ledger table {self.table}: {_explain(exc)}") from exc
+        desc = await self._call("describe_table", TableName=self.table)
         schema = {k["AttributeName"]: k["KeyType"] for k in desc["Table"]["KeySchema"]}
         if schema != {"pk": "HASH", "sk": "RANGE"}:
             raise LedgerError(f"ledger table {self.table} has key schema {schema}; expected pk (HASH) + sk (RANGE)")
 
     async def claim(self, ns: str, owner: str) -> NamespaceMeta:
-        try:
-            resp = await self._call(
-                "update_item", TableName=self.table, Key=self._meta_key(ns),
-                UpdateExpression=(
-                    "SET #owner = :me, #ns = :ns, epoch = if_not_exists(epoch, :zero) + :one, "
-                    "next_seq = if_not_exists(next_seq, :zero), applied_seq = if_not_exists(applied_seq, :minus), "
-                    "captured_events = if_not_exists(captured_events, :zero), "
-                    "applied_events = if_not_exists(applied_events, :zero), #state = :running, "
-                    "last_error = :empty, updated_at = :now"
-                ),
-                ExpressionAttributeNames={"#owner": "owner", "#ns": "ns", "#state": "state"},
-                ExpressionAttributeValues=self._item({
-                    ":me": owner, ":ns": ns, ":zero": 0, ":one": 1, ":minus": -1, ":running": "running",
-                    ":empty": "", ":now": Decimal(str(time.time())),
-                }),
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            raise LedgerError(f"cannot claim {ns}: {_explain(exc)}") from exc
+        """Unconditional: if an answer is lost and the call retried, the epoch is bumped twice, which is harmless."""
+        resp = await self._call(
+            "update_item", TableName=self.table, Key=self._meta_key(ns),
+            UpdateExpression=(
+                "SET #owner = :me, #ns = :ns, epoch = if_not_exists(epoch, :zero) + :one, "
+                "next_seq = if_not_exists(next_seq, :zero), applied_seq = if_not_exists(applied_seq, :minus), "
+                "captured_events = if_not_exists(captured_events, :zero), "
+                "applied_events = if_not_exists(applied_events, :zero), #state = :running, "
+                "last_error = :empty, updated_at = :now"
+            ),
+            ExpressionAttributeNames={"#owner": "owner", "#ns": "ns", "#state": "state"},
+            ExpressionAttributeValues=self._item({
+                ":me": owner, ":ns": ns, ":zero": 0, ":one": 1, ":minus": -1, ":running": "running",
+                ":empty": "", ":now": Decimal(str(time.time())),
+            }),
+            ReturnValues="ALL_NEW",
+        )
         return self._to_meta(resp["Attributes"])
-
-    async def _fenced_or(self, ns: str, epoch: int, exc: ClientError) -> None:
-        meta = await self.get_namespace(ns)
-        if meta is None or meta.epoch != epoch:
-            raise Fenced(f"{ns}: taken over by another process (epoch {meta.epoch if meta else '?'} > mine {epoch})") from None
-        raise LedgerError(f"{ns}: {_explain(exc)}") from exc
 
     async def set_start_token(self, ns: str, epoch: int, token: bytes) -> bool:
         try:
@@ -163,13 +274,11 @@ class DynamoLedger:
                 ExpressionAttributeValues=self._item({":tok": token, ":now": Decimal(str(time.time())), ":epoch": epoch}),
             )
             return True
-        except ClientError as exc:
-            if _code(exc) != "ConditionalCheckFailedException":
-                raise LedgerError(f"{ns}: {_explain(exc)}") from exc
+        except _ConditionFailed:
             meta = await self.get_namespace(ns)
             if meta is None or meta.epoch != epoch:
-                raise Fenced(f"{ns}: taken over by another process") from None
-            return False
+                raise self._fenced(ns, epoch, meta) from None
+            return meta.resume_token == token  # ours: an earlier attempt went through and its answer was lost
 
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
         batch_item = {
@@ -184,6 +293,9 @@ class DynamoLedger:
         try:
             await self._call(
                 "transact_write_items",
+                # One token for all our retries: DynamoDB then answers a repeat of a transaction
+                # that went through (within 10 minutes) with success instead of a cancellation.
+                ClientRequestToken=uuid.uuid4().hex,
                 TransactItems=[
                     {"Put": {"TableName": self.table, "Item": batch_item, "ConditionExpression": "attribute_not_exists(pk)"}},
                     {"Update": {
@@ -197,15 +309,13 @@ class DynamoLedger:
                     }},
                 ],
             )
-        except ClientError as exc:
-            if _code(exc) not in ("TransactionCanceledException", "ConditionalCheckFailedException"):
-                raise LedgerError(f"{ns}: commit of seq {record.seq} failed: {_explain(exc)}") from exc
+        except _ConditionFailed:
             meta = await self.get_namespace(ns)
             if meta is None or meta.epoch != epoch:
-                raise Fenced(f"{ns}: taken over by another process (epoch {meta.epoch if meta else '?'} > mine {epoch})") from None
-            if meta.next_seq == record.seq + 1:
+                raise self._fenced(ns, epoch, meta) from None
+            if meta.next_seq > record.seq:
                 existing = await self._get_batch(ns, record.seq)
-                if existing is not None and existing.checksum == record.checksum and meta.resume_token == resume_token:
+                if existing is not None and (existing.checksum, existing.epoch) == (record.checksum, epoch):
                     return  # our own earlier attempt went through; its answer was lost
             raise SeqConflict(f"{ns}: committing seq {record.seq} but next_seq is {meta.next_seq}") from None
 
@@ -214,6 +324,7 @@ class DynamoLedger:
         return self._to_batch(resp["Item"]) if "Item" in resp else None
 
     async def set_state(self, ns: str, epoch: int, state: str, error: str = "") -> None:
+        """Idempotent under a lost answer: the retry's condition (my epoch) still holds."""
         try:
             await self._call(
                 "update_item", TableName=self.table, Key=self._meta_key(ns),
@@ -222,10 +333,8 @@ class DynamoLedger:
                 ExpressionAttributeNames={"#state": "state"},
                 ExpressionAttributeValues=self._item({":state": state, ":err": error, ":now": Decimal(str(time.time())), ":epoch": epoch}),
             )
-        except ClientError as exc:
-            if _code(exc) == "ConditionalCheckFailedException":
-                await self._fenced_or(ns, epoch, exc)
-            raise LedgerError(f"{ns}: {_explain(exc)}") from exc
+        except _ConditionFailed:
+            raise self._fenced(ns, epoch, await self.get_namespace(ns)) from None
 
     async def get_namespace(self, ns: str) -> NamespaceMeta | None:
         resp = await self._call("get_item", TableName=self.table, Key=self._meta_key(ns), ConsistentRead=True)
@@ -263,22 +372,30 @@ class DynamoLedger:
         out = [self._to_batch(i) for i in items]
         return out[:limit] if limit is not None else out
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
         try:
             await self._call(
                 "update_item", TableName=self.table, Key=self._meta_key(ns),
                 UpdateExpression="SET applied_seq = :new, updated_at = :now ADD applied_events :n",
-                ConditionExpression="applied_seq = :old",
+                ConditionExpression="epoch = :epoch AND applied_seq = :old",
                 ExpressionAttributeValues=self._item({":new": new_applied_seq, ":old": old_applied_seq, ":n": events,
-                                                      ":now": Decimal(str(applied_at))}),
+                                                      ":epoch": epoch, ":now": Decimal(str(applied_at))}),
             )
-        except ClientError as exc:
-            if _code(exc) == "ConditionalCheckFailedException":
-                raise SeqConflict(f"{ns}: applied_seq is no longer {old_applied_seq}") from None
-            raise LedgerError(f"{ns}: {_explain(exc)}") from exc
+        except _ConditionFailed:
+            meta = await self.get_namespace(ns)
+            if meta is None or meta.epoch != epoch:
+                raise self._fenced(ns, epoch, meta) from None
+            if meta.applied_seq != new_applied_seq:
+                raise SeqConflict(
+                    f"{ns}: applied_seq is {meta.applied_seq}, neither {old_applied_seq} nor {new_applied_seq}") from None
+            # Our earlier attempt went through (and counted the events); its answer was lost.
+            # Its batch stamps below may not have been written: write them (again).
         expires = Decimal(int(applied_at) + APPLIED_BATCH_TTL_S)
         for seq in range(old_applied_seq + 1, new_applied_seq + 1):
-            with contextlib.suppress(ClientError, LedgerError):
+            # Best effort: applied_at is for audit and expiry. Failing here would make the caller
+            # retry a mark that already took effect.
+            with contextlib.suppress(LedgerError):
                 await self._call(
                     "update_item", TableName=self.table, Key=self._batch_key(ns, seq),
                     UpdateExpression="SET applied_at = :at, expires_at = :exp",
@@ -286,21 +403,41 @@ class DynamoLedger:
                     ExpressionAttributeValues=self._item({":at": Decimal(str(applied_at)), ":exp": expires}),
                 )
 
+    def _control_key(self) -> dict[str, Any]:
+        return {"pk": {"S": self.cluster}, "sk": {"S": "control"}}
+
+    async def _control(self) -> dict[str, Any]:
+        resp = await self._call("get_item", TableName=self.table, Key=self._control_key(), ConsistentRead=True)
+        return self._plain(resp["Item"]) if "Item" in resp else {}
+
     async def get_control(self) -> WriterControl:
-        resp = await self._call("get_item", TableName=self.table, Key={"pk": {"S": self.cluster}, "sk": {"S": "control"}},
-                                ConsistentRead=True)
-        if "Item" not in resp:
-            return WriterControl()
-        d = self._plain(resp["Item"])
+        d = await self._control()
         return WriterControl(d.get("writer", "stopped"), d.get("changed_by", ""), float(d.get("changed_at", 0)))
 
     async def set_writer(self, writer: str, changed_by: str, changed_at: float) -> WriterControl:
+        """An update, not a put: the control item also holds the first-discovery marker."""
         await self._call(
-            "put_item", TableName=self.table,
-            Item={"pk": {"S": self.cluster}, "sk": {"S": "control"},
-                  **self._item({"writer": writer, "changed_by": changed_by, "changed_at": Decimal(str(changed_at))})},
+            "update_item", TableName=self.table, Key=self._control_key(),
+            UpdateExpression="SET writer = :w, changed_by = :by, changed_at = :at",
+            ExpressionAttributeValues=self._item({":w": writer, ":by": changed_by, ":at": Decimal(str(changed_at))}),
         )
         return WriterControl(writer, changed_by, changed_at)
+
+    async def get_first_discovery(self) -> float:
+        return float((await self._control()).get("first_discovery_at", 0.0))
+
+    async def set_first_discovery(self, at: float) -> float:
+        try:
+            await self._call(
+                "update_item", TableName=self.table, Key=self._control_key(),
+                UpdateExpression="SET first_discovery_at = :at",
+                ConditionExpression="attribute_not_exists(first_discovery_at)",
+                ExpressionAttributeValues=self._item({":at": Decimal(str(at))}),
+            )
+            return at
+        except _ConditionFailed:
+            # Recorded already: by someone else, or by our own attempt whose answer was lost.
+            return await self.get_first_discovery()
 
     async def close(self) -> None:
         await self._client.close()

@@ -10,6 +10,7 @@ fences the loser.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -17,7 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cosmigrate.ledger.base import BatchRecord, Fenced, LedgerError, NamespaceMeta, SeqConflict, WriterControl
+from cosmigrate.ledger.base import (
+    BatchRecord,
+    Fenced,
+    LedgerError,
+    LedgerUnavailable,
+    NamespaceMeta,
+    SeqConflict,
+    WriterControl,
+)
 
 T = TypeVar("T")
 
@@ -39,9 +48,16 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (cluster, ns, seq)
 );
 CREATE TABLE IF NOT EXISTS control (
-    cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL
+    cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL,
+    first_discovery_at REAL NOT NULL DEFAULT 0
 );
 """
+
+# Columns added after the first release: (table, column, definition). A ledger file
+# written by older code gains them on open, so an upgrade needs no manual step.
+MIGRATIONS = [
+    ("control", "first_discovery_at", "REAL NOT NULL DEFAULT 0"),
+]
 
 _META_COLS = "ns, owner, epoch, next_seq, resume_token, applied_seq, captured_events, applied_events, state, last_error, updated_at"
 _BATCH_COLS = "ns, seq, key, events, bytes, raw_bytes, checksum, first_captured_at, captured_at, applied_at, epoch"
@@ -62,20 +78,51 @@ class SqliteLedger:
             if not create and not self.path.exists():
                 raise LedgerError(f"ledger {self.path} does not exist; run `cosmigrate ledger init --config ...`")
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The ledger holds resume tokens: create it owner-only whatever the umask (root's is
+            # usually 022). SQLite creates -wal and -shm with the main file's mode, so they follow.
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            if create:
-                conn.executescript(SCHEMA)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA busy_timeout=30000")
+                if create:
+                    conn.executescript(SCHEMA)
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
             self._conn = conn
         return self._conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Add the columns that a ledger file from older code lacks (under the write lock: two processes may race)."""
+
+        def missing() -> list[tuple[str, str, str]]:
+            out = []
+            for table, column, definition in MIGRATIONS:
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                if have and column not in have:  # no table at all: `check` tells the operator to run init
+                    out.append((table, column, definition))
+            return out
+
+        def body() -> None:
+            for table, column, definition in missing():
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+        if missing():
+            self._tx(conn, body)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], create: bool = False) -> T:
         def call() -> T:
             try:
                 return fn(self._connect(create))
-            except sqlite3.Error as exc:
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise LedgerUnavailable(f"ledger {self.path}: {exc}") from exc
+                raise LedgerError(f"ledger {self.path}: {exc}") from exc
+            except (sqlite3.Error, OSError) as exc:
                 raise LedgerError(f"ledger {self.path}: {exc}") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
@@ -128,21 +175,23 @@ class SqliteLedger:
 
         return await self._run(claim)
 
-    def _check_epoch(self, conn: sqlite3.Connection, ns: str, epoch: int) -> tuple[int, int]:
-        row = conn.execute("SELECT epoch, next_seq FROM namespaces WHERE cluster=? AND ns=?", (self.cluster, ns)).fetchone()
+    def _check_epoch(self, conn: sqlite3.Connection, ns: str, epoch: int) -> tuple[int, int, int, bytes | None]:
+        """(epoch, next_seq, applied_seq, resume_token) of `ns`; raises Fenced unless the epoch is `epoch`."""
+        row = conn.execute("SELECT epoch, next_seq, applied_seq, resume_token FROM namespaces WHERE cluster=? AND ns=?",
+                           (self.cluster, ns)).fetchone()
         if row is None or row[0] != epoch:
-            raise Fenced(f"{ns}: taken over by another process (epoch {row[0] if row else '?'} > mine {epoch})")
-        return row[0], row[1]
+            raise Fenced(f"{ns}: taken over by another process (stored epoch {row[0] if row else 'none'}, mine {epoch})")
+        return row[0], row[1], row[2], bytes(row[3]) if row[3] is not None else None
 
     async def set_start_token(self, ns: str, epoch: int, token: bytes) -> bool:
         def run(conn: sqlite3.Connection) -> bool:
             def body() -> bool:
-                self._check_epoch(conn, ns, epoch)
-                cur = conn.execute(
-                    "UPDATE namespaces SET resume_token=?, updated_at=? WHERE cluster=? AND ns=? AND resume_token IS NULL",
-                    (token, time.time(), self.cluster, ns),
-                )
-                return cur.rowcount == 1
+                stored = self._check_epoch(conn, ns, epoch)[3]
+                if stored is not None:
+                    return stored == token  # the same token: a repeated call, as on DynamoDB after a lost answer
+                conn.execute("UPDATE namespaces SET resume_token=?, updated_at=? WHERE cluster=? AND ns=?",
+                             (token, time.time(), self.cluster, ns))
+                return True
 
             return self._tx(conn, body)
 
@@ -151,8 +200,10 @@ class SqliteLedger:
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
         def run(conn: sqlite3.Connection) -> None:
             def body() -> None:
-                _, next_seq = self._check_epoch(conn, ns, epoch)
+                next_seq = self._check_epoch(conn, ns, epoch)[1]
                 if next_seq != record.seq:
+                    if next_seq > record.seq and self._committed_by(conn, ns, record, epoch):
+                        return  # a repeated call: same semantics as DynamoDB after a lost answer
                     raise SeqConflict(f"{ns}: committing seq {record.seq} but next_seq is {next_seq}")
                 conn.execute(
                     f"INSERT INTO batches (cluster, {_BATCH_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -168,6 +219,11 @@ class SqliteLedger:
             self._tx(conn, body)
 
         await self._run(run)
+
+    def _committed_by(self, conn: sqlite3.Connection, ns: str, record: BatchRecord, epoch: int) -> bool:
+        row = conn.execute("SELECT checksum, epoch FROM batches WHERE cluster=? AND ns=? AND seq=?",
+                           (self.cluster, ns, record.seq)).fetchone()
+        return row is not None and tuple(row) == (record.checksum, epoch)
 
     async def set_state(self, ns: str, epoch: int, state: str, error: str = "") -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -206,16 +262,20 @@ class SqliteLedger:
 
         return await self._run(run)
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
         def run(conn: sqlite3.Connection) -> None:
             def body() -> None:
-                cur = conn.execute(
+                applied_seq = self._check_epoch(conn, ns, epoch)[2]
+                if applied_seq != old_applied_seq:
+                    if applied_seq == new_applied_seq:
+                        return  # a repeated call, already counted: same semantics as DynamoDB after a lost answer
+                    raise SeqConflict(f"{ns}: applied_seq is {applied_seq}, neither {old_applied_seq} nor {new_applied_seq}")
+                conn.execute(
                     "UPDATE namespaces SET applied_seq=?, applied_events=applied_events+?, updated_at=? "
-                    "WHERE cluster=? AND ns=? AND applied_seq=?",
-                    (new_applied_seq, events, applied_at, self.cluster, ns, old_applied_seq),
+                    "WHERE cluster=? AND ns=?",
+                    (new_applied_seq, events, applied_at, self.cluster, ns),
                 )
-                if cur.rowcount != 1:
-                    raise SeqConflict(f"{ns}: applied_seq is no longer {old_applied_seq}")
                 conn.execute(
                     "UPDATE batches SET applied_at=? WHERE cluster=? AND ns=? AND seq>? AND seq<=?",
                     (applied_at, self.cluster, ns, old_applied_seq, new_applied_seq),
@@ -241,6 +301,30 @@ class SqliteLedger:
                 (self.cluster, writer, changed_by, changed_at),
             )
             return WriterControl(writer, changed_by, changed_at)
+
+        return await self._run(run)
+
+    async def get_first_discovery(self) -> float:
+        def run(conn: sqlite3.Connection) -> float:
+            row = conn.execute("SELECT first_discovery_at FROM control WHERE cluster=?", (self.cluster,)).fetchone()
+            return float(row[0]) if row else 0.0
+
+        return await self._run(run)
+
+    async def set_first_discovery(self, at: float) -> float:
+        def run(conn: sqlite3.Connection) -> float:
+            def body() -> float:
+                conn.execute(
+                    "INSERT INTO control (cluster, writer, changed_by, changed_at, first_discovery_at) "
+                    "VALUES (?, 'stopped', '', 0, ?) "
+                    "ON CONFLICT (cluster) DO UPDATE SET first_discovery_at=excluded.first_discovery_at "
+                    "WHERE first_discovery_at = 0",
+                    (self.cluster, at),
+                )
+                return float(conn.execute("SELECT first_discovery_at FROM control WHERE cluster=?",
+                                          (self.cluster,)).fetchone()[0])
+
+            return self._tx(conn, body)
 
         return await self._run(run)
 

@@ -1,0 +1,293 @@
+"""The ledger under AWS failures (moto over HTTP behind tests/flakyhttp.py), and SQLite file details.
+
+Lost answers, throttling, 5xx and dropped connections must never surface as a
+raw botocore exception, nor as a SeqConflict for a write that went through.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from botocore.exceptions import ClientError
+
+from cosmigrate.config import Config
+from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, LedgerUnavailable, SeqConflict, open_ledger
+from cosmigrate.ledger.dynamodb import RETRY_TRIES, DynamoLedger
+from cosmigrate.ledger.sqlite import SqliteLedger
+from tests.flakyhttp import FlakyHttpProxy
+from tests.helpers import make_config, prepare_backends
+
+T = TypeVar("T")
+NS = "db.c"
+
+
+def record(seq: int, events: int = 10) -> BatchRecord:
+    return BatchRecord(ns=NS, seq=seq, key=f"k/{seq}", events=events, bytes=100, raw_bytes=200,
+                       checksum=f"{seq:032x}", first_captured_at=time.time(), captured_at=time.time())
+
+
+class LoseNext:
+    """The proxy's random source, scripted: fail exactly the next `n` requests in the proxy's first mode.
+
+    This makes "the write took effect but its answer was lost" happen on the one
+    request under test, deterministically; the proxy, moto and aioboto3 stay real.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def random(self) -> float:
+        if self.n > 0:
+            self.n -= 1
+            return 0.0
+        return 1.0
+
+    def choice(self, modes: tuple[str, ...]) -> str:
+        return modes[0]
+
+
+async def _backends(tmp_path: Path, moto_endpoint: str) -> Config:
+    cfg = make_config(tmp_path, "mongodb://127.0.0.1:1", "mongodb://127.0.0.1:2", "s3+dynamodb", moto_endpoint)
+    await prepare_backends(cfg)  # set-up goes straight to moto
+    return cfg
+
+
+@pytest.fixture
+async def proxy(moto_endpoint: str) -> AsyncIterator[FlakyHttpProxy]:
+    p = await FlakyHttpProxy(moto_endpoint, seed=11).start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+async def test_lost_answers_are_recognised_as_done(tmp_path: Path, moto_endpoint: str, proxy: FlakyHttpProxy) -> None:
+    cfg = await _backends(tmp_path, moto_endpoint)
+    cfg.aws.endpoint_url = proxy.url
+    proxy.modes = ("lost",)
+    proxy.fail_rate = 0.5  # only the threshold matters with the scripted source
+    lose = LoseNext()
+    proxy.rng = lose  # type: ignore[assignment]
+    ledger = open_ledger(cfg)
+    try:
+        meta = await ledger.claim(NS, "me")
+
+        async def lost(call: Awaitable[T]) -> T:
+            before = proxy.failures["lost"]
+            lose.n = 1
+            result = await call
+            assert proxy.failures["lost"] == before + 1 and lose.n == 0, "the write's answer was not lost"
+            return result
+
+        assert await lost(ledger.set_start_token(NS, meta.epoch, b"start"))
+        for seq in range(3):
+            await lost(ledger.commit_batch(NS, meta.epoch, record(seq), f"t{seq}".encode()))
+        await lost(ledger.mark_applied(NS, meta.epoch, -1, 1, 20, time.time()))
+        await lost(ledger.mark_applied(NS, meta.epoch, 1, 2, 10, time.time()))
+        assert await lost(ledger.set_first_discovery(1700000000.5)) == 1700000000.5
+        await lost(ledger.set_state(NS, meta.epoch, "failed", "x"))
+
+        meta2 = await ledger.get_namespace(NS)
+        assert meta2 is not None
+        assert (meta2.epoch, meta2.next_seq, meta2.resume_token, meta2.captured_events) == (meta.epoch, 3, b"t2", 30)
+        assert (meta2.applied_seq, meta2.applied_events, meta2.state) == (2, 30, "failed")
+        batches = await ledger.list_batches(NS)
+        assert [(b.seq, b.checksum, b.epoch) for b in batches] == [(s, f"{s:032x}", meta.epoch) for s in range(3)]
+        assert all(b.applied_at for b in batches)
+    finally:
+        await ledger.close()
+
+
+async def _persist(call: Callable[[], Awaitable[T]], unavailable: list[str]) -> T:
+    """Call until it succeeds, as capture and apply do; only LedgerUnavailable is retried.
+
+    Anything else (a raw ClientError/BotoCoreError, a SeqConflict) fails the test.
+    """
+    while True:
+        try:
+            return await call()
+        except LedgerUnavailable as exc:
+            unavailable.append(str(exc))
+
+
+async def test_throttling_5xx_and_dropped_connections_leave_the_ledger_exact(
+    tmp_path: Path, moto_endpoint: str, proxy: FlakyHttpProxy
+) -> None:
+    cfg = await _backends(tmp_path, moto_endpoint)
+    cfg.aws.endpoint_url = proxy.url
+    proxy.fail_rate = 0.3  # modes: 503, reset and lost
+    ledger = open_ledger(cfg)
+    unavailable: list[str] = []
+    batches, events = 60, 7
+    try:
+        meta = await _persist(lambda: ledger.claim(NS, "me"), unavailable)
+        epoch = meta.epoch
+        assert await _persist(lambda: ledger.set_start_token(NS, epoch, b"start"), unavailable)
+        assert await _persist(lambda: ledger.set_first_discovery(1700000000.5), unavailable) == 1700000000.5
+        applied = -1
+        for seq in range(batches):
+            await _persist(lambda s=seq: ledger.commit_batch(NS, epoch, record(s, events), f"t{s}".encode()), unavailable)
+            if seq % 3 == 2:
+                await _persist(lambda s=seq, a=applied: ledger.mark_applied(NS, epoch, a, s, (s - a) * events, time.time()),
+                               unavailable)
+                applied = seq
+                assert [b.seq for b in await _persist(lambda s=seq: ledger.list_batches(NS, s), unavailable)] == [seq]
+            assert (await _persist(lambda: ledger.get_namespace(NS), unavailable)) is not None
+        await _persist(lambda: ledger.set_writer("started", "ops", 1.0), unavailable)
+        await _persist(lambda: ledger.set_state(NS, epoch, "failed", "x"), unavailable)
+    finally:
+        await ledger.close()
+    assert all(n > 10 for n in proxy.failures.values()), proxy.failures
+
+    proxy.fail_rate = 0.0  # read the outcome without faults
+    check = open_ledger(cfg)
+    try:
+        final = await check.get_namespace(NS)
+        assert final is not None
+        assert (final.epoch, final.next_seq, final.resume_token, final.captured_events) == \
+            (epoch, batches, f"t{batches - 1}".encode(), batches * events)
+        assert (final.applied_seq, final.applied_events, final.state, final.last_error) == \
+            (batches - 1, batches * events, "failed", "x")
+        listed = await check.list_batches(NS)
+        assert [(b.seq, b.checksum, b.events, b.epoch) for b in listed] == \
+            [(s, f"{s:032x}", events, epoch) for s in range(batches)]
+        assert (await check.get_control()).writer == "started"
+        assert await check.get_first_discovery() == 1700000000.5
+    finally:
+        await check.close()
+
+
+def _cancelled(*reasons: str) -> ClientError:
+    """A TransactionCanceledException as botocore parses DynamoDB's answer (checked against moto's)."""
+    message = f"Transaction cancelled, please refer cancellation reasons for specific reasons [{', '.join(reasons)}]"
+    return ClientError(
+        {"Error": {"Code": "TransactionCanceledException", "Message": message}, "Message": message,
+         "CancellationReasons": [{"Code": r} for r in reasons],
+         "ResponseMetadata": {"HTTPStatusCode": 400}},
+        "TransactWriteItems",
+    )
+
+
+async def _patched(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, op: str, failures: list[ClientError]) -> list[int]:
+    """Make the real client's `op` raise `failures` first, then reach moto; returns a call counter."""
+    assert isinstance(ledger, DynamoLedger)
+    db = await ledger._db()
+    real = getattr(type(db), op).__get__(db)  # the client's own method, even if patched before
+    calls: list[int] = []
+
+    async def flaky(**kwargs: Any) -> Any:
+        calls.append(1)
+        if failures:
+            raise failures.pop(0)
+        return await real(**kwargs)
+
+    monkeypatch.setattr(db, op, flaky)
+    return calls
+
+
+async def test_a_transaction_conflict_is_retried_not_reported_as_seq_conflict(
+    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = await _backends(tmp_path, moto_endpoint)
+    ledger = open_ledger(cfg)
+    try:
+        meta = await ledger.claim(NS, "me")
+        calls = await _patched(ledger, monkeypatch, "transact_write_items", [
+            _cancelled("None", "TransactionConflict"), _cancelled("ThrottlingError", "None"),
+            _cancelled("ProvisionedThroughputExceeded", "None"), _cancelled("None", "None"),
+        ])
+        await ledger.commit_batch(NS, meta.epoch, record(0), b"t0")
+        assert len(calls) == 5
+        after = await ledger.get_namespace(NS)
+        assert after is not None and (after.next_seq, after.captured_events) == (1, 10)
+
+        # A conflict that never clears: LedgerUnavailable after the bounded retries, still no SeqConflict.
+        calls = await _patched(ledger, monkeypatch, "transact_write_items",
+                               [_cancelled("None", "TransactionConflict")] * (RETRY_TRIES + 5))
+        with pytest.raises(LedgerUnavailable, match="TransactionConflict"):
+            await ledger.commit_batch(NS, meta.epoch, record(1), b"t1")
+        assert len(calls) == RETRY_TRIES
+
+        # A real condition failure among the reasons is still judged by re-reading.
+        calls = await _patched(ledger, monkeypatch, "transact_write_items", [])
+        with pytest.raises(SeqConflict):
+            await ledger.commit_batch(NS, meta.epoch, record(5), b"t5")
+    finally:
+        await ledger.close()
+
+
+async def test_permission_and_missing_table_errors_say_what_to_do(
+    tmp_path: Path, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = await _backends(tmp_path, moto_endpoint)
+    ledger = open_ledger(cfg)
+    try:
+        denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": "User: arn:aws:iam::1:user/x is not "
+                                        "authorized to perform: dynamodb:UpdateItem"},
+                              "ResponseMetadata": {"HTTPStatusCode": 400}}, "UpdateItem")
+        calls = await _patched(ledger, monkeypatch, "update_item", [denied])
+        with pytest.raises(LedgerError, match="needs the IAM permission dynamodb:UpdateItem") as info:
+            await ledger.claim(NS, "me")
+        assert not isinstance(info.value, LedgerUnavailable) and len(calls) == 1  # not retried
+    finally:
+        await ledger.close()
+    cfg.ledger.url += "-missing"
+    missing = open_ledger(cfg)
+    try:
+        with pytest.raises(LedgerError, match="ledger init") as info2:
+            await missing.claim(NS, "me")
+        assert not isinstance(info2.value, LedgerUnavailable)
+    finally:
+        await missing.close()
+
+
+# --- SQLite ---------------------------------------------------------------------------
+
+OLD_CONTROL_TABLE = """
+CREATE TABLE control (
+    cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL
+);
+"""
+
+
+async def test_sqlite_ledger_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "ledger.db"
+    ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
+    previous = os.umask(0)  # the most permissive umask: the ledger must not rely on the caller's
+    try:
+        await ledger.init()
+        await ledger.claim(NS, "me")  # a write: the -wal and -shm files exist while the ledger is open
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.parent.iterdir()}
+    finally:
+        os.umask(previous)
+        await ledger.close()
+    assert modes == {"ledger.db": 0o600, "ledger.db-wal": 0o600, "ledger.db-shm": 0o600}
+
+
+async def test_an_old_sqlite_ledger_gains_the_first_discovery_marker(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    old = SqliteLedger(f"sqlite://{path}", str(path), "test")
+    await old.init()
+    await old.close()
+    with sqlite3.connect(path) as conn:  # as the previous release left it: no first_discovery_at column
+        conn.executescript(f"DROP TABLE control; {OLD_CONTROL_TABLE}")
+        conn.execute("INSERT INTO control VALUES ('test', 'started', 'ops', 5.0)")
+    conn.close()
+
+    ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")  # the daemon opens it without `ledger init`
+    try:
+        await ledger.check()
+        assert await ledger.get_first_discovery() == 0.0
+        assert await ledger.set_first_discovery(1700000000.5) == 1700000000.5
+        assert await ledger.set_first_discovery(1800000000.0) == 1700000000.5
+        control = await ledger.get_control()
+        assert (control.writer, control.changed_by, control.changed_at) == ("started", "ops", 5.0)
+    finally:
+        await ledger.close()
