@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
+import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
+from bson import json_util
+from bson.errors import BSONError
 from bson.raw_bson import RawBSONDocument
 from pymongo import DeleteOne, ReplaceOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
@@ -37,7 +41,7 @@ from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import event_parts, raw_collection
+from cosmigrate.mongo import RAW, event_parts, raw_collection
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError
 
@@ -103,6 +107,19 @@ class Op:
             return DeleteOne(self.filter)
         return ReplaceOne(self.filter, self.doc, upsert=True)
 
+    def show_id(self) -> str:
+        """The document's `_id` for a log line or an error: the only document value that may appear there."""
+        return show_id(self.key)
+
+
+def show_id(key: bytes) -> str:
+    """`{"_id": ...}` of a raw documentKey as relaxed Extended JSON (hex if even that cannot be rendered)."""
+    try:
+        doc = RawBSONDocument(key, RAW)
+        return json_util.dumps(doc["_id"], json_options=json_util.RELAXED_JSON_OPTIONS)
+    except (BSONError, KeyError, TypeError, ValueError):
+        return f"<documentKey 0x{key.hex()}>"
+
 
 class ApplyFailed(Exception):
     """A batch or document that must stop the namespace until an operator acts."""
@@ -130,7 +147,9 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
     """Last event per document key wins; carried (deferred) writes are older than any batch.
 
     Events are sliced, never decoded; driver objects are built only for the
-    documents that survive collapsing.
+    documents that survive collapsing, with the data path's codec options (RAW):
+    a field read later (the `_id` for a filter or an error) must not raise on
+    a datetime outside years 1-9999.
     """
     latest: dict[bytes, tuple[bytes | None, int]] = {}
     for batch in batches:
@@ -140,7 +159,7 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
             latest[key] = (full, seq)
     ops = {k: op for k, op in carried.items() if k not in latest}
     for key, (full, seq) in latest.items():
-        ops[key] = Op(key, RawBSONDocument(key), RawBSONDocument(full) if full is not None else None, seq)
+        ops[key] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
     return ops
 
 
@@ -310,8 +329,7 @@ class NamespaceApplier:
                         retry.append(op)
                     else:
                         raise ApplyFailed(
-                            f"the target refused document _id={op.filter.get('_id')!r}: "
-                            f"{err.get('errmsg', '')} (code {err.get('code')})"
+                            f"the target refused document _id={op.show_id()}: {_server_message(err)} (code {err.get('code')})"
                         ) from None
                 pending = retry
                 if retry:
@@ -365,8 +383,9 @@ class NamespaceApplier:
             again = [op for op, _ in failed.values()] + [ops[b] for b in blockers if b not in failed]
             failed = await self._bulk(again)
         if failed:
+            op, err = next(iter(failed.values()))
             self.log.warning("writes deferred by unique-index conflicts; retried every round",
-                             count=len(failed), example=str(next(iter(failed.values()))[1].get("errmsg", ""))[:200])
+                             count=len(failed), example_id=op.show_id(), index=_index_name(err))
         return {key: op for key, (op, _) in failed.items()}
 
 
@@ -378,3 +397,20 @@ def _get_path(doc: Any, path: str) -> Any:
         except (KeyError, TypeError, IndexError):
             return None
     return cur
+
+
+def _index_name(err: dict[str, Any]) -> str:
+    """The unique index of an E11000 write error, by its key fields (never the duplicate value)."""
+    pattern = err.get("keyPattern")
+    if isinstance(pattern, collections.abc.Mapping) and pattern:
+        return ",".join(str(k) for k in pattern)
+    return "?"
+
+
+_DUP_KEY_VALUE = re.compile(r"dup key:.*", re.S)
+
+
+def _server_message(err: dict[str, Any] | OperationFailure) -> str:
+    """A server error message fit for a log line: a duplicate-key value is a document value, so it is cut."""
+    msg = str(err.get("errmsg", "") if isinstance(err, dict) else (err.details or {}).get("errmsg", err))
+    return _DUP_KEY_VALUE.sub("dup key: { ... }", msg)[:300]

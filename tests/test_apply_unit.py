@@ -7,11 +7,12 @@ import datetime as dt
 
 import bson
 from bson import Int64
+from bson.datetime_ms import DatetimeMS
 from bson.raw_bson import RawBSONDocument
 
 from cosmigrate.apply import Op, WriterGate, collapse
 from cosmigrate.batchfile import Batch, BatchHeader
-from cosmigrate.mongo import event_parts
+from cosmigrate.mongo import RAW, event_parts
 from cosmigrate.sandbox.cosmos import make_token
 
 TOKEN = make_token("rid", 7)
@@ -95,3 +96,43 @@ async def test_writer_gate_stop_waits_for_the_write_in_flight() -> None:
     await asyncio.wait_for(blocked, 5)
     await writer
     assert order[-2:] == ["write started", "write finished"]
+
+
+# --- datetimes outside years 1-9999 stay raw ----------------------------------------------
+
+FAR = DatetimeMS(253402300800000 + 86_400_000)  # 10000-01-02, valid BSON, no Python datetime
+EARLY = DatetimeMS(-62135596800000 - 86_400_000)  # year 0
+
+
+def test_out_of_range_datetimes_survive_collapse_op_building_and_error_text() -> None:
+    raw_doc = bson.encode({"_id": FAR, "when": EARLY, "n": 1})
+    key = bson.encode({"_id": FAR})
+    doc = RawBSONDocument(raw_doc, RAW)
+    for order in ("cosmos", "other"):  # the sliced fast path and the decoding fallback
+        assert event_parts(event(FAR, doc, order=order)) == (key, raw_doc)
+    ops = collapse([_batch(0, [event(FAR, doc)])], {})
+    op = ops[key]
+    assert op.filter["_id"] == FAR and op.doc is not None and op.doc["when"] == EARLY
+    assert op.doc.raw == raw_doc  # byte for byte
+    request = op.request()
+    assert request._filter["_id"] == FAR and request._doc.raw == raw_doc  # type: ignore[union-attr]
+    shown = op.show_id()
+    assert shown == '{"$date": {"$numberLong": "253402387200000"}}'
+    assert str(int(EARLY)) not in shown  # only the _id, never a field value
+
+
+def test_the_data_path_decodes_with_datetime_auto() -> None:
+    from bson.codec_options import DatetimeConversion
+    from pymongo import AsyncMongoClient
+
+    from cosmigrate.mongo import event_token, raw_collection, source_client, target_client
+
+    assert RAW.datetime_conversion == DatetimeConversion.DATETIME_AUTO
+    for make in (source_client, target_client):
+        client = make("mongodb://127.0.0.1:1", connect=False)
+        assert client.codec_options.datetime_conversion == DatetimeConversion.DATETIME_AUTO
+        assert client.codec_options.document_class is RawBSONDocument
+    plain: AsyncMongoClient = AsyncMongoClient("mongodb://127.0.0.1:1", connect=False)
+    assert raw_collection(plain, "d.c").codec_options == RAW
+    token_second = bson.encode({"documentKey": {"_id": FAR}, "_id": {"when": FAR}})
+    assert event_token(token_second) == bson.encode({"when": FAR})
