@@ -23,7 +23,7 @@ import collections
 import collections.abc
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +39,7 @@ from cosmigrate.backoff import Backoff
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
-from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, SeqConflict
+from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import RAW, event_parts, raw_collection
 from cosmigrate.redact import redact
@@ -172,9 +172,27 @@ def _transient(exc: BaseException) -> bool:
 
 
 class NamespaceApplier:
+    """Replays one namespace's committed batches to the target, as the namespace's owner of `epoch`.
+
+    Fencing: a process that lost the namespace (a newer owner claimed it, so the
+    ledger's epoch moved on) must not write again, or its late write could put
+    an old version over the new owner's newer one. Before every bulk write
+    command, after the writer gate and the pool let it through, the applier
+    re-checks ownership (`owns`, by default one strongly consistent read of
+    the namespace's ledger record: a local SELECT on SQLite, one GetItem of
+    about 1 read unit and a few milliseconds on DynamoDB, per command of up to
+    `apply.max_ops_per_write` documents). `mark_applied` carries the epoch too.
+    Either way a stale applier ends in state `fenced` and never writes again;
+    `fence()` does the same when the daemon learns it first (its capture was
+    fenced). What no client-side check can stop is a command already on the
+    wire when the takeover happens: that one lands (at most one per chunk in
+    flight), and the round waits for its answer so nothing lands later still.
+    """
+
     def __init__(
         self, ns: str, target: Any, store: BatchStore, ledger: Ledger, cfg: Config, gate: WriterGate,
-        pool: asyncio.Semaphore, crash: CrashPoints | None = None,
+        pool: asyncio.Semaphore, crash: CrashPoints | None = None, *, epoch: int | None = None,
+        owns: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.ns = ns
         self.target = target
@@ -186,11 +204,14 @@ class NamespaceApplier:
         self.gate = gate
         self.pool = pool
         self.crash = crash or CrashPoints()
+        self.epoch = epoch
+        self._owns = owns
         self.codec = BatchCodec()
         self.status = ApplyStatus()
         self.log = get_logger(namespace=ns)
         self.wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._fenced = False
         self._deferred: dict[bytes, Op] = {}
         self._unmarked: dict[int, int] = {}  # seq -> events, written but applied_seq held back
         self._unique: list[list[str]] | None = None
@@ -199,8 +220,34 @@ class NamespaceApplier:
         self._stopping.set()
         self.wake.set()
 
+    @property
+    def _epoch(self) -> int:
+        assert self.epoch is not None, "run() sets the epoch before any round"
+        return self.epoch
+
+    def fence(self) -> None:
+        """Stop for good: this process no longer owns the namespace (e.g. its capture was fenced).
+
+        Synchronous so the daemon can call it from anywhere. No new write command
+        is sent after this returns; one already sent is awaited by its round.
+        """
+        self._fenced = True
+        self.stop()
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
     async def run(self) -> None:
         meta = await self.ledger.get_namespace(self.ns)
+        if self.epoch is None:
+            # Transitional: a caller that does not pass the claim's epoch gets the ledger's current one, which
+            # still fences this applier against any later takeover (but not against one before this read).
+            self.epoch = meta.epoch if meta else 0
+            self.log.warning("applier started without its owner's epoch; using the ledger's", epoch=self.epoch)
+        elif meta is None or meta.epoch != self.epoch:
+            self._become_fenced(f"{self.ns}: taken over before apply started (epoch {meta.epoch if meta else '?'}, mine {self.epoch})")
+            return
         self.status.applied_seq = self.status.written_seq = meta.applied_seq if meta else -1
         self.status.state = "running"
         backoff = Backoff(cap=10.0)
@@ -214,6 +261,9 @@ class NamespaceApplier:
             try:
                 worked = await self._round()
                 backoff.reset()
+            except Fenced as exc:
+                self._become_fenced(str(exc))
+                return
             except ApplyFailed as exc:
                 self.status.state = "failed"
                 self.status.last_error = redact(str(exc))
@@ -226,7 +276,38 @@ class NamespaceApplier:
                 continue
             if not worked:
                 await self._wait(self.wake.wait(), self.acfg.poll_interval_s)
-        self.status.state = "stopped" if self.status.state != "failed" else "failed"
+        if self._fenced:
+            self._become_fenced("fenced by the daemon: this process no longer owns the namespace")
+        elif self.status.state != "failed":
+            self.status.state = "stopped"
+
+    def _become_fenced(self, reason: str) -> None:
+        self._fenced = True
+        self.status.state = "fenced"
+        self.status.last_error = redact(reason)
+        self.log.warning("apply fenced: another process owns this namespace now; this applier never writes again",
+                         error=self.status.last_error)
+
+    async def _ensure_owner(self) -> None:
+        """Raise Fenced unless this applier still owns the namespace (called right before each write command)."""
+        if self._fenced:
+            raise Fenced(f"{self.ns}: this applier was fenced")
+        if self._owns is not None:
+            owner = await self._owns()
+            current: Any = "?"
+        else:
+            meta = await self.ledger.get_namespace(self.ns)
+            current = meta.epoch if meta else "?"
+            owner = meta is not None and meta.epoch == self.epoch
+        if self._fenced or not owner:
+            self._fenced = True
+            raise Fenced(f"{self.ns}: taken over by another process (epoch {current}, mine {self.epoch})")
+
+    async def _send(self, requests: list[Any]) -> None:
+        """One bulk write command, sent only while the writer is started and this applier owns the namespace."""
+        async with self.gate.writing():
+            await self._ensure_owner()
+            await self.coll.bulk_write(requests, ordered=False)
 
     async def _wait(self, aw: Any, limit_s: float | None = None) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -268,7 +349,7 @@ class NamespaceApplier:
         if new_applied > self.status.applied_seq:
             events = sum(n for s, n in self._unmarked.items() if s <= new_applied)
             try:
-                await self.ledger.mark_applied(self.ns, self.status.applied_seq, new_applied, events, time.time())
+                await self.ledger.mark_applied(self.ns, self._epoch, self.status.applied_seq, new_applied, events, time.time())
             except SeqConflict as exc:
                 raise ApplyFailed(f"applied_seq moved under this applier: {exc}") from exc
             self.crash.hit("after_mark")
@@ -315,8 +396,7 @@ class NamespaceApplier:
         pending = chunk
         while pending:
             try:
-                async with self.gate.writing():
-                    await self.coll.bulk_write([op.request() for op in pending], ordered=False)
+                await self._send([op.request() for op in pending])
                 pending = []
             except BulkWriteError as exc:
                 errors = exc.details.get("writeErrors", [])
@@ -376,8 +456,7 @@ class NamespaceApplier:
                 blockers |= {b for b in await self._blockers(op) if b in ops}
             if not blockers:
                 break
-            async with self.gate.writing():
-                await self.coll.bulk_write([DeleteOne(ops[b].filter) for b in blockers], ordered=False)
+            await self._send([DeleteOne(ops[b].filter) for b in blockers])
             self.status.cycles_broken += 1
             self.log.info("unique-index cycle broken", documents=len(blockers) + len(failed))
             again = [op for op, _ in failed.values()] + [ops[b] for b in blockers if b not in failed]

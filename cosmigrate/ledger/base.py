@@ -94,8 +94,9 @@ class Ledger(Protocol):
     async def list_batches(self, ns: str, start_seq: int = 0, limit: int | None = None) -> list[BatchRecord]:
         """Committed batches of a namespace from `start_seq`, in seq order."""
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
-        """Advance applied_seq from exactly `old_applied_seq`; raises SeqConflict otherwise."""
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
+        """Advance applied_seq from exactly `old_applied_seq`; raises SeqConflict otherwise, Fenced if `epoch` is stale."""
 
     async def get_control(self) -> WriterControl:
         """The cluster's writer switch (stopped until an operator starts it)."""

@@ -263,7 +263,9 @@ class DynamoLedger:
         out = [self._to_batch(i) for i in items]
         return out[:limit] if limit is not None else out
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
+        # Placeholder until the ledger's epoch check lands (another branch): `epoch` is accepted and ignored.
         try:
             await self._call(
                 "update_item", TableName=self.table, Key=self._meta_key(ns),

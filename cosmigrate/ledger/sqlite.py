@@ -206,7 +206,9 @@ class SqliteLedger:
 
         return await self._run(run)
 
-    async def mark_applied(self, ns: str, old_applied_seq: int, new_applied_seq: int, events: int, applied_at: float) -> None:
+    async def mark_applied(self, ns: str, epoch: int, old_applied_seq: int, new_applied_seq: int, events: int,
+                           applied_at: float) -> None:
+        # Placeholder until the ledger's epoch check lands (another branch): `epoch` is accepted and ignored.
         def run(conn: sqlite3.Connection) -> None:
             def body() -> None:
                 cur = conn.execute(
