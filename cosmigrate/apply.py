@@ -23,10 +23,10 @@ import collections
 import collections.abc
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import bson
 from bson import json_util
@@ -45,6 +45,7 @@ from cosmigrate.mongo import RAW, event_parts, raw_collection
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError
 
+T = TypeVar("T")
 DUPLICATE_KEY = 11000
 # Failover, network, throttling and interruption codes: retry the same writes.
 TRANSIENT_CODES = {6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 16500}
@@ -304,10 +305,23 @@ class NamespaceApplier:
             raise Fenced(f"{self.ns}: taken over by another process (epoch {current}, mine {self.epoch})")
 
     async def _send(self, requests: list[Any]) -> None:
-        """One bulk write command, sent only while the writer is started and this applier owns the namespace."""
+        """One bulk write command, sent only while the writer is started and this applier owns the namespace.
+
+        Once sent, a command is never abandoned: if the caller is cancelled (a sibling chunk failed, the
+        daemon stops), this still waits for the target's answer before the cancellation goes on. Cancelling
+        the driver's await would only close the socket; the server would apply the write anyway, possibly
+        after a later round (or the new owner) wrote a newer version of the same document.
+        """
         async with self.gate.writing():
             await self._ensure_owner()
-            await self.coll.bulk_write(requests, ordered=False)
+            write = asyncio.ensure_future(self.coll.bulk_write(requests, ordered=False))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait({write})
+                if not write.cancelled():
+                    write.exception()  # retrieved: the round is being abandoned, its outcome no longer matters
+                raise
 
     async def _wait(self, aw: Any, limit_s: float | None = None) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -333,7 +347,7 @@ class NamespaceApplier:
         records = [r for i, r in enumerate(records) if r.seq == self.status.written_seq + 1 + i]
         if not records and not self._deferred:
             return False
-        batches = list(await asyncio.gather(*(self._fetch(r) for r in records)))
+        batches = await _all(self._fetch(r) for r in records)
         ops = collapse(batches, self._deferred)
         async with self.pool:
             deferred = await self._write_run(ops)
@@ -379,7 +393,9 @@ class NamespaceApplier:
 
         Every document key appears once in a run, so chunks are independent and up to
         `apply.write_concurrency` of them are in flight at once: the target works while
-        this process prepares the next chunk.
+        this process prepares the next chunk. When one chunk fails, its siblings are
+        cancelled and awaited (see `_all`, `_send`): a chunk left retrying in the
+        background could land after a later round wrote a newer version.
         """
         failed: dict[bytes, tuple[Op, dict[str, Any]]] = {}
         limit = asyncio.Semaphore(self.acfg.write_concurrency)
@@ -388,7 +404,7 @@ class NamespaceApplier:
             async with limit:
                 await self._write_chunk(chunk, failed)
 
-        await asyncio.gather(*(one(chunk) for chunk in self._chunks(ops)))
+        await _all(one(chunk) for chunk in self._chunks(ops))
         return failed
 
     async def _write_chunk(self, chunk: list[Op], failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> None:
@@ -476,6 +492,35 @@ def _get_path(doc: Any, path: str) -> Any:
         except (KeyError, TypeError, IndexError):
             return None
     return cur
+
+
+async def _all(aws: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run coroutines concurrently and return their results in order: `gather` without orphans.
+
+    On the first failure the others are cancelled and awaited (a TaskGroup), so
+    nothing started here outlives the call. The failure is re-raised as itself,
+    not as an ExceptionGroup: Fenced first, then ApplyFailed, then the first other.
+    """
+    failure: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(aw) for aw in aws]
+    except BaseExceptionGroup as eg:
+        leaves = list(_leaves(eg))
+        failure = next((e for kind in (Fenced, ApplyFailed, Exception) for e in leaves if isinstance(e, kind)), None)
+        if failure is None:
+            raise
+    if failure is not None:
+        raise failure  # outside the except block: keeps its own cause, no group as context
+    return [t.result() for t in tasks]
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _index_name(err: dict[str, Any]) -> str:

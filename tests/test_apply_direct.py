@@ -161,3 +161,103 @@ async def test_an_applier_whose_epoch_is_already_stale_does_nothing(harness: Har
     app = harness.applier(NS, old)
     await asyncio.wait_for(harness.start(app), 10)
     assert app.status.state == "fenced" and sandbox.target.store.writes == 0
+
+
+# --- no chunk outlives its round ----------------------------------------------------------
+
+
+class ProxyCollection:
+    """The applier's real collection; `bulk_write` goes through a test's rule (to hold or fail one chunk)."""
+
+    def __init__(self, inner: Any, rule: Any) -> None:
+        self.inner = inner
+        self.rule = rule
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def bulk_write(self, requests: list[Any], ordered: bool = True) -> Any:
+        return await self.rule(self.inner, requests, ordered)
+
+
+def _ids(requests: list[Any]) -> list[Any]:
+    return [r._filter["_id"] for r in requests]
+
+
+def _chunk_tasks() -> list[asyncio.Task[Any]]:
+    """Chunk writers of any applier that have not finished."""
+    return [t for t in asyncio.all_tasks() if not t.done() and "_bulk.<locals>.one" in t.get_coro().__qualname__]
+
+
+def _two_chunks(harness: Harness) -> None:
+    harness.cfg.apply.max_ops_per_write = 1
+    harness.cfg.apply.write_concurrency = 2
+
+
+async def test_a_sibling_chunk_already_sent_is_awaited_before_the_round_fails(
+    harness: Harness, sandbox: Sandbox, target: AsyncMongoClient[Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bson.code import Code
+
+    _two_chunks(harness)
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(1, {"_id": 1, "v": 1}), event(2, {"_id": 2, "f": Code("return 1")})])
+    in_server, release = asyncio.Event(), asyncio.Event()
+    held = 0
+
+    async def hold_first_write() -> None:  # the target keeps chunk 1's command until told
+        nonlocal held
+        held += 1
+        if held == 1:
+            in_server.set()
+            await release.wait()
+
+    monkeypatch.setattr(sandbox.target, "slow_write", hold_first_write)
+    refused = asyncio.Event()
+
+    async def rule(inner: Any, requests: list[Any], ordered: bool) -> Any:
+        if _ids(requests) == [2]:
+            await in_server.wait()  # chunk 2 goes out only once chunk 1 sits in the server
+            try:
+                return await inner.bulk_write(requests, ordered=ordered)
+            finally:
+                refused.set()
+        return await inner.bulk_write(requests, ordered=ordered)
+
+    app = harness.applier(NS, epoch)
+    app.coll = ProxyCollection(app.coll, rule)  # type: ignore[assignment]
+    task = harness.start(app)
+    await wait_for(lambda: _true(refused.is_set()), 10, what="chunk 2 refused")
+    for _ in range(50):  # every chance to finish early: it must not, chunk 1 is still on the wire
+        await asyncio.sleep(0)
+    assert not task.done() and app.status.state == "running"
+    release.set()
+    await asyncio.wait_for(task, 10)
+    assert app.status.state == "failed" and "_id=2" in app.status.last_error
+    assert sandbox.target.store.writes == 1 and (await _doc(target, 1)) == {"_id": 1, "v": 1}
+    assert not _chunk_tasks()
+
+
+async def test_a_sibling_chunk_retrying_a_transient_error_stops_with_its_round(harness: Harness, sandbox: Sandbox) -> None:
+    from bson.code import Code
+    from pymongo.errors import AutoReconnect
+
+    _two_chunks(harness)
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(1, {"_id": 1, "v": 1}), event(2, {"_id": 2, "f": Code("return 1")})])
+    attempts = {1: 0, 2: 0}
+
+    async def rule(inner: Any, requests: list[Any], ordered: bool) -> Any:
+        (_id,) = _ids(requests)
+        attempts[_id] += 1
+        if _id == 1:  # chunk 1 is in a transient-retry loop (a failover that has not ended)
+            raise AutoReconnect("injected: connection reset")
+        await wait_for(lambda: _true(attempts[1] >= 2), 10, what="chunk 1 retrying")
+        return await inner.bulk_write(requests, ordered=ordered)  # chunk 2 is refused for good
+
+    app = harness.applier(NS, epoch)
+    app.coll = ProxyCollection(app.coll, rule)  # type: ignore[assignment]
+    await asyncio.wait_for(harness.start(app), 20)
+    assert app.status.state == "failed" and "_id=2" in app.status.last_error
+    assert not _chunk_tasks()  # nothing left to retry chunk 1 after its round failed
+    assert sandbox.target.store.writes == 0

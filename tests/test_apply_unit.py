@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 
 import bson
+import pytest
 from bson import Int64
 from bson.datetime_ms import DatetimeMS
 from bson.raw_bson import RawBSONDocument
@@ -136,3 +137,30 @@ def test_the_data_path_decodes_with_datetime_auto() -> None:
     assert raw_collection(plain, "d.c").codec_options == RAW
     token_second = bson.encode({"documentKey": {"_id": FAR}, "_id": {"when": FAR}})
     assert event_token(token_second) == bson.encode({"when": FAR})
+
+
+async def test_all_is_gather_without_orphans() -> None:
+    from cosmigrate.apply import ApplyFailed, _all
+    from cosmigrate.stores import StoreError
+
+    assert await _all(asyncio.sleep(0, result=i) for i in range(3)) == [0, 1, 2]
+    started, finished = asyncio.Event(), []
+
+    async def slow() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            finished.append("slow")  # cancelled and awaited: done before _all raises
+
+    async def fails(exc: Exception) -> None:
+        await started.wait()
+        raise exc
+
+    # Both failures happen in the same loop iteration; the operator-facing one wins over the retryable one,
+    # and it comes out as itself, not as an ExceptionGroup.
+    with pytest.raises(ApplyFailed, match="batch 3 is corrupt"):
+        await _all([slow(), fails(StoreError("read failed")), fails(ApplyFailed("batch 3 is corrupt"))])
+    assert finished == ["slow"]
+    with pytest.raises(StoreError):
+        await _all([slow(), fails(StoreError("read failed"))])
