@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import collections.abc
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import bson
 from bson import json_util
-from bson.errors import BSONError
+from bson.errors import BSONError, InvalidDocument
 from bson.raw_bson import RawBSONDocument
 from pymongo import DeleteOne, ReplaceOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
@@ -164,6 +163,18 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
     return ops
 
 
+# Whole-command refusals that are about the client, not about a document: splitting the chunk would only end
+# up blaming an innocent document. They fail the round, which is retried (an operator can fix access).
+NOT_ABOUT_DOCUMENTS = {13, 18}  # Unauthorized, AuthenticationFailed
+
+
+def _refuses_command(exc: BaseException) -> bool:
+    """The target (or the driver, for a document too large to send) refused a whole bulk write command."""
+    if isinstance(exc, InvalidDocument):
+        return True
+    return isinstance(exc, OperationFailure) and not isinstance(exc, BulkWriteError) and exc.code not in NOT_ABOUT_DOCUMENTS
+
+
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionFailure):
         return True
@@ -271,7 +282,7 @@ class NamespaceApplier:
                 self.log.error("apply stopped for this namespace; operator action needed", error=self.status.last_error)
                 return
             except (StoreError, LedgerError, PyMongoError) as exc:
-                self.status.last_error = redact(str(exc))
+                self.status.last_error = _server_message(exc) if isinstance(exc, PyMongoError) else redact(str(exc))
                 self.log.warning("apply round failed; retrying", error=self.status.last_error)
                 await self._sleep(backoff.next_delay())
                 continue
@@ -407,34 +418,68 @@ class NamespaceApplier:
         await _all(one(chunk) for chunk in self._chunks(ops))
         return failed
 
-    async def _write_chunk(self, chunk: list[Op], failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> None:
+    async def _write_chunk(self, chunk: list[Op], failed: dict[bytes, tuple[Op, dict[str, Any]]],
+                           splitting: bool = False) -> None:
+        """Write one chunk until each op is acknowledged, deferred (duplicate key) or refused.
+
+        Transient errors are retried as they are. A write error names its document;
+        a refusal of the whole command (a value the server cannot parse, a statement
+        over its size limit) does not: the chunk is split in halves until the one
+        refused document is found, and the namespace fails with that `_id`, instead
+        of the round being retried for ever with nobody told which document.
+        """
         backoff = Backoff(base=0.2, cap=10.0)
         pending = chunk
         while pending:
             try:
                 await self._send([op.request() for op in pending])
-                pending = []
+                return
             except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                retry = []
-                for err in errors:
-                    op = pending[err["index"]]
-                    if err.get("code") == DUPLICATE_KEY:
-                        failed[op.key] = (op, err)
-                    elif err.get("code") in TRANSIENT_CODES:
-                        retry.append(op)
-                    else:
-                        raise ApplyFailed(
-                            f"the target refused document _id={op.show_id()}: {_server_message(err)} (code {err.get('code')})"
-                        ) from None
-                pending = retry
-                if retry:
-                    await asyncio.sleep(backoff.next_delay())
-            except PyMongoError as exc:
-                if not _transient(exc):
+                pending = self._sort_write_errors(pending, exc.details or {}, failed)
+                if not pending:
+                    return
+            except (PyMongoError, InvalidDocument) as exc:
+                if _transient(exc):
+                    self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
+                elif _refuses_command(exc):
+                    if not splitting:
+                        self.log.warning("the target refused a whole write command; splitting it to find the document",
+                                         documents=len(pending), error=_server_message(exc))
+                    await self._bisect(pending, exc, failed)
+                    return
+                else:
                     raise
-                self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
-                await asyncio.sleep(backoff.next_delay())
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _bisect(self, ops: list[Op], exc: Exception, failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> None:
+        """Find the document a refused command carried: halves are written in turn (log2 of the chunk deep)."""
+        if len(ops) == 1:
+            code = exc.code if isinstance(exc, OperationFailure) else type(exc).__name__
+            raise ApplyFailed(
+                f"the target refused the write of document _id={ops[0].show_id()} as a whole command: "
+                f"{_server_message(exc)} (code {code})"
+            ) from None
+        mid = len(ops) // 2
+        for half in (ops[:mid], ops[mid:]):
+            await self._write_chunk(half, failed, splitting=True)
+
+    def _sort_write_errors(self, pending: list[Op], details: Mapping[str, Any],
+                           failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> list[Op]:
+        """Sort a bulk write's errors: defer duplicates, fail on a refused document, return what to write again."""
+        retry: list[Op] = []
+        errored: set[int] = set()
+        for err in details.get("writeErrors", []):
+            errored.add(err["index"])
+            op = pending[err["index"]]
+            if err.get("code") == DUPLICATE_KEY:
+                failed[op.key] = (op, err)
+            elif err.get("code") in TRANSIENT_CODES:
+                retry.append(op)
+            else:
+                raise ApplyFailed(
+                    f"the target refused document _id={op.show_id()}: {_server_message(err)} (code {err.get('code')})"
+                )
+        return retry
 
     async def _unique_indexes(self, refresh: bool = False) -> list[list[str]]:
         if self._unique is None or refresh:
@@ -523,10 +568,10 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
             yield exc
 
 
-def _index_name(err: dict[str, Any]) -> str:
+def _index_name(err: Mapping[str, Any]) -> str:
     """The unique index of an E11000 write error, by its key fields (never the duplicate value)."""
     pattern = err.get("keyPattern")
-    if isinstance(pattern, collections.abc.Mapping) and pattern:
+    if isinstance(pattern, Mapping) and pattern:
         return ",".join(str(k) for k in pattern)
     return "?"
 
@@ -534,7 +579,18 @@ def _index_name(err: dict[str, Any]) -> str:
 _DUP_KEY_VALUE = re.compile(r"dup key:.*", re.S)
 
 
-def _server_message(err: dict[str, Any] | OperationFailure) -> str:
-    """A server error message fit for a log line: a duplicate-key value is a document value, so it is cut."""
-    msg = str(err.get("errmsg", "") if isinstance(err, dict) else (err.details or {}).get("errmsg", err))
-    return _DUP_KEY_VALUE.sub("dup key: { ... }", msg)[:300]
+def _server_message(err: Mapping[str, Any] | BaseException) -> str:
+    """A server error message fit for a log line: a duplicate-key value is a document value, so it is cut.
+
+    Never `str()` of a BulkWriteError: it embeds every failed statement, documents included.
+    """
+    if isinstance(err, Mapping):
+        msg = str(err.get("errmsg", ""))
+    elif isinstance(err, BulkWriteError):
+        errors = (err.details or {}).get("writeErrors", []) + (err.details or {}).get("writeConcernErrors", [])
+        msg = f"bulk write errors, codes {sorted({e.get('code') for e in errors}, key=str)}"
+    elif isinstance(err, OperationFailure):
+        msg = str((err.details or {}).get("errmsg", err))
+    else:
+        msg = str(err)
+    return redact(_DUP_KEY_VALUE.sub("dup key: { ... }", msg))[:500]

@@ -261,3 +261,27 @@ async def test_a_sibling_chunk_retrying_a_transient_error_stops_with_its_round(h
     assert app.status.state == "failed" and "_id=2" in app.status.last_error
     assert not _chunk_tasks()  # nothing left to retry chunk 1 after its round failed
     assert sandbox.target.store.writes == 0
+
+
+# --- a command refused as a whole ---------------------------------------------------------
+
+
+async def test_a_document_refused_as_a_whole_command_fails_the_namespace_with_its_id(
+    harness: Harness, sandbox: Sandbox, target: AsyncMongoClient[Any],
+) -> None:
+    import bson
+
+    # A nested string that is not UTF-8: the target cannot parse the statement, so it refuses the whole
+    # update command (ok: 0, InvalidBSON) without saying which of the chunk's documents is at fault.
+    raw = bson.encode({"_id": "culprit", "sub": {"s": "PLACEHOLDER"}}).replace(b"PLACEHOLDER", b"\xff" * 11)
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(i, {"_id": i}) for i in range(5)] + [event("culprit", raw)]
+                         + [event(i, {"_id": i}) for i in range(6, 8)])
+    app = harness.applier(NS, epoch)
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.state == "failed"), 15, what="namespace failed")
+    error = app.status.last_error
+    assert '_id="culprit"' in error and "whole command" in error and "code 22" in error
+    assert "\ufffd" not in error and "PLACEHOLDER" not in error
+    assert await target.app.c.count_documents({"_id": "culprit"}) == 0
+    assert app.status.applied_seq == -1

@@ -164,3 +164,68 @@ async def test_all_is_gather_without_orphans() -> None:
     assert finished == ["slow"]
     with pytest.raises(StoreError):
         await _all([slow(), fails(StoreError("read failed"))])
+
+
+# --- write outcomes: whole-command refusals, write-concern errors (a narrow fake collection) ----------
+
+
+class FakeCollection:
+    """Answers bulk writes by a rule; records what each command carried and what was acknowledged."""
+
+    def __init__(self, rule) -> None:
+        self.rule = rule
+        self.commands: list[list] = []
+        self.written: list = []
+
+    async def bulk_write(self, requests, ordered=True):
+        ids = [r._filter["_id"] for r in requests]
+        self.commands.append(ids)
+        self.rule(ids, len(self.commands))
+        self.written.extend(ids)
+
+
+def _applier(coll: FakeCollection):
+    from cosmigrate.apply import NamespaceApplier
+    from cosmigrate.config import Config
+
+    class Target:
+        def __getitem__(self, name):
+            return self
+
+        def get_collection(self, *args, **kwargs):
+            return None
+
+    async def owns() -> bool:
+        return True
+
+    app = NamespaceApplier("d.c", Target(), None, None, Config(), WriterGate(True), asyncio.Semaphore(1),  # type: ignore[arg-type]
+                           epoch=1, owns=owns)
+    app.coll = coll  # type: ignore[assignment]
+    return app
+
+
+def _ops(ids) -> list[Op]:
+    return list(collapse([_batch(0, [event(i, {"_id": i, "v": 1}) for i in ids])], {}).values())
+
+
+async def test_a_whole_command_refusal_is_split_down_to_the_refused_document(monkeypatch) -> None:
+    from pymongo.errors import AutoReconnect, OperationFailure
+
+    from cosmigrate import apply
+
+    monkeypatch.setattr(apply.Backoff, "next_delay", lambda self: 0.0)
+
+    def rule(ids, n):
+        if n == 1:
+            raise AutoReconnect("connection reset")  # transient: the same chunk again, not split
+        if "bad" in ids:
+            raise OperationFailure("invalid BSON: year 10000 is out of range", 22, {"ok": 0, "code": 22, "errmsg": "invalid BSON: year 10000 is out of range"})
+
+    coll = FakeCollection(rule)
+    ids = [0, 1, 2, 3, 4, "bad", 6, 7]
+    with pytest.raises(apply.ApplyFailed) as info:
+        await _applier(coll)._write_chunk(_ops(ids), {})
+    assert coll.commands[0] == coll.commands[1] == ids
+    assert '_id="bad"' in str(info.value) and "whole command" in str(info.value) and "code 22" in str(info.value)
+    assert coll.written == [0, 1, 2, 3, 4]  # halves before the culprit were written; it stops at the culprit
+    assert len(coll.commands) <= 2 + 2 * 3  # log2(8) levels, two halves each
