@@ -465,7 +465,13 @@ class NamespaceApplier:
 
     def _sort_write_errors(self, pending: list[Op], details: Mapping[str, Any],
                            failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> list[Op]:
-        """Sort a bulk write's errors: defer duplicates, fail on a refused document, return what to write again."""
+        """Sort a bulk write's errors: defer duplicates, fail on a refused document, return what to write again.
+
+        A write-concern error means the writes reached the primary but were not
+        acknowledged as durable (a failover may roll them back): every write
+        without its own error is written again (idempotent: the same final
+        versions), never counted as applied on the strength of that answer.
+        """
         retry: list[Op] = []
         errored: set[int] = set()
         for err in details.get("writeErrors", []):
@@ -479,6 +485,11 @@ class NamespaceApplier:
                 raise ApplyFailed(
                     f"the target refused document _id={op.show_id()}: {_server_message(err)} (code {err.get('code')})"
                 )
+        concern = details.get("writeConcernErrors", [])
+        if concern:
+            retry.extend(op for i, op in enumerate(pending) if i not in errored)
+            self.log.warning("write concern not satisfied; writing the same documents again", documents=len(retry),
+                             code=concern[0].get("code"), error=_server_message(concern[0]))
         return retry
 
     async def _unique_indexes(self, refresh: bool = False) -> list[list[str]]:

@@ -229,3 +229,41 @@ async def test_a_whole_command_refusal_is_split_down_to_the_refused_document(mon
     assert '_id="bad"' in str(info.value) and "whole command" in str(info.value) and "code 22" in str(info.value)
     assert coll.written == [0, 1, 2, 3, 4]  # halves before the culprit were written; it stops at the culprit
     assert len(coll.commands) <= 2 + 2 * 3  # log2(8) levels, two halves each
+
+
+async def test_write_concern_errors_are_written_again_not_counted_as_applied(monkeypatch) -> None:
+    from pymongo.errors import BulkWriteError
+
+    from cosmigrate import apply
+
+    monkeypatch.setattr(apply.Backoff, "next_delay", lambda self: 0.0)
+
+    def rule(ids, n):
+        if n <= 2:
+            raise BulkWriteError({"writeErrors": [], "writeConcernErrors": [
+                {"code": 64, "errmsg": "waiting for replication timed out"}], "nUpserted": len(ids)})
+
+    coll = FakeCollection(rule)
+    failed: dict = {}
+    await _applier(coll)._write_chunk(_ops([1, 2, 3]), failed)
+    assert coll.commands == [[1, 2, 3]] * 3 and not failed
+
+
+async def test_write_concern_error_with_write_errors_retries_only_the_others(monkeypatch) -> None:
+    from pymongo.errors import BulkWriteError
+
+    from cosmigrate import apply
+
+    monkeypatch.setattr(apply.Backoff, "next_delay", lambda self: 0.0)
+
+    def rule(ids, n):
+        if n == 1:
+            raise BulkWriteError({"writeErrors": [{"index": 1, "code": 11000, "errmsg": "E11000 dup key: { e: 'secret@x' }",
+                                                   "keyPattern": {"e": 1}, "keyValue": {"e": "secret@x"}}],
+                                  "writeConcernErrors": [{"code": 64, "errmsg": "timed out"}]})
+
+    coll = FakeCollection(rule)
+    failed: dict = {}
+    await _applier(coll)._write_chunk(_ops([1, 2, 3]), failed)
+    assert coll.commands == [[1, 2, 3], [1, 3]]
+    assert [op.filter["_id"] for op, _ in failed.values()] == [2]  # the duplicate goes to the cycle/defer logic
