@@ -226,7 +226,7 @@ class NamespaceApplier:
         self._fenced = False
         self._deferred: dict[bytes, Op] = {}
         self._unmarked: dict[int, int] = {}  # seq -> events, written but applied_seq held back
-        self._unique: list[list[str]] | None = None
+        self._unique: list[UniqueIndex] | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -492,24 +492,43 @@ class NamespaceApplier:
                              code=concern[0].get("code"), error=_server_message(concern[0]))
         return retry
 
-    async def _unique_indexes(self, refresh: bool = False) -> list[list[str]]:
+    async def _unique_indexes(self, refresh: bool = False) -> list[UniqueIndex]:
         if self._unique is None or refresh:
             found = []
             async for ix in await self.coll.list_indexes():
                 if ix.get("unique") and ix.get("name") != "_id_":
-                    found.append(list(ix["key"].keys()))
+                    partial = ix.get("partialFilterExpression")
+                    found.append(UniqueIndex(tuple(ix["key"].keys()), bool(ix.get("sparse")),
+                                             dict(partial) if isinstance(partial, Mapping) else None))
             self._unique = found
         return self._unique
 
-    async def _blockers(self, op: Op) -> set[bytes]:
-        """Target documents holding a unique value that `op` needs (their raw documentKeys)."""
-        assert op.doc is not None
+    async def _blockers(self, op: Op, err: Mapping[str, Any]) -> set[bytes]:
+        """Target documents holding a unique value that `op` needs, as `_id` keys (see `_id_key`).
+
+        The E11000 error's keyPattern/keyValue name the very index entry in
+        conflict (one element of an array, for a multikey index): that is the
+        exact query. A server that leaves them out (DocumentDB may) gets an
+        over-approximation from the document itself: every unique index, each
+        path's values with arrays expanded as the index expands them (`$in`),
+        restricted to what a partial index covers; extra candidates only cost
+        a rewrite of documents this run writes anyway.
+        """
+        if op.doc is None:
+            return set()
+        indexes = await self._unique_indexes()
+        pattern, value = err.get("keyPattern"), err.get("keyValue")
+        filters: list[dict[str, Any]] = []
+        if isinstance(pattern, Mapping) and isinstance(value, Mapping) and pattern and list(value) == list(pattern):
+            ix = next((i for i in indexes if i.key == tuple(pattern)), None)
+            filters.append({"$and": [dict(value), *([ix.partial] if ix and ix.partial else [])]})
+        else:
+            filters.extend(f for ix in indexes if (f := _index_filter(op.doc, ix)) is not None)
         out: set[bytes] = set()
-        for fields in await self._unique_indexes():
-            flt: dict[str, Any] = {f: _get_path(op.doc, f) for f in fields}
-            flt["_id"] = {"$ne": op.filter["_id"]}
-            async for doc in self.coll.find(flt, {"_id": 1}):
-                out.add(bson.encode({"_id": doc["_id"]}))
+        for flt in filters:
+            query = {"$and": [flt, {"_id": {"$ne": op.filter["_id"]}}]}
+            async for doc in self.coll.find(query, {"_id": 1}):
+                out.add(_id_key(doc["_id"]))
         return out
 
     async def _write_run(self, ops: dict[bytes, Op]) -> dict[bytes, Op]:
@@ -519,19 +538,20 @@ class NamespaceApplier:
         await self._unique_indexes(refresh=True)
         # 1. Retry after the rest: the blocker may have moved on within this run.
         failed = await self._bulk([op for op, _ in failed.values()])
+        by_id = {_id_key(op.filter["_id"]): op for op in ops.values()}  # a documentKey may hold more than _id
         for _ in range(3):
             if not failed:
                 return {}
             # 2. Cycles: blockers that this run rewrites are removed, then everyone's final version is written.
             blockers: set[bytes] = set()
-            for op, _ in failed.values():
-                blockers |= {b for b in await self._blockers(op) if b in ops}
+            for op, err in failed.values():
+                blockers |= {b for b in await self._blockers(op, err) if b in by_id}
             if not blockers:
                 break
-            await self._send([DeleteOne(ops[b].filter) for b in blockers])
+            await self._send([DeleteOne(by_id[b].filter) for b in blockers])
             self.status.cycles_broken += 1
             self.log.info("unique-index cycle broken", documents=len(blockers) + len(failed))
-            again = [op for op, _ in failed.values()] + [ops[b] for b in blockers if b not in failed]
+            again = [op for op, _ in failed.values()] + [by_id[b] for b in blockers if by_id[b].key not in failed]
             failed = await self._bulk(again)
         if failed:
             op, err = next(iter(failed.values()))
@@ -540,14 +560,54 @@ class NamespaceApplier:
         return {key: op for key, (op, _) in failed.items()}
 
 
-def _get_path(doc: Any, path: str) -> Any:
-    cur = doc
-    for part in path.split("."):
-        try:
-            cur = cur[part]
-        except (KeyError, TypeError, IndexError):
-            return None
-    return cur
+@dataclass(frozen=True)
+class UniqueIndex:
+    """A secondary unique index of the target collection, as far as finding blockers needs it."""
+
+    key: tuple[str, ...]
+    sparse: bool = False
+    partial: dict[str, Any] | None = None
+
+
+def _id_key(value: Any) -> bytes:
+    """One comparable form for an `_id`, whether it came from a documentKey or from a query result."""
+    return bson.encode({"_id": value}, codec_options=RAW)
+
+
+def _index_values(value: Any, parts: list[str]) -> list[Any]:
+    """The values a (multikey) index holds for a dotted path: arrays expanded the way MongoDB expands them."""
+    if not parts:
+        return list(value) if isinstance(value, list) else [value]
+    head, rest = parts[0], parts[1:]
+    if isinstance(value, Mapping):
+        return _index_values(value[head], rest) if head in value else []
+    if isinstance(value, list):
+        out: list[Any] = []
+        if head.isdigit() and int(head) < len(value):
+            out.extend(_index_values(value[int(head)], rest))
+        for item in value:
+            if isinstance(item, Mapping):
+                out.extend(_index_values(item, parts))
+        return out
+    return []
+
+
+def _index_filter(doc: Mapping[str, Any], ix: UniqueIndex) -> dict[str, Any] | None:
+    """A query for documents that may hold one of `doc`'s entries in `ix` (None: `doc` has no entry there)."""
+    clauses: list[dict[str, Any]] = []
+    present = False
+    try:
+        for path in ix.key:
+            values = _index_values(doc, path.split("."))
+            present = present or bool(values)
+            clauses.append({path: {"$in": values}} if values else {path: None})  # missing is null to an index
+    except BSONError:
+        return None  # a value this process cannot decode: no guess, the write stays deferred and visible
+    if ix.sparse and not present:
+        return None
+    if ix.partial:
+        clauses.append(ix.partial)
+    return {"$and": clauses}
 
 
 async def _all(aws: Iterable[Coroutine[Any, Any, T]]) -> list[T]:

@@ -18,7 +18,7 @@ import bson
 from bson.raw_bson import RawBSONDocument
 
 from cosmigrate.apply import NamespaceApplier, WriterGate
-from cosmigrate.batchfile import BatchCodec, BatchHeader
+from cosmigrate.batchfile import Batch, BatchCodec, BatchHeader
 from cosmigrate.config import Config
 from cosmigrate.ledger import BatchRecord, Ledger, open_ledger
 from cosmigrate.mongo import RAW
@@ -39,6 +39,13 @@ def event(key: Any, doc: dict[str, Any] | bytes | None = None) -> bytes:
     dkey = b"\x03documentKey\x00" + bson.encode({"_id": key}, codec_options=RAW)
     body = head[4:] + full + ns + dkey + b"\x00"
     return (len(body) + 4).to_bytes(4, "little") + body
+
+
+def batch(seq: int, events: list[bytes]) -> Batch:
+    """A decoded batch as the applier sees it after fetching (for calling `collapse` directly)."""
+    now = dt.datetime.now(dt.UTC)
+    header = BatchHeader("c", "d.c", seq, len(events), now, now, RawBSONDocument(bson.encode(TOKEN)), sum(map(len, events)))
+    return Batch(header, events, "")
 
 
 class Harness:

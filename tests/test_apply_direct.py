@@ -19,7 +19,7 @@ from cosmigrate.apply import WriterGate
 from cosmigrate.ledger import Fenced
 from cosmigrate.mongo import target_client
 from cosmigrate.sandbox import Sandbox
-from tests.applyharness import Harness, event
+from tests.applyharness import Harness, batch, event
 from tests.helpers import make_config, prepare_backends, wait_for
 
 NS = "app.c"
@@ -285,3 +285,28 @@ async def test_a_document_refused_as_a_whole_command_fails_the_namespace_with_it
     assert "\ufffd" not in error and "PLACEHOLDER" not in error
     assert await target.app.c.count_documents({"_id": "culprit"}) == 0
     assert app.status.applied_seq == -1
+
+
+# --- blockers of a unique index on an array path ----------------------------------------------
+
+
+@pytest.mark.parametrize("key_value", [True, False], ids=["keyValue", "no-keyValue"])
+@pytest.mark.parametrize(("path", "holder", "wanted"), [
+    ("tags", {"_id": "B", "tags": ["y", 1]}, {"_id": "A", "tags": ["y", 4]}),
+    ("a.b", {"_id": "B", "a": [{"b": "z"}, {"b": "y", "c": 1}]}, {"_id": "A", "a": [{"b": "y", "c": 4}]}),
+])
+async def test_blockers_are_found_through_arrays(harness: Harness, target: AsyncMongoClient[Any], path: str,
+                                                 holder: dict[str, Any], wanted: dict[str, Any], key_value: bool) -> None:
+    """A wants the unique value "y" that B holds inside an array; B must be named as A's blocker."""
+    import bson
+
+    from cosmigrate.apply import collapse
+
+    await target.app.c.create_index(path, unique=True, sparse=True)
+    await target.app.c.insert_many([holder, {"_id": "other", "tags": ["q"], "a": [{"b": "q"}]}])
+    epoch = await harness.claim(NS, "me")
+    app = harness.applier(NS, epoch)
+    (op,) = collapse([batch(0, [event("A", wanted)])], {}).values()
+    # What MongoDB reports for a multikey index: the one conflicting element, not the document's array.
+    err = {"code": 11000, "keyPattern": {path: 1}, "keyValue": {path: "y"}} if key_value else {"code": 11000}
+    assert await app._blockers(op, err) == {bson.encode({"_id": "B"})}

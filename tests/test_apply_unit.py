@@ -267,3 +267,15 @@ async def test_write_concern_error_with_write_errors_retries_only_the_others(mon
     await _applier(coll)._write_chunk(_ops([1, 2, 3]), failed)
     assert coll.commands == [[1, 2, 3], [1, 3]]
     assert [op.filter["_id"] for op, _ in failed.values()] == [2]  # the duplicate goes to the cycle/defer logic
+
+
+def test_index_filter_expands_arrays_and_respects_sparse_and_partial_indexes() -> None:
+    from cosmigrate.apply import UniqueIndex, _index_filter
+
+    doc = RawBSONDocument(bson.encode({"_id": 1, "tags": ["x", "y"], "a": [{"b": 1}, {"b": [2, 3]}], "k": 5}), RAW)
+    assert _index_filter(doc, UniqueIndex(("tags",))) == {"$and": [{"tags": {"$in": ["x", "y"]}}]}
+    assert _index_filter(doc, UniqueIndex(("a.b",))) == {"$and": [{"a.b": {"$in": [1, 2, 3]}}]}
+    assert _index_filter(doc, UniqueIndex(("k", "missing"))) == {"$and": [{"k": {"$in": [5]}}, {"missing": None}]}
+    assert _index_filter(doc, UniqueIndex(("missing",), sparse=True)) is None  # not in a sparse index: no blocker
+    assert _index_filter(doc, UniqueIndex(("k",), partial={"k": {"$gt": 1}})) == \
+        {"$and": [{"k": {"$in": [5]}}, {"k": {"$gt": 1}}]}  # only documents the partial index covers
