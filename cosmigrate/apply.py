@@ -42,10 +42,12 @@ from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConfl
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import RAW, event_parts, raw_collection
 from cosmigrate.redact import redact
-from cosmigrate.stores import BatchStore, StoreError
+from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 
 T = TypeVar("T")
 DUPLICATE_KEY = 11000
+RELEASE_PER_ROUND = 64  # applied batch objects marked for expiry per round at most
+MAX_UNRELEASED = 10_000  # applied batch objects remembered for another marking attempt
 # Failover, network, throttling and interruption codes: retry the same writes.
 TRANSIENT_CODES = {6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 16500}
 
@@ -225,7 +227,10 @@ class NamespaceApplier:
         self._stopping = asyncio.Event()
         self._fenced = False
         self._deferred: dict[bytes, Op] = {}
-        self._unmarked: dict[int, int] = {}  # seq -> events, written but applied_seq held back
+        self._unmarked: dict[int, tuple[int, str]] = {}  # seq -> (events, key), written but applied_seq held back
+        self._unreleased: dict[str, None] = {}  # applied batch objects the store has not yet let expire, oldest first
+        self._release_backoff = Backoff(base=5.0, cap=300.0)
+        self._release_after = 0.0  # monotonic
         self._unique: list[UniqueIndex] | None = None
 
     def stop(self) -> None:
@@ -347,7 +352,14 @@ class NamespaceApplier:
         await self._wait(asyncio.sleep(seconds), seconds)
 
     async def _fetch(self, record: BatchRecord) -> Batch:
-        data = await self.store.get(record.key)
+        try:
+            data = await self.store.get(record.key)
+        except ObjectMissing as exc:
+            # Committed but gone (expired by a lifecycle rule, deleted by hand): retrying cannot bring it back.
+            raise ApplyFailed(
+                f"batch {record.seq} ({record.key}) is missing from the store: it was committed but never applied, "
+                f"so nothing from it on can be applied. {_restore_hint(self.store.url, record.key)}"
+            ) from exc
         try:
             return self.codec.decode(data, expect_checksum=record.checksum)
         except CorruptBatch as exc:
@@ -357,6 +369,7 @@ class NamespaceApplier:
         records = await self.ledger.list_batches(self.ns, self.status.written_seq + 1, self.acfg.max_batches_per_round)
         records = [r for i, r in enumerate(records) if r.seq == self.status.written_seq + 1 + i]
         if not records and not self._deferred:
+            await self._release_objects()
             return False
         batches = await _all(self._fetch(r) for r in records)
         ops = collapse(batches, self._deferred)
@@ -364,7 +377,7 @@ class NamespaceApplier:
             deferred = await self._write_run(ops)
         self.crash.hit("after_write")
         for r in records:
-            self._unmarked[r.seq] = r.events
+            self._unmarked[r.seq] = (r.events, r.key)
         if records:
             self.status.written_seq = records[-1].seq
         self._deferred = deferred
@@ -372,17 +385,59 @@ class NamespaceApplier:
         hold = min((op.origin_seq for op in deferred.values()), default=self.status.written_seq + 1)
         new_applied = min(self.status.written_seq, hold - 1)
         if new_applied > self.status.applied_seq:
-            events = sum(n for s, n in self._unmarked.items() if s <= new_applied)
+            events = sum(n for s, (n, _) in self._unmarked.items() if s <= new_applied)
             try:
                 await self.ledger.mark_applied(self.ns, self._epoch, self.status.applied_seq, new_applied, events, time.time())
             except SeqConflict as exc:
                 raise ApplyFailed(f"applied_seq moved under this applier: {exc}") from exc
             self.crash.hit("after_mark")
-            self._unmarked = {s: n for s, n in self._unmarked.items() if s > new_applied}
+            self._unreleased.update((key, None) for s, (_, key) in sorted(self._unmarked.items()) if s <= new_applied)
+            self._unmarked = {s: v for s, v in self._unmarked.items() if s > new_applied}
             self.status.applied_seq = new_applied
             self.status.events_applied += events
             self.status.recent.append((time.time(), events))
+            self._release_after = 0.0  # new objects to release: try now
+        await self._release_objects()
         return bool(records)
+
+    async def _release_objects(self) -> None:
+        """Tell the store which applied batch objects may expire (S3: tag them; a directory: mark them).
+
+        Only after mark_applied: an unapplied batch must never expire. A failure
+        (e.g. a role without s3:PutObjectTagging) is logged and retried with
+        backoff, never fails the round; keys kept for retry are lost on a
+        restart (and beyond MAX_UNRELEASED): those objects are then kept for
+        good, which costs storage, never data.
+        """
+        if not self._unreleased or time.monotonic() < self._release_after:
+            return
+        keys = list(self._unreleased)[:RELEASE_PER_ROUND]
+        errors: list[str] = []
+        limit = asyncio.Semaphore(8)
+
+        async def release(key: str) -> None:
+            async with limit:
+                try:
+                    await self.store.mark_applied(key)
+                except ObjectMissing:
+                    pass  # already gone: nothing left to expire
+                except StoreError as exc:
+                    errors.append(str(exc))
+                    return
+                self._unreleased.pop(key, None)
+
+        await _all(release(k) for k in keys)
+        if errors:
+            self._release_after = time.monotonic() + self._release_backoff.next_delay()
+            self.log.warning("could not mark applied batches for expiry; will retry (they are kept meanwhile)",
+                             count=len(errors), error=redact(errors[0]))
+        else:
+            self._release_backoff.reset()
+        if len(self._unreleased) > MAX_UNRELEASED:
+            dropped = len(self._unreleased) - MAX_UNRELEASED
+            for key in list(self._unreleased)[:dropped]:
+                del self._unreleased[key]
+            self.log.warning("giving up marking old applied batches for expiry; they stay in the store", count=dropped)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -608,6 +663,19 @@ def _index_filter(doc: Mapping[str, Any], ix: UniqueIndex) -> dict[str, Any] | N
     if ix.partial:
         clauses.append(ix.partial)
     return {"$and": clauses}
+
+
+def _restore_hint(store_url: str, key: str) -> str:
+    """What an operator does about a missing batch object, per kind of store."""
+    if store_url.startswith("s3://"):
+        bucket = store_url.removeprefix("s3://").split("/")[0]
+        return (
+            "The bucket is versioned: find the object's previous version "
+            f"(aws s3api list-object-versions --bucket {bucket} --prefix {key}) and restore it (delete the delete "
+            "marker, or copy that version back onto the key), then restart cosmigrate to resume this namespace."
+        )
+    return (f"Restore the file {key} under {store_url} from a backup, then restart cosmigrate to resume this namespace; "
+            "without it, this namespace must be migrated again from the beginning.")
 
 
 async def _all(aws: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
