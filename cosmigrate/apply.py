@@ -46,6 +46,7 @@ from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 
 T = TypeVar("T")
 DUPLICATE_KEY = 11000
+INFLIGHT_GRACE_S = 60.0  # how long a cancelled round still waits for a write command already sent
 RELEASE_PER_ROUND = 64  # applied batch objects marked for expiry per round at most
 MAX_UNRELEASED = 10_000  # applied batch objects remembered for another marking attempt
 # Failover, network, throttling and interruption codes: retry the same writes.
@@ -256,7 +257,18 @@ class NamespaceApplier:
         return self._fenced
 
     async def run(self) -> None:
-        meta = await self.ledger.get_namespace(self.ns)
+        backoff = Backoff(cap=10.0)
+        while True:  # a ledger hiccup at start must not kill the task
+            try:
+                meta = await self.ledger.get_namespace(self.ns)
+                break
+            except LedgerError as exc:
+                self.status.last_error = redact(str(exc))
+                self.log.warning("cannot read the namespace's ledger record; retrying", error=self.status.last_error)
+                await self._sleep(backoff.next_delay())
+                if self._stopping.is_set():
+                    self.status.state = "fenced" if self._fenced else "stopped"
+                    return
         if self.epoch is None:
             # Transitional: a caller that does not pass the claim's epoch gets the ledger's current one, which
             # still fences this applier against any later takeover (but not against one before this read).
@@ -267,7 +279,7 @@ class NamespaceApplier:
             return
         self.status.applied_seq = self.status.written_seq = meta.applied_seq if meta else -1
         self.status.state = "running"
-        backoff = Backoff(cap=10.0)
+        backoff.reset()
         while not self._stopping.is_set():
             if not self.gate.started:
                 self.status.state = "paused"
@@ -334,8 +346,13 @@ class NamespaceApplier:
             try:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
-                await asyncio.wait({write})
-                if not write.cancelled():
+                # Bounded, so that a target gone silent (a partition, no socket timeout) cannot hang a shutdown.
+                done, _ = await asyncio.wait({write}, timeout=INFLIGHT_GRACE_S)
+                if not done:
+                    write.cancel()
+                    self.log.warning("abandoning a write command still unanswered; it may yet land on the target",
+                                     waited_s=INFLIGHT_GRACE_S, documents=len(requests))
+                elif not write.cancelled():
                     write.exception()  # retrieved: the round is being abandoned, its outcome no longer matters
                 raise
 

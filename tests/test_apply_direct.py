@@ -310,3 +310,71 @@ async def test_blockers_are_found_through_arrays(harness: Harness, target: Async
     # What MongoDB reports for a multikey index: the one conflicting element, not the document's array.
     err = {"code": 11000, "keyPattern": {path: 1}, "keyValue": {path: "y"}} if key_value else {"code": 11000}
     assert await app._blockers(op, err) == {bson.encode({"_id": "B"})}
+
+
+async def test_a_command_the_target_never_answers_is_abandoned_after_a_bounded_wait(
+    harness: Harness, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A silent target (a partition; no socket timeout) must not hang the round, nor a daemon's shutdown, for ever."""
+    from bson.code import Code
+
+    from cosmigrate import apply
+
+    _two_chunks(harness)
+    monkeypatch.setattr(apply, "INFLIGHT_GRACE_S", 0.3)
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(1, {"_id": 1}), event(2, {"_id": 2, "f": Code("return 1")})])
+    in_server, release = asyncio.Event(), asyncio.Event()
+    calls = 0
+
+    async def never_answer_the_first() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            in_server.set()
+            await release.wait()
+
+    monkeypatch.setattr(sandbox.target, "slow_write", never_answer_the_first)
+
+    async def rule(inner: Any, requests: list[Any], ordered: bool) -> Any:
+        if _ids(requests) == [2]:
+            await in_server.wait()
+        return await inner.bulk_write(requests, ordered=ordered)
+
+    app = harness.applier(NS, epoch)
+    app.coll = ProxyCollection(app.coll, rule)  # type: ignore[assignment]
+    try:
+        await asyncio.wait_for(harness.start(app), 10)
+        assert app.status.state == "failed" and "_id=2" in app.status.last_error
+        assert not _chunk_tasks()
+    finally:
+        release.set()
+
+
+class FlakyStartLedger:
+    """The real ledger, failing its first read (a ledger restarting as the daemon starts)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def get_namespace(self, ns: str) -> Any:
+        self.reads += 1
+        if self.reads == 1:
+            from cosmigrate.ledger import LedgerError
+
+            raise LedgerError("database is locked")
+        return await self.inner.get_namespace(ns)
+
+
+async def test_a_ledger_error_at_start_is_retried(harness: Harness, target: AsyncMongoClient[Any]) -> None:
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(1, {"_id": 1})])
+    app = harness.applier(NS, epoch)
+    app.ledger = FlakyStartLedger(harness.ledger)  # type: ignore[assignment]
+    task = harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 0), 10, what="applied after a failed first read")
+    assert not task.done() and (await _doc(target, 1)) == {"_id": 1}
