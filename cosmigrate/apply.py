@@ -13,7 +13,17 @@ values) and is broken by deleting the blockers and writing the final
 versions; whatever still conflicts stays *deferred*: carried into the next
 round (merged with newer batches, newer events win), retried every round,
 shown in status, and holding `applied_seq` back so a restart re-applies it.
-Nothing is ever dropped. Any other refused document fails the namespace.
+Nothing is ever dropped. Any other refused document fails the namespace, named
+by its `_id` only (never a field value): a write error names it; a command the
+target refuses as a whole is split in halves until the one document is found.
+Write-concern errors are written again, never counted as applied.
+
+Only the owner of the namespace's current epoch writes (see NamespaceApplier),
+and no write command outlives its round: a round that fails cancels its other
+chunks and waits for the commands already sent, so nothing lands after a later
+round. Once applied, batch objects are released to the store's expiry
+(`BatchStore.mark_applied`); a committed batch whose object is gone fails the
+namespace with the steps to restore it.
 """
 
 from __future__ import annotations
