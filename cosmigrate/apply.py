@@ -13,20 +13,33 @@ values) and is broken by deleting the blockers and writing the final
 versions; whatever still conflicts stays *deferred*: carried into the next
 round (merged with newer batches, newer events win), retried every round,
 shown in status, and holding `applied_seq` back so a restart re-applies it.
-Nothing is ever dropped. Any other refused document fails the namespace.
+Nothing is ever dropped. Any other refused document fails the namespace, named
+by its `_id` only (never a field value): a write error names it; a command the
+target refuses as a whole is split in halves until the one document is found.
+Write-concern errors are written again, never counted as applied.
+
+Only the owner of the namespace's current epoch writes (see NamespaceApplier),
+and no write command outlives its round: a round that fails cancels its other
+chunks and waits for the commands already sent, so nothing lands after a later
+round. Once applied, batch objects are released to the store's expiry
+(`BatchStore.mark_applied`); a committed batch whose object is gone fails the
+namespace with the steps to restore it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import bson
+from bson import json_util
+from bson.errors import BSONError, InvalidDocument
 from bson.raw_bson import RawBSONDocument
 from pymongo import DeleteOne, ReplaceOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
@@ -35,13 +48,17 @@ from cosmigrate.backoff import Backoff
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
-from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, SeqConflict
+from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import event_parts, raw_collection
+from cosmigrate.mongo import RAW, event_parts, raw_collection
 from cosmigrate.redact import redact
-from cosmigrate.stores import BatchStore, StoreError
+from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 
+T = TypeVar("T")
 DUPLICATE_KEY = 11000
+INFLIGHT_GRACE_S = 60.0  # how long a cancelled round still waits for a write command already sent
+RELEASE_PER_ROUND = 64  # applied batch objects marked for expiry per round at most
+MAX_UNRELEASED = 10_000  # applied batch objects remembered for another marking attempt
 # Failover, network, throttling and interruption codes: retry the same writes.
 TRANSIENT_CODES = {6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 16500}
 
@@ -103,6 +120,19 @@ class Op:
             return DeleteOne(self.filter)
         return ReplaceOne(self.filter, self.doc, upsert=True)
 
+    def show_id(self) -> str:
+        """The document's `_id` for a log line or an error: the only document value that may appear there."""
+        return show_id(self.key)
+
+
+def show_id(key: bytes) -> str:
+    """`{"_id": ...}` of a raw documentKey as relaxed Extended JSON (hex if even that cannot be rendered)."""
+    try:
+        doc = RawBSONDocument(key, RAW)
+        return json_util.dumps(doc["_id"], json_options=json_util.RELAXED_JSON_OPTIONS)
+    except (BSONError, KeyError, TypeError, ValueError):
+        return f"<documentKey 0x{key.hex()}>"
+
 
 class ApplyFailed(Exception):
     """A batch or document that must stop the namespace until an operator acts."""
@@ -130,7 +160,9 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
     """Last event per document key wins; carried (deferred) writes are older than any batch.
 
     Events are sliced, never decoded; driver objects are built only for the
-    documents that survive collapsing.
+    documents that survive collapsing, with the data path's codec options (RAW):
+    a field read later (the `_id` for a filter or an error) must not raise on
+    a datetime outside years 1-9999.
     """
     latest: dict[bytes, tuple[bytes | None, int]] = {}
     for batch in batches:
@@ -140,8 +172,20 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
             latest[key] = (full, seq)
     ops = {k: op for k, op in carried.items() if k not in latest}
     for key, (full, seq) in latest.items():
-        ops[key] = Op(key, RawBSONDocument(key), RawBSONDocument(full) if full is not None else None, seq)
+        ops[key] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
     return ops
+
+
+# Whole-command refusals that are about the client, not about a document: splitting the chunk would only end
+# up blaming an innocent document. They fail the round, which is retried (an operator can fix access).
+NOT_ABOUT_DOCUMENTS = {13, 18}  # Unauthorized, AuthenticationFailed
+
+
+def _refuses_command(exc: BaseException) -> bool:
+    """The target (or the driver, for a document too large to send) refused a whole bulk write command."""
+    if isinstance(exc, InvalidDocument):
+        return True
+    return isinstance(exc, OperationFailure) and not isinstance(exc, BulkWriteError) and exc.code not in NOT_ABOUT_DOCUMENTS
 
 
 def _transient(exc: BaseException) -> bool:
@@ -153,9 +197,27 @@ def _transient(exc: BaseException) -> bool:
 
 
 class NamespaceApplier:
+    """Replays one namespace's committed batches to the target, as the namespace's owner of `epoch`.
+
+    Fencing: a process that lost the namespace (a newer owner claimed it, so the
+    ledger's epoch moved on) must not write again, or its late write could put
+    an old version over the new owner's newer one. Before every bulk write
+    command, after the writer gate and the pool let it through, the applier
+    re-checks ownership (`owns`, by default one strongly consistent read of
+    the namespace's ledger record: a local SELECT on SQLite, one GetItem of
+    about 1 read unit and a few milliseconds on DynamoDB, per command of up to
+    `apply.max_ops_per_write` documents). `mark_applied` carries the epoch too.
+    Either way a stale applier ends in state `fenced` and never writes again;
+    `fence()` does the same when the daemon learns it first (its capture was
+    fenced). What no client-side check can stop is a command already on the
+    wire when the takeover happens: that one lands (at most one per chunk in
+    flight), and the round waits for its answer so nothing lands later still.
+    """
+
     def __init__(
         self, ns: str, target: Any, store: BatchStore, ledger: Ledger, cfg: Config, gate: WriterGate,
-        pool: asyncio.Semaphore, crash: CrashPoints | None = None,
+        pool: asyncio.Semaphore, crash: CrashPoints | None = None, *, epoch: int | None = None,
+        owns: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.ns = ns
         self.target = target
@@ -167,24 +229,67 @@ class NamespaceApplier:
         self.gate = gate
         self.pool = pool
         self.crash = crash or CrashPoints()
+        self.epoch = epoch
+        self._owns = owns
         self.codec = BatchCodec()
         self.status = ApplyStatus()
         self.log = get_logger(namespace=ns)
         self.wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._fenced = False
         self._deferred: dict[bytes, Op] = {}
-        self._unmarked: dict[int, int] = {}  # seq -> events, written but applied_seq held back
-        self._unique: list[list[str]] | None = None
+        self._unmarked: dict[int, tuple[int, str]] = {}  # seq -> (events, key), written but applied_seq held back
+        self._unreleased: dict[str, None] = {}  # applied batch objects the store has not yet let expire, oldest first
+        self._release_backoff = Backoff(base=5.0, cap=300.0)
+        self._release_after = 0.0  # monotonic
+        self._unique: list[UniqueIndex] | None = None
 
     def stop(self) -> None:
         self._stopping.set()
         self.wake.set()
 
+    @property
+    def _epoch(self) -> int:
+        assert self.epoch is not None, "run() sets the epoch before any round"
+        return self.epoch
+
+    def fence(self) -> None:
+        """Stop for good: this process no longer owns the namespace (e.g. its capture was fenced).
+
+        Synchronous so the daemon can call it from anywhere. No new write command
+        is sent after this returns; one already sent is awaited by its round.
+        """
+        self._fenced = True
+        self.stop()
+
+    @property
+    def fenced(self) -> bool:
+        return self._fenced
+
     async def run(self) -> None:
-        meta = await self.ledger.get_namespace(self.ns)
+        backoff = Backoff(cap=10.0)
+        while True:  # a ledger hiccup at start must not kill the task
+            try:
+                meta = await self.ledger.get_namespace(self.ns)
+                break
+            except LedgerError as exc:
+                self.status.last_error = redact(str(exc))
+                self.log.warning("cannot read the namespace's ledger record; retrying", error=self.status.last_error)
+                await self._sleep(backoff.next_delay())
+                if self._stopping.is_set():
+                    self.status.state = "fenced" if self._fenced else "stopped"
+                    return
+        if self.epoch is None:
+            # Transitional: a caller that does not pass the claim's epoch gets the ledger's current one, which
+            # still fences this applier against any later takeover (but not against one before this read).
+            self.epoch = meta.epoch if meta else 0
+            self.log.warning("applier started without its owner's epoch; using the ledger's", epoch=self.epoch)
+        elif meta is None or meta.epoch != self.epoch:
+            self._become_fenced(f"{self.ns}: taken over before apply started (epoch {meta.epoch if meta else '?'}, mine {self.epoch})")
+            return
         self.status.applied_seq = self.status.written_seq = meta.applied_seq if meta else -1
         self.status.state = "running"
-        backoff = Backoff(cap=10.0)
+        backoff.reset()
         while not self._stopping.is_set():
             if not self.gate.started:
                 self.status.state = "paused"
@@ -195,19 +300,71 @@ class NamespaceApplier:
             try:
                 worked = await self._round()
                 backoff.reset()
+            except Fenced as exc:
+                self._become_fenced(str(exc))
+                return
             except ApplyFailed as exc:
                 self.status.state = "failed"
                 self.status.last_error = redact(str(exc))
                 self.log.error("apply stopped for this namespace; operator action needed", error=self.status.last_error)
                 return
             except (StoreError, LedgerError, PyMongoError) as exc:
-                self.status.last_error = redact(str(exc))
+                self.status.last_error = _server_message(exc) if isinstance(exc, PyMongoError) else redact(str(exc))
                 self.log.warning("apply round failed; retrying", error=self.status.last_error)
                 await self._sleep(backoff.next_delay())
                 continue
             if not worked:
                 await self._wait(self.wake.wait(), self.acfg.poll_interval_s)
-        self.status.state = "stopped" if self.status.state != "failed" else "failed"
+        if self._fenced:
+            self._become_fenced("fenced by the daemon: this process no longer owns the namespace")
+        elif self.status.state != "failed":
+            self.status.state = "stopped"
+
+    def _become_fenced(self, reason: str) -> None:
+        self._fenced = True
+        self.status.state = "fenced"
+        self.status.last_error = redact(reason)
+        self.log.warning("apply fenced: another process owns this namespace now; this applier never writes again",
+                         error=self.status.last_error)
+
+    async def _ensure_owner(self) -> None:
+        """Raise Fenced unless this applier still owns the namespace (called right before each write command)."""
+        if self._fenced:
+            raise Fenced(f"{self.ns}: this applier was fenced")
+        if self._owns is not None:
+            owner = await self._owns()
+            current: Any = "?"
+        else:
+            meta = await self.ledger.get_namespace(self.ns)
+            current = meta.epoch if meta else "?"
+            owner = meta is not None and meta.epoch == self.epoch
+        if self._fenced or not owner:
+            self._fenced = True
+            raise Fenced(f"{self.ns}: taken over by another process (epoch {current}, mine {self.epoch})")
+
+    async def _send(self, requests: list[Any]) -> None:
+        """One bulk write command, sent only while the writer is started and this applier owns the namespace.
+
+        Once sent, a command is never abandoned: if the caller is cancelled (a sibling chunk failed, the
+        daemon stops), this still waits for the target's answer before the cancellation goes on. Cancelling
+        the driver's await would only close the socket; the server would apply the write anyway, possibly
+        after a later round (or the new owner) wrote a newer version of the same document.
+        """
+        async with self.gate.writing():
+            await self._ensure_owner()
+            write = asyncio.ensure_future(self.coll.bulk_write(requests, ordered=False))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Bounded, so that a target gone silent (a partition, no socket timeout) cannot hang a shutdown.
+                done, _ = await asyncio.wait({write}, timeout=INFLIGHT_GRACE_S)
+                if not done:
+                    write.cancel()
+                    self.log.warning("abandoning a write command still unanswered; it may yet land on the target",
+                                     waited_s=INFLIGHT_GRACE_S, documents=len(requests))
+                elif not write.cancelled():
+                    write.exception()  # retrieved: the round is being abandoned, its outcome no longer matters
+                raise
 
     async def _wait(self, aw: Any, limit_s: float | None = None) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -222,7 +379,14 @@ class NamespaceApplier:
         await self._wait(asyncio.sleep(seconds), seconds)
 
     async def _fetch(self, record: BatchRecord) -> Batch:
-        data = await self.store.get(record.key)
+        try:
+            data = await self.store.get(record.key)
+        except ObjectMissing as exc:
+            # Committed but gone (expired by a lifecycle rule, deleted by hand): retrying cannot bring it back.
+            raise ApplyFailed(
+                f"batch {record.seq} ({record.key}) is missing from the store: it was committed but never applied, "
+                f"so nothing from it on can be applied. {_restore_hint(self.store.url, record.key)}"
+            ) from exc
         try:
             return self.codec.decode(data, expect_checksum=record.checksum)
         except CorruptBatch as exc:
@@ -232,14 +396,15 @@ class NamespaceApplier:
         records = await self.ledger.list_batches(self.ns, self.status.written_seq + 1, self.acfg.max_batches_per_round)
         records = [r for i, r in enumerate(records) if r.seq == self.status.written_seq + 1 + i]
         if not records and not self._deferred:
+            await self._release_objects()
             return False
-        batches = list(await asyncio.gather(*(self._fetch(r) for r in records)))
+        batches = await _all(self._fetch(r) for r in records)
         ops = collapse(batches, self._deferred)
         async with self.pool:
             deferred = await self._write_run(ops)
         self.crash.hit("after_write")
         for r in records:
-            self._unmarked[r.seq] = r.events
+            self._unmarked[r.seq] = (r.events, r.key)
         if records:
             self.status.written_seq = records[-1].seq
         self._deferred = deferred
@@ -247,17 +412,59 @@ class NamespaceApplier:
         hold = min((op.origin_seq for op in deferred.values()), default=self.status.written_seq + 1)
         new_applied = min(self.status.written_seq, hold - 1)
         if new_applied > self.status.applied_seq:
-            events = sum(n for s, n in self._unmarked.items() if s <= new_applied)
+            events = sum(n for s, (n, _) in self._unmarked.items() if s <= new_applied)
             try:
-                await self.ledger.mark_applied(self.ns, self.status.applied_seq, new_applied, events, time.time())
+                await self.ledger.mark_applied(self.ns, self._epoch, self.status.applied_seq, new_applied, events, time.time())
             except SeqConflict as exc:
                 raise ApplyFailed(f"applied_seq moved under this applier: {exc}") from exc
             self.crash.hit("after_mark")
-            self._unmarked = {s: n for s, n in self._unmarked.items() if s > new_applied}
+            self._unreleased.update((key, None) for s, (_, key) in sorted(self._unmarked.items()) if s <= new_applied)
+            self._unmarked = {s: v for s, v in self._unmarked.items() if s > new_applied}
             self.status.applied_seq = new_applied
             self.status.events_applied += events
             self.status.recent.append((time.time(), events))
+            self._release_after = 0.0  # new objects to release: try now
+        await self._release_objects()
         return bool(records)
+
+    async def _release_objects(self) -> None:
+        """Tell the store which applied batch objects may expire (S3: tag them; a directory: mark them).
+
+        Only after mark_applied: an unapplied batch must never expire. A failure
+        (e.g. a role without s3:PutObjectTagging) is logged and retried with
+        backoff, never fails the round; keys kept for retry are lost on a
+        restart (and beyond MAX_UNRELEASED): those objects are then kept for
+        good, which costs storage, never data.
+        """
+        if not self._unreleased or time.monotonic() < self._release_after:
+            return
+        keys = list(self._unreleased)[:RELEASE_PER_ROUND]
+        errors: list[str] = []
+        limit = asyncio.Semaphore(8)
+
+        async def release(key: str) -> None:
+            async with limit:
+                try:
+                    await self.store.mark_applied(key)
+                except ObjectMissing:
+                    pass  # already gone: nothing left to expire
+                except StoreError as exc:
+                    errors.append(str(exc))
+                    return
+                self._unreleased.pop(key, None)
+
+        await _all(release(k) for k in keys)
+        if errors:
+            self._release_after = time.monotonic() + self._release_backoff.next_delay()
+            self.log.warning("could not mark applied batches for expiry; will retry (they are kept meanwhile)",
+                             count=len(errors), error=redact(errors[0]))
+        else:
+            self._release_backoff.reset()
+        if len(self._unreleased) > MAX_UNRELEASED:
+            dropped = len(self._unreleased) - MAX_UNRELEASED
+            for key in list(self._unreleased)[:dropped]:
+                del self._unreleased[key]
+            self.log.warning("giving up marking old applied batches for expiry; they stay in the store", count=dropped)
 
     # --- writing ------------------------------------------------------------------------
 
@@ -279,7 +486,9 @@ class NamespaceApplier:
 
         Every document key appears once in a run, so chunks are independent and up to
         `apply.write_concurrency` of them are in flight at once: the target works while
-        this process prepares the next chunk.
+        this process prepares the next chunk. When one chunk fails, its siblings are
+        cancelled and awaited (see `_all`, `_send`): a chunk left retrying in the
+        background could land after a later round wrote a newer version.
         """
         failed: dict[bytes, tuple[Op, dict[str, Any]]] = {}
         limit = asyncio.Semaphore(self.acfg.write_concurrency)
@@ -288,58 +497,120 @@ class NamespaceApplier:
             async with limit:
                 await self._write_chunk(chunk, failed)
 
-        await asyncio.gather(*(one(chunk) for chunk in self._chunks(ops)))
+        await _all(one(chunk) for chunk in self._chunks(ops))
         return failed
 
-    async def _write_chunk(self, chunk: list[Op], failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> None:
+    async def _write_chunk(self, chunk: list[Op], failed: dict[bytes, tuple[Op, dict[str, Any]]],
+                           splitting: bool = False) -> None:
+        """Write one chunk until each op is acknowledged, deferred (duplicate key) or refused.
+
+        Transient errors are retried as they are. A write error names its document;
+        a refusal of the whole command (a value the server cannot parse, a statement
+        over its size limit) does not: the chunk is split in halves until the one
+        refused document is found, and the namespace fails with that `_id`, instead
+        of the round being retried for ever with nobody told which document.
+        """
         backoff = Backoff(base=0.2, cap=10.0)
         pending = chunk
         while pending:
             try:
-                async with self.gate.writing():
-                    await self.coll.bulk_write([op.request() for op in pending], ordered=False)
-                pending = []
+                await self._send([op.request() for op in pending])
+                return
             except BulkWriteError as exc:
-                errors = exc.details.get("writeErrors", [])
-                retry = []
-                for err in errors:
-                    op = pending[err["index"]]
-                    if err.get("code") == DUPLICATE_KEY:
-                        failed[op.key] = (op, err)
-                    elif err.get("code") in TRANSIENT_CODES:
-                        retry.append(op)
-                    else:
-                        raise ApplyFailed(
-                            f"the target refused document _id={op.filter.get('_id')!r}: "
-                            f"{err.get('errmsg', '')} (code {err.get('code')})"
-                        ) from None
-                pending = retry
-                if retry:
-                    await asyncio.sleep(backoff.next_delay())
-            except PyMongoError as exc:
-                if not _transient(exc):
+                pending = self._sort_write_errors(pending, exc.details or {}, failed)
+                if not pending:
+                    return
+            except (PyMongoError, InvalidDocument) as exc:
+                if _transient(exc):
+                    self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
+                elif _refuses_command(exc):
+                    if not splitting:
+                        self.log.warning("the target refused a whole write command; splitting it to find the document",
+                                         documents=len(pending), error=_server_message(exc))
+                    await self._bisect(pending, exc, failed)
+                    return
+                else:
                     raise
-                self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
-                await asyncio.sleep(backoff.next_delay())
+            await asyncio.sleep(backoff.next_delay())
 
-    async def _unique_indexes(self, refresh: bool = False) -> list[list[str]]:
+    async def _bisect(self, ops: list[Op], exc: Exception, failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> None:
+        """Find the document a refused command carried: halves are written in turn (log2 of the chunk deep)."""
+        if len(ops) == 1:
+            code = exc.code if isinstance(exc, OperationFailure) else type(exc).__name__
+            raise ApplyFailed(
+                f"the target refused the write of document _id={ops[0].show_id()} as a whole command: "
+                f"{_server_message(exc)} (code {code})"
+            ) from None
+        mid = len(ops) // 2
+        for half in (ops[:mid], ops[mid:]):
+            await self._write_chunk(half, failed, splitting=True)
+
+    def _sort_write_errors(self, pending: list[Op], details: Mapping[str, Any],
+                           failed: dict[bytes, tuple[Op, dict[str, Any]]]) -> list[Op]:
+        """Sort a bulk write's errors: defer duplicates, fail on a refused document, return what to write again.
+
+        A write-concern error means the writes reached the primary but were not
+        acknowledged as durable (a failover may roll them back): every write
+        without its own error is written again (idempotent: the same final
+        versions), never counted as applied on the strength of that answer.
+        """
+        retry: list[Op] = []
+        errored: set[int] = set()
+        for err in details.get("writeErrors", []):
+            errored.add(err["index"])
+            op = pending[err["index"]]
+            if err.get("code") == DUPLICATE_KEY:
+                failed[op.key] = (op, err)
+            elif err.get("code") in TRANSIENT_CODES:
+                retry.append(op)
+            else:
+                raise ApplyFailed(
+                    f"the target refused document _id={op.show_id()}: {_server_message(err)} (code {err.get('code')})"
+                )
+        concern = details.get("writeConcernErrors", [])
+        if concern:
+            retry.extend(op for i, op in enumerate(pending) if i not in errored)
+            self.log.warning("write concern not satisfied; writing the same documents again", documents=len(retry),
+                             code=concern[0].get("code"), error=_server_message(concern[0]))
+        return retry
+
+    async def _unique_indexes(self, refresh: bool = False) -> list[UniqueIndex]:
         if self._unique is None or refresh:
             found = []
             async for ix in await self.coll.list_indexes():
                 if ix.get("unique") and ix.get("name") != "_id_":
-                    found.append(list(ix["key"].keys()))
+                    partial = ix.get("partialFilterExpression")
+                    found.append(UniqueIndex(tuple(ix["key"].keys()), bool(ix.get("sparse")),
+                                             dict(partial) if isinstance(partial, Mapping) else None))
             self._unique = found
         return self._unique
 
-    async def _blockers(self, op: Op) -> set[bytes]:
-        """Target documents holding a unique value that `op` needs (their raw documentKeys)."""
-        assert op.doc is not None
+    async def _blockers(self, op: Op, err: Mapping[str, Any]) -> set[bytes]:
+        """Target documents holding a unique value that `op` needs, as `_id` keys (see `_id_key`).
+
+        The E11000 error's keyPattern/keyValue name the very index entry in
+        conflict (one element of an array, for a multikey index): that is the
+        exact query. A server that leaves them out (DocumentDB may) gets an
+        over-approximation from the document itself: every unique index, each
+        path's values with arrays expanded as the index expands them (`$in`),
+        restricted to what a partial index covers; extra candidates only cost
+        a rewrite of documents this run writes anyway.
+        """
+        if op.doc is None:
+            return set()
+        indexes = await self._unique_indexes()
+        pattern, value = err.get("keyPattern"), err.get("keyValue")
+        filters: list[dict[str, Any]] = []
+        if isinstance(pattern, Mapping) and isinstance(value, Mapping) and pattern and list(value) == list(pattern):
+            ix = next((i for i in indexes if i.key == tuple(pattern)), None)
+            filters.append({"$and": [dict(value), *([ix.partial] if ix and ix.partial else [])]})
+        else:
+            filters.extend(f for ix in indexes if (f := _index_filter(op.doc, ix)) is not None)
         out: set[bytes] = set()
-        for fields in await self._unique_indexes():
-            flt: dict[str, Any] = {f: _get_path(op.doc, f) for f in fields}
-            flt["_id"] = {"$ne": op.filter["_id"]}
-            async for doc in self.coll.find(flt, {"_id": 1}):
-                out.add(bson.encode({"_id": doc["_id"]}))
+        for flt in filters:
+            query = {"$and": [flt, {"_id": {"$ne": op.filter["_id"]}}]}
+            async for doc in self.coll.find(query, {"_id": 1}):
+                out.add(_id_key(doc["_id"]))
         return out
 
     async def _write_run(self, ops: dict[bytes, Op]) -> dict[bytes, Op]:
@@ -349,32 +620,143 @@ class NamespaceApplier:
         await self._unique_indexes(refresh=True)
         # 1. Retry after the rest: the blocker may have moved on within this run.
         failed = await self._bulk([op for op, _ in failed.values()])
+        by_id = {_id_key(op.filter["_id"]): op for op in ops.values()}  # a documentKey may hold more than _id
         for _ in range(3):
             if not failed:
                 return {}
             # 2. Cycles: blockers that this run rewrites are removed, then everyone's final version is written.
             blockers: set[bytes] = set()
-            for op, _ in failed.values():
-                blockers |= {b for b in await self._blockers(op) if b in ops}
+            for op, err in failed.values():
+                blockers |= {b for b in await self._blockers(op, err) if b in by_id}
             if not blockers:
                 break
-            async with self.gate.writing():
-                await self.coll.bulk_write([DeleteOne(ops[b].filter) for b in blockers], ordered=False)
+            await self._send([DeleteOne(by_id[b].filter) for b in blockers])
             self.status.cycles_broken += 1
             self.log.info("unique-index cycle broken", documents=len(blockers) + len(failed))
-            again = [op for op, _ in failed.values()] + [ops[b] for b in blockers if b not in failed]
+            again = [op for op, _ in failed.values()] + [by_id[b] for b in blockers if by_id[b].key not in failed]
             failed = await self._bulk(again)
         if failed:
+            op, err = next(iter(failed.values()))
             self.log.warning("writes deferred by unique-index conflicts; retried every round",
-                             count=len(failed), example=str(next(iter(failed.values()))[1].get("errmsg", ""))[:200])
+                             count=len(failed), example_id=op.show_id(), index=_index_name(err))
         return {key: op for key, (op, _) in failed.items()}
 
 
-def _get_path(doc: Any, path: str) -> Any:
-    cur = doc
-    for part in path.split("."):
-        try:
-            cur = cur[part]
-        except (KeyError, TypeError, IndexError):
-            return None
-    return cur
+@dataclass(frozen=True)
+class UniqueIndex:
+    """A secondary unique index of the target collection, as far as finding blockers needs it."""
+
+    key: tuple[str, ...]
+    sparse: bool = False
+    partial: dict[str, Any] | None = None
+
+
+def _id_key(value: Any) -> bytes:
+    """One comparable form for an `_id`, whether it came from a documentKey or from a query result."""
+    return bson.encode({"_id": value}, codec_options=RAW)
+
+
+def _index_values(value: Any, parts: list[str]) -> list[Any]:
+    """The values a (multikey) index holds for a dotted path: arrays expanded the way MongoDB expands them."""
+    if not parts:
+        return list(value) if isinstance(value, list) else [value]
+    head, rest = parts[0], parts[1:]
+    if isinstance(value, Mapping):
+        return _index_values(value[head], rest) if head in value else []
+    if isinstance(value, list):
+        out: list[Any] = []
+        if head.isdigit() and int(head) < len(value):
+            out.extend(_index_values(value[int(head)], rest))
+        for item in value:
+            if isinstance(item, Mapping):
+                out.extend(_index_values(item, parts))
+        return out
+    return []
+
+
+def _index_filter(doc: Mapping[str, Any], ix: UniqueIndex) -> dict[str, Any] | None:
+    """A query for documents that may hold one of `doc`'s entries in `ix` (None: `doc` has no entry there)."""
+    clauses: list[dict[str, Any]] = []
+    present = False
+    try:
+        for path in ix.key:
+            values = _index_values(doc, path.split("."))
+            present = present or bool(values)
+            clauses.append({path: {"$in": values}} if values else {path: None})  # missing is null to an index
+    except BSONError:
+        return None  # a value this process cannot decode: no guess, the write stays deferred and visible
+    if ix.sparse and not present:
+        return None
+    if ix.partial:
+        clauses.append(ix.partial)
+    return {"$and": clauses}
+
+
+def _restore_hint(store_url: str, key: str) -> str:
+    """What an operator does about a missing batch object, per kind of store."""
+    if store_url.startswith("s3://"):
+        bucket = store_url.removeprefix("s3://").split("/")[0]
+        return (
+            "The bucket is versioned: find the object's previous version "
+            f"(aws s3api list-object-versions --bucket {bucket} --prefix {key}) and restore it (delete the delete "
+            "marker, or copy that version back onto the key), then restart cosmigrate to resume this namespace."
+        )
+    return (f"Restore the file {key} under {store_url} from a backup, then restart cosmigrate to resume this namespace; "
+            "without it, this namespace must be migrated again from the beginning.")
+
+
+async def _all(aws: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run coroutines concurrently and return their results in order: `gather` without orphans.
+
+    On the first failure the others are cancelled and awaited (a TaskGroup), so
+    nothing started here outlives the call. The failure is re-raised as itself,
+    not as an ExceptionGroup: Fenced first, then ApplyFailed, then the first other.
+    """
+    failure: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(aw) for aw in aws]
+    except BaseExceptionGroup as eg:
+        leaves = list(_leaves(eg))
+        failure = next((e for kind in (Fenced, ApplyFailed, Exception) for e in leaves if isinstance(e, kind)), None)
+        if failure is None:
+            raise
+    if failure is not None:
+        raise failure  # outside the except block: keeps its own cause, no group as context
+    return [t.result() for t in tasks]
+
+
+def _leaves(eg: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _index_name(err: Mapping[str, Any]) -> str:
+    """The unique index of an E11000 write error, by its key fields (never the duplicate value)."""
+    pattern = err.get("keyPattern")
+    if isinstance(pattern, Mapping) and pattern:
+        return ",".join(str(k) for k in pattern)
+    return "?"
+
+
+_DUP_KEY_VALUE = re.compile(r"dup key:.*", re.S)
+
+
+def _server_message(err: Mapping[str, Any] | BaseException) -> str:
+    """A server error message fit for a log line: a duplicate-key value is a document value, so it is cut.
+
+    Never `str()` of a BulkWriteError: it embeds every failed statement, documents included.
+    """
+    if isinstance(err, Mapping):
+        msg = str(err.get("errmsg", ""))
+    elif isinstance(err, BulkWriteError):
+        errors = (err.details or {}).get("writeErrors", []) + (err.details or {}).get("writeConcernErrors", [])
+        msg = f"bulk write errors, codes {sorted({e.get('code') for e in errors}, key=str)}"
+    elif isinstance(err, OperationFailure):
+        msg = str((err.details or {}).get("errmsg", err))
+    else:
+        msg = str(err)
+    return redact(_DUP_KEY_VALUE.sub("dup key: { ... }", msg))[:500]

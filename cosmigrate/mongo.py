@@ -16,14 +16,20 @@ from typing import Any
 
 import bson
 from bson.binary import Binary
-from bson.codec_options import CodecOptions
+from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 
-RAW: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
+# The data path's codec options. DATETIME_AUTO: a BSON datetime outside years 1-9999 is valid BSON (Cosmos
+# stores it), but the default conversion raises InvalidBSON the moment a RawBSONDocument field is read;
+# with AUTO such a value stays a DatetimeMS (milliseconds, re-encoded byte for byte).
+RAW: CodecOptions[RawBSONDocument] = CodecOptions(
+    document_class=RawBSONDocument, datetime_conversion=DatetimeConversion.DATETIME_AUTO,
+)
+_CLIENT_CODEC = {"document_class": RawBSONDocument, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
 SYSTEM_DATABASES = frozenset({"admin", "local", "config"})
 
 CAPTURE_OPS = ["insert", "update", "replace"]
@@ -49,7 +55,7 @@ def beginning_token() -> dict[str, Any]:
 
 def source_client(uri: str, **overrides: Any) -> AsyncMongoClient[RawBSONDocument]:
     """A client for Cosmos DB: no retryable writes, idle connections recycled before Cosmos drops them."""
-    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", "document_class": RawBSONDocument}
+    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", **_CLIENT_CODEC}
     if "maxidletimems" not in uri.lower():
         opts["maxIdleTimeMS"] = 120_000
     opts.update(overrides)
@@ -58,7 +64,7 @@ def source_client(uri: str, **overrides: Any) -> AsyncMongoClient[RawBSONDocumen
 
 def target_client(uri: str, tls_ca_file: str = "", **overrides: Any) -> AsyncMongoClient[RawBSONDocument]:
     """A client for DocumentDB: retryable writes are unsupported there, so always off."""
-    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", "document_class": RawBSONDocument}
+    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", **_CLIENT_CODEC}
     if tls_ca_file:
         opts["tlsCAFile"] = tls_ca_file
     opts.update(overrides)
@@ -110,7 +116,7 @@ def event_token(raw: bytes) -> bytes:
     if raw[4] == 0x03 and raw[5:9] == b"_id\x00":
         size = int.from_bytes(raw[9:13], "little")
         return raw[9 : 9 + size]
-    doc = RawBSONDocument(raw)
+    doc = RawBSONDocument(raw, RAW)
     token = doc["_id"]
     return bytes(token.raw) if isinstance(token, RawBSONDocument) else bson.encode(token)
 
@@ -144,7 +150,7 @@ def event_parts(raw: bytes) -> tuple[bytes, bytes | None]:
                     key_end = key_start + _unpack_i32(raw, key_start)[0]
                     if key_end == len(raw) - 1:
                         return raw[key_start:key_end], raw[start:end]
-    event = RawBSONDocument(raw)
+    event = RawBSONDocument(raw, RAW)
     key = bytes(event["documentKey"].raw)
     full = event.get("fullDocument")
     if event.get("operationType") == "delete" or full is None:

@@ -240,3 +240,45 @@ async def test_delete_events_become_deletes(tmp_path: Path, sandbox: Sandbox, so
         await wait_for(lambda: assert_converged(source, target, ["app.d"]), 30, what="deletes")
     committed = await read_committed(cfg)
     assert committed["app.d"].batches
+
+
+def _array_doc(path: str, i: int, value: str, extra: int) -> dict:
+    """A document whose unique value sits inside an array of subdocuments."""
+    return {"_id": i, "a": [{"b": value, "c": extra}]}
+
+
+# Only `a.b` end to end: the sandbox's unique index keys a leaf array (`tags: [..]`) as one value instead of one
+# entry per element, so a swap on `tags` never conflicts there; test_apply_direct covers `tags` blockers.
+@pytest.mark.parametrize("key_value", [True, False], ids=["keyValue", "no-keyValue"])
+@pytest.mark.parametrize("path", ["a.b"])
+async def test_unique_values_inside_arrays_are_swapped(tmp_path: Path, sandbox: Sandbox, source, target, path: str,
+                                                       key_value: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not key_value:  # a server whose E11000 does not name the conflicting entry: blockers come from the document
+        from cosmigrate.sandbox.server import MongoServer
+
+        plain = MongoServer._write_error
+
+        def without_key_value(index: int, exc: Exception) -> dict:
+            err = plain(index, exc)
+            err.pop("keyPattern", None)
+            err.pop("keyValue", None)
+            return err
+
+        monkeypatch.setattr(MongoServer, "_write_error", staticmethod(without_key_value))
+    for client in (source, target):
+        await client.app.arr.create_index(path, unique=True)
+    await source.app.arr.insert_many([_array_doc(path, 0, "x", 0), _array_doc(path, 1, "y", 1)])
+    async with Running(config(tmp_path, sandbox)) as run:
+        await run.writer("start")
+        await wait_for(lambda: assert_converged(source, target, ["app.arr"]), 30, what="initial copy")
+        await run.writer("stop")
+        arr = source.app.arr
+        for i in range(2):  # swap through temporary values; the arrays change around the unique value too
+            await arr.replace_one({"_id": i}, _array_doc(path, i, f"tmp{i}", 2 + i))
+        await arr.replace_one({"_id": 0}, _array_doc(path, 0, "y", 4))
+        await arr.replace_one({"_id": 1}, _array_doc(path, 1, "x", 5))
+        await wait_for(lambda: _captured(run, "app.arr", 6), 30, what="capture")
+        await run.writer("start")
+        await wait_for(lambda: assert_converged(source, target, ["app.arr"]), 20, what="swap inside arrays applied")
+        assert run.daemon.appliers["app.arr"].status.cycles_broken >= 1
+        assert run.ns_status(await run.status(), "app.arr")["deferred"] == 0

@@ -12,6 +12,10 @@ from __future__ import annotations
 from typing import Protocol
 from urllib.parse import quote
 
+APPLIED_TAG_KEY = "cosmigrate-applied"
+APPLIED_TAG_VALUE = "true"
+"""The S3 object tag that marks a batch as applied: the bucket's lifecycle rule expires only tagged objects."""
+
 
 class StoreError(Exception):
     """A store operation that failed after the store's own retries."""
@@ -34,6 +38,17 @@ class BatchStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the object if present."""
+
+    async def mark_applied(self, key: str) -> None:
+        """Let the object expire: its batch is applied (called only after the ledger's applied_seq passed it).
+
+        Until then an object must never expire: a committed batch is the only
+        copy of its changes. S3 tags the object (`cosmigrate-applied=true`,
+        what the bucket's lifecycle rule filters on); a directory leaves a
+        marker and deletes files applied more than `store.retention_hours`
+        ago. Raises ObjectMissing if the object is gone, StoreError otherwise
+        (the caller tries again later; an object never marked is kept, not lost).
+        """
 
     async def list(self, prefix: str) -> list[str]:
         """Keys under `prefix`, sorted."""

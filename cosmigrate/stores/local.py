@@ -2,21 +2,34 @@
 
 Writes are atomic and durable: write a temporary file, fsync it, rename it
 into place, fsync the directory. Blocking file I/O runs in a worker thread.
+
+Retention: only applied batches are ever deleted. `mark_applied` leaves an
+empty marker `.<name>.applied` beside the batch file (its mtime is the time
+applied); a sweep, run from `mark_applied` at most every
+`min(retention / 4, 10 minutes)`, deletes batch files whose marker is older
+than `retention_hours`, then the marker. A batch never marked stays for ever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
+from cosmigrate.logs import get_logger
 from cosmigrate.stores.base import ObjectMissing, StoreError
+
+MARKER_SUFFIX = ".applied"
 
 
 class LocalStore:
-    def __init__(self, url: str, root: str) -> None:
+    def __init__(self, url: str, root: str, retention_hours: float = 24.0) -> None:
         self.url = url
         self.root = Path(root)
+        self.retention_s = max(0.0, retention_hours * 3600)
+        self.sweep_interval_s = min(self.retention_s / 4, 600.0)
+        self._next_sweep = 0.0  # monotonic
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -62,6 +75,55 @@ class LocalStore:
             await asyncio.to_thread(self._path(key).unlink, True)
         except OSError as exc:
             raise StoreError(f"cannot delete {self.root / key}: {exc.strerror}") from exc
+
+    @staticmethod
+    def _marker(path: Path) -> Path:
+        return path.with_name(f".{path.name}{MARKER_SUFFIX}")
+
+    async def mark_applied(self, key: str) -> None:
+        path = self._path(key)
+
+        def mark() -> None:
+            if not path.is_file():
+                raise FileNotFoundError(2, "no such batch object")
+            self._marker(path).touch()
+
+        try:
+            await asyncio.to_thread(mark)
+        except FileNotFoundError:
+            raise ObjectMissing(f"{self.url}/{key}: no such batch object") from None
+        except OSError as exc:
+            raise StoreError(f"cannot mark {self.root / key} applied: {exc.strerror}") from exc
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.sweep_interval_s
+            try:
+                await self.sweep()
+            except StoreError as exc:  # the next sweep tries again; nothing unapplied is at stake
+                get_logger().warning("sweeping applied batch files failed; will retry", error=str(exc))
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Delete the batch files applied more than `retention_hours` before `now`; return how many."""
+        cutoff = (time.time() if now is None else now) - self.retention_s
+
+        def run() -> int:
+            deleted = 0
+            if not self.root.exists():
+                return 0
+            for marker in self.root.rglob(f".*{MARKER_SUFFIX}"):
+                try:
+                    if marker.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                marker.with_name(marker.name[1 : -len(MARKER_SUFFIX)]).unlink(missing_ok=True)
+                marker.unlink(missing_ok=True)  # after the batch: a crash in between leaves a marker, swept next time
+                deleted += 1
+            return deleted
+
+        try:
+            return await asyncio.to_thread(run)
+        except OSError as exc:
+            raise StoreError(f"cannot sweep {self.root}: {exc.strerror}") from exc
 
     async def list(self, prefix: str) -> list[str]:
         def walk() -> list[str]:

@@ -3,6 +3,12 @@
 Every put carries a server-side encryption header. What still fails after
 botocore's retries surfaces as StoreError and the caller retries with backoff
 (a batch is never dropped).
+
+Expiry: the bucket (deploy/cloudformation/core-resources.yaml) is versioned
+and its lifecycle rule expires only objects tagged `cosmigrate-applied=true`,
+which `mark_applied` sets once a batch is applied; noncurrent versions (an
+overwritten or deleted object) expire after their own, longer, period, so a
+lost unapplied batch can be restored from its previous version.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from cosmigrate.aws import LazyClient
 from cosmigrate.aws import explain as _explain
-from cosmigrate.stores.base import ObjectMissing, StoreError
+from cosmigrate.stores.base import APPLIED_TAG_KEY, APPLIED_TAG_VALUE, ObjectMissing, StoreError
 
 
 class S3Store:
@@ -59,6 +65,18 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise StoreError(f"s3://{self.bucket}/{key}: delete failed: {_explain(exc)}") from exc
 
+    async def mark_applied(self, key: str) -> None:
+        s3 = await self._s3()
+        try:
+            await s3.put_object_tagging(Bucket=self.bucket, Key=key,
+                                        Tagging={"TagSet": [{"Key": APPLIED_TAG_KEY, "Value": APPLIED_TAG_VALUE}]})
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectMissing(f"s3://{self.bucket}/{key}: no such batch object") from None
+            raise StoreError(f"s3://{self.bucket}/{key}: tagging failed: {_explain(exc)}") from exc
+        except BotoCoreError as exc:
+            raise StoreError(f"s3://{self.bucket}/{key}: tagging failed: {_explain(exc)}") from exc
+
     async def list(self, prefix: str) -> list[str]:
         s3 = await self._s3()
         keys: list[str] = []
@@ -77,7 +95,7 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise StoreError(
                 f"bucket {self.bucket}: not reachable ({_explain(exc)}); create it (deploy/cloudformation) "
-                "and grant the instance role s3:PutObject/GetObject/DeleteObject/ListBucket"
+                "and grant the instance role s3:PutObject/GetObject/PutObjectTagging/DeleteObject/ListBucket"
             ) from exc
 
     async def close(self) -> None:
