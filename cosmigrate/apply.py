@@ -63,6 +63,10 @@ MAX_UNRELEASED = 10_000  # applied batch objects remembered for another marking 
 TRANSIENT_CODES = {6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 16500}
 
 
+class WriteAborted(Exception):
+    """A write that never started: the applier was asked to stop while waiting for the writer."""
+
+
 class WriterGate:
     """The writer switch as the appliers see it.
 
@@ -93,10 +97,24 @@ class WriterGate:
         await self._started.wait()
 
     @asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        """Hold the gate open for one bulk write (waits while the writer is stopped)."""
+    async def writing(self, abort: asyncio.Event | None = None) -> AsyncIterator[None]:
+        """Hold the gate open for one bulk write (waits while the writer is stopped).
+
+        `abort` (the applier's stop request) ends that wait with WriteAborted: a
+        SIGTERM drain or a SIGHUP exclude must never hang on a stopped writer.
+        """
         while not self._started.is_set():
-            await self._started.wait()
+            if abort is None:
+                await self._started.wait()
+                continue
+            waiters = {asyncio.ensure_future(self._started.wait()), asyncio.ensure_future(abort.wait())}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+            if abort.is_set() and not self._started.is_set():
+                raise WriteAborted("the applier is stopping while the writer is stopped")
         self._inflight += 1  # same step as the check above: stop() cannot slip in between
         try:
             yield
@@ -303,6 +321,8 @@ class NamespaceApplier:
             except Fenced as exc:
                 self._become_fenced(str(exc))
                 return
+            except WriteAborted:
+                break  # stopping while the writer is stopped: nothing was sent, a restart re-applies
             except ApplyFailed as exc:
                 self.status.state = "failed"
                 self.status.last_error = redact(str(exc))
@@ -350,7 +370,7 @@ class NamespaceApplier:
         the driver's await would only close the socket; the server would apply the write anyway, possibly
         after a later round (or the new owner) wrote a newer version of the same document.
         """
-        async with self.gate.writing():
+        async with self.gate.writing(abort=self._stopping):
             await self._ensure_owner()
             write = asyncio.ensure_future(self.coll.bulk_write(requests, ordered=False))
             try:
@@ -413,10 +433,7 @@ class NamespaceApplier:
         new_applied = min(self.status.written_seq, hold - 1)
         if new_applied > self.status.applied_seq:
             events = sum(n for s, (n, _) in self._unmarked.items() if s <= new_applied)
-            try:
-                await self.ledger.mark_applied(self.ns, self._epoch, self.status.applied_seq, new_applied, events, time.time())
-            except SeqConflict as exc:
-                raise ApplyFailed(f"applied_seq moved under this applier: {exc}") from exc
+            await self._mark_applied(new_applied, events)
             self.crash.hit("after_mark")
             self._unreleased.update((key, None) for s, (_, key) in sorted(self._unmarked.items()) if s <= new_applied)
             self._unmarked = {s: v for s, v in self._unmarked.items() if s > new_applied}
@@ -426,6 +443,31 @@ class NamespaceApplier:
             self._release_after = 0.0  # new objects to release: try now
         await self._release_objects()
         return bool(records)
+
+    async def _mark_applied(self, new_applied: int, events: int) -> None:
+        """Advance applied_seq in the ledger, retrying a transient failure with the SAME values.
+
+        The write may have taken effect before its answer was lost; the ledger
+        recognises a repeat of the same (old, new) pair as done. Moving on to a
+        later round first would send a different pair and read as a conflict.
+        """
+        backoff = Backoff(base=0.2, cap=10.0)
+        while True:
+            try:
+                await self.ledger.mark_applied(self.ns, self._epoch, self.status.applied_seq, new_applied, events,
+                                               time.time())
+                return
+            except SeqConflict as exc:
+                raise ApplyFailed(f"applied_seq moved under this applier: {exc}") from exc
+            except Fenced:
+                raise
+            except LedgerError as exc:
+                self.status.last_error = redact(str(exc))
+                self.log.warning("ledger unavailable while marking batches applied; retrying",
+                                 error=self.status.last_error)
+                if self._stopping.is_set():
+                    raise
+                await self._sleep(backoff.next_delay())
 
     async def _release_objects(self) -> None:
         """Tell the store which applied batch objects may expire (S3: tag them; a directory: mark them).

@@ -40,6 +40,7 @@ class StoreConfig:
     url: str = "file:///var/lib/cosmigrate/batches"
     sse: str = "AES256"
     kms_key_id: str = ""
+    retention_hours: float = 24.0
 
 
 @dataclass
@@ -314,6 +315,8 @@ def validate(cfg: Config) -> None:
         "s3": ("remote", "s3 URL needs a bucket, e.g. s3://my-bucket/prefix"),
         "file": ("local", "file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches"),
     })
+    if cfg.store.retention_hours < 0:
+        raise ConfigError("store.retention_hours: must be 0 or more")
     if cfg.store.sse not in ("AES256", "aws:kms", "none"):
         raise ConfigError(f"store.sse: must be AES256, aws:kms or none (got {cfg.store.sse!r})")
     _check_url("ledger.url", cfg.ledger.url, {

@@ -283,7 +283,8 @@ class Daemon:
         fresh = self.freshness[ns] = Freshness()
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
                                start_at=start_at, freshness=fresh)
-        app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash)
+        app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
+                               epoch=meta.epoch)
         cap.on_commit = app.wake.set
         self.captures[ns] = cap
         self.appliers[ns] = app

@@ -78,16 +78,24 @@ async def test_an_excluded_namespace_does_not_block_readiness(
     await source.app.drop_me.insert_many([{"_id": i} for i in range(20)])
     daemon, task = await _start(cfg, str(path))
     try:
+        await wait_for(lambda: _has_capture(daemon, "app.keep"), 30, what="capture running")
         await daemon.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
         daemon.gate.start()
         await wait_for(lambda: _ready(daemon), 60, what="ready")
+        # Stop the writer in the middle of a round: small slow chunks, one at a time.
+        cfg.apply.max_ops_per_write, cfg.apply.write_concurrency = 5, 1
+        sandbox.target.faults.slow_write_ms = 150
+        await source.app.drop_me.insert_many([{"_id": i} for i in range(20, 60)])
+        await wait_for(lambda: _count_at_least(target, "app", "drop_me", 25), 30, what="the round under way")
         await daemon.ledger.set_writer("stopped", "test", 0.0)  # type: ignore[union-attr]
         await daemon.gate.stop()
-        await source.app.drop_me.insert_many([{"_id": i} for i in range(20, 40)])  # pending, never applied
+        sandbox.target.faults.slow_write_ms = 0
+        assert await target.app.drop_me.count_documents({}) < 60  # the round is parked at the gate
         cfg.capture.exclude = ["app.drop_me"]
         path.write_text(to_toml(cfg))
         daemon._reload.set()  # what SIGHUP does
         await wait_for(lambda: _not_capturing(daemon, "app.drop_me"), 30, what="the reload (must not hang)")
+        await daemon.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
         daemon.gate.start()
         await wait_for(lambda: _ready(daemon), 60, what="ready without the excluded namespace")
         st = await build_status(daemon)
@@ -99,6 +107,10 @@ async def test_an_excluded_namespace_does_not_block_readiness(
         await wait_for(lambda: _ready(daemon), 60, what="ready after restart")
     finally:
         await _stop(daemon, task)
+
+
+async def _count_at_least(client: AsyncMongoClient, db: str, coll: str, n: int) -> bool:
+    return await client[db][coll].count_documents({}) >= n
 
 
 async def _not_capturing(daemon: Daemon, ns: str) -> bool:

@@ -181,7 +181,8 @@ async def test_ready_means_equal_with_a_full_store_and_a_lost_batch(
             await judge.until_ready()
             # Fill the store's disk, then write: batches cannot be put.
             filler = store_dir / "filler"
-            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], capture_output=True)
+            await asyncio.to_thread(subprocess.run, ["dd", "if=/dev/zero", f"of={filler}", "bs=64k"],
+                                    capture_output=True)
             await workload.run(300)
             await judge.never_ready()
             filler.unlink()
@@ -203,13 +204,17 @@ async def test_ready_means_equal_with_a_full_store_and_a_lost_batch(
         finally:
             await child.finish(signal.SIGTERM)
     finally:
-        subprocess.run(["umount", "-l", str(store_dir)], capture_output=True)
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(store_dir)], capture_output=True)
 
 
 async def _pending_files(store_dir: Path, config: Path) -> list[Path]:
     st = await status(config)
     if not st:
         return []
+    return await asyncio.to_thread(_unapplied_files, store_dir, st)
+
+
+def _unapplied_files(store_dir: Path, st: dict[str, Any]) -> list[Path]:
     out = []
     for n in st["namespaces"]:
         if n["captured_seq"] > n["applied_seq"]:

@@ -10,7 +10,6 @@ from cosmigrate.stores.base import APPLIED_TAG_KEY, APPLIED_TAG_VALUE, BatchStor
 __all__ = ["APPLIED_TAG_KEY", "APPLIED_TAG_VALUE", "BatchStore", "ObjectMissing", "StoreError", "batch_key", "open_store",
            "store_prefix"]
 
-DEFAULT_RETENTION_HOURS = 24.0
 
 
 def store_prefix(url: str) -> str:
@@ -30,7 +29,4 @@ def open_store(cfg: Config) -> BatchStore:
                        sse=cfg.store.sse, kms_key_id=cfg.store.kms_key_id)
     from cosmigrate.stores.local import LocalStore
 
-    # `store.retention_hours` (how long applied batch files stay in a directory store) may not exist in an older
-    # config schema; the default keeps a day of applied batches for `cosmigrate batches dump`.
-    retention = float(getattr(cfg.store, "retention_hours", DEFAULT_RETENTION_HOURS))
-    return LocalStore(url, parts.path, retention_hours=retention)
+    return LocalStore(url, parts.path, retention_hours=cfg.store.retention_hours)
