@@ -1,17 +1,23 @@
 """Set-up mistakes that used to end in a traceback: now one line on stderr and exit 2 (config) or 1 (dependency).
 
 Every case runs the real CLI in a subprocess; where the mistake is only
-reached after connecting (the CA file) the daemon runs against the sandbox
-with a prepared ledger, as an operator's would.
+reached after connecting (the CA file, the socket directory) the daemon runs
+against the sandbox with a prepared ledger, as an operator's would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from cosmigrate.config import Config
 from cosmigrate.sandbox import Sandbox
@@ -88,3 +94,41 @@ async def test_a_dynamodb_ledger_without_a_region(tmp_path: Path) -> None:
     env["AWS_REGION"] = "eu-west-1"
     result = await asyncio.to_thread(cli, "ctl", "--config", str(config), "status", env=env)
     assert_one_line(result, 1, "no cosmigrate daemon is running")
+
+
+def _without_privileges() -> list[str]:
+    """A command prefix under which mode bits apply: root keeps its uid but drops every capability."""
+    if os.getuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and util-linux's setpriv is not installed: cannot drop privileges")
+    return [setpriv, "--bounding-set=-all", "--inh-caps=-all"]
+
+
+def _stale_socket(path: Path) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(path))
+    s.close()  # a socket file nobody listens on, as a crashed daemon leaves behind
+
+
+@pytest.mark.parametrize("case", ["unsearchable", "read-only with a stale socket", "uncreatable"])
+async def test_a_socket_directory_that_cannot_be_written(case: str, tmp_path: Path, sandbox: Sandbox) -> None:
+    cfg = _config(tmp_path, sandbox)
+    await prepare_backends(cfg)
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    cfg.control.socket = str(sockets / ("missing/control.sock" if case == "uncreatable" else "control.sock"))
+    if case == "read-only with a stale socket":
+        _stale_socket(sockets / "control.sock")
+    config = write_config(cfg, tmp_path / "c.toml")
+    os.chmod(sockets, 0 if case == "unsearchable" else stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run, [*_without_privileges(), sys.executable, "-m", "cosmigrate", "run", "--config", str(config)],
+            capture_output=True, text=True, timeout=120, env=child_env())
+    finally:
+        os.chmod(sockets, 0o700)
+    line = assert_one_line(result, 1, str(sockets))
+    assert {"unsearchable": "write and search access", "read-only with a stale socket": "cannot remove the stale",
+            "uncreatable": "cannot create it"}[case] in line
