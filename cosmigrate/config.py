@@ -96,6 +96,7 @@ class CaptureConfig:
 class DaemonConfig:
     drain_timeout_s: float = 30.0
     status_interval_s: float = 5.0
+    lock_file: str = ""  # "": <ledger dir>/<cluster>.lock next to a SQLite ledger (see cosmigrate.lock)
 
 
 @dataclass
@@ -483,6 +484,8 @@ def validate(cfg: Config) -> None:
     for key in ("drain_timeout_s", "status_interval_s"):
         if getattr(cfg.daemon, key) <= 0:
             raise ConfigError(f"daemon.{key}: must be greater than 0")
+    if cfg.daemon.lock_file and not cfg.daemon.lock_file.startswith("/"):
+        raise ConfigError(f"daemon.lock_file: must be an absolute path (got {cfg.daemon.lock_file!r})")
     for key in ("max_batch_age_s", "discovery_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
