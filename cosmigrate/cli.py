@@ -202,13 +202,29 @@ def ctl(
     ctx.obj = path
 
 
-def _ctl_request(path: str, payload: dict[str, Any]) -> dict[str, Any]:
+def _ctl_request(path: str, payload: dict[str, Any], field: str, kind: type) -> Any:
+    """One control request; returns the reply's `field`, which must be a `kind` (the peer may not be a daemon)."""
     from cosmigrate.control import ControlError, request
 
     try:
-        return asyncio.run(request(path, payload))
+        reply = asyncio.run(request(path, payload))
     except ControlError as exc:
         raise fail(str(exc), code=1) from None
+    value = reply.get(field)
+    if not isinstance(value, kind):
+        raise fail(f"{path} answered without a {field!r} {kind.__name__}; is it a cosmigrate control socket?", code=1)
+    return value
+
+
+def _render(path: str, status: dict[str, Any]) -> Any:
+    """The status table; a status object without the expected fields is a one-line error, not a traceback."""
+    from cosmigrate.statusview import render
+
+    try:
+        return render(status)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        raise fail(f"{path} answered a status without the expected fields; is it a daemon of this cosmigrate "
+                   "version? (try --json)", code=1) from None
 
 
 @ctl_app.command("writer")
@@ -222,8 +238,8 @@ def ctl_writer(ctx: typer.Context, action: Annotated[str, typer.Argument(help="s
         raise fail(f"writer: action must be start or stop, not {action!r}")
     import getpass
 
-    reply = _ctl_request(ctx.obj, {"cmd": "writer", "action": action, "by": getpass.getuser()})
-    typer.echo(f"writer {reply['writer']}")
+    state = _ctl_request(ctx.obj, {"cmd": "writer", "action": action, "by": getpass.getuser()}, "writer", str)
+    typer.echo(f"writer {state}")
 
 
 @ctl_app.command("status")
@@ -238,29 +254,27 @@ def ctl_status(
 
     from rich.console import Console
 
-    from cosmigrate.statusview import render
-
     if interval <= 0:
         raise fail("--interval must be greater than 0")
     if not watch:
-        status = _ctl_request(ctx.obj, {"cmd": "status"})["status"]
+        status = _ctl_request(ctx.obj, {"cmd": "status"}, "status", dict)
         if as_json:
             typer.echo(json.dumps(status, indent=1))
         else:
-            Console().print(render(status))
+            Console().print(_render(ctx.obj, status))
         return
     import time
 
     from rich.live import Live
 
     console = Console()
-    status = _ctl_request(ctx.obj, {"cmd": "status"})["status"]
+    status = _ctl_request(ctx.obj, {"cmd": "status"}, "status", dict)
     try:
-        with Live(render(status), console=console, refresh_per_second=4, screen=False) as live:
+        with Live(_render(ctx.obj, status), console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(interval)
-                status = _ctl_request(ctx.obj, {"cmd": "status"})["status"]
-                live.update(render(status))
+                status = _ctl_request(ctx.obj, {"cmd": "status"}, "status", dict)
+                live.update(_render(ctx.obj, status))
     except KeyboardInterrupt:
         return
 

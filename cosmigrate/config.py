@@ -4,12 +4,19 @@ Every key has a default documented in the README. A wrong key, type or value
 fails start-up with one line naming the key (`ConfigError`), never a
 traceback. Environment variables override the file as
 `COSMIGRATE_<SECTION>_<KEY>` (e.g. `COSMIGRATE_SOURCE_URI`); the old recipe's
-`SOURCE_URI` and `S3_CHANGE_FEED_BUCKET_NAME` are still honoured.
+`SOURCE_URI` and `S3_CHANGE_FEED_BUCKET_NAME` are still honoured. When
+`aws.region` is empty, `AWS_REGION`, `AWS_DEFAULT_REGION` and the AWS profile
+supply it (botocore itself ignores `AWS_REGION`).
+
+Errors never echo a secret: a URL is shown as its scheme and host only
+(`redact.describe_url`), and PyMongo's own complaints about a connection
+string are dropped when they would quote a piece of the password.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cosmigrate.redact import redact
+from cosmigrate.redact import describe_url, redact
 
 
 class ConfigError(ValueError):
@@ -91,6 +98,7 @@ class CaptureConfig:
 class DaemonConfig:
     drain_timeout_s: float = 30.0
     status_interval_s: float = 5.0
+    lock_file: str = ""  # "": <ledger dir>/<cluster>.lock next to a SQLite ledger (see cosmigrate.lock)
 
 
 @dataclass
@@ -194,8 +202,35 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)})")
     _apply_env(cfg, env)
     resolve_secrets(cfg, env)
+    _resolve_region(cfg, env)
     validate(cfg)
     return cfg
+
+
+def _profile_region() -> str:
+    """The region of the AWS profile (~/.aws/config), read the way botocore reads it."""
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        return str(botocore.session.Session().get_config_variable("region") or "")
+    except BotoCoreError:
+        return ""
+
+
+def _resolve_region(cfg: Config, env: Mapping[str, str]) -> None:
+    """Fill `aws.region` from the environment, and insist on one for a DynamoDB ledger.
+
+    Without a region botocore raises NoRegionError deep inside the first ledger call. It is
+    looked up after the secrets on purpose: a Secrets Manager ARN carries its own region.
+    """
+    if not cfg.aws.region:
+        cfg.aws.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
+    if not cfg.aws.region and urlsplit(cfg.ledger.url).scheme == "dynamodb":
+        cfg.aws.region = _profile_region()
+        if not cfg.aws.region:
+            raise ConfigError("aws.region: required for a dynamodb:// ledger (set aws.region, "
+                              "or AWS_REGION / AWS_DEFAULT_REGION in the environment)")
 
 
 SECRET_KEYS = (("source", "uri"), ("target", "uri"))
@@ -288,16 +323,115 @@ def _apply_env(cfg: Config, env: Mapping[str, str]) -> None:
                 _apply(obj, section, {f.name: env[var]}, from_env=True)
 
 
+# Bucket and table names: a URL with anything else in that place usually carries credentials.
+_AWS_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
 def _check_url(key: str, url: str, schemes: dict[str, tuple[str, str]]) -> None:
-    """A URL of one of `schemes`: "remote" ones need a host part (bucket, table), "local" ones an absolute path."""
+    """A URL of one of `schemes`: "remote" ones need a host part (bucket, table), "local" ones an absolute path.
+
+    The URL is never echoed whole: only its scheme and host (it may carry `key:secret@`).
+    """
     parts = urlsplit(url)
     if parts.scheme not in schemes:
         choices = " or ".join(f"{s}://..." for s in schemes)
-        raise ConfigError(f"{key}: must be {choices} (got {url!r})")
+        raise ConfigError(f"{key}: must be {choices} (got {describe_url(url)})")
     kind, hint = schemes[parts.scheme]
+    if "@" in parts.netloc or (kind == "remote" and parts.netloc and not _AWS_NAME.fullmatch(parts.netloc)):
+        raise ConfigError(f"{key}: must not hold credentials (user:password@); AWS credentials come from the "
+                          "instance role or the environment")
     ok = bool(parts.netloc) if kind == "remote" else parts.netloc in ("", "localhost") and parts.path.startswith("/")
     if not ok:
-        raise ConfigError(f"{key}: {hint} (got {url!r})")
+        raise ConfigError(f"{key}: {hint} (got {describe_url(url)})")
+
+
+# RFC 3986 gen-delims, '+' (read as a space by PyMongo's unquote_plus) and spaces must be percent-encoded.
+_MUST_ESCAPE = frozenset("/?#[]@+")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ESCAPE_HINT = ("the user name or password holds characters that must be percent-encoded "
+                "(encode it with urllib.parse.quote_plus; a Cosmos key's / + = become %2F %2B %3D)")
+
+
+def _intended_userinfo(rest: str) -> str | None:
+    """What the operator meant as user:password: everything before the last '@' (a password may hold
+    '/', '?' and '@'), unless that '@' sits in a query value."""
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    before = rest[:at]
+    query = before.find("?")
+    if query >= 0 and "=" in before[query:]:
+        return None
+    return before
+
+
+def _needs_escaping(userinfo: str) -> bool:
+    _, _, password = userinfo.partition(":")
+    return (any(c in _MUST_ESCAPE or c.isspace() for c in userinfo) or ":" in password
+            or _BAD_PERCENT.search(userinfo) is not None)
+
+
+def _secret_pieces(rest: str) -> list[str]:
+    """Pieces of the password (and of session tokens) long enough to recognise in a driver message."""
+    userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
+    tokens = re.findall(r"(?i)AWS_SESSION_TOKEN(?::|%3A)([^&]*)", rest)
+    return [p for text in (userinfo, *tokens) for p in re.split(r"[:/@?#&=,+%\s]+", text) if len(p) >= 3]
+
+
+def _check_mongo_uri(key: str, uri: str) -> Mapping[str, Any]:
+    """Parse a connection string the way the driver will (no DNS) and return its options.
+
+    The driver's own errors are tracebacks at start-up, and some quote the piece of an unescaped
+    password that it took for a port or a database name; here they become one line naming the key.
+    """
+    if uri != uri.strip():
+        raise ConfigError(f"{key}: remove the spaces or line breaks around the connection string")
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(f"{key}: must start with mongodb:// or mongodb+srv:// (got {describe_url(uri)})")
+    rest = uri.partition("://")[2]
+    userinfo = _intended_userinfo(rest)
+    if userinfo is not None and _needs_escaping(userinfo):
+        raise ConfigError(f"{key}: {_ESCAPE_HINT}")
+    try:
+        from pymongo.uri_parser_shared import _validate_uri
+    except ImportError:  # another PyMongo layout: the client reports what is wrong when it starts
+        return {}
+    import warnings
+
+    from pymongo.errors import PyMongoError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown options: the client warns again when it starts
+            parsed = _validate_uri(uri, 27017, True, True, True)
+    except (PyMongoError, ValueError, TypeError, OSError) as exc:
+        lines = str(exc).strip().splitlines()
+        message = redact(lines[0] if lines else type(exc).__name__)
+        if "mechanism propert" in message or any(p in message for p in _secret_pieces(rest)):
+            message = "not a valid connection string (the driver's explanation would quote a secret)"
+        raise ConfigError(f"{key}: {message}") from None
+    options: Mapping[str, Any] = parsed.get("options") or {}  # PyMongo's case-insensitive mapping
+    return options
+
+
+def _check_ca_file(key: str, path: str) -> None:
+    """The CA bundle must load: the driver opens it while building the client, outside any error handling."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path} does not exist (download the bundle from "
+                          "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem)") from None
+    except PermissionError:
+        raise ConfigError(f"{key}: {path} is not readable by this user") from None
+    except (ssl.SSLError, OSError) as exc:
+        why = "is a directory" if os.path.isdir(path) else "holds no PEM certificate"
+        raise ConfigError(f"{key}: {path} {why} ({exc.__class__.__name__})") from None
+
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+_MAX_SOCKET_PATH = 107
 
 
 def validate(cfg: Config) -> None:
@@ -306,11 +440,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("cluster_name: required (a name for this migration, e.g. the Cosmos account name)")
     if not all(c.isalnum() or c in "-_." for c in cfg.cluster_name):
         raise ConfigError("cluster_name: use only letters, digits, '-', '_' and '.'")
+    options: dict[str, Mapping[str, Any]] = {}
     for key, uri in (("source.uri", cfg.source.uri), ("target.uri", cfg.target.uri)):
         if not uri:
             raise ConfigError(f"{key}: required (a mongodb:// connection string)")
-        if not uri.startswith(("mongodb://", "mongodb+srv://")):
-            raise ConfigError(f"{key}: must start with mongodb:// or mongodb+srv:// (got {redact(uri)!r})")
+        options[key] = _check_mongo_uri(key, uri)
+        if options[key].get("tlsCAFile"):
+            _check_ca_file(f"{key} tlsCAFile", str(options[key]["tlsCAFile"]))
+    if cfg.target.tls_ca_file:
+        _check_ca_file("target.tls_ca_file", cfg.target.tls_ca_file)
+        if options["target.uri"].get("tls") is False:
+            raise ConfigError("target.tls_ca_file: set, but target.uri turns TLS off (tls=false); remove one of them")
     _check_url("store.url", cfg.store.url, {
         "s3": ("remote", "s3 URL needs a bucket, e.g. s3://my-bucket/prefix"),
         "file": ("local", "file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches"),
@@ -340,11 +480,16 @@ def validate(cfg: Config) -> None:
     for key in ("poll_interval_s", "cutover_threshold_seconds"):
         if getattr(cfg.apply, key) <= 0:
             raise ConfigError(f"apply.{key}: must be greater than 0")
+    if len(os.fsencode(cfg.control.socket)) > _MAX_SOCKET_PATH:
+        raise ConfigError(f"control.socket: at most {_MAX_SOCKET_PATH} bytes long (a Unix socket path limit); "
+                          "choose a shorter path")
     if cfg.control.max_request_bytes < 256:
         raise ConfigError("control.max_request_bytes: must be at least 256")
     for key in ("drain_timeout_s", "status_interval_s"):
         if getattr(cfg.daemon, key) <= 0:
             raise ConfigError(f"daemon.{key}: must be greater than 0")
+    if cfg.daemon.lock_file and not cfg.daemon.lock_file.startswith("/"):
+        raise ConfigError(f"daemon.lock_file: must be an absolute path (got {cfg.daemon.lock_file!r})")
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")

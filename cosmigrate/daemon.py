@@ -27,6 +27,7 @@ from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
+from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import list_namespaces, matches_patterns, source_client, target_client
 from cosmigrate.redact import redact
@@ -67,6 +68,7 @@ class Daemon:
         self.gate = WriterGate(started=False)
         self.pool = asyncio.Semaphore(cfg.apply.pool_size)
         self.control: ControlServer | None = None
+        self.lock: ClusterLock | None = None
         self.notify = Notifier(env)
 
     def request_stop(self) -> None:
@@ -77,6 +79,10 @@ class Daemon:
         try:
             await self.ledger.check()
         except LedgerError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            self.lock = ClusterLock.acquire_for(self.cfg)
+        except LockError as exc:
             raise StartupError(str(exc)) from None
         self.store = open_store(self.cfg)
         try:
@@ -343,3 +349,5 @@ class Daemon:
             await self.store.close()
         if self.ledger is not None:
             await self.ledger.close()
+        if self.lock is not None:
+            self.lock.release()

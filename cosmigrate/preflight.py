@@ -70,10 +70,25 @@ class Preflight:
         self.checks.append(check)
         return check.ok
 
+    async def _clients(self) -> bool:
+        """Build both clients. The config loader validates what the driver checks here; should the driver
+        still refuse (another PyMongo version), that is a FAIL line, not a traceback."""
+        for name, build in (("source", lambda: source_client(self.cfg.source.uri, serverSelectionTimeoutMS=10_000)),
+                            ("target", lambda: target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file,
+                                                             serverSelectionTimeoutMS=10_000))):
+            try:
+                setattr(self, name, build())
+            except (PyMongoError, ValueError, TypeError, OSError) as exc:
+                self.checks.append(Check(f"{name} reachable", False,
+                                         f"the driver refuses the {name} settings ({exc.__class__.__name__})",
+                                         f"check {name}.uri" + (" and target.tls_ca_file" if name == "target" else "")))
+                return False
+        return True
+
     async def run(self) -> list[Check]:
-        self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=10_000)
-        self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=10_000)
         try:
+            if not await self._clients():
+                return self.checks
             if await self._step("source reachable", self._source_reachable,
                                 "check source.uri (host, port 10255, user and password) and the network path to Azure"):
                 await self._step("source namespaces", self._source_namespaces,
@@ -100,8 +115,9 @@ class Preflight:
             await self._step("control socket", self._socket,
                              "create the directory (systemd's RuntimeDirectory=cosmigrate does) or set control.socket")
         finally:
-            await self.source.close()
-            await self.target.close()
+            for client in (self.source, self.target):
+                if client is not None:
+                    await client.close()
         return self.checks
 
     async def _source_reachable(self) -> Check:

@@ -120,24 +120,6 @@ async def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, sandbox: 
           f"{workload.writes} writes")
 
 
-async def test_second_daemon_with_the_same_control_socket_is_refused(tmp_path: Path, sandbox: Sandbox) -> None:
-    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
-    config = write_config(cfg, tmp_path / "cosmigrate.toml")
-    await prepare_backends(cfg)
-    first = await Child.start(config)
-    try:
-        await wait_for(lambda: _exists(Path(cfg.control.socket)), 60, what="first daemon's socket")
-        second = await Child.start(config)
-        assert await second.finish(limit_s=60) == 1
-        assert any("another cosmigrate daemon is answering" in ln for ln in second.stderr), second.stderr
-    finally:
-        assert await first.finish(signal.SIGTERM) == 0
-
-
-async def _exists(path: Path) -> bool:
-    return await asyncio.to_thread(os.path.exists, path)
-
-
 async def test_two_processes_never_both_commit_for_one_namespace(tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
     cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", max_batch_events=20)
     config = write_config(cfg, tmp_path / "cosmigrate.toml")
@@ -153,9 +135,10 @@ async def test_two_processes_never_both_commit_for_one_namespace(tmp_path: Path,
             return all(ns in committed and committed[ns].batches for ns in NAMESPACES)
 
         await wait_for(first_committed, 60, what="first process commits")
-        # Another host would have its own control socket; on one host a second daemon with the same
-        # socket is refused at start-up, which is not what this test is about.
+        # Another host would have its own control socket and cluster lock; on one host a second daemon
+        # is refused at start-up (tests/test_daemon_lock.py), which is not what this test is about.
         cfg.control.socket = str(tmp_path / "second.sock")
+        cfg.daemon.lock_file = str(tmp_path / "other-host.lock")
         second = await Child.start(write_config(cfg, tmp_path / "second.toml"))
 
         def fenced_namespaces() -> set[str]:

@@ -150,3 +150,50 @@ def test_ctl_without_a_daemon_says_so_in_one_line(tmp_path: Path) -> None:
 def test_ctl_refuses_a_bad_action(tmp_path: Path) -> None:
     result = _ctl("--socket", str(tmp_path / "x.sock"), "writer", "sideways")
     assert result.returncode == 2 and "start or stop" in result.stderr and "Traceback" not in result.stderr
+
+
+# What a socket that is not a cosmigrate daemon (or a daemon of another version) may answer.
+ODD_REPLIES: list[tuple[str, bytes, tuple[str, ...]]] = [
+    ("binary garbage", b"\xff\xfe\x00garbage\n", ("status", "writer")),
+    ("not JSON", b"HTTP/1.1 400 Bad Request\n", ("status", "writer")),
+    ("a JSON list", b"[1, 2, 3]\n", ("status", "writer")),
+    ("a JSON string", b'"ok"\n', ("status", "writer")),
+    ("an object without ok", b'{"status": {}}\n', ("status", "writer")),
+    ("ok is not a boolean", b'{"ok": "yes"}\n', ("status", "writer")),
+    ("a refusal without a message", b'{"ok": false, "error": 3}\n', ("status", "writer")),
+    ("ok without the payload", b'{"ok": true}\n', ("status", "status --json", "writer")),
+    ("a payload of the wrong type", b'{"ok": true, "status": [], "writer": 5}\n', ("status", "status --json", "writer")),
+    ("a status without its fields", b'{"ok": true, "status": {"cluster_name": 1}}\n', ("status",)),
+    ("hangs up mid-line", b'{"ok": true, "sta', ("status", "writer")),
+    ("a line over the client's limit", b"x" * (2**24 + 100), ("status",)),
+]
+
+
+@pytest.mark.parametrize("name,reply,commands", ODD_REPLIES, ids=[c[0] for c in ODD_REPLIES])
+async def test_ctl_against_a_socket_that_answers_something_else(tmp_path: Path, name: str, reply: bytes,
+                                                                commands: tuple[str, ...]) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readline()
+            writer.write(reply)
+            await writer.drain()
+        except ConnectionError:
+            pass  # the client gave up on an oversized reply
+        finally:
+            writer.close()
+
+    path = str(tmp_path / "odd.sock")
+    server = await asyncio.start_unix_server(answer, path=path)
+    try:
+        for command in commands:
+            args = {"status": ["status"], "status --json": ["status", "--json"], "writer": ["writer", "start"]}[command]
+            result = await asyncio.to_thread(_ctl, "--socket", path, *args)
+            out = result.stdout + result.stderr
+            assert "Traceback" not in out, out[-2000:]
+            assert result.returncode == 1, (command, out[-2000:])
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("cosmigrate: error: "), (command, result.stderr)
+            assert path in lines[0] or "closed the connection" in lines[0], lines[0]
+    finally:
+        server.close()
+        await server.wait_closed()
