@@ -317,7 +317,7 @@ class Daemon:
         app = self.appliers.get(ns)
         if app is not None:
             app.fence()
-        if self.captures and all(c.status.state == "fenced" for c in self.captures.values()):
+        if self.exit_code != EXIT_FENCED and self.captures and all(c.status.state == "fenced" for c in self.captures.values()):
             self.log.error("every namespace was taken over by another daemon; exiting", exit_code=EXIT_FENCED)
             self.exit_code = EXIT_FENCED
             self.request_stop()

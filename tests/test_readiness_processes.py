@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,16 +136,19 @@ async def test_ready_means_equal_under_empty_pages_and_dropped_connections(
         assert await proc.wait() == 0
         await judge.until_ready()
         # A throttled stream: every page empty, while the source has new writes.
-        await workload.run(200)
         sandbox.source.faults.empty_page_rate = 1.0
+        await workload.run(200)
         await judge.never_ready()
         st = judge.last
         assert st is not None and sum(n["empty_pages"] for n in st["namespaces"]) > 0
         sandbox.source.faults.empty_page_rate = 0.0
         await judge.until_ready()
-        # Every connection to the source drops: nothing can be read or sampled.
+        # Every connection to the source drops: nothing can be read or sampled. (The writes land while pages
+        # are empty, so the daemon cannot have read them before the drops begin.)
+        sandbox.source.faults.empty_page_rate = 1.0
         await workload.run(200)
         sandbox.source.faults.drop_rate = 1.0
+        sandbox.source.faults.empty_page_rate = 0.0
         sandbox.source.drop_connections()
         await judge.never_ready()
         assert judge.last is not None and not judge.last["ready_for_cutover"]
@@ -220,8 +224,8 @@ def _unapplied_files(store_dir: Path, st: dict[str, Any]) -> list[Path]:
         if n["captured_seq"] > n["applied_seq"]:
             db, _, coll = n["namespace"].partition(".")
             for path in store_dir.rglob("*"):
-                if path.is_file() and path.parent.name == coll and path.parent.parent.name == db:
-                    seq = int(path.name.split("-")[0].split(".")[0])
-                    if seq > n["applied_seq"]:
+                name = re.fullmatch(r"(\d{12})-e\d+", path.name)  # batch objects only (no temp files, no markers)
+                if name and path.parent.name == coll and path.parent.parent.name == db:
+                    if int(name.group(1)) > n["applied_seq"]:
                         out.append(path)
     return out
