@@ -50,11 +50,15 @@ DEFAULT_SOCKET = "/run/cosmigrate/control.sock"
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the TOML config file.")]
 
 
-def _load(config: Path) -> Config:
-    from cosmigrate.config import ConfigError, load_config
+def _load(config: Path, files: bool = False) -> Config:
+    """Load and validate the config; `files`: also check the CA bundles (commands that connect)."""
+    from cosmigrate.config import ConfigError, check_files, load_config
 
     try:
-        return load_config(config)
+        cfg = load_config(config)
+        if files:
+            check_files(cfg)
+        return cfg
     except ConfigError as exc:
         raise fail(f"config: {exc}") from None
 
@@ -74,7 +78,7 @@ def run(config: ConfigOpt) -> None:
     from cosmigrate.daemon import Daemon, StartupError
     from cosmigrate.logs import configure_logging
 
-    cfg = _load(config)
+    cfg = _load(config, files=True)
     configure_logging(cfg.log.level, cfg.log.format)
     try:
         code = _run_async(Daemon(cfg, config_path=str(config)).serve())
@@ -89,7 +93,7 @@ def preflight(config: ConfigOpt) -> None:
     """Check the set-up before migrating: source, target, store, ledger, control socket. Exit 1 on any FAIL."""
     from cosmigrate.preflight import Preflight
 
-    cfg = _load(config)
+    cfg = _load(config, files=True)
     checks = _run_async(Preflight(cfg).run())
     for check in checks:
         typer.echo(check.line())

@@ -434,6 +434,22 @@ def _check_ca_file(key: str, path: str) -> None:
 _MAX_SOCKET_PATH = 107
 
 
+def check_files(cfg: Config) -> None:
+    """The files the clients open (CA bundles) exist and load.
+
+    Only for the commands that connect (`run`, `preflight`): `ctl` and the
+    installer's skeleton check must work on a host where the bundle is not
+    downloaded yet. The driver would open the file while building the client,
+    outside any error handling, so it is checked here first.
+    """
+    for key, uri in (("source.uri", cfg.source.uri), ("target.uri", cfg.target.uri)):
+        ca = _check_mongo_uri(key, uri).get("tlsCAFile")
+        if ca:
+            _check_ca_file(f"{key} tlsCAFile", str(ca))
+    if cfg.target.tls_ca_file:
+        _check_ca_file("target.tls_ca_file", cfg.target.tls_ca_file)
+
+
 def validate(cfg: Config) -> None:
     """Check values (not just types); every message names its key."""
     if not cfg.cluster_name:
@@ -445,10 +461,7 @@ def validate(cfg: Config) -> None:
         if not uri:
             raise ConfigError(f"{key}: required (a mongodb:// connection string)")
         options[key] = _check_mongo_uri(key, uri)
-        if options[key].get("tlsCAFile"):
-            _check_ca_file(f"{key} tlsCAFile", str(options[key]["tlsCAFile"]))
     if cfg.target.tls_ca_file:
-        _check_ca_file("target.tls_ca_file", cfg.target.tls_ca_file)
         if options["target.uri"].get("tls") is False:
             raise ConfigError("target.tls_ca_file: set, but target.uri turns TLS off (tls=false); remove one of them")
     _check_url("store.url", cfg.store.url, {
