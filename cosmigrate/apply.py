@@ -48,6 +48,7 @@ from cosmigrate.backoff import Backoff
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.identity import identity
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import RAW, event_parts, raw_collection
@@ -182,15 +183,16 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
     a field read later (the `_id` for a filter or an error) must not raise on
     a datetime outside years 1-9999.
     """
-    latest: dict[bytes, tuple[bytes | None, int]] = {}
+    latest: dict[bytes, tuple[bytes, bytes | None, int]] = {}
     for batch in batches:
         seq = batch.header.seq
         for raw in batch.events:
             key, full = event_parts(raw)
-            latest[key] = (full, seq)
+            # One entry per target document: `_id` 1 and 1.0 are one document, never two racing writes.
+            latest[identity(key)] = (key, full, seq)
     ops = {k: op for k, op in carried.items() if k not in latest}
-    for key, (full, seq) in latest.items():
-        ops[key] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
+    for ident, (key, full, seq) in latest.items():
+        ops[ident] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
     return ops
 
 
@@ -681,7 +683,7 @@ class NamespaceApplier:
             op, err = next(iter(failed.values()))
             self.log.warning("writes deferred by unique-index conflicts; retried every round",
                              count=len(failed), example_id=op.show_id(), index=_index_name(err))
-        return {key: op for key, (op, _) in failed.items()}
+        return {identity(op.key): op for op, _ in failed.values()}  # keyed as collapse keys them
 
 
 @dataclass(frozen=True)
@@ -694,8 +696,9 @@ class UniqueIndex:
 
 
 def _id_key(value: Any) -> bytes:
-    """One comparable form for an `_id`, whether it came from a documentKey or from a query result."""
-    return bson.encode({"_id": value}, codec_options=RAW)
+    """One comparable form for an `_id`, whether it came from a documentKey or from a query result
+    (1 and 1.0 are the same document: see `cosmigrate.identity`)."""
+    return identity(bson.encode({"_id": value}, codec_options=RAW))
 
 
 def _index_values(value: Any, parts: list[str]) -> list[Any]:
