@@ -32,6 +32,18 @@ async def ctl(config: Path, *args: str) -> str:
     return out.decode()
 
 
+LARGE_SIZES = [5 * 1024, 1024 * 1024, 4 * 1024 * 1024, 16 * 1024 * 1024 - 16 * 1024]
+
+
+async def _large_documents(source: AsyncMongoClient, tag: str) -> None:
+    """Documents from 5 KB to just under 16 MB, inserted then replaced: they must arrive byte for byte."""
+    coll = source.app.users
+    for i, size in enumerate(LARGE_SIZES):
+        _id = f"large-{i}"
+        filler = (tag * (size // len(tag) + 1))[: size - 200]
+        await coll.replace_one({"_id": _id}, {"_id": _id, "tag": tag, "blob": filler, "n": i}, upsert=True)
+
+
 async def _ctl_ready(config: Path) -> bool:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "cosmigrate", "ctl", "--config", str(config), "status", "--json",
@@ -51,11 +63,13 @@ async def test_full_migration_with_real_processes(
     await prepare_backends(cfg)
     workload = Workload(source, NAMESPACES, keys_per_ns=2000, seed=77)
     await workload.run_bulk(CHANGES // 5)  # before the daemon starts: replayed from the beginning
+    await _large_documents(source, "before")
     child = await Child.start(config)
     try:
         await wait_for(lambda: _ctl_ready(config), 60, what="the daemon's control socket")
         assert (await ctl(config, "writer", "start")).strip() == "writer started"
         await workload.run_bulk(CHANGES - CHANGES // 5)
+        await _large_documents(source, "during")
         assert workload.writes >= CHANGES
         await wait_for(lambda: assert_converged(source, target, NAMESPACES), 240, interval=1.0, what="convergence")
         status = await ctl(config, "status", "--json")
