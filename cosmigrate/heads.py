@@ -20,11 +20,14 @@ from typing import Any
 
 from pymongo.errors import OperationFailure
 
+from cosmigrate.backoff import retry_after_s
 from cosmigrate.freshness import Freshness
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import change_stream_tokens
 from cosmigrate.redact import redact
 
+THROTTLED_CODES = {16500, 50}  # TooManyRequests; ExceededTimeLimit when server-side retry is on
+THROTTLE_RETRIES = 3
 UNAUTHORIZED = {13, 18}
 UNSUPPORTED = {59, 115, 9, 40324}
 GRANT = (
@@ -65,18 +68,34 @@ class HeadSampler:
             await self._sample(ns, fresh)
 
     async def _sample(self, ns: str, fresh: Freshness) -> None:
-        at = time.time()
-        try:
-            tokens = await asyncio.wait_for(change_stream_tokens(self.source, ns), timeout=max(5.0, self.interval_s * 5))
-        except Exception as exc:  # every failure only means "no sample this round"; never kill the sampler
-            reason = classify(exc)
-            fresh.last_sample_error = redact(str(exc))[:300] or type(exc).__name__
-            if reason is not None:
-                if fresh.unknown_reason != reason:
-                    self.log.warning("source head cannot be sampled; freshness unknown", namespace=ns, reason=reason)
-                fresh.unknown_reason = reason
+        """One head sample; a throttled request is retried a few times (RetryAfterMs), bounded to ~2 s."""
+        for attempt in range(THROTTLE_RETRIES + 1):
+            at = time.time()  # before each send: a sample never claims a moment later than its head
+            try:
+                tokens = await asyncio.wait_for(change_stream_tokens(self.source, ns),
+                                                timeout=max(5.0, self.interval_s * 5))
+            except OperationFailure as exc:
+                if exc.code in THROTTLED_CODES and attempt < THROTTLE_RETRIES:
+                    await asyncio.sleep(min(retry_after_s(exc), 0.5))
+                    continue
+                self._failed(ns, fresh, exc)
+                return
+            except Exception as exc:  # every failure only means "no sample this round"; never kill the sampler
+                self._failed(ns, fresh, exc)
+                return
+            fresh.add_sample(at, tokens)
             return
-        fresh.add_sample(at, tokens)
+
+    def _failed(self, ns: str, fresh: Freshness, exc: BaseException) -> None:
+        reason = classify(exc)
+        if isinstance(exc, OperationFailure) and exc.code in THROTTLED_CODES:
+            fresh.last_sample_error = f"head sample throttled by the source (code {exc.code})"
+        else:
+            fresh.last_sample_error = redact(str(exc))[:300] or type(exc).__name__
+        if reason is not None:
+            if fresh.unknown_reason != reason:
+                self.log.warning("source head cannot be sampled; freshness unknown", namespace=ns, reason=reason)
+            fresh.unknown_reason = reason
 
     async def run(self) -> None:
         while True:

@@ -135,4 +135,16 @@ async def test_sandbox_head_tokens_can_be_throttled(sandbox: Sandbox, source: As
     assert err.value.code == 16500
     fresh = Freshness()
     await HeadSampler(source, lambda: {"app.users": fresh}, 1.0).sample("app.users", fresh)
-    assert not fresh.unknown_reason and not fresh.sampled and "16500" in fresh.last_sample_error
+    assert not fresh.unknown_reason and not fresh.sampled and "throttled" in fresh.last_sample_error
+
+
+async def test_a_throttled_head_sample_is_retried(sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    await source.app.users.insert_one({"_id": 1})
+    sandbox.source.faults.head_throttle_rate = 0.5
+    sampler = HeadSampler(source, dict, 1.0)
+    sampled = 0
+    for _ in range(10):
+        fresh = Freshness()
+        await sampler.sample("app.users", fresh)
+        sampled += fresh.sampled
+    assert sampled >= 8  # one try in two is throttled; three retries make a failed sample rare
