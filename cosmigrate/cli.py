@@ -283,7 +283,8 @@ def sandbox(
     source_port: Annotated[int, typer.Option(help="Port of the Cosmos DB emulator (0 = any free port).")] = 0,
     target_port: Annotated[int, typer.Option(help="Port of the DocumentDB emulator (0 = any free port).")] = 0,
     faults: Annotated[str | None, typer.Option(help="Fault switches, e.g. 'throttle_rate=0.2,retry_after_ms=50,deletes_preview'.")] = None,
-    target_version: Annotated[str, typer.Option(help="DocumentDB version to emulate.")] = "5.0.0",
+    target_version: Annotated[str, typer.Option(help="DocumentDB version to emulate: 3.6, 4.0, 5.0, 8.0 or elastic.")] = "5.0.0",
+    source_version: Annotated[str, typer.Option(help="Cosmos DB server version to emulate: 3.6, 4.0, 4.2, 5.0, 6.0 or 7.0.")] = "6.0",
 ) -> None:
     """Run the Cosmos DB and DocumentDB emulators on 127.0.0.1 (test and demo use only).
 
@@ -291,13 +292,19 @@ def sandbox(
     """
     from cosmigrate.sandbox import FaultSpecError
     from cosmigrate.sandbox.runner import build_faults, serve
+    from cosmigrate.versions import SOURCE, TARGET, lookup
 
     try:
         build_faults(faults)
     except FaultSpecError as exc:
         raise fail(f"--faults: {exc}") from None
+    for option, role, value in (("--source-version", SOURCE, source_version), ("--target-version", TARGET, target_version)):
+        try:
+            lookup(role, value)
+        except ValueError as exc:
+            raise fail(f"{option}: {exc}") from None
     try:
-        asyncio.run(serve(source_port, target_port, faults, target_version))
+        asyncio.run(serve(source_port, target_port, faults, target_version, source_version))
     except OSError as exc:
         raise fail(f"cannot listen: {exc.strerror or exc}") from None
 
