@@ -73,6 +73,7 @@ def run(config: ConfigOpt) -> None:
     """Run the migration daemon: discover namespaces, capture their change streams (and apply them)."""
     from cosmigrate.daemon import Daemon, StartupError
     from cosmigrate.logs import configure_logging
+    from cosmigrate.versions import UnsupportedVersion
 
     cfg = _load(config)
     configure_logging(cfg.log.level, cfg.log.format)
@@ -80,6 +81,8 @@ def run(config: ConfigOpt) -> None:
         code = _run_async(Daemon(cfg, config_path=str(config)).serve())
     except StartupError as exc:
         raise fail(str(exc), code=1) from None
+    except UnsupportedVersion as exc:  # a set-up problem, like a bad config value: exit 2
+        raise fail(str(exc), code=exc.exit_code) from None
     if code:
         raise typer.Exit(code)
 

@@ -147,7 +147,8 @@ class Problem:
     @property
     def detail(self) -> str:
         return (f"{PRODUCT[self.role]} {self.found} (wire version {self.wire}) is not supported; the oldest supported "
-                f"is {self.oldest.name} (wire version {self.oldest.max_wire}, needed by PyMongo {pymongo.__version__})")
+                f"is {self.oldest.name} (the driver, PyMongo {pymongo.__version__}, needs wire version "
+                f"{required_wire(self.role)} or later)")
 
     @property
     def todo(self) -> str:
