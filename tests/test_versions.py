@@ -186,3 +186,16 @@ async def test_sandbox_cli_source_version() -> None:
                                                    "3.2"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "--source-version" in bad.stderr
+
+
+def test_cloudformation_offers_only_supported_documentdb_versions() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "deploy" / "cloudformation" / "documentdb.yaml").read_text()
+    block = text.split("  EngineVersion:", 1)[1].split("\n  InstanceClass:", 1)[0]
+    allowed = re.findall(r'"(\d+\.\d+\.\d+)"', block.split("AllowedValues:", 1)[1].splitlines()[0])
+    offered = {versions.lookup(TARGET, v).name for v in allowed}
+    assert offered == {v.name for v in versions.supported(TARGET) if not v.sharded}  # elastic: another resource type
+    for v in allowed:
+        assert f'"{v}": {{Name: docdb{v.rsplit(".", 1)[0]}}}' in text  # a parameter group family for each
