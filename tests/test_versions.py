@@ -199,3 +199,20 @@ def test_cloudformation_offers_only_supported_documentdb_versions() -> None:
     assert offered == {v.name for v in versions.supported(TARGET) if not v.sharded}  # elastic: another resource type
     for v in allowed:
         assert f'"{v}": {{Name: docdb{v.rsplit(".", 1)[0]}}}' in text  # a parameter group family for each
+
+
+async def test_the_daemon_reads_the_drivers_refusal_when_the_probe_cannot_run(tmp_path, monkeypatch) -> None:
+    from cosmigrate.daemon import Daemon
+    from tests.helpers import make_config, prepare_backends
+
+    async def no_probe(*_args, **_kwargs):
+        raise versions.ProbeError("no socket for the probe")
+
+    monkeypatch.setattr(versions, "probe", no_probe)
+    async with Sandbox(source_version="4.0") as sb:
+        cfg = make_config(tmp_path, sb.source_uri, sb.target_uri, "file+sqlite")
+        await prepare_backends(cfg)
+        with pytest.raises(versions.UnsupportedVersion) as info:
+            await asyncio.wait_for(Daemon(cfg).serve(), 60)
+    assert info.value.problem.found == "4.0" and info.value.problem.role == SOURCE
+    assert "Azure portal" in str(info.value)
