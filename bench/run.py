@@ -66,7 +66,8 @@ def table(r: dict[str, Any]) -> str:
                 "pipeline.reference_seed_events_per_s", "pipeline.seed_path_fidelity", "live.max_sustained_rate",
                 "catchup.events_captured", "catchup.drain_s", "catchup.events_applied_per_s",
                 "catchup.target_ceiling_writes_per_s", "driver.native_events_per_s", "driver.motor_events_per_s",
-                "driver.ratio_native_vs_motor"):
+                "driver.ratio_native_vs_motor", "driver.pinned_pymongo", "driver.newest_pymongo",
+                "driver.pinned_cpu_us_per_event", "driver.newest_cpu_us_per_event", "driver.pinned_vs_newest_ratio"):
         lines.append(f"| `{key}` | {r.get(key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]

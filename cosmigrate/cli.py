@@ -77,6 +77,7 @@ def run(config: ConfigOpt) -> None:
     """Run the migration daemon: discover namespaces, capture their change streams (and apply them)."""
     from cosmigrate.daemon import Daemon, StartupError
     from cosmigrate.logs import configure_logging
+    from cosmigrate.versions import UnsupportedVersion
 
     cfg = _load(config, files=True)
     configure_logging(cfg.log.level, cfg.log.format)
@@ -84,6 +85,8 @@ def run(config: ConfigOpt) -> None:
         code = _run_async(Daemon(cfg, config_path=str(config)).serve())
     except StartupError as exc:
         raise fail(str(exc), code=1) from None
+    except UnsupportedVersion as exc:  # a set-up problem, like a bad config value: exit 2
+        raise fail(str(exc), code=exc.exit_code) from None
     if code:
         raise typer.Exit(code)
 
@@ -301,7 +304,8 @@ def sandbox(
     source_port: Annotated[int, typer.Option(help="Port of the Cosmos DB emulator (0 = any free port).")] = 0,
     target_port: Annotated[int, typer.Option(help="Port of the DocumentDB emulator (0 = any free port).")] = 0,
     faults: Annotated[str | None, typer.Option(help="Fault switches, e.g. 'throttle_rate=0.2,retry_after_ms=50,deletes_preview'.")] = None,
-    target_version: Annotated[str, typer.Option(help="DocumentDB version to emulate.")] = "5.0.0",
+    target_version: Annotated[str, typer.Option(help="DocumentDB version to emulate: 3.6, 4.0, 5.0, 8.0 or elastic.")] = "5.0.0",
+    source_version: Annotated[str, typer.Option(help="Cosmos DB server version to emulate: 3.6, 4.0, 4.2, 5.0, 6.0 or 7.0.")] = "6.0",
 ) -> None:
     """Run the Cosmos DB and DocumentDB emulators on 127.0.0.1 (test and demo use only).
 
@@ -309,13 +313,19 @@ def sandbox(
     """
     from cosmigrate.sandbox import FaultSpecError
     from cosmigrate.sandbox.runner import build_faults, serve
+    from cosmigrate.versions import SOURCE, TARGET, lookup
 
     try:
         build_faults(faults)
     except FaultSpecError as exc:
         raise fail(f"--faults: {exc}") from None
+    for option, role, value in (("--source-version", SOURCE, source_version), ("--target-version", TARGET, target_version)):
+        try:
+            lookup(role, value)
+        except ValueError as exc:
+            raise fail(f"{option}: {exc}") from None
     try:
-        asyncio.run(serve(source_port, target_port, faults, target_version))
+        asyncio.run(serve(source_port, target_port, faults, target_version, source_version))
     except OSError as exc:
         raise fail(f"cannot listen: {exc.strerror or exc}") from None
 

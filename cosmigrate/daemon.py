@@ -34,6 +34,7 @@ from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
+from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 
 
 class StartupError(Exception):
@@ -89,15 +90,19 @@ class Daemon:
             await self.store.check()
         except StoreError as exc:
             raise StartupError(str(exc)) from None
+        await require_supported(SOURCE, self.cfg.source.uri)  # UnsupportedVersion: one line, exit 2
         self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000)
         try:
             await self.source.admin.command("ping")
         except PyMongoError as exc:
+            raise_for_driver_error(SOURCE, exc)
             raise StartupError(f"source {redact(self.cfg.source.uri)} did not answer: {redact(str(exc))}") from None
+        await require_supported(TARGET, self.cfg.target.uri, self.cfg.target.tls_ca_file)
         self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=30_000)
         try:
             await self.target.admin.command("ping")
         except PyMongoError as exc:
+            raise_for_driver_error(TARGET, exc)
             raise StartupError(f"target {redact(self.cfg.target.uri)} did not answer: {redact(str(exc))}") from None
         control = await self.ledger.get_control()
         if control.writer == "started":

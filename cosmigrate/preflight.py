@@ -22,6 +22,7 @@ from cosmigrate.ledger import LedgerError, open_ledger
 from cosmigrate.mongo import list_namespaces, open_change_stream, raw_collection, source_client, target_client
 from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError, open_store, store_prefix
+from cosmigrate.versions import SOURCE, TARGET, check_server
 
 
 @dataclass
@@ -121,6 +122,8 @@ class Preflight:
         return self.checks
 
     async def _source_reachable(self) -> Check:
+        if problem := await check_server(SOURCE, self.cfg.source.uri):
+            return Check("source server version", False, problem.detail, problem.todo)
         await self.source.admin.command("ping")
         info = await self.source.admin.command("buildInfo")
         await self.source.list_database_names()  # proves authentication
@@ -149,6 +152,8 @@ class Preflight:
         ca = self.cfg.target.tls_ca_file
         if ("tls=true" in uri or "ssl=true" in uri) and ca and not await asyncio.to_thread(os.path.isfile, ca):
             return Check("target reachable", False, f"target.tls_ca_file {self.cfg.target.tls_ca_file} does not exist")
+        if problem := await check_server(TARGET, self.cfg.target.uri, ca):
+            return Check("target server version", False, problem.detail, problem.todo)
         await self.target.admin.command("ping")
         info = await self.target.admin.command("buildInfo")
         tls = "over TLS" if "tls=true" in uri or "ssl=true" in uri else "without TLS"

@@ -20,6 +20,7 @@ from pymongo.errors import (
     WriteError,
 )
 
+from cosmigrate import versions
 from cosmigrate.sandbox import Sandbox
 
 
@@ -132,18 +133,16 @@ async def test_unsupported_index_types_are_refused(target: AsyncMongoClient, key
 
 
 async def test_text_and_partial_indexes_depend_on_the_version() -> None:
+    # DocumentDB 4.0 reports wire version 7, which the pinned PyMongo refuses: it is asked over a bare socket.
+    specs = [{"key": {"t": "text"}, "name": "t_text"}, {"key": {"p": 1}, "name": "p_1", "partialFilterExpression": {"p": {"$gt": 1}}}]
     async with Sandbox(target_version="4.0.0") as old, Sandbox(target_version="5.0.0") as new:
         for sb, refused in ((old, True), (new, False)):
-            client: AsyncMongoClient = AsyncMongoClient(sb.target_uri)
-            try:
-                for keys, kw in (([("t", "text")], {}), ([("p", 1)], {"partialFilterExpression": {"p": {"$gt": 1}}})):
-                    if refused:
-                        with pytest.raises(OperationFailure):
-                            await client.db.c.create_index(keys, **kw)
-                    else:
-                        await client.db.c.create_index(keys, **kw)
-            finally:
-                await client.close()
+            for spec in specs:
+                _, reply = await versions.command(sb.target.host, sb.target.port,
+                                                  [{"isMaster": 1}, {"createIndexes": "c", "indexes": [spec], "$db": "db"}])
+                assert (reply["ok"] == 0) == refused, reply
+                if refused:
+                    assert reply["code"] == 67 and "5.0" in reply["errmsg"], reply
 
 
 async def test_capped_collections_are_refused(target: AsyncMongoClient) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from cosmigrate.sandbox.cosmos import CosmosSource, beginning_token, make_token
+from cosmigrate.sandbox.cosmos import CosmosSource, beginning_token, make_list_token, make_token
 from cosmigrate.sandbox.documentdb import DocumentDBTarget
 from cosmigrate.sandbox.faults import Faults, FaultSpecError, parse_spec
 
@@ -24,13 +24,18 @@ __all__ = [
     "FaultSpecError",
     "Sandbox",
     "beginning_token",
+    "make_list_token",
     "make_token",
     "parse_spec",
 ]
 
 
 class Sandbox:
-    """Both emulators on 127.0.0.1, started and stopped together."""
+    """Both emulators on 127.0.0.1, started and stopped together.
+
+    `source_version`: a Cosmos DB server version, 3.6 to 7.0 (default 6.0);
+    `target_version`: a DocumentDB version, 3.6, 4.0, 5.0 (default), 8.0, or "elastic".
+    """
 
     def __init__(
         self,
@@ -41,8 +46,9 @@ class Sandbox:
         target_port: int = 0,
         host: str = "127.0.0.1",
         target_version: str = "5.0.0",
+        source_version: str = "6.0",
     ) -> None:
-        self.source = CosmosSource(source_faults, host=host)
+        self.source = CosmosSource(source_faults, host=host, version=source_version)
         self.target = DocumentDBTarget(target_faults, host=host, version=target_version)
         self._ports = (source_port, target_port)
 

@@ -27,8 +27,10 @@ from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
 
 from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS
+from cosmigrate.sandbox.faults import Faults
 from cosmigrate.sandbox.server import CommandError, DropConnection, MongoServer
 from cosmigrate.sandbox.storage import Collection
+from cosmigrate.versions import SOURCE, lookup
 
 PIPELINE_ERROR = "Change stream must be followed by a match and then a project stage"
 TOKEN_ERROR = "Change feed token format is invalid"
@@ -37,7 +39,7 @@ DEFAULT_PAGE = 1000
 
 
 def make_token(rid: str, lsn: int) -> dict[str, Any]:
-    """A V2 resume token: JSON with one continuation per physical partition."""
+    """A V2 resume token (server versions 4.0 and later): JSON with one continuation per physical partition."""
     data = {
         "V": 2,
         "Rid": rid,
@@ -51,14 +53,23 @@ def make_token(rid: str, lsn: int) -> dict[str, Any]:
     return {"_data": Binary(json.dumps(data, separators=(",", ":")).encode())}
 
 
-def beginning_token() -> dict[str, Any]:
-    """The old-form token with LSN "0" over the full range: replay from the start of the feed."""
-    data = [{"token": json.dumps("0"), "range": FULL_RANGE}]
+def make_list_token(lsn: int) -> dict[str, Any]:
+    """The old (list) form of token, the only one 3.6 accounts issue: no collection id, one entry per range."""
+    data = [{"token": json.dumps(str(lsn)), "range": FULL_RANGE}]
     return {"_data": Binary(json.dumps(data, separators=(",", ":")).encode())}
 
 
-def parse_token(token: Any, rid: str) -> int:
-    """The LSN a token stands for; raises CommandError for anything Cosmos would refuse."""
+def beginning_token() -> dict[str, Any]:
+    """The old-form token with LSN "0" over the full range: replay from the start of the feed."""
+    return make_list_token(0)
+
+
+def parse_token(token: Any, rid: str, v2: bool = True) -> int:
+    """The LSN a token stands for; raises CommandError for anything Cosmos would refuse.
+
+    Every version takes the old list form; a V2 token only where the server issues
+    them (`v2`), that is from server version 4.0 on.
+    """
     try:
         data = token["_data"]
         text = bytes(data).decode() if isinstance(data, (bytes, Binary)) else str(data)
@@ -69,7 +80,7 @@ def parse_token(token: Any, rid: str) -> int:
                 raise ValueError("partition range")
             lsn = int(json.loads(entry["token"]))
         else:
-            if parsed["V"] != 2 or parsed["Rid"] != rid:
+            if not v2 or parsed["V"] != 2 or parsed["Rid"] != rid:
                 raise ValueError("version or collection")
             (cont,) = parsed["Continuation"]
             if cont["FeedRange"]["value"] != FULL_RANGE:
@@ -96,12 +107,23 @@ class ChangeStreamCursor:
 
 
 class CosmosSource(MongoServer):
-    """Emulated Azure Cosmos DB for MongoDB (RU-based) account."""
+    """Emulated Azure Cosmos DB for MongoDB (RU-based) account, at one of the server versions of
+    `cosmigrate.versions.COSMOS_VERSIONS` (6.0 by default): its `buildInfo.version`, `hello.maxWireVersion`
+    and token form (list form on 3.6, V2 from 4.0 on)."""
 
-    server_version = "6.0.0"
-    max_wire_version = 17
     set_name = "globaldb"
     with_feed = True
+
+    def __init__(self, faults: Faults | None = None, host: str = "127.0.0.1", version: str = "6.0") -> None:
+        super().__init__(faults, host=host)
+        self.version = lookup(SOURCE, version)
+        self.server_version = self.version.build_version
+        self.max_wire_version = self.version.max_wire
+        self.v2_tokens = self.version.token_form == "v2"
+
+    def token(self, rid: str, lsn: int) -> dict[str, Any]:
+        """A resume token in this server version's form."""
+        return make_token(rid, lsn) if self.v2_tokens else make_list_token(lsn)
 
     def uri(self) -> str:
         return (
@@ -148,7 +170,7 @@ class CosmosSource(MongoServer):
                 lsn = 0
             elif start.time < int(time.time()):
                 raise CommandError(2, "the sandbox emulates startAtOperationTime only for Timestamp(0, 0) and now")
-        token = make_token(coll.feed.rid, lsn)
+        token = self.token(coll.feed.rid, lsn)
         if start is not None:
             token["_startAtOperationTime"] = start
         return {"resumeAfterTokens": [token], "ok": 1.0}
@@ -204,7 +226,7 @@ class CosmosSource(MongoServer):
         if token is not None:
             if self.faults.reject_tokens:
                 raise CommandError(2, TOKEN_ERROR)
-            lsn = parse_token(token, coll.feed.rid)
+            lsn = parse_token(token, coll.feed.rid, self.v2_tokens)
             if lsn > coll.feed.lsn:
                 raise CommandError(2, TOKEN_ERROR)
         else:
@@ -219,7 +241,7 @@ class CosmosSource(MongoServer):
     def _cursor_doc(self, cursor: ChangeStreamCursor, cid: int, batch: list[RawBSONDocument], field: str) -> dict[str, Any]:
         doc: dict[str, Any] = {field: batch, "id": Int64(cid), "ns": cursor.ns}
         if not self.faults.no_postbatch_token:
-            doc["postBatchResumeToken"] = make_token(cursor.coll.feed.rid, cursor.lsn)  # type: ignore[union-attr]
+            doc["postBatchResumeToken"] = self.token(cursor.coll.feed.rid, cursor.lsn)  # type: ignore[union-attr]
         return doc
 
     def _page(self, cursor: ChangeStreamCursor, limit: int) -> list[RawBSONDocument]:
@@ -229,7 +251,7 @@ class CosmosSource(MongoServer):
         cursor.lsn = last
         if not entries:
             return []
-        token = make_token(feed.rid, last)
+        token = self.token(feed.rid, last)
         ns = {"db": cursor.db, "coll": cursor.coll.name}
         out = []
         docs = cursor.coll.docs

@@ -15,19 +15,36 @@ from typing import Any
 from cosmigrate.sandbox.bsonvalues import find_unsupported_type
 from cosmigrate.sandbox.query import QueryError
 from cosmigrate.sandbox.server import CommandError, DropConnection, MongoServer
+from cosmigrate.versions import TARGET, lookup
 
 
 class DocumentDBTarget(MongoServer):
-    """Emulated Amazon DocumentDB cluster (instance-based, version 5.0 by default)."""
+    """Emulated Amazon DocumentDB cluster: instance-based 3.6, 4.0, 5.0 (default) or 8.0, or an elastic
+    cluster ("elastic": the 5.0 wire protocol, answering `hello` as a mongos does, no replica set).
+    Versions, wire versions and sources: `cosmigrate.versions.DOCUMENTDB_VERSIONS`."""
 
     set_name = "rs0"
     reject_retryable_writes = True
 
     def __init__(self, *args: Any, version: str = "5.0.0", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.server_version = version
-        self.major = int(version.split(".")[0])
-        self.max_wire_version = 13 if self.major < 8 else 21
+        self.version = lookup(TARGET, version)
+        self.server_version = self.version.build_version
+        self.major = int(self.server_version.split(".")[0])
+        self.max_wire_version = self.version.max_wire
+
+    def uri(self) -> str:
+        if self.version.sharded:  # an elastic cluster's endpoint is a router: no replicaSet option
+            return f"mongodb://{self.address}/?retryWrites=false"
+        return super().uri()
+
+    def hello_reply(self, conn_id: int, legacy: bool) -> dict[str, Any]:
+        reply = super().hello_reply(conn_id, legacy)
+        if self.version.sharded:
+            for key in ("setName", "setVersion", "hosts", "me", "primary", "secondary"):
+                reply.pop(key, None)
+            reply["msg"] = "isdbgrid"
+        return reply
 
     def is_primary(self) -> bool:
         return not self.faults.failing_over
