@@ -261,7 +261,17 @@ class Daemon:
             self.captures[ns].stop()
             self.appliers[ns].stop()
         names = [name for ns in dropped for name in (ns, f"apply:{ns}")]
-        await asyncio.gather(*(self._tasks.pop(name) for name in names if name in self._tasks), return_exceptions=True)
+        tasks = [self._tasks.pop(name) for name in names if name in self._tasks]
+        if tasks:
+            # Bounded like a SIGTERM drain: a committer retrying a put that keeps failing (a full disk) must
+            # not block discovery and every later reload. What is not committed is re-read if re-included.
+            _, pending = await asyncio.wait(tasks, timeout=self.cfg.daemon.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.log.warning("excluded namespaces did not drain in time; stopped without committing the rest",
+                                 namespaces=len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
         for ns in dropped:
             del self.captures[ns], self.appliers[ns]
             self.freshness.pop(ns, None)
