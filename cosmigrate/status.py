@@ -125,6 +125,11 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
         reasons.append(f"gap {gap:.1f}s is not under {threshold:g}s")
+    unwatched = [ns for ns in daemon.unwatched if ns not in daemon.captures and matches_patterns(ns, include, exclude)]
+    if unwatched:
+        reasons.append(f"collections on the source not captured yet (discovery is starting them): {', '.join(unwatched)}")
+    if daemon.unlisted:
+        reasons.append(f"cannot list the source's collections: {daemon.unlisted}")
     if not namespaces:
         reasons.append("no namespace is being captured yet")
     return {
