@@ -65,7 +65,7 @@ class HeadSampler:
             await self._sample(ns, fresh)
 
     async def _sample(self, ns: str, fresh: Freshness) -> None:
-        at = time.time()
+        wall, at = time.time(), time.monotonic()  # lag is measured on the monotonic clock; the wall one is shown
         try:
             tokens = await asyncio.wait_for(change_stream_tokens(self.source, ns), timeout=max(5.0, self.interval_s * 5))
         except Exception as exc:  # every failure only means "no sample this round"; never kill the sampler
@@ -76,7 +76,7 @@ class HeadSampler:
                     self.log.warning("source head cannot be sampled; freshness unknown", namespace=ns, reason=reason)
                 fresh.unknown_reason = reason
             return
-        fresh.add_sample(at, tokens)
+        fresh.add_sample(at, tokens, wall=wall)
 
     async def run(self) -> None:
         while True:
