@@ -59,6 +59,11 @@ class Daemon:
         self.freshness: dict[str, Freshness] = {}
         self.started_at = time.time()
         self.sampler: HeadSampler | None = None
+        self.unwatched: list[str] = []
+        """Source namespaces the last `ctl status` listed that no capture watched yet (they block readiness)."""
+        self.unlisted = ""
+        """Why the last `ctl status` could not list the source's namespaces (blocks readiness), or ""."""
+        self._rescan = asyncio.Event()
         self.exit_code = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
@@ -121,7 +126,7 @@ class Daemon:
         if cmd == "ping":
             return {"ok": True}
         if cmd == "status":
-            asked = time.time()
+            asked = time.monotonic()  # the clock freshness compares samples on
             await self.certify()
             return {"ok": True, "status": await build_status(self, fresh_after=asked)}
         if cmd == "writer":
@@ -181,6 +186,7 @@ class Daemon:
         """
         if self.sampler is None:
             return
+        await self._list_unwatched()
         targets = self._sampled()
         if not targets:
             return
@@ -199,6 +205,22 @@ class Daemon:
             if not behind:
                 return
             await asyncio.sleep(0.05)
+
+    async def _list_unwatched(self) -> None:
+        """List the source's namespaces now: one created since the last discovery round is not captured yet,
+        so readiness must wait for it (and discovery is asked to start it at once, not at its next round)."""
+        try:
+            names = await asyncio.wait_for(
+                list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude),
+                timeout=max(5.0, self.cfg.capture.max_await_ms / 1000 + 1.0),
+            )
+        except (PyMongoError, TimeoutError) as exc:
+            self.unlisted = redact(str(exc))[:200] or type(exc).__name__
+            return
+        self.unlisted = ""
+        self.unwatched = [ns for ns in names if ns not in self.captures]
+        if self.unwatched:
+            self._rescan.set()
 
     def _sampled(self) -> dict[str, Freshness]:
         """The namespaces whose head the sampler reads: every one this daemon captures."""
@@ -235,12 +257,11 @@ class Daemon:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
             except Exception as exc:  # never let discovery die silently: log it and try again next round
                 self.log.exception("namespace discovery crashed; will retry", error=redact(repr(exc)))
-            stop = asyncio.ensure_future(self._stop.wait())
-            reload = asyncio.ensure_future(self._reload.wait())
-            await asyncio.wait({stop, reload}, timeout=self.cfg.capture.discovery_interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            reload.cancel()
+            waits = {asyncio.ensure_future(e.wait()) for e in (self._stop, self._reload, self._rescan)}
+            await asyncio.wait(waits, timeout=self.cfg.capture.discovery_interval_s, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            self._rescan.clear()
             if self._reload.is_set():
                 self._reload.clear()
                 await self._apply_reload()
@@ -266,7 +287,17 @@ class Daemon:
             self.captures[ns].stop()
             self.appliers[ns].stop()
         names = [name for ns in dropped for name in (ns, f"apply:{ns}")]
-        await asyncio.gather(*(self._tasks.pop(name) for name in names if name in self._tasks), return_exceptions=True)
+        tasks = [self._tasks.pop(name) for name in names if name in self._tasks]
+        if tasks:
+            # Bounded like a SIGTERM drain: a committer retrying a put that keeps failing (a full disk) must
+            # not block discovery and every later reload. What is not committed is re-read if re-included.
+            _, pending = await asyncio.wait(tasks, timeout=self.cfg.daemon.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.log.warning("excluded namespaces did not drain in time; stopped without committing the rest",
+                                 namespaces=len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
         for ns in dropped:
             del self.captures[ns], self.appliers[ns]
             self.freshness.pop(ns, None)

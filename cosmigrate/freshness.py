@@ -4,7 +4,11 @@ An empty change-stream page never proves a watcher is caught up (a throttled
 Cosmos stream answers empty pages), and batches that were never read cannot
 be timed. So the daemon samples each namespace's *head* with
 `GetChangeStreamTokens` every few seconds, time-stamped with the local clock
-taken BEFORE the request was sent. A sampled moment T is
+taken BEFORE the request was sent. Every comparison and every lag uses the
+monotonic clock: a wall clock stepped back (NTP, a VM resumed) would make
+older samples look newer than the ones that are not caught up, and
+now - caught_up_at negative, i.e. lag 0. The wall clock is only shown
+(`caught_up_at`). A sampled moment T is
 
 - *captured* when capture has committed batches whose resume position is at
   or past T's head in every partition;
@@ -34,8 +38,9 @@ MAX_MARKS = 65536
 
 @dataclass
 class HeadSample:
-    at: float  # local clock before the request was sent
+    at: float  # monotonic clock before the request was sent
     head: Positions
+    wall: float  # the wall clock at the same moment, for display only
     seq: int | None = None  # the first batch whose position reached this head, once known
 
 
@@ -46,19 +51,25 @@ class Freshness:
     unknown_reason: str = ""
     """Set when heads cannot be sampled at all (permission, old account): freshness is unknown."""
     last_sample_at: float = 0.0
+    """Monotonic clock of the latest sample."""
     last_sample_error: str = ""
     captured_at: float = 0.0
-    """The latest sampled moment that capture reached (committed)."""
+    """The latest sampled moment that capture reached (committed); wall clock, for display."""
     caught_up_at: float = 0.0
-    """The latest sampled moment that is captured AND applied."""
+    """The latest sampled moment that is captured AND applied; wall clock, for display."""
+    caught_up_t: float = 0.0
+    """The same moment on the monotonic clock: what lag and "current" are computed from."""
     latest_is_caught_up: bool = False
+    watched_since: float = field(default_factory=time.monotonic)
+    """Monotonic clock when the daemon began watching the namespace: lag's lower bound before any catch-up."""
+    _captured_t: float = 0.0
     _samples: collections.deque[HeadSample] = field(default_factory=collections.deque)
     _marks: list[tuple[Positions, int]] = field(default_factory=list)
 
     # --- inputs ---------------------------------------------------------------------
 
-    def add_sample(self, at: float, head_tokens: list[bytes]) -> None:
-        """A head sampled at `at` (one token per physical partition)."""
+    def add_sample(self, at: float, head_tokens: list[bytes], wall: float | None = None) -> None:
+        """A head sampled at `at` (monotonic clock; one token per physical partition); `wall` is for display."""
         head: Positions = {}
         try:
             for token in head_tokens:
@@ -72,7 +83,7 @@ class Freshness:
         self.unknown_reason = ""
         self.last_sample_error = ""
         self.last_sample_at = at
-        sample = HeadSample(at, head)
+        sample = HeadSample(at, head, at if wall is None else wall)
         self._samples.append(sample)
         self.latest_is_caught_up = False
         while len(self._samples) > MAX_SAMPLES:
@@ -104,13 +115,14 @@ class Freshness:
     def update(self, committed_seq: int, applied_seq: int) -> None:
         """Advance captured_at / caught_up_at from the ledger's committed and applied seqs."""
         for sample in self._samples:
-            if sample.seq is not None and sample.seq <= committed_seq:
-                self.captured_at = max(self.captured_at, sample.at)
+            if sample.seq is not None and sample.seq <= committed_seq and sample.at > self._captured_t:
+                self._captured_t, self.captured_at = sample.at, sample.wall
         done = [s for s in self._samples if s.seq is not None and s.seq <= applied_seq and s.seq <= committed_seq]
         if not done:
             return
         newest = max(done, key=lambda s: s.at)
-        self.caught_up_at = max(self.caught_up_at, newest.at)
+        if newest.at > self.caught_up_t:
+            self.caught_up_t, self.caught_up_at = newest.at, newest.wall
         self.latest_is_caught_up = newest is self._samples[-1]
         while self._samples and self._samples[0].at < newest.at:
             self._samples.popleft()
@@ -121,7 +133,7 @@ class Freshness:
 
     # --- outputs --------------------------------------------------------------------
 
-    def lag(self, now: float | None = None, since: float = 0.0, fresh_after: float = 0.0) -> float:
+    def lag(self, now: float | None = None, since: float | None = None, fresh_after: float = 0.0) -> float:
         """Seconds the target is behind the source, as far as the samples prove it.
 
         0 only when the latest sample is captured and applied AND was taken at or
@@ -129,12 +141,18 @@ class Freshness:
         nothing about that write, so a stalled sampler must never leave lag at 0.
         With no caught-up sample yet, the lag is at least the time since `since`
         (when this daemon began watching the namespace): a lower bound, never 0.
+        Every argument is on the monotonic clock.
         """
-        now = time.time() if now is None else now
-        if self.caught_up_at and self.latest_is_caught_up and self.last_sample_at >= fresh_after:
+        now = time.monotonic() if now is None else now
+        if self.caught_up_t and self.latest_is_caught_up and self.last_sample_at >= fresh_after:
             return 0.0
-        base = self.caught_up_at or since
-        return max(0.0, now - base) if base else 0.0
+        base = self.caught_up_t or (self.watched_since if since is None else since)
+        return max(0.0, now - base)
+
+    def current(self, threshold_s: float, now: float | None = None) -> bool:
+        """Caught up to a head sampled less than `threshold_s` ago (monotonic clock)."""
+        now = time.monotonic() if now is None else now
+        return bool(self.caught_up_t) and now - self.caught_up_t < threshold_s
 
     @property
     def sampled(self) -> bool:

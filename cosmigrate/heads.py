@@ -70,7 +70,9 @@ class HeadSampler:
     async def _sample(self, ns: str, fresh: Freshness) -> None:
         """One head sample; a throttled request is retried a few times (RetryAfterMs), bounded to ~2 s."""
         for attempt in range(THROTTLE_RETRIES + 1):
-            at = time.time()  # before each send: a sample never claims a moment later than its head
+            # Before each send: a sample never claims a moment later than its head. Lag is measured on the
+            # monotonic clock (a wall clock stepped back must never show lag 0); the wall time is shown.
+            wall, at = time.time(), time.monotonic()
             try:
                 tokens = await asyncio.wait_for(change_stream_tokens(self.source, ns),
                                                 timeout=max(5.0, self.interval_s * 5))
@@ -83,7 +85,7 @@ class HeadSampler:
             except Exception as exc:  # every failure only means "no sample this round"; never kill the sampler
                 self._failed(ns, fresh, exc)
                 return
-            fresh.add_sample(at, tokens)
+            fresh.add_sample(at, tokens, wall=wall)
             return
 
     def _failed(self, ns: str, fresh: Freshness, exc: BaseException) -> None:

@@ -42,13 +42,15 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
     """Assemble the status object from the ledger, the head samples and the in-memory tasks.
 
     `fresh_after`: a namespace shows lag 0 only when it reached a head sampled at or after this
-    moment (`ctl status` samples on demand and passes the request's time; the periodic STATUS=
-    line accepts the last couple of sampling rounds).
+    moment, on the monotonic clock (`ctl status` samples on demand and passes the request's time;
+    the periodic STATUS= line accepts the last couple of sampling rounds). Lag and "current" are
+    monotonic: a wall clock stepped back must never turn an old catch-up into lag 0.
     """
     assert daemon.ledger is not None
     now = time.time()
+    mono = time.monotonic()
     if fresh_after is None:
-        fresh_after = now - max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0)
+        fresh_after = mono - max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0)
     writer = "started" if daemon.gate.started else "stopped"
     threshold = daemon.cfg.apply.cutover_threshold_seconds
     include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
@@ -61,10 +63,9 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         app = daemon.appliers.get(meta.ns)
         fresh = daemon.freshness.get(meta.ns)
         committed_seq = meta.next_seq - 1
-        since = cap.status.started_at if cap else daemon.started_at
         if fresh is not None:
             fresh.update(committed_seq, meta.applied_seq)
-            lag = fresh.lag(now, since, fresh_after)
+            lag = fresh.lag(mono, fresh_after=fresh_after)
             if fresh.unknown_reason:
                 freshness = f"unknown: {fresh.unknown_reason}"
             elif not fresh.sampled:
@@ -72,12 +73,13 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
             elif fresh.last_sample_error:
                 # The latest attempt failed: whatever was proven before says nothing about writes since.
                 freshness = f"source head unreachable: {fresh.last_sample_error[:160]}"
-            elif fresh.caught_up_at and now - fresh.caught_up_at < threshold:
+            elif fresh.current(threshold, mono):
                 freshness = "current"
             else:
                 freshness = "behind"
             caught_up_at = fresh.caught_up_at
         else:
+            since = cap.status.started_at if cap else daemon.started_at
             lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", 0.0
         if freshness != "current":
             stale.append(f"{meta.ns} ({freshness})")
@@ -125,6 +127,11 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
         reasons.append(f"gap {gap:.1f}s is not under {threshold:g}s")
+    unwatched = [ns for ns in daemon.unwatched if ns not in daemon.captures and matches_patterns(ns, include, exclude)]
+    if unwatched:
+        reasons.append(f"collections on the source not captured yet (discovery is starting them): {', '.join(unwatched)}")
+    if daemon.unlisted:
+        reasons.append(f"cannot list the source's collections: {daemon.unlisted}")
     if not namespaces:
         reasons.append("no namespace is being captured yet")
     return {
