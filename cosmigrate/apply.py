@@ -190,7 +190,7 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
             key, full = event_parts(raw)
             # One entry per target document: `_id` 1 and 1.0 are one document, never two racing writes.
             latest[identity(key)] = (key, full, seq)
-    ops = {k: op for k, op in carried.items() if k not in latest}
+    ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
     for ident, (key, full, seq) in latest.items():
         ops[ident] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
     return ops

@@ -65,6 +65,10 @@ def source_client(uri: str, **overrides: Any) -> AsyncMongoClient[RawBSONDocumen
 def target_client(uri: str, tls_ca_file: str = "", **overrides: Any) -> AsyncMongoClient[RawBSONDocument]:
     """A client for DocumentDB: retryable writes are unsupported there, so always off."""
     opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", **_CLIENT_CODEC}
+    if "sockettimeoutms" not in uri.lower():
+        # A target gone silent must not hold a bulk write (and `ctl writer stop`, and a drain) until TCP gives
+        # up after ~15 minutes; a 16 MB bulk write takes seconds on a healthy cluster.
+        opts["socketTimeoutMS"] = 120_000
     if tls_ca_file:
         opts["tlsCAFile"] = tls_ca_file
     opts.update(overrides)

@@ -90,6 +90,8 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
             state = "fenced"
         elif cap is None:
             state = "stopped"
+        elif cap.status.state == "starting":
+            state = "starting"  # no start position recorded yet: a bulk copy begun now could miss changes
         elif writer == "stopped":
             state = "paused"
         else:
@@ -117,7 +119,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
     reasons = []
     if writer != "started":
         reasons.append("writer is stopped (run `cosmigrate ctl writer start`)")
-    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced", "stopped")]
+    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced", "stopped", "starting")]
     if unhealthy:
         reasons.append(f"namespaces not healthy: {', '.join(unhealthy)}")
     deferred = sum(n["deferred"] for n in namespaces)

@@ -60,10 +60,11 @@ def test_collapse_keeps_the_last_event_per_document() -> None:
     }
     ops = collapse([_batch(1, [event(1, {"_id": 1, "v": 1}), event(2, {"_id": 2, "v": 1})]),
                     _batch(2, [event(1, {"_id": 1, "v": 2}), event(2, op="delete")])], carried)
-    assert set(ops) == {carried_key, overridden, bson.encode({"_id": 2})}
-    assert bson.decode(ops[overridden].doc.raw) == {"_id": 1, "v": 2} and ops[overridden].origin_seq == 2
-    assert ops[bson.encode({"_id": 2})].doc is None  # the delete won
-    assert ops[carried_key].origin_seq == 0  # untouched carried write stays
+    by_key = {op.key: op for op in ops.values()}  # ops are keyed by document identity (see test_identity.py)
+    assert len(ops) == 3 and set(by_key) == {carried_key, overridden, bson.encode({"_id": 2})}
+    assert bson.decode(by_key[overridden].doc.raw) == {"_id": 1, "v": 2} and by_key[overridden].origin_seq == 2
+    assert by_key[bson.encode({"_id": 2})].doc is None  # the delete won
+    assert by_key[carried_key].origin_seq == 0  # untouched carried write stays
 
 
 async def test_writer_gate_stop_waits_for_the_write_in_flight() -> None:
