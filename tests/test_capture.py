@@ -179,7 +179,7 @@ async def test_throttling_dropped_connections_and_aws_errors_lose_nothing(
                     pass  # a throttled or dropped write: the workload simply moves on
             await writer.close()
             sandbox.source.faults.update({"throttle_rate": 0.0, "drop_rate": 0.0})
-            await wait_for(lambda: _captured_all(cfg, source, NAMESPACES), 120, what="capture under faults")
+            await wait_for(lambda: _captured_all(cfg, source, NAMESPACES), 240, what="capture under faults")
         finally:
             await _stop(daemon, task)
         assert sum(proxy.failures.values()) > 10, proxy.failures
