@@ -288,16 +288,9 @@ class Daemon:
             self.appliers[ns].stop()
         names = [name for ns in dropped for name in (ns, f"apply:{ns}")]
         tasks = [self._tasks.pop(name) for name in names if name in self._tasks]
-        if tasks:
-            # Bounded like a SIGTERM drain: a committer retrying a put that keeps failing (a full disk) must
-            # not block discovery and every later reload. What is not committed is re-read if re-included.
-            _, pending = await asyncio.wait(tasks, timeout=self.cfg.daemon.drain_timeout_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self.log.warning("excluded namespaces did not drain in time; stopped without committing the rest",
-                                 namespaces=len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+        # Bounded like a SIGTERM drain: a committer retrying a put that keeps failing (a full disk) must
+        # not block discovery and every later reload. What is not committed is re-read if re-included.
+        await self._wait_or_cancel(tasks, "excluded namespaces did not drain in time; stopped without committing the rest")
         for ns in dropped:
             del self.captures[ns], self.appliers[ns]
             self.freshness.pop(ns, None)
@@ -363,14 +356,18 @@ class Daemon:
             app.stop()
         for cap in self.captures.values():
             cap.stop()
-        if not self._tasks:
+        await self._wait_or_cancel(list(self._tasks.values()),
+                                   "drain timed out; uncommitted events will be re-read on the next start")
+
+    async def _wait_or_cancel(self, tasks: list[asyncio.Task[None]], warning: str) -> None:
+        """Let tasks finish within `daemon.drain_timeout_s`, then cancel and await the rest (none is orphaned)."""
+        if not tasks:
             return
-        done, pending = await asyncio.wait(self._tasks.values(), timeout=self.cfg.daemon.drain_timeout_s)
+        _, pending = await asyncio.wait(tasks, timeout=self.cfg.daemon.drain_timeout_s)
         for task in pending:
             task.cancel()
         if pending:
-            self.log.warning("drain timed out; uncommitted events will be re-read on the next start",
-                             namespaces=len(pending))
+            self.log.warning(warning, namespaces=len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _close(self) -> None:

@@ -41,6 +41,12 @@ async def status(config: Path) -> dict[str, Any] | None:
     return json.loads(out) if proc.returncode == 0 and out.strip() else None
 
 
+async def writer(config: Path, action: str) -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cosmigrate", "ctl", "--config", str(config),
+                                                "writer", action, stdout=subprocess.DEVNULL)
+    assert await proc.wait() == 0
+
+
 def claims_done(st: dict[str, Any] | None) -> bool:
     return bool(st and st["ready_for_cutover"] and st["gap_in_seconds"] == 0
                 and all(n["pending_batches"] == 0 and n["pending_events"] == 0 for n in st["namespaces"]))
@@ -96,9 +102,7 @@ async def test_ready_means_equal_across_restarts_and_kills(
     judge = Judge(config, source, target)
     child = await _start(config)
     try:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cosmigrate", "ctl", "--config",
-                                                    str(config), "writer", "start")
-        assert await proc.wait() == 0
+        await writer(config, "start")
         await judge.until_ready()
         # Writes land, then status is asked at once: it must not vouch for a head sampled before them.
         for _ in range(3):
@@ -131,9 +135,7 @@ async def test_ready_means_equal_under_empty_pages_and_dropped_connections(
     judge = Judge(config, source, target)
     child = await _start(config)
     try:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cosmigrate", "ctl", "--config",
-                                                    str(config), "writer", "start")
-        assert await proc.wait() == 0
+        await writer(config, "start")
         await judge.until_ready()
         # A throttled stream: every page empty, while the source has new writes.
         sandbox.source.faults.empty_page_rate = 1.0
@@ -179,9 +181,7 @@ async def test_ready_means_equal_with_a_full_store_and_a_lost_batch(
         judge = Judge(config, source, target)
         child = await _start(config)
         try:
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cosmigrate", "ctl", "--config",
-                                                        str(config), "writer", "start")
-            assert await proc.wait() == 0
+            await writer(config, "start")
             await judge.until_ready()
             # Fill the store's disk, then write: batches cannot be put.
             filler = store_dir / "filler"
@@ -192,16 +192,12 @@ async def test_ready_means_equal_with_a_full_store_and_a_lost_batch(
             filler.unlink()
             await judge.until_ready()
             # A committed batch whose object is deleted before it is applied.
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cosmigrate", "ctl", "--config",
-                                                        str(config), "writer", "stop")
-            assert await proc.wait() == 0
+            await writer(config, "stop")
             await workload.run(100)
             pending = await wait_for(lambda: _pending_files(store_dir, config), 30, what="a pending batch object")
             for path in pending:
                 path.unlink()
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cosmigrate", "ctl", "--config",
-                                                        str(config), "writer", "start")
-            assert await proc.wait() == 0
+            await writer(config, "start")
             await judge.never_ready()
             st = judge.last
             assert st is not None and any(n["state"] == "failed" for n in st["namespaces"]), st
