@@ -305,6 +305,7 @@ class NamespaceApplier:
         self._release_backoff = Backoff(base=5.0, cap=300.0)
         self._release_after = 0.0  # monotonic
         self._unique: list[UniqueIndex] | None = None
+        self._mismatch_of: tuple[frozenset[bytes], str] = (frozenset(), "")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -691,6 +692,14 @@ class NamespaceApplier:
 
         Reads at most `probe` target documents (only the index fields), and only while writes stay deferred.
         """
+        keys = frozenset(failed)
+        if keys == self._mismatch_of[0]:
+            return self._mismatch_of[1]  # the same writes deferred again: the same answer, no new reads
+        reason = await self._find_mismatch(failed, probe)
+        self._mismatch_of = (keys, reason)
+        return reason
+
+    async def _find_mismatch(self, failed: Mapping[bytes, tuple[Op, Mapping[str, Any]]], probe: int) -> str:
         for op, err in list(failed.values())[:probe]:
             pattern, value = err.get("keyPattern"), err.get("keyValue")
             if op.doc is None or not (isinstance(pattern, Mapping) and isinstance(value, Mapping) and pattern):
