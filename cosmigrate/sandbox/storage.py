@@ -1,6 +1,7 @@
 """In-memory storage shared by both emulators.
 
-Documents are kept as raw BSON bytes keyed by a MongoDB-equality `_id` key, so
+Documents are kept as raw BSON bytes keyed by a MongoDB-equality `_id` key
+(with the shard key value too, in a sharded Cosmos collection), so
 point writes are O(1) and what a client wrote is exactly what it reads back
 (field order, Int64, Decimal128, ...). An `_id`-ordered view is kept lazily for
 range scans. The source additionally keeps a change feed with Cosmos DB's
@@ -151,8 +152,9 @@ class DuplicateKey(Exception):
 class ChangeFeed:
     """Cosmos DB's change feed for one collection ("latest version" mode).
 
-    Entries are keyed by `canonical_key` of the `_id`, as storage is, so writes
-    to `_id` 1, then 1.0, then NaN, then NaN again are two documents, not four.
+    Entries are keyed by the document's identity, as storage is (`canonical_key`
+    of the `_id`, with the shard key value when sharded), so writes to `_id` 1,
+    then 1.0, then NaN, then NaN again are two documents, not four.
 
     Every write moves the document to the feed's end with a new LSN; a reader
     positioned after LSN n gets each document whose latest write is past n,
