@@ -22,6 +22,7 @@ from bench.catchup import run_catchup  # noqa: E402
 from bench.driver import run_driver  # noqa: E402
 from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
+from bench.requestunits import run_requestunits  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -33,6 +34,7 @@ TARGETS = [
     ("live.apply_ratio_vs_target_ceiling", ">=", 0.7, "apply writes/s vs the target's own bulk-upsert ceiling"),
     ("live.lag_p99_s", "<", 5.0, "end-to-end lag p99 at the highest sustained rate"),
     ("catchup.peak_rss_mb", "<", 400, "daemon peak RSS while draining the backlog"),
+    ("ru.capture_ratio_vs_point_reads", "<", 1.0, "source request units per captured event vs one point read per document"),
 ]
 
 
@@ -67,7 +69,9 @@ def table(r: dict[str, Any]) -> str:
                 "catchup.events_captured", "catchup.drain_s", "catchup.events_applied_per_s",
                 "catchup.target_ceiling_writes_per_s", "driver.native_events_per_s", "driver.motor_events_per_s",
                 "driver.ratio_native_vs_motor", "driver.pinned_pymongo", "driver.newest_pymongo",
-                "driver.pinned_cpu_us_per_event", "driver.newest_cpu_us_per_event", "driver.pinned_vs_newest_ratio"):
+                "driver.pinned_cpu_us_per_event", "driver.newest_cpu_us_per_event", "driver.pinned_vs_newest_ratio",
+                "ru.per_document_captured", "ru.per_document_applied",
+                "ru.capture_ratio_vs_point_reads", "ru.point_read_reference", "ru.idle_per_s"):
         lines.append(f"| `{key}` | {r.get(key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -134,6 +138,8 @@ def main() -> None:
     r.update(asyncio.run(run_catchup(100_000 if q else 1_000_000)))
     print("suite 4: driver check", flush=True)
     r.update(asyncio.run(run_driver(20_000 if q else 100_000, 2 if q else 3)))
+    print("suite 5: request units", flush=True)
+    r.update(asyncio.run(run_requestunits(20_000 if q else 100_000)))
     r["seconds"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
     plot(r, RESULTS / "latest.png")

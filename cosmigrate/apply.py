@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
@@ -49,9 +50,10 @@ from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.identity import identity
+from cosmigrate.indexes import crosses_array
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import RAW, event_parts, raw_collection
+from cosmigrate.mongo import RAW, event_parts, raw_collection, shared_id_part
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 
@@ -163,6 +165,8 @@ class ApplyStatus:
     applied_seq: int = -1
     written_seq: int = -1
     deferred: int = 0
+    deferred_reason: str = ""
+    """Why writes are deferred when the cause is known to be lasting (a Cosmos/DocumentDB unique-index mismatch)."""
     last_error: str = ""
     cycles_broken: int = 0
     events_applied: int = 0
@@ -190,10 +194,51 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, 
             key, full = event_parts(raw)
             # One entry per target document: `_id` 1 and 1.0 are one document, never two racing writes.
             latest[identity(key)] = (key, full, seq)
+    check_shared_ids(itertools.chain((key for key, _, _ in latest.values()), (op.key for op in carried.values())))
     ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
     for ident, (key, full, seq) in latest.items():
         ops[ident] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
     return ops
+
+
+def check_shared_ids(keys: Iterable[bytes]) -> None:
+    """Fail when two documentKeys of one run share an `_id` (a sharded source: `_id` unique per shard key only).
+
+    DocumentDB holds one document per `_id`: collapsing or upserting both would silently keep one of them.
+    The run's keys are checked here; a document written in an earlier run is caught when its `_id` index
+    refuses the later one (`NamespaceApplier._check_shared_ids`). One slice comparison per key when unsharded.
+    """
+    seen: dict[bytes, tuple[bytes, bytes]] = {}
+    for key in keys:
+        part = shared_id_part(key)
+        if part is None:
+            continue
+        ident = identity(key)  # one document may show its shard key as 1 and as 1.0: not two documents
+        other, other_ident = seen.setdefault(identity(part), (key, ident))
+        if other_ident != ident:
+            raise ApplyFailed(_shared_id_message(other, key))
+
+
+def _shared_id_message(first: bytes, second: bytes) -> str:
+    return (f"source documents {show_key(first)} and {show_key(second)} share an _id under different shard keys: "
+            "DocumentDB holds one document per _id and cannot store both. Give one of them a new _id at the source "
+            "(or, if the first no longer exists there, delete it from the target), then restart cosmigrate")
+
+
+def show_key(key: bytes) -> str:
+    """A whole documentKey (shard key fields and `_id`) as relaxed Extended JSON, for a shared-`_id` failure."""
+    try:
+        return json_util.dumps(RawBSONDocument(key, RAW), json_options=json_util.RELAXED_JSON_OPTIONS)
+    except (BSONError, TypeError, ValueError):
+        return f"<documentKey 0x{key.hex()}>"
+
+
+def _id_index_conflict(err: Mapping[str, Any]) -> bool:
+    """An E11000 on the `_id` index (keyPattern {_id: 1}, or a message naming `_id_` when the pattern is left out)."""
+    pattern = err.get("keyPattern")
+    if isinstance(pattern, Mapping) and pattern:
+        return list(pattern) == ["_id"]
+    return "index: _id_ " in str(err.get("errmsg", ""))
 
 
 # Whole-command refusals that are about the client, not about a document: splitting the chunk would only end
@@ -263,6 +308,7 @@ class NamespaceApplier:
         self._release_backoff = Backoff(base=5.0, cap=300.0)
         self._release_after = 0.0  # monotonic
         self._unique: list[UniqueIndex] | None = None
+        self._mismatch_of: tuple[frozenset[bytes], str] = (frozenset(), "")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -431,6 +477,8 @@ class NamespaceApplier:
             self.status.written_seq = records[-1].seq
         self._deferred = deferred
         self.status.deferred = len(deferred)
+        if not deferred:
+            self.status.deferred_reason = ""
         hold = min((op.origin_seq for op in deferred.values()), default=self.status.written_seq + 1)
         new_applied = min(self.status.written_seq, hold - 1)
         if new_applied > self.status.applied_seq:
@@ -618,6 +666,57 @@ class NamespaceApplier:
                              code=concern[0].get("code"), error=_server_message(concern[0]))
         return retry
 
+    async def _check_shared_ids(self, failed: Mapping[bytes, tuple[Op, Mapping[str, Any]]]) -> None:
+        """A sharded document refused by the target's `_id` index: the target's document with that `_id` has
+        other shard key values, i.e. another source document (written in an earlier run) shares the `_id`.
+
+        Limit: a document whose shard key value changed at the source (deleted, then inserted again under
+        another value: the feed shows no delete) looks the same from here, and fails the namespace too.
+        One target read per such refusal, nothing for unsharded collections.
+        """
+        for op, err in failed.values():
+            if op.doc is None or shared_id_part(op.key) is None or not _id_index_conflict(err):
+                continue
+            fields = [name for name in RawBSONDocument(op.key, RAW) if name != "_id"]
+            other = await self.coll.find_one({"_id": op.filter["_id"]}, {name: 1 for name in fields})
+            if other is None:
+                continue  # gone meanwhile: the write is retried like any other conflict
+            # Element by element: the encoder would move a top-level `_id` first, and documentKeys end with it.
+            body = bson.encode({name: other.get(name) for name in fields}, codec_options=RAW)[4:-1]
+            body += bson.encode({"_id": other["_id"]}, codec_options=RAW)[4:-1]
+            theirs = (len(body) + 5).to_bytes(4, "little") + body + b"\x00"
+            if theirs != op.key:
+                raise ApplyFailed(_shared_id_message(theirs, op.key))
+
+    async def _mismatch(self, failed: Mapping[bytes, tuple[Op, Mapping[str, Any]]], probe: int = 5) -> str:
+        """Say so when deferred writes can never land: the blocking target document holds the same entry inside
+        an array (in either document), which Cosmos DB does not hold unique and DocumentDB does. The source then
+        keeps both documents legally, and no later change of theirs is coming to resolve it.
+
+        Reads at most `probe` target documents (only the index fields), and only while writes stay deferred.
+        """
+        keys = frozenset(failed)
+        if keys == self._mismatch_of[0]:
+            return self._mismatch_of[1]  # the same writes deferred again: the same answer, no new reads
+        reason = await self._find_mismatch(failed, probe)
+        self._mismatch_of = (keys, reason)
+        return reason
+
+    async def _find_mismatch(self, failed: Mapping[bytes, tuple[Op, Mapping[str, Any]]], probe: int) -> str:
+        for op, err in list(failed.values())[:probe]:
+            pattern, value = err.get("keyPattern"), err.get("keyValue")
+            if op.doc is None or not (isinstance(pattern, Mapping) and isinstance(value, Mapping) and pattern):
+                continue
+            paths = list(pattern)
+            blocker = await self.coll.find_one({"$and": [dict(value), {"_id": {"$ne": op.filter["_id"]}}]},
+                                               {p.split(".")[0]: 1 for p in paths})
+            if blocker is not None and (crosses_array(op.doc, paths) or crosses_array(blocker, paths)):
+                return (f"unique index on ({', '.join(paths)}): source documents _id={op.show_id()} and "
+                        f"_id={show_id(_id_key(blocker['_id']))} both hold one value, inside an array; Cosmos DB "
+                        "does not hold values inside arrays unique, DocumentDB does, so the target can never take "
+                        "both (change one at the source; `cosmigrate indexes` lists every such document)")
+        return ""
+
     async def _unique_indexes(self, refresh: bool = False) -> list[UniqueIndex]:
         if self._unique is None or refresh:
             found = []
@@ -661,6 +760,7 @@ class NamespaceApplier:
         failed = await self._bulk(list(ops.values()))
         if not failed:
             return {}
+        await self._check_shared_ids(failed)
         await self._unique_indexes(refresh=True)
         # 1. Retry after the rest: the blocker may have moved on within this run.
         failed = await self._bulk([op for op, _ in failed.values()])
@@ -681,8 +781,10 @@ class NamespaceApplier:
             failed = await self._bulk(again)
         if failed:
             op, err = next(iter(failed.values()))
+            self.status.deferred_reason = await self._mismatch(failed)
             self.log.warning("writes deferred by unique-index conflicts; retried every round",
-                             count=len(failed), example_id=op.show_id(), index=_index_name(err))
+                             count=len(failed), example_id=op.show_id(), index=_index_name(err),
+                             reason=self.status.deferred_reason or "waiting for the blocking documents to change")
         return {identity(op.key): op for op, _ in failed.values()}  # keyed as collapse keys them
 
 

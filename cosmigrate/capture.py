@@ -33,6 +33,7 @@ from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
+from cosmigrate.indexes import expiry_or_unknown
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import beginning_token, change_stream_tokens, event_token, open_change_stream, raw_collection
@@ -44,12 +45,26 @@ THROTTLED = 16500
 EXCEEDED_TIME_LIMIT = 50
 TRANSIENT_SOURCE_CODES = {THROTTLED, EXCEEDED_TIME_LIMIT}
 # Errors that mean "this position can never be resumed": stop the namespace, never restart from "now".
-FATAL_CODES = {280, 286, 26, 73}
+EXPIRED = 72  # InvalidOptions: "Expired resume token or cursor, reinitialize the change stream cursor"
+FATAL_CODES = {280, 286, 26, 73, EXPIRED}
 TOKEN_REJECTED = "Change feed token format is invalid"
 
 
 def is_fatal(exc: OperationFailure) -> bool:
     return exc.code in FATAL_CODES or TOKEN_REJECTED in str(exc)
+
+
+def fatal_reason(exc: OperationFailure) -> str:
+    """What a namespace's failure says: an expired position is gone for good, so only a re-copy helps."""
+    msg = exc.details.get("errmsg") if exc.details else str(exc)
+    if exc.code == EXPIRED:
+        return (f"the source's change-feed position expired ({msg}; code 72): changes after it can no longer be "
+                "read; re-copy this collection, then reset its ledger item")
+    return f"the source refused to resume the change stream: {msg}"
+
+
+class StartPositionError(Exception):
+    """No start position can be had (e.g. the beginning, on an account that refuses every route to it)."""
 
 
 @dataclass
@@ -76,6 +91,8 @@ class CaptureStatus:
     throttled: int = 0
     empty_pages: int = 0
     """Empty pages that came back faster than max_await_ms (a throttled stream); each one backs off."""
+    expiry: str = ""
+    """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index."""
     started_at: float = field(default_factory=time.time)
 
 
@@ -213,17 +230,36 @@ class NamespaceCapture:
         so a single token is a whole-collection position. The old LSN-"0" token is the fallback for accounts
         without the custom command (or with several partitions, until per-partition capture exists).
         """
+        why = ""
         try:
             tokens = await change_stream_tokens(self.source, self.ns, Timestamp(0, 0))
         except OperationFailure as exc:
             if exc.code in TRANSIENT_SOURCE_CODES:
                 raise
-            tokens = []
-        except ValueError:
-            tokens = []
+            tokens, why = [], redact(str(exc.details.get("errmsg") if exc.details else exc))[:200]
+        except ValueError as exc:
+            tokens, why = [], str(exc)
         if len(tokens) == 1:
             return tokens[0]
-        return token_bytes(beginning_token())
+        why = why or f"{len(tokens)} partitions"
+        # The old form is refused by modern accounts: try it now, so the namespace fails here with both reasons
+        # instead of recording a start position that can never be opened.
+        fallback = beginning_token()
+        coll = raw_collection(self.source, self.ns)
+        try:
+            async with await open_change_stream(coll, RawBSONDocument(token_bytes(fallback)),
+                                                deletes_preview=self.cap.deletes_preview, max_await_ms=0,
+                                                batch_size=0):
+                pass
+        except OperationFailure as exc:
+            if exc.code in TRANSIENT_SOURCE_CODES or not is_fatal(exc):
+                raise
+            raise StartPositionError(
+                f"the beginning of the change feed is out of reach: GetChangeStreamTokens at Timestamp(0, 0) failed "
+                f"({why}) and the source refuses the old beginning token ({exc.details.get('errmsg') if exc.details else exc})"
+                "; grant the key the customAction permission or upgrade the account's server version") from None
+        self.log.warning("beginning of the feed taken from the old LSN-0 token", reason=why)
+        return token_bytes(fallback)
 
     async def _watcher(self) -> None:
         backoff = Backoff()
@@ -232,8 +268,12 @@ class NamespaceCapture:
             buf.base_token = await self._retrying(self._start_token)
         except (Fenced, _Stopped):
             return
-        except (OperationFailure, LedgerError) as exc:
+        except (OperationFailure, LedgerError, StartPositionError) as exc:
             await self._fail(f"cannot establish the start position: {exc}")
+            return
+        try:
+            self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
+        except (Fenced, _Stopped):
             return
         self.status.state = "running"
         coll = raw_collection(self.source, self.ns)
@@ -286,7 +326,7 @@ class NamespaceCapture:
                     continue
                 if is_fatal(exc):
                     await self._seal(buf, mid_page_ok=False, everything=True)
-                    await self._fail(f"the source refused to resume the change stream: {exc.details.get('errmsg') if exc.details else exc}")
+                    await self._fail(fatal_reason(exc))
                     return
                 self.log.warning("change stream error; reopening", error=redact(str(exc)), code=exc.code)
                 await self._sleep(backoff.next_delay())

@@ -106,6 +106,44 @@ def preflight(config: ConfigOpt) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def indexes(
+    config: ConfigOpt,
+    namespaces: Annotated[list[str] | None, typer.Argument(help="db.collection ...; every migrated one when left out.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
+    max_candidates: Annotated[int, typer.Option(help="Bound of the unique check: documents read per unique index.")] = 10_000,
+    unique_check: Annotated[bool, typer.Option(help="Check the source's documents against each unique index.")] = True,
+) -> None:
+    """Read the source's indexes and say what DocumentDB can build, what it cannot (and why), the TTL kinds,
+    and which source documents break a unique index under DocumentDB's semantics (by _id). Writes nothing.
+    Exit 1 when an index needs action."""
+    import json
+
+    from bson import json_util
+    from pymongo.errors import PyMongoError
+
+    from cosmigrate.indexes import report
+    from cosmigrate.redact import redact
+
+    if max_candidates < 1:
+        raise fail("--max-candidates must be at least 1")
+    cfg = _load(config, files=True)
+    try:
+        reports = _run_async(report(cfg, namespaces or None, check_unique=unique_check, max_candidates=max_candidates))
+    except PyMongoError as exc:
+        raise fail(f"cannot read the indexes: {redact(str(exc)).splitlines()[0][:300]}", code=1) from None
+    if as_json:
+        typer.echo(json.dumps(json.loads(json_util.dumps([r.as_dict() for r in reports])), indent=1))
+    else:
+        for r in reports:
+            typer.echo(r.line())
+    problems = [r for r in reports if r.problem or (r.unique is not None and not r.unique.complete)]
+    if not as_json:
+        typer.echo(f"{len(reports)} indexes, {len(problems)} need action")
+    if problems:
+        raise typer.Exit(1)
+
+
 @ledger_app.command("init")
 def ledger_init(config: ConfigOpt) -> None:
     """Create the ledger (DynamoDB table with on-demand capacity, PITR and TTL, or the SQLite file). Idempotent."""

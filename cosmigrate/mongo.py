@@ -162,6 +162,21 @@ def event_parts(raw: bytes) -> tuple[bytes, bytes | None]:
     return key, bytes(full.raw)
 
 
+def shared_id_part(key: bytes) -> bytes | None:
+    """For a documentKey that carries more than `_id` (a sharded collection: shard key fields, then `_id`), the
+    encoded `{_id: ...}`; None for a plain `{_id: ...}`, which Cosmos lays out with `_id` first.
+
+    In a sharded Cosmos collection `_id` is unique only per shard key value, so two documentKeys can share an
+    `_id`; DocumentDB (non-elastic) keeps one document per `_id`.
+    """
+    if key.startswith(b"_id\x00", 5):
+        return None
+    doc = RawBSONDocument(key, RAW)
+    if "_id" not in doc or len(doc) == 1:
+        return None
+    return bson.encode({"_id": doc["_id"]}, codec_options=RAW)
+
+
 async def change_stream_tokens(
     client: AsyncMongoClient[Any], ns: str, start_at: Timestamp | None = None,
 ) -> list[bytes]:

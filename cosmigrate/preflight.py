@@ -18,6 +18,7 @@ from typing import Any
 from pymongo.errors import PyMongoError
 
 from cosmigrate.config import Config
+from cosmigrate.indexes import IndexReport, read_indexes, unsupported_index  # noqa: F401  (unsupported_index: tests)
 from cosmigrate.ledger import LedgerError, open_ledger
 from cosmigrate.mongo import list_namespaces, open_change_stream, raw_collection, source_client, target_client
 from cosmigrate.redact import redact
@@ -37,22 +38,6 @@ class Check:
         return text + (f" -> {self.fix}" if self.fix and not self.ok else "")
 
 
-def unsupported_index(spec: dict[str, Any], target_major: int) -> str | None:
-    """Why DocumentDB (of that major version) cannot build this source index, or None."""
-    for field, kind in dict(spec.get("key", {})).items():
-        if "$**" in field:
-            return "wildcard index"
-        if kind in ("2d", "hashed", "geoHaystack"):
-            return f"{kind} index"
-        if kind == "text" and target_major < 5:
-            return "text index (needs DocumentDB 5.0)"
-    if "partialFilterExpression" in spec and target_major < 5:
-        return "partial index (needs DocumentDB 5.0)"
-    if "collation" in spec and target_major < 8:
-        return "collation (needs DocumentDB 8.0)"
-    return None
-
-
 class Preflight:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -60,6 +45,7 @@ class Preflight:
         self.namespaces: list[str] = []
         self.source: Any = None
         self.target: Any = None
+        self.index_reports: list[IndexReport] | None = None
 
     async def _step(self, name: str, fn: Callable[[], Awaitable[Check]], fix: str) -> bool:
         try:
@@ -103,9 +89,17 @@ class Preflight:
                                 "target.tls_ca_file (global-bundle.pem)"):
                 await self._step("target write permission", self._target_write,
                                  "the target user needs readWrite on the migrated databases")
-                await self._step("target index compatibility", self._indexes,
-                                 "drop or change those indexes on the target side before the bulk copy "
-                                 "(mongorestore --noIndexRestore and create supported ones)")
+                if await self._step("target index compatibility", self._indexes,
+                                    "drop or change those indexes on the target side before the bulk copy "
+                                    "(mongorestore --noIndexRestore and create supported ones)") or self.index_reports:
+                    await self._step("unique indexes under DocumentDB semantics", self._unique,
+                                     "Cosmos DB does not hold values inside arrays unique, DocumentDB does: change "
+                                     "those documents at the source (or drop the index) before the bulk copy; "
+                                     "`cosmigrate indexes` lists them")
+                    await self._step("source TTL", self._ttl,
+                                     "expiry deletes never reach the change feed: on DocumentDB use an expiry date "
+                                     "field with a TTL index enabled at cutover; until deletes are reconciled, "
+                                     "expired documents stay on the target (`cosmigrate indexes` says per index)")
             await self._step("target retryWrites=false", self._retry_writes,
                              "add retryWrites=false to target.uri: DocumentDB refuses retryable writes "
                              "(cosmigrate turns them off itself, but mongorestore and your applications need it)")
@@ -171,17 +165,32 @@ class Preflight:
     async def _indexes(self) -> Check:
         info = await self.target.admin.command("buildInfo")
         major = int(str(info.get("version", "5")).split(".")[0])
-        problems = []
-        for ns in self.namespaces:
-            db, _, coll = ns.partition(".")
-            async for spec in await self.source[db][coll].list_indexes():
-                why = unsupported_index(dict(spec), major)
-                if why:
-                    problems.append(f"{ns} {spec.get('name')} ({why})")
+        self.index_reports = reports = await read_indexes(self.source, self.namespaces, major)
+        problems = [f"{r.ns} {r.name} ({r.reason})" for r in reports if r.action == "cannot build" and not r.ttl]
         if problems:
             return Check("target index compatibility", False,
                          f"DocumentDB {major} cannot build {len(problems)} source indexes: {'; '.join(problems[:10])}")
         return Check("target index compatibility", True, f"every source index can be built on DocumentDB {major}")
+
+    async def _unique(self) -> Check:
+        checked = [r for r in self.index_reports or [] if r.unique is not None]
+        bad = [r for r in checked if r.unique is not None and r.unique.groups]
+        partial = [r for r in checked if r.unique is not None and not r.unique.complete]
+        if bad:
+            return Check("unique indexes under DocumentDB semantics", False, " | ".join(r.line() for r in bad[:5]))
+        costs = "; ".join(f"{r.ns} {r.name}: {r.unique.cost(r.documents)}" for r in checked if r.unique is not None)
+        if partial:
+            return Check("unique indexes under DocumentDB semantics", False,
+                         f"check stopped at its bound on {', '.join(r.ns + ' ' + r.name for r in partial)}: {costs}",
+                         "run `cosmigrate indexes --max-candidates N` with a larger bound")
+        detail = f"{len(checked)} checked, no source document breaks one" + (f" ({costs})" if costs else "")
+        return Check("unique indexes under DocumentDB semantics", True, detail)
+
+    async def _ttl(self) -> Check:
+        ttl = [r for r in self.index_reports or [] if r.ttl]
+        if ttl:
+            return Check("source TTL", False, "; ".join(f"{r.ns} {r.name}: {r.reason}" for r in ttl[:5]))
+        return Check("source TTL", True, "no collection expires documents at the source")
 
     async def _retry_writes(self) -> Check:
         ok = "retrywrites=false" in self.cfg.target.uri.lower()

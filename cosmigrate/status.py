@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
     "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
-    "throughput_eps", "last_error",
+    "deferred_reason", "expiry", "throughput_eps", "last_error",
 )
 CLUSTER_FIELDS = (
     "cluster_name", "current_time", "writer", "gap_in_seconds", "ready_for_cutover", "not_ready_reasons", "namespaces",
@@ -112,6 +112,8 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
             "last_capture_contact": _iso(cap.status.last_contact) if cap else None,
             "empty_pages": cap.status.empty_pages if cap else 0,
             "deferred": app.status.deferred if app else 0,
+            "deferred_reason": app.status.deferred_reason if app and app.status.deferred else "",
+            "expiry": cap.status.expiry if cap else "",
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": errors[-1] if errors else "",
         })
@@ -124,7 +126,12 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         reasons.append(f"namespaces not healthy: {', '.join(unhealthy)}")
     deferred = sum(n["deferred"] for n in namespaces)
     if deferred:
-        reasons.append(f"{deferred} writes deferred by unique-index conflicts")
+        lasting = [f"{n['namespace']}: {n['deferred_reason']}" for n in namespaces if n["deferred_reason"]]
+        reasons.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
+    expiring = [n["namespace"] for n in namespaces if n["expiry"]]
+    if expiring:
+        reasons.append(f"source expiry (TTL) is not mirrored, or not known, on: {', '.join(expiring)} "
+                       "(expired documents stay on the target; see each namespace's expiry)")
     if stale:
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:

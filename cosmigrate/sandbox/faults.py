@@ -46,6 +46,26 @@ class Faults:
     """Answer GetChangeStreamTokens with CommandNotFound, as an old account would."""
     head_throttle_rate: float = 0.0
     """Share of GetChangeStreamTokens calls answered with 16500 (on top of throttle_rate)."""
+    token_kind: int = 0
+    """Resume-token form: 1 (`_kind: 1`, JSON), 4 (`_kind: 4`, gzip of the JSON), 0 = both mixed (real accounts)."""
+    refuse_beginning_token: bool = False
+    """Refuse the old LSN-"0" token form, as modern accounts may: the beginning only via GetChangeStreamTokens."""
+    expire_tokens: bool = False
+    """Answer every resume (and every getMore of an open stream) with InvalidOptions (72) "Expired resume token"."""
+    server_side_retry_ms: int = 0
+    """Server-side retry (DisableRateLimitingResponses): a throttled request waits up to this long for request
+    units, then fails with ExceededTimeLimit (50) instead of 16500. 0 = off."""
+    ru_per_s: float = 0.0
+    """Request-unit budget per second of each collection (0 = unlimited): documents read and written are charged
+    (see `sandbox.requestunits`); an exhausted budget throttles commands and empties change-stream pages."""
+    idle_getmore_immediate: bool = False
+    """Idle change-stream getMores answer at once instead of waiting maxAwaitTimeMS (Cosmos does not document it)."""
+    unique_nested_docs: bool = False
+    """The EnableUniqueCompoundNestedDocs capability: unique indexes also hold values under array paths."""
+    ttl_custom_path: bool = False
+    """The EnableTtlOnCustomPath capability: TTL indexes on a date field instead of only on `_ts`."""
+    ttl_clock_advance_s: float = 0.0
+    """TTL expiry runs this many seconds ahead of the wall clock (tests make documents expire without waiting)."""
 
     # --- target (DocumentDB) ---
     failover_until: float = 0.0

@@ -25,7 +25,6 @@ from cosmigrate.sandbox import wire
 from cosmigrate.sandbox.bsonvalues import (
     DECODE_OPTIONS,
     RAW_OPTIONS,
-    canonical_key,
     first_field_is_id,
     prepend_id,
     raw_bytes,
@@ -414,18 +413,24 @@ class MongoServer:
         if coll is None:
             return
         only_id = set(flt) <= {"_id"}
-        if only_id and "_id" in flt:
+        if "_id" in flt:
             cond = flt["_id"]
             if not (isinstance(cond, dict) and cond and next(iter(cond)).startswith("$")):
-                key = canonical_key(cond)
-                if key in coll.docs:
-                    yield key, None
+                # An exact `_id`: at most one document (several in a sharded Cosmos collection), then the rest
+                # of the filter (an applier's documentKey filter carries the shard key too).
+                for key in coll.keys_for_id(cond):
+                    if only_id:
+                        yield key, None
+                    else:
+                        doc = coll.decode(key)
+                        if matches(doc, flt):
+                            yield key, doc
                 return
         if sort and set(sort) != {"_id"}:
             docs = [coll.decode(k) for k in list(coll.docs)]
             docs = [d for d in docs if matches(d, flt)]
             for d in sort_documents(docs, sort):
-                yield canonical_key(d["_id"]), d
+                yield coll.identity(d["_id"], doc=d), d
             return
         if sort:
             lower, inclusive = _lower_bound(flt.get("_id"))
@@ -616,6 +621,9 @@ class MongoServer:
         if len(raw) > MAX_BSON_SIZE:
             raise _too_large(write, len(raw))
         self.validate_document(raw)
+        if coll.shard_key is not None and write != "insert" and coll.identity(id_value, raw, doc) != key:
+            raise QueryError(66, f"After applying the update, the shard key field '{coll.shard_key}' was found to have "
+                             "been altered: a document's shard key value is immutable", "ImmutableField")
         coll.put(key, id_value, raw, doc)
         self.store.writes += 1
 
@@ -627,6 +635,7 @@ class MongoServer:
         ordered = body.get("ordered", True)
         n = 0
         errors = []
+        state: dict[str, Any] = {}
         for i, doc in enumerate(docs):
             try:
                 raw = raw_bytes(doc)
@@ -638,9 +647,10 @@ class MongoServer:
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 id_value = _to_py(id_value)
-                key = canonical_key(id_value)
+                key = coll.identity(id_value, raw)
                 if key in coll.docs:
                     raise DuplicateKey(coll.ns, coll.indexes["_id_"], {"_id": id_value})
+                await self.before_statement(coll, len(raw), state)
                 self._store_doc(coll, key, id_value, raw, None, "insert")
                 n += 1
             except (DuplicateKey, QueryError, CommandError) as exc:
@@ -665,8 +675,10 @@ class MongoServer:
         matched = modified = 0
         upserted: list[dict[str, Any]] = []
         errors = []
+        state: dict[str, Any] = {}
         for i, stmt in enumerate(stmts):
             try:
+                await self.before_statement(coll, len(stmt.raw), state)
                 m, mod, up = self._update_one_stmt(coll, stmt)
                 matched += m
                 modified += mod
@@ -716,7 +728,11 @@ class MongoServer:
                 if not first_field_is_id(raw):
                     raw = prepend_id(raw, id_value)
                 doc = None
-            key = canonical_key(id_value)
+            key = coll.identity(id_value, raw, doc)
+            if key in coll.docs:
+                # The filter matched nothing, yet a document with this identity exists (the filter named other
+                # fields too): the insert half of the upsert breaks the _id index, as on mongod.
+                raise DuplicateKey(coll.ns, coll.indexes["_id_"], {"_id": id_value})
             self._store_doc(coll, key, id_value, raw, doc, "upsert")
             return 0, 0, id_value
         modified = 0
@@ -747,19 +763,35 @@ class MongoServer:
         self.check_write_command("delete", body, len(stmts))
         await self.slow_write()
         coll = self.store.get(db, body["delete"])
+        ordered = body.get("ordered", True)
         n = 0
-        for stmt in stmts:
-            q = _to_py(stmt["q"])
-            limit = int(stmt.get("limit", 0))
-            keys = [k for k, _ in self.select(coll, q, None)]
-            if limit:
-                keys = keys[:limit]
-            assert coll is not None or not keys
-            for key in keys:
-                self.remove_doc(coll, key)  # type: ignore[arg-type]
-                self.store.writes += 1
-                n += 1
-        return {"n": n, "ok": 1.0}
+        errors = []
+        state: dict[str, Any] = {}
+        for i, stmt in enumerate(stmts):
+            try:
+                q = _to_py(stmt["q"])
+                limit = int(stmt.get("limit", 0))
+                keys = [k for k, _ in self.select(coll, q, None)]
+                if limit:
+                    keys = keys[:limit]
+                assert coll is not None or not keys
+                for key in keys:
+                    await self.before_statement(coll, len(coll.docs[key]), state)  # type: ignore[union-attr]
+                    self.remove_doc(coll, key)  # type: ignore[arg-type]
+                    self.store.writes += 1
+                    n += 1
+            except (QueryError, CommandError) as exc:
+                errors.append(self._write_error(i, exc))
+                if ordered:
+                    break
+        reply: dict[str, Any] = {"n": n, "ok": 1.0}
+        if errors:
+            reply["writeErrors"] = errors
+        return reply
+
+    async def before_statement(self, coll: Collection | None, nbytes: int, state: dict[str, Any]) -> None:
+        """Personality hook, before each statement of a write command: a CommandError fails that statement
+        only (Cosmos throttles in the middle of a bulk write). `state` lives for one command."""
 
     def remove_doc(self, coll: Collection, key: Hashable) -> None:
         coll.remove(key)

@@ -1,6 +1,7 @@
 """In-memory storage shared by both emulators.
 
-Documents are kept as raw BSON bytes keyed by a MongoDB-equality `_id` key, so
+Documents are kept as raw BSON bytes keyed by a MongoDB-equality `_id` key
+(with the shard key value too, in a sharded Cosmos collection), so
 point writes are O(1) and what a client wrote is exactly what it reads back
 (field order, Int64, Decimal128, ...). An `_id`-ordered view is kept lazily for
 range scans. The source additionally keeps a change feed with Cosmos DB's
@@ -12,13 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import heapq
+import itertools
 import os
+import time
 from bisect import bisect_right
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import bson
+from bson.datetime_ms import DatetimeMS
 
 from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS, canonical_key, sort_key
 from cosmigrate.sandbox.query import QueryError, matches, resolve
@@ -28,7 +33,14 @@ SYSTEM_DATABASES = ("admin", "local", "config")
 
 @dataclass
 class IndexSpec:
-    """One index as listIndexes reports it; only unique ones are enforced."""
+    """One index as listIndexes reports it; only unique ones are enforced.
+
+    Unique entries are multikey, as in MongoDB and DocumentDB: an array on an
+    index path gives one entry per element, and two documents conflict when
+    any of their entries is equal. `ignore_arrays` is Cosmos DB's rule without
+    the EnableUniqueCompoundNestedDocs capability: a document whose value on
+    an index path lies under an array is not held unique at all.
+    """
 
     name: str
     key: dict[str, Any]
@@ -37,6 +49,7 @@ class IndexSpec:
     partial: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     entries: dict[tuple[Hashable, ...], Hashable] = field(default_factory=dict)
+    ignore_arrays: bool = False
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"v": 2, "key": self.key, "name": self.name}
@@ -49,28 +62,87 @@ class IndexSpec:
         out.update(self.extra)
         return out
 
-    def entry_key(self, doc: Mapping[str, Any]) -> tuple[Hashable, ...] | None:
-        """The index key of a document, or None when the index does not cover it."""
+    def entry_values(self, doc: Mapping[str, Any]) -> dict[tuple[Hashable, ...], tuple[Any, ...]]:
+        """Every index entry of a document (canonical key -> the values themselves); empty when not covered."""
         if self.partial is not None and not matches(doc, self.partial):
-            return None
-        parts = []
+            return {}
+        per_path: list[list[Any]] = []
         present = False
         for path in self.key:
-            values = resolve(doc, path)
-            if values:
-                present = True
-            parts.append(canonical_key(values[0] if values else None))
+            values, through_array = index_values(doc, path)
+            if through_array and self.ignore_arrays:
+                return {}
+            present = present or bool(values)
+            per_path.append(values or [None])
         if self.sparse and not present:
-            return None
-        return tuple(parts)
+            return {}
+        return {tuple(canonical_key(v) for v in combo): combo for combo in itertools.product(*per_path)}
+
+    def entry_keys(self, doc: Mapping[str, Any]) -> list[tuple[Hashable, ...]]:
+        return list(self.entry_values(doc))
+
+
+def index_values(doc: Any, path: str) -> tuple[list[Any], bool]:
+    """The values a multikey index holds for a dotted path, and whether an array was crossed on the way."""
+    crossed = False
+
+    def walk(value: Any, parts: list[str]) -> list[Any]:
+        nonlocal crossed
+        if not parts:
+            if isinstance(value, list):
+                crossed = True
+                return list(value) if value else [value]
+            return [value]
+        head, rest = parts[0], parts[1:]
+        if isinstance(value, Mapping):
+            return walk(value[head], rest) if head in value else []
+        if isinstance(value, list):
+            crossed = True
+            out: list[Any] = []
+            if head.isdigit() and int(head) < len(value):
+                out.extend(walk(value[int(head)], rest))
+            for item in value:
+                if isinstance(item, Mapping):
+                    out.extend(walk(item, parts))
+            return out
+        return []
+
+    values = walk(doc, path.split("."))
+    return values, crossed
+
+
+@dataclass
+class TtlRule:
+    """A Cosmos TTL index: on `_ts` (the last write; a document's own `ttl` field overrides the seconds, -1 never
+    expires), or on a date field with the EnableTtlOnCustomPath capability."""
+
+    path: str
+    seconds: float
+
+    def deadline(self, doc: Mapping[str, Any], written_at: float) -> float | None:
+        if self.path == "_ts":
+            own = doc.get("ttl")
+            if isinstance(own, (int, float)) and not isinstance(own, bool):
+                return None if own == -1 else written_at + float(own)
+            return None if self.seconds < 0 else written_at + self.seconds
+        values = resolve(doc, self.path)
+        when = values[0] if values else None
+        if isinstance(when, DatetimeMS):
+            return int(when) / 1000 + self.seconds
+        return None
+
+
+_SHARDED = object()  # first element of a sharded collection's storage keys: (shard key value, _id) identities
 
 
 class DuplicateKey(Exception):
     """A write that would break a unique index; shaped like MongoDB's E11000."""
 
-    def __init__(self, ns: str, index: IndexSpec, doc: Mapping[str, Any]) -> None:
+    def __init__(self, ns: str, index: IndexSpec, doc: Mapping[str, Any], values: tuple[Any, ...] | None = None) -> None:
         self.key_pattern = dict(index.key)
-        self.key_value = {p: (resolve(doc, p) or [None])[0] for p in index.key}
+        if values is None:
+            values = tuple((resolve(doc, p) or [None])[0] for p in index.key)
+        self.key_value = dict(zip(index.key, values, strict=True))
         shown = ", ".join(f"{p}: {v!r}" for p, v in self.key_value.items())
         super().__init__(
             f"E11000 duplicate key error collection: {ns} index: {index.name} dup key: {{ {shown} }}"
@@ -80,8 +152,9 @@ class DuplicateKey(Exception):
 class ChangeFeed:
     """Cosmos DB's change feed for one collection ("latest version" mode).
 
-    Entries are keyed by `canonical_key` of the `_id`, as storage is, so writes
-    to `_id` 1, then 1.0, then NaN, then NaN again are two documents, not four.
+    Entries are keyed by the document's identity, as storage is (`canonical_key`
+    of the `_id`, with the shard key value when sharded), so writes to `_id` 1,
+    then 1.0, then NaN, then NaN again are two documents, not four.
 
     Every write moves the document to the feed's end with a new LSN; a reader
     positioned after LSN n gets each document whose latest write is past n,
@@ -125,7 +198,12 @@ class ChangeFeed:
 
 
 class Collection:
-    """Documents of one collection, with their indexes and (on the source) a change feed."""
+    """Documents of one collection, with their indexes and (on the source) a change feed.
+
+    Documents are stored by identity: the canonical key of `_id`, or for a
+    sharded Cosmos collection (`shard_key` set) the pair (shard key value,
+    `_id`), because `_id` is then unique only per shard key value.
+    """
 
     def __init__(self, db: str, name: str, *, with_feed: bool) -> None:
         self.db = db
@@ -134,6 +212,13 @@ class Collection:
         self.id_values: dict[Hashable, Any] = {}
         self.indexes: dict[str, IndexSpec] = {"_id_": IndexSpec("_id_", {"_id": 1})}
         self.feed = ChangeFeed() if with_feed else None
+        self.shard_key: str | None = None
+        self.shard_values: dict[Hashable, Any] = {}
+        self._by_id: dict[Hashable, set[Hashable]] = {}  # sharded: canonical _id -> identities
+        self.ttl: TtlRule | None = None
+        self._expiry: list[tuple[float, int, Hashable]] = []  # heap of (deadline, stamp, identity)
+        self._stamps: dict[Hashable, int] = {}
+        self._stamp = itertools.count()
         self._order: list[tuple[tuple[Any, ...], Hashable]] = []
         self._in_order: set[Hashable] = set()
         self._pending: list[tuple[tuple[Any, ...], Hashable]] = []
@@ -146,6 +231,37 @@ class Collection:
     @property
     def unique_indexes(self) -> list[IndexSpec]:
         return [ix for ix in self.indexes.values() if ix.unique and ix.name != "_id_"]
+
+    # --- identity -------------------------------------------------------------------------
+
+    def shard_value(self, doc: Mapping[str, Any]) -> Any:
+        assert self.shard_key is not None
+        values = resolve(doc, self.shard_key)
+        return values[0] if values else None
+
+    def identity(self, id_value: Any, raw: bytes | None = None, doc: Mapping[str, Any] | None = None) -> Hashable:
+        """The storage key of a document with this `_id` (and, when sharded, this document's shard key value)."""
+        if self.shard_key is None:
+            return canonical_key(id_value)
+        if doc is None:
+            assert raw is not None
+            doc = bson.decode(raw, codec_options=DECODE_OPTIONS)
+        return (_SHARDED, canonical_key(self.shard_value(doc)), canonical_key(id_value))
+
+    def keys_for_id(self, id_value: Any) -> list[Hashable]:
+        """Live storage keys of the documents with this `_id` (several in a sharded collection)."""
+        if self.shard_key is None:
+            key = canonical_key(id_value)
+            return [key] if key in self.docs else []
+        return [k for k in self._by_id.get(canonical_key(id_value), ()) if k in self.docs]
+
+    def document_key(self, key: Hashable) -> dict[str, Any]:
+        """A change event's documentKey: the shard key fields, then `_id` (just `_id` when unsharded)."""
+        if self.shard_key is None:
+            return {"_id": self.id_values[key]}
+        return {self.shard_key: self.shard_values.get(key), "_id": self.id_values[key]}
+
+    # --- changes --------------------------------------------------------------------------
 
     def changed_event(self) -> asyncio.Event:
         """An event set at the next write (change-stream getMores wait on it)."""
@@ -163,38 +279,45 @@ class Collection:
 
     def check_unique(self, key: Hashable, doc: Mapping[str, Any]) -> None:
         for ix in self.unique_indexes:
-            ek = ix.entry_key(doc)
-            if ek is not None and ix.entries.get(ek, key) != key:
-                raise DuplicateKey(self.ns, ix, doc)
+            for ek, values in ix.entry_values(doc).items():
+                if ix.entries.get(ek, key) != key:
+                    raise DuplicateKey(self.ns, ix, doc, values)
 
     def put(
         self, key: Hashable, id_value: Any, raw: bytes, doc: Mapping[str, Any] | None = None
     ) -> None:
         """Insert or replace one document; `doc` (decoded) is needed when unique indexes exist.
 
-        `key` is the canonical key of `id_value`. A replacement may carry an
-        `_id` that is equal but not identical to the stored one (1.0 for 1):
-        mongod then stores the replacement as given, so `id_value` is always
-        taken as the document's `_id` from now on.
+        `key` is the identity of the document (see `identity`). A replacement
+        may carry an `_id` that is equal but not identical to the stored one
+        (1.0 for 1): mongod then stores the replacement as given, so `id_value`
+        is always taken as the document's `_id` from now on.
         """
         uniques = self.unique_indexes
+        if (uniques or self.shard_key is not None or self.ttl is not None) and doc is None:
+            doc = bson.decode(raw, codec_options=DECODE_OPTIONS)
         if uniques:
-            if doc is None:
-                doc = bson.decode(raw, codec_options=DECODE_OPTIONS)
+            assert doc is not None
             self.check_unique(key, doc)
             if key in self.docs:
                 self._unindex(key, uniques)
             for ix in uniques:
-                ek = ix.entry_key(doc)
-                if ek is not None:
+                for ek in ix.entry_keys(doc):
                     ix.entries[ek] = key
         op = "update" if key in self.docs else "insert"
         self.id_values[key] = id_value
+        if self.shard_key is not None:
+            assert doc is not None
+            self.shard_values[key] = self.shard_value(doc)
+            self._by_id.setdefault(canonical_key(id_value), set()).add(key)
         if op == "insert":
             if key not in self._in_order:
                 self._in_order.add(key)
                 self._pending.append((sort_key(id_value), key))
         self.docs[key] = raw
+        if self.ttl is not None:
+            assert doc is not None
+            self._arm(key, doc, time.time())
         if self.feed is not None:
             self.feed.record(key, op)
         self._notify()
@@ -204,23 +327,61 @@ class Collection:
             return
         self._unindex(key, self.unique_indexes)
         del self.docs[key]
+        self._stamps.pop(key, None)
         if self.feed is not None:
             self.feed.record(key, "delete", emit_delete=emit_delete)
             if not emit_delete:
                 # Keep the id so that a delete-preview event can still name it.
-                self.id_values.pop(key, None)
+                self._forget(key)
         else:
-            self.id_values.pop(key, None)
+            self._forget(key)
         self._notify()
+
+    def _forget(self, key: Hashable) -> None:
+        id_value = self.id_values.pop(key, None)
+        if self.shard_key is not None:
+            self.shard_values.pop(key, None)
+            keys = self._by_id.get(canonical_key(id_value))
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_id[canonical_key(id_value)]
 
     def _unindex(self, key: Hashable, uniques: list[IndexSpec]) -> None:
         if not uniques or key not in self.docs:
             return
         old = self.decode(key)
         for ix in uniques:
-            ek = ix.entry_key(old)
-            if ek is not None and ix.entries.get(ek) == key:
-                del ix.entries[ek]
+            for ek in ix.entry_keys(old):
+                if ix.entries.get(ek) == key:
+                    del ix.entries[ek]
+
+    # --- TTL (Cosmos DB) --------------------------------------------------------------------
+
+    def set_ttl(self, rule: TtlRule) -> None:
+        """Start expiring documents; the ones already stored count as written now."""
+        self.ttl = rule
+        now = time.time()
+        for key in list(self.docs):
+            self._arm(key, self.decode(key), now)
+
+    def _arm(self, key: Hashable, doc: Mapping[str, Any], written_at: float) -> None:
+        assert self.ttl is not None
+        stamp = next(self._stamp)
+        self._stamps[key] = stamp
+        deadline = self.ttl.deadline(doc, written_at)
+        if deadline is not None:
+            heapq.heappush(self._expiry, (deadline, stamp, key))
+
+    def expire(self, now: float) -> int:
+        """Remove the documents whose time is up. Never in the change feed, not even with the delete preview."""
+        n = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, stamp, key = heapq.heappop(self._expiry)
+            if self._stamps.get(key) == stamp and key in self.docs:
+                self.remove(key, emit_delete=False)
+                n += 1
+        return n
 
     def ordered_keys(self, lower: Any = None, inclusive: bool = True) -> Iterator[Hashable]:
         """Live keys in `_id` order, optionally starting at a lower bound."""
@@ -257,13 +418,11 @@ class Collection:
         if spec.unique:
             for key in self.docs:
                 doc = self.decode(key)
-                ek = spec.entry_key(doc)
-                if ek is None:
-                    continue
-                if ek in spec.entries:
-                    spec.entries.clear()
-                    raise DuplicateKey(self.ns, spec, doc)
-                spec.entries[ek] = key
+                for ek, values in spec.entry_values(doc).items():
+                    if spec.entries.get(ek, key) != key:
+                        spec.entries.clear()
+                        raise DuplicateKey(self.ns, spec, doc, values)
+                    spec.entries[ek] = key
         self.indexes[spec.name] = spec
         return True
 
@@ -278,6 +437,11 @@ class Store:
 
     def get(self, db: str, coll: str) -> Collection | None:
         return self.databases.get(db, {}).get(coll)
+
+    def expire(self, now: float) -> int:
+        """TTL: remove every document whose time is up (collections with a TTL index only)."""
+        return sum(c.expire(now) for colls in self.databases.values() for c in list(colls.values())
+                   if c.ttl is not None)
 
     def get_or_create(self, db: str, coll: str) -> Collection:
         colls = self.databases.setdefault(db, {})

@@ -1,0 +1,80 @@
+"""Request units: the emulated Cosmos DB account's load-dependent throttling.
+
+Cosmos DB (RU-based) gives each collection a budget of request units per
+second; every request is charged by what it reads and writes, and once the
+budget is spent requests are throttled (16500, or with server-side retry a
+delayed 50) and change-stream pages come back empty at once. The sandbox's
+charge model is deliberately simple and documented here, not a claim about
+Cosmos's exact prices: a request costs REQUEST_RU plus, per document,
+READ_RU_PER_KB (read or returned by a change stream) or WRITE_RU_PER_KB
+(inserted, replaced, updated or deleted) for every started KiB. Microsoft
+documents a 1 KB point read at 1 RU and writes at several RU per KB, which
+is the ratio kept here.
+
+Budgets are per collection (one physical partition per collection in the
+sandbox; a budget per partition belongs with partitions). A budget holds at
+most one second of units and may be overdrawn by the request that empties
+it; the next requests wait for the refill. Charges are counted per kind of
+work (`feed`: change streams and GetChangeStreamTokens; `read`; `write`)
+whether or not a budget is set, so a benchmark can report what a run cost.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+REQUEST_RU = 1.0
+READ_RU_PER_KB = 1.0
+WRITE_RU_PER_KB = 5.0
+KINDS = ("feed", "read", "write")
+
+
+def read_cost(nbytes: int) -> float:
+    return READ_RU_PER_KB * max(1, math.ceil(nbytes / 1024))
+
+
+def write_cost(nbytes: int) -> float:
+    return WRITE_RU_PER_KB * max(1, math.ceil(nbytes / 1024))
+
+
+@dataclass
+class _Budget:
+    level: float
+    at: float = field(default_factory=time.monotonic)
+
+    def refill(self, rate: float) -> None:
+        now = time.monotonic()
+        self.level = min(rate, self.level + (now - self.at) * rate)
+        self.at = now
+
+
+@dataclass
+class RequestUnits:
+    """Budgets per collection (`ns`) at `rate` units per second, and the units charged so far."""
+
+    charged: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    _budgets: dict[str, _Budget] = field(default_factory=dict)
+
+    def _budget(self, ns: str, rate: float) -> _Budget:
+        budget = self._budgets.get(ns)
+        if budget is None:
+            budget = self._budgets[ns] = _Budget(rate)
+        budget.refill(rate)
+        return budget
+
+    def wait_s(self, ns: str, rate: float) -> float:
+        """Seconds until `ns` has units again (0 when it has some now, or when there is no budget)."""
+        if rate <= 0:
+            return 0.0
+        budget = self._budget(ns, rate)
+        return 0.0 if budget.level > 0 else (-budget.level + 1e-3) / rate
+
+    def charge(self, ns: str | None, kind: str, units: float, rate: float) -> None:
+        self.charged[kind] += units
+        if ns is not None and rate > 0:
+            self._budget(ns, rate).level -= units
+
+    def snapshot(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.charged.items()}
