@@ -192,8 +192,9 @@ class Demo:
                 if status["ready_for_cutover"] and self.summary.seconds_to_ready is None:
                     self.summary.seconds_to_ready = time.monotonic() - t0
                 line = Text(f"   {workload.writes} application writes, "
-                            f"{time.monotonic() - started:.0f}s of {self.duration_s:.0f}s", style="dim")
-                live.update(Group(line, render(status)))
+                            f"{time.monotonic() - started:.0f}s of {self.duration_s:.0f}s", style="dim",
+                            no_wrap=True, overflow="ellipsis")
+                live.update(Group(line, render(status, width=self.console.width)))
                 if time.monotonic() - started > self.duration_s + 60:
                     self.summary.problems.append("never ready for cutover within 60s after the traffic window")
                     break
