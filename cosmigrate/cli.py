@@ -445,8 +445,10 @@ def _tidy(command: Any, version: Any) -> None:
     if version not in command.params:
         command.params.append(version)
     for param in command.params:
-        param.display_type_rich = lambda ctx, p=param: _type_label(p)
-        param.display_type = param.display_type_rich
+        if getattr(param, "_tidied", False):
+            continue
+        param.display_type_rich = param.display_type = lambda ctx, p=param: _type_label(p, ctx)
+        param._tidied = True
     make_help = command.get_help_option
 
     def help_option(ctx: Any) -> Any:
@@ -460,11 +462,15 @@ def _tidy(command: Any, version: Any) -> None:
         _tidy(sub, version)
 
 
-def _type_label(param: Any) -> str | None:
+def _type_label(param: Any, ctx: Any) -> str | None:
     """What the help shows beside an option: nothing for a flag or an argument, else its metavar (PATH, SECONDS...)."""
     if getattr(param, "is_flag", False) or param.param_type_name == "argument":
         return None
-    return str(param.metavar or {"integer": "N", "float": "NUMBER", "path": "PATH"}.get(param.type.name, "TEXT"))
+    if param.metavar:
+        return str(param.metavar)
+    original = getattr(type(param), "display_type", None)  # the class's own, not the instance override
+    label = str(original(param, ctx) or "") if original is not None else ""
+    return label.strip("<>").upper() or None
 
 
 def main() -> None:

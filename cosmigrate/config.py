@@ -653,10 +653,10 @@ def validate(cfg: Config, uris: bool = True) -> None:
 
 
 def listen_address(value: str) -> tuple[str, int]:
-    """`metrics.listen` as (host, port): "127.0.0.1:9464", "[::1]:9464" or "localhost:9464"."""
+    """`metrics.listen` as (host, port): "127.0.0.1:9464", "[::1]:9464" or "localhost:9464" (port 0: any free one)."""
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or not re.fullmatch(r"[A-Za-z0-9.:-]+", host):
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536 or not re.fullmatch(r"[A-Za-z0-9.:-]+", host):
         raise ConfigError(f"metrics.listen: expected host:port, e.g. \"127.0.0.1:9464\" (got {value!r})")
     return host, int(port)
 

@@ -36,7 +36,9 @@ def _count(n: int) -> str:
 
 
 def _when(iso: str | None, now: str) -> str:
-    """An ISO time as an age relative to the status's own clock ("3s ago"), or "never"."""
+    """An ISO time as an age relative to the status's own clock ("3s ago"), or "never".
+
+    The "seen" column: when the watcher last heard from the source (`last_capture_contact`)."""
     if not iso:
         return "never"
     try:
@@ -76,8 +78,7 @@ def _applied(n: dict[str, Any], now: str, threshold: float) -> Text:
 def _pending(n: dict[str, Any], now: str, threshold: float) -> Text:
     if not n["pending_batches"] and not n["pending_events"]:
         return Text("none")
-    batches = n["pending_batches"]
-    return Text(f"{_count(n['pending_events'])} ({batches} batch{'es' if batches != 1 else ''})")
+    return Text(_count(n["pending_events"]))  # events; the batches are in --json
 
 
 def _lag(n: dict[str, Any], now: str, threshold: float) -> Text:
@@ -108,10 +109,10 @@ COLUMNS: list[tuple[str, str, Cell]] = [
     ("phase", "left", _phase),
     ("lag", "right", _lag),
     ("pending", "right", _pending),
-    ("source seen", "right", _contact),
-    ("deferred", "right", _deferred),
     ("captured", "right", _captured),
     ("applied", "right", _applied),
+    ("seen", "right", _contact),
+    ("deferred", "right", _deferred),
     ("events/s", "right", _eps),
 ]
 
