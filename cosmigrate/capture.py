@@ -2,7 +2,7 @@
 
 The watcher reads the Cosmos change stream as raw BSON and cuts batches; the
 committer puts each batch in the store, then commits it in the ledger
-(DESIGN.md invariant 2), strictly in seq order.
+(docs/design.md, invariant 2), strictly in seq order.
 
 Resume tokens and pages. Cosmos gives every event of a page the same token,
 the position *after* the page. A batch's resume token must never be ahead of
