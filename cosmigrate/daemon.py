@@ -137,7 +137,10 @@ class Daemon:
             ns = request.get("namespace")
             if not isinstance(ns, str) or not ns:
                 return {"ok": False, "error": 'retry needs "namespace": "db.collection"'}
-            return await self.retry(ns)
+            try:
+                return await self.retry(ns)
+            except LedgerError as exc:
+                return {"ok": False, "error": f"{ns}: the ledger did not answer ({redact(str(exc))}); try again"}
         if cmd == "writer":
             action = request.get("action")
             if action not in ("start", "stop"):

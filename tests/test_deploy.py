@@ -55,12 +55,17 @@ def test_installer_stages_files_with_safe_modes_and_keeps_edits(tmp_path: Path) 
     env = dict(os.environ, COSMIGRATE_ROOT=str(tmp_path))
     script = DEPLOY / "systemd" / "install.sh"
     subprocess.run(["bash", str(script), "--skip-venv"], check=True, env=env, capture_output=True, timeout=60)
-    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")}
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.lstat().st_mode & 0o777) for p in tmp_path.rglob("*")}
     assert modes["etc/cosmigrate"] == "0o750"
     assert modes["etc/cosmigrate/cosmigrate.toml"] == "0o640"
     assert modes["etc/cosmigrate/cosmigrate.env"] == "0o600"
     assert modes["etc/cosmigrate/credentials"] == "0o700"
     assert (tmp_path / "etc/systemd/system/cosmigrate.service").read_text() == UNIT.read_text()
+    assert os.readlink(tmp_path / "usr/local/bin/cosmigrate") == "/opt/cosmigrate/venv/bin/cosmigrate"  # on PATH
+    # The env-file skeleton sets nothing: placeholders can never pass check-config and start the service.
+    from cosmigrate.config import read_env_file
+
+    assert read_env_file(tmp_path / "etc/cosmigrate/cosmigrate.env") == {}
     config = tmp_path / "etc/cosmigrate/cosmigrate.toml"
     config.write_text(config.read_text().replace("CHANGE-ME-bucket", "my-bucket"))
     subprocess.run(["bash", str(script), "--skip-venv"], check=True, env=env, capture_output=True, timeout=60)

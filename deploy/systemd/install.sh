@@ -90,10 +90,11 @@ if [ "$VENV" = 1 ]; then
   PIP=("$ROOT/opt/cosmigrate/venv/bin/python" -m pip --disable-pip-version-check --quiet)
   "${PIP[@]}" install --require-hashes --no-deps --only-binary=:all: -r "$DIR/requirements.lock"
   "${PIP[@]}" install --no-deps --no-index "$WHEEL"
-  install -d -m 0755 "$ROOT/usr/local/bin"
-  ln -sf /opt/cosmigrate/venv/bin/cosmigrate "$ROOT/usr/local/bin/cosmigrate"
-  say "installed cosmigrate $VERSION into /opt/cosmigrate/venv (and /usr/local/bin/cosmigrate)"
+  say "installed cosmigrate $VERSION into /opt/cosmigrate/venv"
 fi
+# On PATH for every user: operators run `cosmigrate ctl ...` without knowing where the venv is.
+install -d -m 0755 "$ROOT/usr/local/bin"
+ln -sfn /opt/cosmigrate/venv/bin/cosmigrate "$ROOT/usr/local/bin/cosmigrate"
 
 install -d -m 0750 "$ROOT/etc/cosmigrate"
 install -d -m 0700 "$ROOT/etc/cosmigrate/credentials"
@@ -133,9 +134,11 @@ ENVFILE="$ROOT/etc/cosmigrate/cosmigrate.env"
 if [ ! -e "$ENVFILE" ]; then
   ( umask 077; cat > "$ENVFILE" <<'ENV'
 # Read by systemd (as root) for cosmigrate.service. Keep this file 0600 root.
-# `cosmigrate preflight --env-file /etc/cosmigrate/cosmigrate.env` (as root) reads it the same way.
-COSMIGRATE_SOURCE_URI=mongodb://USER:PASSWORD@ACCOUNT.mongo.cosmos.azure.com:10255/?ssl=true&replicaSet=globaldb&retrywrites=false&maxIdleTimeMS=120000
-COSMIGRATE_TARGET_URI=mongodb://USER:PASSWORD@CLUSTER.docdb.amazonaws.com:27017/?tls=true&replicaSet=rs0&readPreference=secondaryPreferred&retryWrites=false
+# `sudo cosmigrate preflight --env-file /etc/cosmigrate/cosmigrate.env` reads it the same way.
+# Uncomment and fill in both lines. Left commented, `cosmigrate check-config` fails and the service does not
+# start with placeholder connection strings.
+#COSMIGRATE_SOURCE_URI=mongodb://USER:PASSWORD@ACCOUNT.mongo.cosmos.azure.com:10255/?ssl=true&replicaSet=globaldb&retrywrites=false&maxIdleTimeMS=120000
+#COSMIGRATE_TARGET_URI=mongodb://USER:PASSWORD@CLUSTER.docdb.amazonaws.com:27017/?tls=true&replicaSet=rs0&readPreference=secondaryPreferred&retryWrites=false
 ENV
   )
   chmod 0600 "$ENVFILE"
