@@ -194,7 +194,9 @@ class Demo:
                 line = Text(f"   {workload.writes} application writes, "
                             f"{time.monotonic() - started:.0f}s of {self.duration_s:.0f}s", style="dim",
                             no_wrap=True, overflow="ellipsis")
-                live.update(Group(line, render(status, width=self.console.width)))
+                # The empty last line: whatever the demo says next starts on a line of its own, also when
+                # the live display is written to a file or a pipe (rich leaves its last line open there).
+                live.update(Group(line, render(status, width=self.console.width), Text("")))
                 if time.monotonic() - started > self.duration_s + 60:
                     self.summary.problems.append("never ready for cutover within 60s after the traffic window")
                     break

@@ -358,3 +358,11 @@ def test_the_watch_table_fits_80_columns_and_never_cuts_a_name() -> None:
     red = Console(width=80, record=True, color_system="truecolor", force_terminal=True)
     red.print(render(status, width=80))
     assert "\x1b[1;31m12.5s" in red.export_text(styles=True)
+
+
+def test_the_demo_fits_80_columns_and_its_table_never_runs_into_the_next_line(tmp_path: Path) -> None:
+    result = _cli("demo", "--duration", "3", "--workdir", str(tmp_path), env={"COLUMNS": "80"}, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert any(line.startswith("5. cutover") for line in lines), result.stdout[-2000:]
