@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo check bench bench-quick clean
+.PHONY: test demo check bench bench-quick clean lock release
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick
+
+# Refresh the hashed pins (deploy/release/*.lock) from the versions the tests run with: see deploy/release/lock.py.
+lock: $(STAMP)
+	$(BIN)/python deploy/release/lock.py
+
+# Build dist/cosmigrate-<version>.tar.gz with the pinned build backend; prints the artefact and its sha256.
+release:
+	bash deploy/release/build.sh dist
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Capture memory stays bounded when the store is slow (issue: capture, DESIGN.md invariant 5).
+"""Capture memory stays bounded when the store is slow (issue: capture, docs/design.md, invariant 5).
 
 500,000 change events wait in the sandbox source; the capture pipeline reads
 them into batches for a store that takes 1 s per put. Each variant runs in a

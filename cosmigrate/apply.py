@@ -4,7 +4,7 @@ A round takes up to `apply.max_batches_per_round` consecutive pending batches
 (fetched concurrently, checksums verified), collapses them to the last event
 per document key, and writes unordered `ReplaceOne(upsert=True)` /
 `DeleteOne` bulk writes. `applied_seq` advances in the ledger only after the
-target acknowledged every write of those batches (DESIGN.md invariant 3).
+target acknowledged every write of those batches (docs/design.md, invariant 3).
 
 Duplicate keys on secondary unique indexes (the Cosmos feed orders changes
 per document only): failed writes are retried after the rest; a write still
@@ -51,6 +51,7 @@ from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.identity import identity
 from cosmigrate.indexes import crosses_array
+from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import RAW, event_parts, raw_collection, shared_id_part
@@ -167,9 +168,13 @@ class ApplyStatus:
     deferred: int = 0
     deferred_reason: str = ""
     """Why writes are deferred when the cause is known to be lasting (a Cosmos/DocumentDB unique-index mismatch)."""
-    last_error: str = ""
+    last_error_at: float = 0.0
+    last_error: str = LastError()  # type: ignore[assignment]
+    """The latest error; cleared by the next round that succeeds."""
     cycles_broken: int = 0
     events_applied: int = 0
+    deletes_applied: int = 0
+    """Delete events (delete preview) written to the target and acknowledged (metrics)."""
     recent: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=600))
 
     def throughput(self, window_s: float = 60.0) -> float:
@@ -355,6 +360,7 @@ class NamespaceApplier:
             return
         self.status.applied_seq = self.status.written_seq = meta.applied_seq if meta else -1
         self.status.state = "running"
+        self.status.last_error = ""
         backoff.reset()
         while not self._stopping.is_set():
             if not self.gate.started:
@@ -366,6 +372,8 @@ class NamespaceApplier:
             try:
                 worked = await self._round()
                 backoff.reset()
+                if self.status.last_error:
+                    self.status.last_error = ""  # recovered
             except Fenced as exc:
                 self._become_fenced(str(exc))
                 return
@@ -479,6 +487,7 @@ class NamespaceApplier:
         self.status.deferred = len(deferred)
         if not deferred:
             self.status.deferred_reason = ""
+        self.status.deletes_applied += sum(1 for key, op in ops.items() if op.doc is None and key not in deferred)
         hold = min((op.origin_seq for op in deferred.values()), default=self.status.written_seq + 1)
         new_applied = min(self.status.written_seq, hold - 1)
         if new_applied > self.status.applied_seq:

@@ -2,7 +2,7 @@
 
 The watcher reads the Cosmos change stream as raw BSON and cuts batches; the
 committer puts each batch in the store, then commits it in the ledger
-(DESIGN.md invariant 2), strictly in seq order.
+(docs/design.md, invariant 2), strictly in seq order.
 
 Resume tokens and pages. Cosmos gives every event of a page the same token,
 the position *after* the page. A batch's resume token must never be ahead of
@@ -34,6 +34,7 @@ from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
 from cosmigrate.indexes import expiry_or_unknown
+from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import beginning_token, change_stream_tokens, event_token, open_change_stream, raw_collection
@@ -82,11 +83,17 @@ class CaptureStatus:
     """What status shows for a namespace's capture side."""
 
     state: str = "starting"
-    last_error: str = ""
+    last_error_at: float = 0.0
+    last_error: str = LastError()  # type: ignore[assignment]
+    """The latest error, cleared when the part that reported it (source side or store/ledger side) works again."""
     last_contact: float = 0.0
     events_read: int = 0
     committed_seq: int = -1
     committed_events: int = 0
+    committed_bytes: int = 0
+    """Raw BSON bytes of the events committed by this process (metrics)."""
+    stored_bytes: int = 0
+    """Bytes put in the store for them, after compression (metrics)."""
     unflushed_bytes: int = 0
     throttled: int = 0
     empty_pages: int = 0
@@ -184,6 +191,7 @@ class NamespaceCapture:
         self._stopping = asyncio.Event()
         self._dead = False  # fenced or failed: never write again
         self.on_commit: Any = None  # called after each commit (wakes the namespace's applier)
+        self._error_from = ""  # "source" or "store": which side set status.last_error, so only its recovery clears it
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -297,6 +305,8 @@ class NamespaceCapture:
                         now = time.time()
                         self.status.last_contact = now
                         backoff.reset()
+                        if self._error_from == "source":
+                            self._error_from = self.status.last_error = ""
                         if change is None:
                             rt = stream.resume_token
                             token = token_bytes(rt) if rt is not None else None
@@ -328,14 +338,26 @@ class NamespaceCapture:
                     await self._seal(buf, mid_page_ok=False, everything=True)
                     await self._fail(fatal_reason(exc))
                     return
+                self._source_error(f"change stream error: {exc}")
                 self.log.warning("change stream error; reopening", error=redact(str(exc)), code=exc.code)
                 await self._sleep(backoff.next_delay())
             except (ConnectionFailure, PyMongoError) as exc:
                 buf.mark_boundary()
+                self._source_error(f"source connection lost: {exc}")
                 self.log.warning("source connection lost; reopening", error=redact(str(exc)))
                 await self._sleep(backoff.next_delay())
         # Drain: commit the complete pages; the rest is re-read after a restart.
         await self._seal(buf, mid_page_ok=False, everything=True)
+
+    def _source_error(self, message: str) -> None:
+        if not self._dead:
+            self.status.last_error = redact(message)
+            self._error_from = "source"
+
+    def _store_error(self, message: str) -> None:
+        if not self._dead:
+            self.status.last_error = redact(message)
+            self._error_from = "store"
 
     async def _seal(self, buf: _Buffer, mid_page_ok: bool, everything: bool = False) -> None:
         while buf.events and not self._dead:
@@ -428,8 +450,8 @@ class NamespaceCapture:
                 await self.store.put(key, data)
                 break
             except StoreError as exc:
-                self.status.last_error = redact(str(exc))
-                self.log.warning("batch store put failed; retrying", seq=sealed.seq, error=self.status.last_error)
+                self._store_error(str(exc))
+                self.log.warning("batch store put failed; retrying", seq=sealed.seq, error=redact(str(exc)))
                 await asyncio.sleep(backoff.next_delay())
         self.crash.hit("after_put")
         record = BatchRecord(
@@ -444,18 +466,22 @@ class NamespaceCapture:
             except (Fenced, SeqConflict):
                 raise
             except LedgerError as exc:
-                self.status.last_error = redact(str(exc))
-                self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=self.status.last_error)
+                self._store_error(str(exc))
+                self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=redact(str(exc)))
                 await asyncio.sleep(backoff.next_delay())
             except Exception as exc:  # botocore ClientError and friends: transient until proven otherwise
-                self.status.last_error = redact(str(exc))
-                self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=self.status.last_error)
+                self._store_error(str(exc))
+                self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=redact(str(exc)))
                 await asyncio.sleep(backoff.next_delay())
         self.crash.hit("after_commit")
         if self.on_commit is not None:
             self.on_commit()
         self.status.committed_seq = sealed.seq
         self.status.committed_events += len(sealed.events)
+        self.status.committed_bytes += sealed.nbytes
+        self.status.stored_bytes += len(data)
+        if self._error_from == "store":
+            self._error_from = self.status.last_error = ""
         self.log.debug("batch committed", seq=sealed.seq, events=len(sealed.events), bytes=len(data))
 
     # --- terminal states ----------------------------------------------------------------

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import enum
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import bson
 import typer
+
+from cosmigrate import __version__
 
 if TYPE_CHECKING:
     from cosmigrate.config import Config
@@ -28,8 +32,17 @@ app = typer.Typer(
 )
 
 
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cosmigrate {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version_callback,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """Live-migrate Azure Cosmos DB for MongoDB to Amazon DocumentDB."""
 
 
@@ -47,15 +60,30 @@ app.add_typer(batches_app, name="batches")
 app.add_typer(ctl_app, name="ctl")
 DEFAULT_SOCKET = "/run/cosmigrate/control.sock"
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Path to the TOML config file.")]
+DEFAULT_CONFIG = "/etc/cosmigrate/cosmigrate.toml"
+EXIT_NOT_READY = 2
+EXIT_NAMESPACE_FAILED = 3
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", envvar="COSMIGRATE_CONFIG", metavar="PATH",
+                                         help="The TOML config file.")]
+EnvFileOpt = Annotated[Path | None, typer.Option(
+    "--env-file", metavar="PATH",
+    help="Read environment variables (the secrets) from this systemd EnvironmentFile first, "
+         "e.g. /etc/cosmigrate/cosmigrate.env, as the service does.")]
 
 
-def _load(config: Path, files: bool = False) -> Config:
-    """Load and validate the config; `files`: also check the CA bundles (commands that connect)."""
-    from cosmigrate.config import ConfigError, check_files, load_config
+def _load(config: Path, files: bool = False, secrets: bool = True, env_file: Path | None = None) -> Config:
+    """Load and validate the config.
+
+    `files`: also check the CA bundles (commands that connect). `secrets=False`: leave the
+    connection strings unresolved (commands that never connect to a database). `env_file`:
+    variables from a systemd EnvironmentFile, under those of the process.
+    """
+    from cosmigrate.config import ConfigError, check_files, load_config, read_env_file
 
     try:
-        cfg = load_config(config)
+        env: dict[str, str] = {**read_env_file(env_file), **os.environ} if env_file else dict(os.environ)
+        cfg = load_config(config, env=env, secrets=secrets)
         if files:
             check_files(cfg)
         return cfg
@@ -73,7 +101,7 @@ def _run_async(coro: Any) -> Any:
 
 
 @app.command()
-def run(config: ConfigOpt) -> None:
+def run(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
     """Run the migration daemon: discover namespaces, capture their change streams (and apply them)."""
     from cosmigrate.daemon import Daemon, StartupError
     from cosmigrate.logs import configure_logging
@@ -91,12 +119,22 @@ def run(config: ConfigOpt) -> None:
         raise typer.Exit(code)
 
 
+@app.command("check-config")
+def check_config(config: ConfigOpt = Path(DEFAULT_CONFIG), env_file: EnvFileOpt = None) -> None:
+    """Check the config as `run` and a reload would read it (secrets resolved); exit 2 with the problem if not.
+
+    The unit runs it before each `systemctl reload`, so a refused file fails the reload.
+    """
+    _load(config, files=True, env_file=env_file)
+    typer.echo(f"config ok: {config}")
+
+
 @app.command()
-def preflight(config: ConfigOpt) -> None:
+def preflight(config: ConfigOpt = Path(DEFAULT_CONFIG), env_file: EnvFileOpt = None) -> None:
     """Check the set-up before migrating: source, target, store, ledger, control socket. Exit 1 on any FAIL."""
     from cosmigrate.preflight import Preflight
 
-    cfg = _load(config, files=True)
+    cfg = _load(config, files=True, env_file=env_file)
     checks = _run_async(Preflight(cfg).run())
     for check in checks:
         typer.echo(check.line())
@@ -145,35 +183,35 @@ def indexes(
 
 
 @ledger_app.command("init")
-def ledger_init(config: ConfigOpt) -> None:
-    """Create the ledger (DynamoDB table with on-demand capacity, PITR and TTL, or the SQLite file). Idempotent."""
-    from cosmigrate.ledger import LedgerError, open_ledger
+def ledger_init(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+    """Describe the ledger and the batch store, create what is missing, and prove the store takes a write.
 
-    cfg = _load(config)
+    An existing DynamoDB table is only described and checked (the instance role's
+    permissions suffice); a missing one is created (on-demand, PITR, TTL) when the
+    caller may. Connection strings are not needed. Idempotent.
+    """
+    from cosmigrate.ledger import LedgerError
+    from cosmigrate.ledgerinit import init_ledger_and_store
+    from cosmigrate.stores import StoreError
 
-    async def init() -> None:
-        ledger = open_ledger(cfg)
-        try:
-            await ledger.init()
-        finally:
-            await ledger.close()
-
+    cfg = _load(config, secrets=False)
     try:
-        _run_async(init())
-    except LedgerError as exc:
+        for line in _run_async(init_ledger_and_store(cfg)):
+            typer.echo(line)
+    except (LedgerError, StoreError) as exc:
         raise fail(str(exc), code=1) from None
-    typer.echo(f"ledger ready: {cfg.ledger.url}")
 
 
 @batches_app.command("list")
 def batches_list(
-    config: ConfigOpt,
-    namespace: Annotated[str | None, typer.Argument(help="db.collection; all namespaces when left out.")] = None,
+    namespace: Annotated[str | None, typer.Argument(help="db.collection; all namespaces when left out.",
+                                                    metavar="NAMESPACE", show_default=False)] = None,
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
 ) -> None:
     """List committed batches: seq, events, bytes, capture time, applied or not."""
     from cosmigrate.ledger import LedgerError, open_ledger
 
-    cfg = _load(config)
+    cfg = _load(config, secrets=False)
 
     async def listing() -> list[str]:
         ledger = open_ledger(cfg)
@@ -198,9 +236,9 @@ def batches_list(
 
 @batches_app.command("dump")
 def batches_dump(
-    config: ConfigOpt,
-    namespace: Annotated[str, typer.Argument(help="db.collection")],
-    seq: Annotated[int, typer.Argument(help="Batch sequence number.")],
+    namespace: Annotated[str, typer.Argument(help="db.collection", metavar="NAMESPACE")],
+    seq: Annotated[int, typer.Argument(help="Batch sequence number.", metavar="SEQ")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
 ) -> None:
     """Print one batch's events as canonical Extended JSON, one per line, after verifying its checksum."""
     from bson import json_util
@@ -209,7 +247,7 @@ def batches_dump(
     from cosmigrate.ledger import LedgerError, open_ledger
     from cosmigrate.stores import StoreError, open_store
 
-    cfg = _load(config)
+    cfg = _load(config, secrets=False)
 
     async def dump() -> list[str]:
         ledger = open_ledger(cfg)
@@ -236,15 +274,45 @@ def batches_dump(
     typer.echo("\n".join(lines))
 
 
+SocketOpt = Annotated[str | None, typer.Option("--socket", metavar="PATH",
+                                               help=f"Control socket path (default: the config's, else {DEFAULT_SOCKET}).")]
+CtlConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", metavar="PATH",
+    help=f"Read the socket path from this config (default: $COSMIGRATE_CONFIG, else {DEFAULT_CONFIG} if readable). "
+         "Only control.socket is read: no secret is resolved.")]
+
+
 @ctl_app.callback()
-def ctl(
-    ctx: typer.Context,
-    socket: Annotated[str | None, typer.Option(help=f"Control socket path (default: the config's, else {DEFAULT_SOCKET}).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Read the socket path from this config.")] = None,
-) -> None:
+def ctl(ctx: typer.Context, socket: SocketOpt = None, config: CtlConfigOpt = None) -> None:
     """Talk to the running daemon over its control socket."""
-    path = socket or (_load(config).control.socket if config else DEFAULT_SOCKET)
-    ctx.obj = path
+    ctx.obj = {"socket": socket, "config": config}
+
+
+def _socket_path(ctx: typer.Context, socket: str | None, config: Path | None) -> str:
+    """--socket, else the config's control.socket (--config, $COSMIGRATE_CONFIG, the default file), else the default.
+
+    Options given after the subcommand win over those given before it. Only the socket path
+    is read from the config: `ctl` runs in an operator's shell, which cannot (and need not)
+    read the service's secrets.
+    """
+    from cosmigrate.config import ConfigError, control_socket
+
+    given: dict[str, Any] = ctx.obj or {}
+    socket = socket or given.get("socket")
+    config = config or given.get("config")
+    if socket:
+        return socket
+    implicit = False
+    if config is None and os.environ.get("COSMIGRATE_CONFIG"):
+        config = Path(os.environ["COSMIGRATE_CONFIG"])
+    elif config is None and os.path.exists(DEFAULT_CONFIG):
+        config, implicit = Path(DEFAULT_CONFIG), True
+    try:
+        return control_socket(config)
+    except ConfigError as exc:
+        if implicit:  # the default file exists but this user may not read it: the default socket is the best guess
+            return os.environ.get("COSMIGRATE_CONTROL_SOCKET") or DEFAULT_SOCKET
+        raise fail(f"config: {exc}") from None
 
 
 def _ctl_request(path: str, payload: dict[str, Any], field: str, kind: type) -> Any:
@@ -261,67 +329,119 @@ def _ctl_request(path: str, payload: dict[str, Any], field: str, kind: type) -> 
     return value
 
 
-def _render(path: str, status: dict[str, Any]) -> Any:
+def _render(path: str, status: dict[str, Any], width: int) -> Any:
     """The status table; a status object without the expected fields is a one-line error, not a traceback."""
     from cosmigrate.statusview import render
 
     try:
-        return render(status)
+        return render(status, width=width)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         raise fail(f"{path} answered a status without the expected fields; is it a daemon of this cosmigrate "
                    "version? (try --json)", code=1) from None
 
 
+class WriterAction(enum.StrEnum):
+    start = "start"
+    stop = "stop"
+
+
 @ctl_app.command("writer")
-def ctl_writer(ctx: typer.Context, action: Annotated[str, typer.Argument(help="start or stop")]) -> None:
+def ctl_writer(
+    ctx: typer.Context,
+    action: Annotated[WriterAction, typer.Argument(help="start or stop applying.", metavar="start|stop",
+                                                   case_sensitive=False)],
+    socket: SocketOpt = None, config: CtlConfigOpt = None,
+) -> None:
     """Start or stop applying changes to the target (stored in the ledger: survives restarts).
 
     `stop` returns once the bulk write in flight has finished: nothing reaches
     the target after it answers. Capture continues either way.
     """
-    if action not in ("start", "stop"):
-        raise fail(f"writer: action must be start or stop, not {action!r}")
     import getpass
 
-    state = _ctl_request(ctx.obj, {"cmd": "writer", "action": action, "by": getpass.getuser()}, "writer", str)
+    path = _socket_path(ctx, socket, config)
+    state = _ctl_request(path, {"cmd": "writer", "action": action.value, "by": getpass.getuser()}, "writer", str)
     typer.echo(f"writer {state}")
+
+
+def status_exit_code(status: dict[str, Any]) -> int:
+    """0 ready for cutover, 3 a namespace failed, 2 not ready otherwise (so a script can wait on it)."""
+    if any(n.get("state") == "failed" for n in status.get("namespaces", [])):
+        return EXIT_NAMESPACE_FAILED
+    return 0 if status.get("ready_for_cutover") is True else EXIT_NOT_READY
 
 
 @ctl_app.command("status")
 def ctl_status(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the status object as JSON.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Keep a live table on screen (Ctrl+C to leave).")] = False,
-    interval: Annotated[float, typer.Option(help="Refresh interval for --watch, seconds.")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status object as JSON (one line per refresh "
+                                                         "with --watch).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl+C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", metavar="SECONDS")] = 2.0,
+    socket: SocketOpt = None, config: CtlConfigOpt = None,
 ) -> None:
-    """Show lag, progress, failures and cutover readiness."""
+    """Show lag, progress, failures and cutover readiness.
+
+    Exit status (without --watch): 0 ready for cutover, 2 not ready, 3 a namespace
+    failed, 1 no daemon answered.
+    """
     import json
+    import time
 
     from rich.console import Console
 
     if interval <= 0:
         raise fail("--interval must be greater than 0")
+    path = _socket_path(ctx, socket, config)
     if not watch:
-        status = _ctl_request(ctx.obj, {"cmd": "status"}, "status", dict)
+        status = _ctl_request(path, {"cmd": "status"}, "status", dict)
         if as_json:
             typer.echo(json.dumps(status, indent=1))
         else:
-            Console().print(_render(ctx.obj, status))
-        return
-    import time
-
-    from rich.live import Live
-
-    console = Console()
-    status = _ctl_request(ctx.obj, {"cmd": "status"}, "status", dict)
+            console = Console()
+            console.print(_render(path, status, console.width))
+        raise typer.Exit(status_exit_code(status))
     try:
-        with Live(_render(ctx.obj, status), console=console, refresh_per_second=4, screen=False) as live:
+        if as_json:
+            while True:  # JSON lines: one status object per line, for jq and log shippers
+                typer.echo(json.dumps(_ctl_request(path, {"cmd": "status"}, "status", dict)))
+                sys.stdout.flush()
+                time.sleep(interval)
+        from rich.live import Live
+
+        console = Console()
+        status = _ctl_request(path, {"cmd": "status"}, "status", dict)
+        with Live(_render(path, status, console.width), console=console, refresh_per_second=4, screen=False) as live:
             while True:
                 time.sleep(interval)
-                status = _ctl_request(ctx.obj, {"cmd": "status"}, "status", dict)
-                live.update(_render(ctx.obj, status))
+                status = _ctl_request(path, {"cmd": "status"}, "status", dict)
+                live.update(_render(path, status, console.width))
     except KeyboardInterrupt:
         return
+    except BrokenPipeError:  # `ctl status --json --watch | head`
+        return
+
+
+@ctl_app.command("retry")
+def ctl_retry(
+    ctx: typer.Context,
+    namespace: Annotated[str, typer.Argument(help="db.collection of a failed namespace.", metavar="NAMESPACE")],
+    socket: SocketOpt = None, config: CtlConfigOpt = None,
+) -> None:
+    """Restart a failed namespace once its cause is fixed (a restored batch object, a fixed document).
+
+    The service keeps running; the namespace resumes from its ledger position.
+    """
+    path = _socket_path(ctx, socket, config)
+    state = _ctl_request(path, {"cmd": "retry", "namespace": namespace}, "state", str)
+    typer.echo(f"{namespace} {state}")
+
+
+@ctl_app.command("metrics")
+def ctl_metrics(ctx: typer.Context, socket: SocketOpt = None, config: CtlConfigOpt = None) -> None:
+    """Print the daemon's metrics in the Prometheus text format."""
+    path = _socket_path(ctx, socket, config)
+    typer.echo(_ctl_request(path, {"cmd": "metrics"}, "metrics", str), nl=False)
 
 
 @app.command()
@@ -368,9 +488,46 @@ def sandbox(
         raise fail(f"cannot listen: {exc.strerror or exc}") from None
 
 
+def _tidy(command: Any, version: Any) -> None:
+    """Give every command and group the root's `--version`, and help without type artefacts (`<bool>`, `<str>`)."""
+    if version not in command.params:
+        command.params.append(version)
+    for param in command.params:
+        if getattr(param, "_tidied", False):
+            continue
+        param.display_type_rich = param.display_type = lambda ctx, p=param: _type_label(p, ctx)
+        param._tidied = True
+    make_help = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = make_help(ctx)
+        if option is not None:
+            option.display_type_rich = option.display_type = lambda ctx: None
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _tidy(sub, version)
+
+
+def _type_label(param: Any, ctx: Any) -> str | None:
+    """What the help shows beside an option: nothing for a flag or an argument, else its metavar (PATH, SECONDS...)."""
+    if getattr(param, "is_flag", False) or param.param_type_name == "argument":
+        return None
+    if param.metavar:
+        return str(param.metavar)
+    original = getattr(type(param), "display_type", None)  # the class's own, not the instance override
+    label = str(original(param, ctx) or "") if original is not None else ""
+    return label.strip("<>").upper() or None
+
+
 def main() -> None:
     """Console-script entry point."""
+    command = typer.main.get_command(app)
+    version = next(p for p in command.params if p.name == "version")
+    version.expose_value = False  # shared by every command: only its eager callback acts
+    _tidy(command, version)
     try:
-        app()
+        command(prog_name="cosmigrate")
     except KeyboardInterrupt:
         sys.exit(130)

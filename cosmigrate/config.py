@@ -105,6 +105,15 @@ class DaemonConfig:
 class LogConfig:
     level: str = "info"
     format: str = "auto"
+    progress_interval_s: float = 60.0
+
+
+@dataclass
+class MetricsConfig:
+    listen: str = ""  # "host:port" of the Prometheus text endpoint; off when empty
+    cloudwatch: bool = False
+    cloudwatch_interval_s: float = 60.0
+    cloudwatch_namespace: str = "cosmigrate"
 
 
 @dataclass
@@ -120,6 +129,7 @@ class Config:
     apply: ApplyConfig = field(default_factory=ApplyConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 _SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "cluster_name"}
@@ -176,20 +186,42 @@ def _apply(section_obj: Any, section: str, values: Mapping[str, Any], from_env: 
         setattr(section_obj, name, _coerce(key, value, getattr(section_obj, name), from_env))
 
 
-def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply environment overrides, validate."""
+DEFAULT_CONFIG_PATH = "/etc/cosmigrate/cosmigrate.toml"
+"""Where every command looks for the config when neither --config nor COSMIGRATE_CONFIG names one."""
+
+# COSMIGRATE_* variables that are not config overrides: the process's own knobs, and the test suite's soak sizes
+# (a child process inherits them). Any other COSMIGRATE_* variable that looks like a config key is a typo.
+PROCESS_ENV = frozenset({
+    "COSMIGRATE_CONFIG", "COSMIGRATE_CRASH_POINTS", "COSMIGRATE_JOURNAL_SOCKET", "COSMIGRATE_ROOT",
+    "COSMIGRATE_CRASH_KILLS", "COSMIGRATE_APPLY_KILLS", "COSMIGRATE_E2E_CHANGES", "COSMIGRATE_READY_FAULT_POLLS",
+})
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p}: not found") from None
+    except PermissionError:
+        raise ConfigError(f"config file {p}: not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {p}: is a directory") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {p}: not valid TOML ({exc})") from None
+
+
+def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None, *,
+                secrets: bool = True) -> Config:
+    """Read the TOML file (if any), apply environment overrides, validate.
+
+    `secrets=False` leaves `source.uri` / `target.uri` as written (an `env:`, `file:`,
+    `credential:` or ARN reference is not resolved, and the URIs are not checked): for
+    the commands that never connect to a database (`ledger init`, `batches`), so they
+    run under the instance role alone, without the root-only environment file.
+    """
     env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            raw = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {p}: not found") from None
-        except PermissionError:
-            raise ConfigError(f"config file {p}: not readable (permission denied)") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p}: not valid TOML ({exc})") from None
+    raw: dict[str, Any] = _read_toml(path) if path is not None else {}
     cfg = Config()
     for name, value in raw.items():
         if name == "cluster_name":
@@ -200,11 +232,95 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
             _apply(getattr(cfg, name), name, value, from_env=False)
         else:
             raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)})")
+    check_env_names(env, _env_references(raw))
     _apply_env(cfg, env)
-    resolve_secrets(cfg, env)
+    if secrets:
+        resolve_secrets(cfg, env)
     _resolve_region(cfg, env)
-    validate(cfg)
+    validate(cfg, uris=secrets)
     return cfg
+
+
+def _env_references(raw: Any) -> set[str]:
+    """Names that the file reads as `env:NAME` secrets: those variables are meant to be set."""
+    if isinstance(raw, dict):
+        return set().union(*(_env_references(v) for v in raw.values())) if raw else set()
+    if isinstance(raw, str) and raw.startswith("env:"):
+        return {raw[4:]}
+    return set()
+
+
+def config_env_names() -> list[str]:
+    """Every `COSMIGRATE_<SECTION>_<KEY>` override (and COSMIGRATE_CLUSTER_NAME)."""
+    names = ["COSMIGRATE_CLUSTER_NAME"]
+    defaults = Config()
+    for section in _SECTIONS:
+        names.extend(f"COSMIGRATE_{section.upper()}_{f.name.upper()}" for f in fields(getattr(defaults, section)))
+    return names
+
+
+def check_env_names(env: Mapping[str, str], referenced: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """A mistyped override (`COSMIGRATE_CAPTURE_EXLUDE`) must not be ignored silently: it would migrate what
+    the operator meant to exclude. A COSMIGRATE_* variable that names a config section, or is one or two
+    letters away from an override, and is not a known one, is an error with the likely intended name."""
+    import difflib
+
+    known = config_env_names()
+    sections = [f"COSMIGRATE_{s.upper()}_" for s in _SECTIONS]
+    for var in sorted(env):
+        if not var.startswith("COSMIGRATE_") or var in known or var in PROCESS_ENV or var in referenced:
+            continue
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.85)
+        if close or any(var.startswith(prefix) for prefix in sections):
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"environment variable {var}: not a cosmigrate setting{hint}; the overrides are "
+                              "COSMIGRATE_<SECTION>_<KEY>, see the README's configuration")
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Variables from a systemd EnvironmentFile (KEY=VALUE lines, # or ; comments, optional quotes).
+
+    `preflight --env-file /etc/cosmigrate/cosmigrate.env` thus sees the same secrets as the
+    unit, without the shell (a connection string's `&` would end a `source`d line).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"environment file {p}: not found") from None
+    except PermissionError:
+        raise ConfigError(f"environment file {p}: not readable (permission denied; it is root-only: use sudo)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"environment file {p}: cannot read it ({exc.__class__.__name__})") from None
+    out: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"environment file {p} line {number}: expected NAME=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[name] = value
+    return out
+
+
+def control_socket(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None) -> str:
+    """The control socket path from the config file alone: `ctl` never resolves secrets or checks the rest
+    (an operator's shell cannot read the service's root-only environment file, and needs none of it)."""
+    env = os.environ if env is None else env
+    socket = ControlConfig().socket
+    if path is not None:
+        raw = _read_toml(path)
+        control = raw.get("control", {})
+        if isinstance(control, dict) and "socket" in control:
+            if not isinstance(control["socket"], str) or not control["socket"]:
+                raise ConfigError("control.socket: expected a path")
+            socket = control["socket"]
+    return env.get("COSMIGRATE_CONTROL_SOCKET") or socket
 
 
 def _profile_region() -> str:
@@ -293,8 +409,23 @@ def _secrets_manager(key: str, arn: str, cfg: Config) -> str:
         for field_name in ("uri", "connection_string", "connectionString"):
             if field_name in parsed:
                 return str(parsed[field_name])
-        raise ConfigError(f"{key}: secret {arn} is JSON without a \"uri\" or \"connection_string\" field")
+        if key == "target.uri" and all(isinstance(parsed.get(k), str) for k in ("host", "username", "password")):
+            return docdb_uri(parsed)
+        raise ConfigError(f"{key}: secret {arn} is JSON without a \"uri\" or \"connection_string\" field"
+                          + (" (or host, username and password: a DocumentDB credentials secret)"
+                             if key == "target.uri" else ""))
     return str(parsed)
+
+
+def docdb_uri(secret: Mapping[str, Any]) -> str:
+    """The target URI from a DocumentDB credentials secret (Secrets Manager's documented shape:
+    `username`, `password`, `host`, `port`, `ssl`), e.g. the one documentdb.yaml creates and attaches."""
+    from urllib.parse import quote_plus
+
+    port = int(secret.get("port") or 27017)
+    tls = "false" if str(secret.get("ssl", "true")).lower() == "false" else "true"
+    return (f"mongodb://{quote_plus(str(secret['username']))}:{quote_plus(str(secret['password']))}@"
+            f"{secret['host']}:{port}/?tls={tls}&replicaSet=rs0&readPreference=secondaryPreferred&retryWrites=false")
 
 
 def resolve_secrets(cfg: Config, env: Mapping[str, str]) -> None:
@@ -450,8 +581,8 @@ def check_files(cfg: Config) -> None:
         _check_ca_file("target.tls_ca_file", cfg.target.tls_ca_file)
 
 
-def validate(cfg: Config) -> None:
-    """Check values (not just types); every message names its key."""
+def validate(cfg: Config, uris: bool = True) -> None:
+    """Check values (not just types); every message names its key (`uris=False`: leave the URIs unchecked)."""
     if not cfg.cluster_name:
         raise ConfigError("cluster_name: required (a name for this migration, e.g. the Cosmos account name)")
     if not all(c.isalnum() or c in "-_." for c in cfg.cluster_name):
@@ -460,8 +591,8 @@ def validate(cfg: Config) -> None:
     for key, uri in (("source.uri", cfg.source.uri), ("target.uri", cfg.target.uri)):
         if not uri:
             raise ConfigError(f"{key}: required (a mongodb:// connection string)")
-        options[key] = _check_mongo_uri(key, uri)
-    if cfg.target.tls_ca_file:
+        options[key] = _check_mongo_uri(key, uri) if uris else {}
+    if cfg.target.tls_ca_file and uris:
         if options["target.uri"].get("tls") is False:
             raise ConfigError("target.tls_ca_file: set, but target.uri turns TLS off (tls=false); remove one of them")
     _check_url("store.url", cfg.store.url, {
@@ -510,6 +641,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"log.level: must be debug, info, warning or error (got {cfg.log.level!r})")
     if cfg.log.format not in ("auto", "json", "console"):
         raise ConfigError(f"log.format: must be auto, json or console (got {cfg.log.format!r})")
+    if cfg.log.progress_interval_s <= 0:
+        raise ConfigError("log.progress_interval_s: must be greater than 0")
+    if cfg.metrics.listen:
+        listen_address(cfg.metrics.listen)
+    if cfg.metrics.cloudwatch_interval_s <= 0:
+        raise ConfigError("metrics.cloudwatch_interval_s: must be greater than 0")
+    if not re.fullmatch(r"[A-Za-z0-9._/#:-]{1,255}", cfg.metrics.cloudwatch_namespace) or \
+            cfg.metrics.cloudwatch_namespace.startswith("AWS/"):
+        raise ConfigError("metrics.cloudwatch_namespace: 1-255 letters, digits or . _ / # : -, not starting with AWS/")
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """`metrics.listen` as (host, port): "127.0.0.1:9464", "[::1]:9464" or "localhost:9464" (port 0: any free one)."""
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536 or not re.fullmatch(r"[A-Za-z0-9.:-]+", host):
+        raise ConfigError(f"metrics.listen: expected host:port, e.g. \"127.0.0.1:9464\" (got {value!r})")
+    return host, int(port)
 
 
 def _toml_value(value: Any) -> str:

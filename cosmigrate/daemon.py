@@ -19,6 +19,7 @@ from typing import Any
 
 from pymongo.errors import PyMongoError
 
+from cosmigrate import __version__
 from cosmigrate.apply import NamespaceApplier, WriterGate
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.config import Config
@@ -29,7 +30,9 @@ from cosmigrate.heads import HeadSampler
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
+from cosmigrate.metrics import Metrics, carry_over
 from cosmigrate.mongo import list_namespaces, matches_patterns, source_client, target_client
+from cosmigrate.progress import progress_loop
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
@@ -76,6 +79,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.lock: ClusterLock | None = None
         self.notify = Notifier(env)
+        self.metrics = Metrics(self)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -119,6 +123,14 @@ class Daemon:
             await self.control.start()
         except ControlError as exc:
             raise StartupError(str(exc)) from None
+        if self.cfg.metrics.listen:
+            from cosmigrate.config import listen_address
+
+            try:
+                await self.metrics.start_http(*listen_address(self.cfg.metrics.listen))
+            except OSError as exc:
+                raise StartupError(f"metrics.listen {self.cfg.metrics.listen}: cannot listen "
+                                   f"({exc.strerror or exc})") from None
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         """One control request; every failure is an error reply."""
@@ -129,6 +141,16 @@ class Daemon:
             asked = time.monotonic()  # the clock freshness compares samples on
             await self.certify()
             return {"ok": True, "status": await build_status(self, fresh_after=asked)}
+        if cmd == "metrics":
+            return {"ok": True, "metrics": await self.metrics.text()}
+        if cmd == "retry":
+            ns = request.get("namespace")
+            if not isinstance(ns, str) or not ns:
+                return {"ok": False, "error": 'retry needs "namespace": "db.collection"'}
+            try:
+                return await self.retry(ns)
+            except LedgerError as exc:
+                return {"ok": False, "error": f"{ns}: the ledger did not answer ({redact(str(exc))}); try again"}
         if cmd == "writer":
             action = request.get("action")
             if action not in ("start", "stop"):
@@ -143,7 +165,7 @@ class Daemon:
                 await self.gate.stop()  # returns once no bulk write is in flight
             self.log.info(f"writer {state}", by=by)
             return {"ok": True, "writer": state}
-        return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, ping)"}
+        return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, retry, metrics, ping)"}
 
     async def serve(self) -> int:
         """Run until a stop is requested; the exit status for `cosmigrate run` (0, or EXIT_FENCED)."""
@@ -152,12 +174,19 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
+            self.log.info(f"cosmigrate {__version__} starting", version=__version__, pid=os.getpid(),
+                          config=self.config_path or "")
             await self._connect()
-            self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url)
+            self.log.info("cosmigrate started", version=__version__, owner=self.owner, store=self.cfg.store.url,
+                          ledger=self.cfg.ledger.url)
             sampler = self.sampler = HeadSampler(self.source, self._sampled, self.cfg.capture.head_sample_interval_s)
             background = [asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),
-                          asyncio.create_task(sampler.run(), name="head-sampler")]
+                          asyncio.create_task(sampler.run(), name="head-sampler"),
+                          asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress")]
+            if self.cfg.metrics.cloudwatch:
+                background.append(asyncio.create_task(self.metrics.emf_loop(
+                    self.cfg.metrics.cloudwatch_interval_s, self.cfg.metrics.cloudwatch_namespace), name="emf"))
             if self.notify.watchdog_interval_s:
                 background.append(asyncio.create_task(self._watchdog(self.notify.watchdog_interval_s), name="watchdog"))
             self.notify.ready(f"writer {'started' if self.gate.started else 'stopped'}, starting capture")
@@ -312,15 +341,53 @@ class Daemon:
             self.notify.watchdog()
             await asyncio.sleep(interval)
 
-    async def _start_capture(self, ns: str, start_at: str | None) -> None:
+    async def retry(self, ns: str) -> dict[str, Any]:
+        """`ctl retry NS`: restart a failed namespace after the operator fixed its cause.
+
+        Its capture and applier are stopped (capture commits what it holds), the
+        ledger's failed state is reset under the old epoch (a namespace another
+        daemon took over is not taken back), and new ones are started from the
+        ledger's position: nothing is re-captured, nothing skipped.
+        """
+        assert self.ledger is not None
+        cap, app = self.captures.get(ns), self.appliers.get(ns)
+        if cap is None or app is None:
+            return {"ok": False, "error": f"{ns}: this daemon does not watch that namespace "
+                                          f"(known: {', '.join(sorted(self.captures)) or 'none yet'})"}
+        meta = await self.ledger.get_namespace(ns)
+        states = {cap.status.state, app.status.state, meta.state if meta else ""}
+        if "failed" not in states:
+            return {"ok": False, "error": f"{ns} has not failed (state {'/'.join(sorted(s for s in states if s))}); "
+                                          "nothing to retry"}
+        cap.stop()
+        app.stop()
+        await asyncio.gather(*(self._tasks.pop(name) for name in (ns, f"apply:{ns}") if name in self._tasks),
+                             return_exceptions=True)
+        try:
+            await self.ledger.set_state(ns, cap.epoch, "running")
+        except LedgerError as exc:
+            self.log.error("retry refused", namespace=ns, error=redact(str(exc)))
+            return {"ok": False, "error": f"{ns}: cannot reset its failed state: {redact(str(exc))}"}
+        stored = await self.ledger.get_namespace(ns)
+        await self._start_capture(ns, None if stored and stored.resume_token is not None else "beginning",
+                                  previous=(cap, app))
+        self.log.info("namespace restarted by ctl retry", namespace=ns)
+        return {"ok": True, "namespace": ns, "state": "running"}
+
+    async def _start_capture(self, ns: str, start_at: str | None,
+                             previous: tuple[NamespaceCapture, NamespaceApplier] | None = None) -> None:
         assert self.ledger is not None and self.store is not None
         meta = await self.ledger.claim(ns, self.owner)
-        fresh = self.freshness[ns] = Freshness()
+        # A retried namespace keeps its head samples: its ledger position (and so their seqs) did not change.
+        fresh = self.freshness.get(ns) if previous else None
+        fresh = self.freshness[ns] = fresh or Freshness()
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
                                start_at=start_at, freshness=fresh)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
                                epoch=meta.epoch)
         cap.on_commit = app.wake.set
+        if previous is not None:
+            carry_over(*previous, cap, app)
         self.captures[ns] = cap
         self.appliers[ns] = app
         self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")
@@ -372,6 +439,7 @@ class Daemon:
 
     async def _close(self) -> None:
         self.notify.close()
+        await self.metrics.stop_http()
         if self.control is not None:
             await self.control.stop()
         if self.target is not None:

@@ -192,8 +192,11 @@ class Demo:
                 if status["ready_for_cutover"] and self.summary.seconds_to_ready is None:
                     self.summary.seconds_to_ready = time.monotonic() - t0
                 line = Text(f"   {workload.writes} application writes, "
-                            f"{time.monotonic() - started:.0f}s of {self.duration_s:.0f}s", style="dim")
-                live.update(Group(line, render(status)))
+                            f"{time.monotonic() - started:.0f}s of {self.duration_s:.0f}s", style="dim",
+                            no_wrap=True, overflow="ellipsis")
+                # The empty last line: whatever the demo says next starts on a line of its own, also when
+                # the live display is written to a file or a pipe (rich leaves its last line open there).
+                live.update(Group(line, render(status, width=self.console.width), Text("")))
                 if time.monotonic() - started > self.duration_s + 60:
                     self.summary.problems.append("never ready for cutover within 60s after the traffic window")
                     break

@@ -6,7 +6,7 @@ belongs to the full load. What is reported, per source index:
 - `build`: DocumentDB accepts it as translated (`target` is the spec to create);
 - `cannot build`: a kind DocumentDB lacks (wildcard, 2d, hashed, text or
   partial before 5.0, collations before 8.0), with the reason;
-- TTL, per kind (DESIGN.md, "Full load"): a TTL on Cosmos's system field
+- TTL, per kind (docs/design.md): a TTL on Cosmos's system field
   `_ts` (the last write; a document's own `ttl` field overrides the seconds)
   cannot be rebuilt, because `_ts` is not a field of the documents: the user
   adds an expiry date field and a DocumentDB TTL index on it, enabled at

@@ -90,9 +90,52 @@ def stdout_is_journal(env: Mapping[str, str]) -> bool:
     return dev == str(st.st_dev) and ino == str(st.st_ino)
 
 
+class LevelFilter:
+    """Drops records below the configured level; changing `level` affects every logger already bound.
+
+    structlog's own filtering loggers fix the level when a logger is bound (`get_logger().bind()`),
+    so the loggers the daemon's parts bound at start would ignore a SIGHUP `log.level`.
+    This processor is shared by every bound logger of the process instead.
+    """
+
+    def __init__(self, level: str) -> None:
+        self.set(level)
+
+    def set(self, level: str) -> None:
+        self.level = level.lower()
+        self.threshold = getattr(logging, self.level.upper())
+
+    def __call__(self, _: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if getattr(logging, "WARNING" if method == "warn" else method.upper(), logging.CRITICAL) < self.threshold \
+                and method not in ("exception", "critical"):
+            raise structlog.DropEvent
+        return event
+
+
+def _current_filter() -> LevelFilter | None:
+    for processor in structlog.get_config().get("processors", []):
+        if isinstance(processor, LevelFilter):
+            return processor
+    return None
+
+
+def set_level(level: str) -> None:
+    """Change the level of every logger of the process, including those bound before (SIGHUP `log.level`)."""
+    current = _current_filter()
+    if current is None:
+        configure_logging(level)
+    else:
+        current.set(level)
+
+
 def configure_logging(level: str = "info", fmt: str = "auto", env: Mapping[str, str] | None = None) -> None:
-    """Set up structlog once per process (called by the CLI, never at import)."""
+    """Set up structlog (called by the CLI, never at import); called again, it also re-levels bound loggers."""
     env = os.environ if env is None else env
+    level_filter = _current_filter()
+    if level_filter is None:
+        level_filter = LevelFilter(level)
+    else:
+        level_filter.set(level)
     renderer: Any
     if stdout_is_journal(env):
         renderer = JournalSender(env.get("COSMIGRATE_JOURNAL_SOCKET", JOURNAL_SOCKET))
@@ -102,6 +145,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", env: Mapping[str, 
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
+            level_filter,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -109,7 +153,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", env: Mapping[str, 
             _redact_processor,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=False,
     )

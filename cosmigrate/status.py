@@ -17,6 +17,7 @@ import datetime as dt
 import time
 from typing import TYPE_CHECKING, Any
 
+from cosmigrate import __version__
 from cosmigrate.mongo import matches_patterns
 
 if TYPE_CHECKING:
@@ -25,11 +26,35 @@ if TYPE_CHECKING:
 NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
     "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
-    "deferred_reason", "expiry", "throughput_eps", "last_error",
+    "deferred_reason", "expiry", "throughput_eps", "last_error", "last_error_at", "phase",
 )
 CLUSTER_FIELDS = (
-    "cluster_name", "current_time", "writer", "gap_in_seconds", "ready_for_cutover", "not_ready_reasons", "namespaces",
+    "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
+    "ready_for_cutover", "not_ready_reasons", "namespaces",
 )
+STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
+PHASES = ("capturing", "catching up", "in sync", "failed", "fenced", "stopped")
+
+
+def phase(state: str, freshness: str) -> str:
+    """Where a namespace is in the migration, in one word or two (the progress log line, the table, metrics).
+
+    capturing: the writer is stopped, changes pile up for later; catching up: applying, not yet at
+    the source head; in sync: applying and caught up to a recent head sample; failed / fenced / stopped.
+    """
+    if state in ("failed", "fenced", "stopped"):
+        return state
+    if state == "starting":
+        return "capturing"
+    if state == "paused":
+        return "capturing"
+    return "in sync" if freshness == "current" else "catching up"
+
+
+def _latest_error(*candidates: tuple[str, float]) -> tuple[str, float]:
+    """The most recent non-empty (error, when) pair; ("", 0.0) when every part is healthy."""
+    found = [c for c in candidates if c[0]]
+    return max(found, key=lambda c: c[1]) if found else ("", 0.0)
 
 
 def _iso(ts: float) -> str | None:
@@ -96,7 +121,11 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
             state = "paused"
         else:
             state = "running"
-        errors = [e for e in (meta.last_error, cap.status.last_error if cap else "", app.status.last_error if app else "") if e]
+        error, error_at = _latest_error(
+            (meta.last_error if meta.state == "failed" else "", meta.updated_at),
+            (cap.status.last_error, cap.status.last_error_at) if cap else ("", 0.0),
+            (app.status.last_error, app.status.last_error_at) if app else ("", 0.0),
+        )
         namespaces.append({
             "namespace": meta.ns,
             "state": state,
@@ -115,7 +144,9 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
             "deferred_reason": app.status.deferred_reason if app and app.status.deferred else "",
             "expiry": cap.status.expiry if cap else "",
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
-            "last_error": errors[-1] if errors else "",
+            "last_error": error,
+            "last_error_at": _iso(error_at),
+            "phase": phase(state, freshness),
         })
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
@@ -145,9 +176,12 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         reasons.append("no namespace is being captured yet")
     return {
         "cluster_name": daemon.cfg.cluster_name,
+        "version": __version__,
+        "uptime_s": round(max(0.0, now - daemon.started_at), 1),
         "current_time": _iso(now),
         "writer": writer,
         "gap_in_seconds": round(gap, 3),
+        "cutover_threshold_seconds": threshold,
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
         "namespaces": namespaces,

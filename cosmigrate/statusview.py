@@ -1,12 +1,26 @@
-"""Rendering of the status object for people: a rich table, colours on lag and failures."""
+"""Rendering of the status object for people: a table that fits the terminal (80 columns is enough).
+
+Namespace names are never cut: when the table is too wide, the least useful
+columns are dropped first (see COLUMNS, in the order they are kept), and a
+name longer than the whole screen wraps instead of being truncated. Numbers
+read as words where a bare number would puzzle ("none yet" instead of
+"0 (#-1)", "none" instead of "0 in 0"). Errors are listed under the table,
+one line each, where they have room. Every name and message is plain text,
+never rich markup. Lag colours use the daemon's `cutover_threshold_seconds`.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+
+DEFAULT_WIDTH = 80
+GAP = 2  # spaces between columns
 
 
 def _lag_style(lag: float, threshold: float) -> str:
@@ -17,32 +31,135 @@ def _lag_style(lag: float, threshold: float) -> str:
     return "green"
 
 
-def render(status: dict[str, Any], threshold: float = 10.0) -> Group:
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _when(iso: str | None, now: str) -> str:
+    """An ISO time as an age relative to the status's own clock ("3s ago"), or "never".
+
+    The "seen" column: when the watcher last heard from the source (`last_capture_contact`)."""
+    if not iso:
+        return "never"
+    try:
+        then = dt.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+        ref = dt.datetime.fromisoformat(now.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    age = max(0.0, (ref - then).total_seconds())
+    if age < 120:
+        return f"{age:.0f}s ago"
+    if age < 7200:
+        return f"{age / 60:.0f}m ago"
+    return f"{age / 3600:.0f}h ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+_PHASE_STYLE = {"in sync": "green", "catching up": "yellow", "capturing": "yellow", "failed": "bold red",
+                "fenced": "bold red", "stopped": "red"}
+
+
+def _captured(n: dict[str, Any], now: str, threshold: float) -> Text:
+    return Text(_count(n["captured_events"]) if n["captured_seq"] >= 0 else "none yet")
+
+
+def _applied(n: dict[str, Any], now: str, threshold: float) -> Text:
+    return Text(_count(n["applied_events"]) if n["applied_seq"] >= 0 else "none yet")
+
+
+def _pending(n: dict[str, Any], now: str, threshold: float) -> Text:
+    if not n["pending_batches"] and not n["pending_events"]:
+        return Text("none")
+    return Text(_count(n["pending_events"]))  # events; the batches are in --json
+
+
+def _lag(n: dict[str, Any], now: str, threshold: float) -> Text:
+    return Text(f"{n['lag_seconds']:.1f}s", style=_lag_style(n["lag_seconds"], threshold))
+
+
+def _phase(n: dict[str, Any], now: str, threshold: float) -> Text:
+    phase = n.get("phase") or n["state"]
+    return Text(phase, style=_PHASE_STYLE.get(phase, ""))
+
+
+def _contact(n: dict[str, Any], now: str, threshold: float) -> Text:
+    return Text(_when(n["last_capture_contact"], now))
+
+
+def _eps(n: dict[str, Any], now: str, threshold: float) -> Text:
+    return Text(f"{n['throughput_eps']:.0f}")
+
+
+def _deferred(n: dict[str, Any], now: str, threshold: float) -> Text:
+    return Text(str(n["deferred"]) if n["deferred"] else "none", style="bold red" if n["deferred"] else "")
+
+
+Cell = Callable[[dict[str, Any], str, float], Text]
+# (header, justify, cell), in the order they are kept when the screen is narrow; the table shows them in this
+# order too. The namespace column always comes first and is never dropped.
+COLUMNS: list[tuple[str, str, Cell]] = [
+    ("phase", "left", _phase),
+    ("lag", "right", _lag),
+    ("pending", "right", _pending),
+    ("captured", "right", _captured),
+    ("applied", "right", _applied),
+    ("seen", "right", _contact),
+    ("deferred", "right", _deferred),
+    ("events/s", "right", _eps),
+]
+
+
+def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float | None = None) -> Group:
+    """The status as a heading, a table no wider than `width`, errors, and the reasons it is not ready."""
+    threshold = float(status.get("cutover_threshold_seconds") or threshold or 10.0)
     ready = status["ready_for_cutover"]
+    now = status["current_time"]
     head = Text()
-    head.append(f"{status['cluster_name']}  ", style="bold")
-    head.append(f"{status['current_time']}  writer ")
+    head.append(str(status["cluster_name"]), style="bold")
+    if "version" in status:
+        head.append(f"  v{status['version']} up {_duration(status.get('uptime_s') or 0)}")
+    head.append("  writer ")
     head.append(status["writer"], style="green" if status["writer"] == "started" else "yellow")
     head.append("  gap ")
     head.append(f"{status['gap_in_seconds']:.1f}s", style=_lag_style(status["gap_in_seconds"], threshold))
-    head.append("  ")
+    head.append(f" (ready under {threshold:g}s)  ")
     head.append("READY FOR CUTOVER" if ready else "not ready", style="bold green" if ready else "yellow")
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col, justify in [("namespace", "left"), ("state", "left"), ("captured", "right"), ("applied", "right"),
-                         ("pending", "right"), ("lag", "right"), ("deferred", "right"), ("events/s", "right"),
-                         ("last error", "left")]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for n in status["namespaces"]:
-        state_style = {"running": "green", "paused": "yellow", "failed": "bold red", "fenced": "bold red"}.get(n["state"], "")
-        table.add_row(
-            n["namespace"], Text(n["state"], style=state_style),
-            f"{n['captured_events']} (#{n['captured_seq']})", f"{n['applied_events']} (#{n['applied_seq']})",
-            f"{n['pending_events']} in {n['pending_batches']}",
-            Text(f"{n['lag_seconds']:.1f}s", style=_lag_style(n["lag_seconds"], threshold)),
-            Text(str(n["deferred"]), style="bold red" if n["deferred"] else ""),
-            f"{n['throughput_eps']:.0f}", Text(n["last_error"][:80], style="red" if n["last_error"] else ""),
-        )
+
+    namespaces = status["namespaces"]
+    rows = [[_name(n)] + [cell(n, now, threshold) for _, _, cell in COLUMNS] for n in namespaces]
+    widths = [max([len("namespace")] + [r[0].cell_len for r in rows])]
+    widths += [max([len(header)] + [r[i + 1].cell_len for r in rows]) for i, (header, _, _) in enumerate(COLUMNS)]
+    keep = len(COLUMNS)
+    while keep > 0 and sum(widths[: keep + 1]) + GAP * keep > width:
+        keep -= 1
+    table = Table(box=None, pad_edge=False, header_style="bold", padding=(0, GAP // 2), collapse_padding=False)
+    table.add_column("namespace", justify="left", overflow="fold", no_wrap=False)
+    for header, justify, _ in COLUMNS[:keep]:
+        table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row[: keep + 1])
     parts: list[Any] = [head, table]
+    if not namespaces:
+        parts.append(Text("no namespace is being captured yet", style="dim"))
+    for n in namespaces:
+        if n["last_error"]:
+            line = Text(f"{n['namespace']}: ", style="red")
+            line.append(Text(str(n["last_error"])))
+            if n.get("last_error_at"):
+                line.append(Text(f" ({_when(n['last_error_at'], now)})", style="dim"))
+            parts.append(line)
     if not ready:
         parts.append(Text("why not: " + "; ".join(status["not_ready_reasons"]), style="dim"))
     return Group(*parts)
+
+
+def _name(n: dict[str, Any]) -> Text:
+    return Text(str(n["namespace"]), style={"failed": "bold red", "fenced": "bold red"}.get(n["state"], ""))

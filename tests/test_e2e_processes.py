@@ -28,7 +28,8 @@ async def ctl(config: Path, *args: str) -> str:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
+    # `status` exits 2 while not ready and 3 when a namespace failed: the daemon answered either way.
+    assert proc.returncode in ((0, 2, 3) if args[0] == "status" else (0,)), err.decode()
     return out.decode()
 
 
@@ -50,7 +51,7 @@ async def _ctl_ready(config: Path) -> bool:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     await proc.communicate()
-    return proc.returncode == 0
+    return proc.returncode in (0, 2, 3)  # the daemon answered (ready or not)
 
 
 @pytest.mark.parametrize("backend", ["file+sqlite", "s3+dynamodb"])

@@ -38,7 +38,8 @@ async def status(config: Path) -> dict[str, Any] | None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return json.loads(out) if proc.returncode == 0 and out.strip() else None
+    # Answered: 0 ready, 2 not ready, 3 a namespace failed (1: no daemon on the socket).
+    return json.loads(out) if proc.returncode in (0, 2, 3) and out.strip() else None
 
 
 async def writer(config: Path, action: str) -> None:

@@ -246,7 +246,7 @@ async def test_missing_postbatch_token_reproduces_pymongo_operation_time_failure
     sandbox.source.faults.no_postbatch_token = True
     with pytest.raises(OperationFailure, match="Expected field 'operationTime' missing"):
         await watch(source.db.c)
-    # Starting from a token avoids it, as DESIGN.md says.
+    # Starting from a token avoids it, as the README says.
     async with await watch(source.db.c, resume_after=beginning_token()) as stream:
         assert len(await drain(stream, 1)) == 1
 

@@ -219,4 +219,4 @@ def test_the_bucket_expires_only_applied_batches_and_keeps_versions_to_restore_f
     statements = [s for p in resources["InstanceRole"]["Properties"]["Policies"] if isinstance(p, dict) and "PolicyDocument" in p
                   for s in p["PolicyDocument"]["Statement"]]
     tagging = [s for s in statements if "s3:PutObjectTagging" in (s["Action"] if isinstance(s["Action"], list) else [s["Action"]])]
-    assert len(tagging) == 1 and tagging[0]["Resource"] == {"Sub": "${ChangeBatchBucket.Arn}/cosmigrate/*"}
+    assert len(tagging) == 1 and tagging[0]["Resource"] == {"Sub": "${ChangeBatchBucket.Arn}/${BatchPrefix}/${ClusterName}/*"}

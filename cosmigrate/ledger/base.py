@@ -3,8 +3,8 @@
 The ledger is the source of truth for what has been captured and applied:
 a batch exists for readers only once its commit succeeded, and a commit
 succeeds only when the namespace's `next_seq` equals the batch's seq AND the
-committing process still holds the namespace's epoch (DESIGN.md invariants 2
-and 4). Implementations: SQLite (one transaction) and DynamoDB
+committing process still holds the namespace's epoch (docs/design.md,
+invariants 2 and 4). Implementations: SQLite (one transaction) and DynamoDB
 (TransactWriteItems).
 """
 
@@ -79,8 +79,12 @@ class WriterControl:
 class Ledger(Protocol):
     url: str
 
-    async def init(self) -> None:
-        """Create the table/file idempotently (`cosmigrate ledger init`)."""
+    async def init(self) -> list[str]:
+        """Describe the table/file, create it if missing (`cosmigrate ledger init`); lines for the operator.
+
+        An existing ledger is only described and checked, so that init needs no more
+        permissions than the daemon has (no CreateTable when the stack made the table).
+        """
 
     async def check(self) -> None:
         """Raise LedgerError with a helpful message if the ledger is unusable."""

@@ -1,6 +1,6 @@
 """The DynamoDB ledger: one on-demand table keyed `pk` + `sk`.
 
-Items (a simplification of DESIGN.md's layout, documented in the README):
+Items (see docs/design.md, "Data layout"):
 
 | pk                  | sk               | what                                               |
 | ------------------- | ---------------- | -------------------------------------------------- |
@@ -218,7 +218,39 @@ class DynamoLedger:
 
     # --- interface --------------------------------------------------------------------
 
-    async def init(self) -> None:
+    async def init(self) -> list[str]:
+        """Describe an existing table (DescribeTable only: the instance role's rights), else create it.
+
+        Creating needs dynamodb:CreateTable, UpdateContinuousBackups and UpdateTimeToLive: an
+        administrator's credentials, or moto in tests. The stack (core-resources.yaml) normally
+        creates the table with the same settings.
+        """
+        found = await self._call("describe_table", tolerate=frozenset({"ResourceNotFoundException"}),
+                                 TableName=self.table)
+        if found is not None:
+            await self.check()
+            table = found["Table"]
+            billing = (table.get("BillingModeSummary") or {}).get("BillingMode", "PROVISIONED")
+            items = await self._query(KeyConditionExpression="pk = :pk AND begins_with(sk, :prefix)",
+                                      ExpressionAttributeValues=self._item({":pk": self.cluster, ":prefix": "ns#"}))
+            return [
+                f"ledger table {self.table}: exists ({table.get('TableStatus', '?')}, "
+                f"{'on-demand' if billing == 'PAY_PER_REQUEST' else 'provisioned'}, key pk+sk as expected, "
+                f"{'encrypted with KMS' if (table.get('SSEDescription') or {}).get('Status') == 'ENABLED' else 'encrypted at rest'})",
+                f"ledger table {self.table}: {len(items)} namespaces recorded for cluster {self.cluster}; nothing created",
+            ]
+        try:
+            await self._create()
+        except LedgerError as exc:
+            if "AccessDenied" in str(exc) or "access denied" in str(exc):
+                raise LedgerError(f"ledger table {self.table} does not exist, and these credentials may not create it: "
+                                  "deploy deploy/cloudformation/core-resources.yaml (it creates the table), or run "
+                                  "`ledger init` once with rights to dynamodb:CreateTable") from None
+            raise
+        return [f"ledger table {self.table}: created (on-demand, encrypted, point-in-time recovery, "
+                "TTL on expires_at)"]
+
+    async def _create(self) -> None:
         await self._call(
             "create_table", tolerate=frozenset({"ResourceInUseException"}),
             TableName=self.table,

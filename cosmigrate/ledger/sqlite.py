@@ -146,8 +146,16 @@ class SqliteLedger:
 
     # --- interface --------------------------------------------------------------------
 
-    async def init(self) -> None:
-        await self._run(lambda conn: None, create=True)
+    async def init(self) -> list[str]:
+        existed = self.path.exists()
+
+        def describe(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM namespaces WHERE cluster=?", (self.cluster,)).fetchone()[0])
+
+        count = await self._run(describe, create=True)
+        if existed:
+            return [f"ledger {self.path}: exists, {count} namespaces of cluster {self.cluster}; schema up to date"]
+        return [f"ledger {self.path}: created (owner-only, WAL journal)"]
 
     async def check(self) -> None:
         def probe(conn: sqlite3.Connection) -> None:

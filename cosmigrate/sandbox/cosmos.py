@@ -1,7 +1,6 @@
 """The Cosmos DB for MongoDB (RU) personality: change streams as Cosmos serves them.
 
-Rules emulated (see DESIGN.md "Cosmos DB facts" and Part 2, "Audited against
-public evidence"):
+Rules emulated (see the README, "The sandbox"):
 - only collection-level change streams; the pipeline must be exactly the
   $match on insert/update/replace then the $project of _id, fullDocument, ns,
   documentKey, with fullDocument "updateLookup";

@@ -1,6 +1,6 @@
 """The Amazon DocumentDB personality: the target's refusals and failovers.
 
-Rules emulated (see DESIGN.md): no retryable writes (a write carrying
+Rules emulated (see the README, "The sandbox"): no retryable writes (a write carrying
 `txnNumber` is refused), at most 100,000 writes per command, unique indexes
 enforced, no 2d/hashed/wildcard indexes (nor text and partial indexes below
 5.0, nor collations below 8.0), no capped collections, no DBPointer,
