@@ -430,6 +430,10 @@ def _check_ca_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}: {path} {why} ({exc.__class__.__name__})") from None
 
 
+# The cluster name is a key component (store, ledger) and part of the lock file's name.
+MAX_CLUSTER_NAME_BYTES = 100
+# The longest S3 key prefix that leaves room for the batch keys (cosmigrate.stores.base.MAX_PREFIX_BYTES).
+MAX_PREFIX_BYTES = 512
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -456,6 +460,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("cluster_name: required (a name for this migration, e.g. the Cosmos account name)")
     if not all(c.isalnum() or c in "-_." for c in cfg.cluster_name):
         raise ConfigError("cluster_name: use only letters, digits, '-', '_' and '.'")
+    if cfg.cluster_name in (".", ".."):
+        # It names a directory of the batch store and the lock file beside the ledger: "." and ".." would
+        # name the store's own directory or its parent.
+        raise ConfigError(f"cluster_name: {cfg.cluster_name!r} is not a name; use letters or digits too")
+    if len(cfg.cluster_name.encode()) > MAX_CLUSTER_NAME_BYTES:
+        raise ConfigError(f"cluster_name: at most {MAX_CLUSTER_NAME_BYTES} bytes long")
     options: dict[str, Mapping[str, Any]] = {}
     for key, uri in (("source.uri", cfg.source.uri), ("target.uri", cfg.target.uri)):
         if not uri:
@@ -468,6 +478,8 @@ def validate(cfg: Config) -> None:
         "s3": ("remote", "s3 URL needs a bucket, e.g. s3://my-bucket/prefix"),
         "file": ("local", "file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches"),
     })
+    if len(urlsplit(cfg.store.url).path.strip("/").encode()) > MAX_PREFIX_BYTES and cfg.store.url.startswith("s3:"):
+        raise ConfigError(f"store.url: the key prefix may be at most {MAX_PREFIX_BYTES} bytes long (S3 keys end at 1024)")
     if cfg.store.retention_hours < 0:
         raise ConfigError("store.retention_hours: must be 0 or more")
     if cfg.store.sse not in ("AES256", "aws:kms", "none"):

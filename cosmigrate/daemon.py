@@ -29,7 +29,7 @@ from cosmigrate.heads import HeadSampler
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import list_namespaces, matches_patterns, source_client, target_client
+from cosmigrate.mongo import discover_namespaces, matches_patterns, source_client, target_client
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
@@ -56,6 +56,7 @@ class Daemon:
         self.captures: dict[str, NamespaceCapture] = {}
         self.appliers: dict[str, NamespaceApplier] = {}
         self.freshness: dict[str, Freshness] = {}
+        self.not_captured: dict[str, str] = {}  # namespaces that exist but cannot be captured, and why
         self.started_at = time.time()
         self.sampler: HeadSampler | None = None
         self.exit_code = 0
@@ -221,11 +222,16 @@ class Daemon:
             try:
                 if first is None:
                     first = await self._first_round()
-                names = await list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude)
+                names, refused = await discover_namespaces(self.source, self.cfg.capture.include,
+                                                           self.cfg.capture.exclude)
                 start_at, first = (None if first else "beginning"), False  # a retry of this round errs to "beginning"
                 for ns in names:
                     if ns not in self.captures and not self._stop.is_set():
-                        await self._start_capture(ns, start_at)
+                        try:  # one namespace that cannot start must not keep the others from starting
+                            await self._start_capture(ns, start_at)
+                        except (PyMongoError, LedgerError, ValueError) as exc:
+                            refused[ns] = redact(f"could not start: {exc}")[:300]
+                self._not_captured(refused)
             except (PyMongoError, LedgerError) as exc:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
             except Exception as exc:  # never let discovery die silently: log it and try again next round
@@ -239,6 +245,14 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 await self._apply_reload()
+
+    def _not_captured(self, refused: dict[str, str]) -> None:
+        """Remember the namespaces that exist but are not captured (status lists them, readiness waits), and
+        log each one once per reason; they are tried again every discovery round."""
+        for ns, why in refused.items():
+            if self.not_captured.get(ns) != why:
+                self.log.warning("namespace not captured; retried every discovery round", namespace=ns, error=why)
+        self.not_captured = refused
 
     async def _apply_reload(self) -> None:
         """SIGHUP: take the new include/exclude patterns and log level; everything else needs a restart."""
@@ -286,12 +300,13 @@ class Daemon:
     async def _start_capture(self, ns: str, start_at: str | None) -> None:
         assert self.ledger is not None and self.store is not None
         meta = await self.ledger.claim(ns, self.owner)
-        fresh = self.freshness[ns] = Freshness()
+        fresh = Freshness()
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
                                start_at=start_at, freshness=fresh)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
                                epoch=meta.epoch)
         cap.on_commit = app.wake.set
+        self.freshness[ns] = fresh
         self.captures[ns] = cap
         self.appliers[ns] = app
         self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")

@@ -118,6 +118,10 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
     unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced", "stopped")]
     if unhealthy:
         reasons.append(f"namespaces not healthy: {', '.join(unhealthy)}")
+    refused = [f"{ns} ({why})" for ns, why in sorted(daemon.not_captured.items()) if matches_patterns(ns, include, exclude)]
+    if refused:  # they exist on the source and nothing migrates them: never ready while there are any
+        more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
+        reasons.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
     deferred = sum(n["deferred"] for n in namespaces)
     if deferred:
         reasons.append(f"{deferred} writes deferred by unique-index conflicts")
