@@ -131,6 +131,7 @@ def batches_list(
 ) -> None:
     """List committed batches: seq, events, bytes, capture time, applied or not."""
     from cosmigrate.ledger import LedgerError, open_ledger
+    from cosmigrate.terminal import printable
 
     cfg = _load(config)
 
@@ -142,7 +143,7 @@ def batches_list(
             for ns in names:
                 for b in await ledger.list_batches(ns):
                     when = dt.datetime.fromtimestamp(b.captured_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-                    lines.append(f"{ns:<32} {b.seq:>8} {b.events:>8} {b.bytes:>10}  {when:<26} "
+                    lines.append(f"{printable(ns):<32} {b.seq:>8} {b.events:>8} {b.bytes:>10}  {when:<26} "
                                  f"{'yes' if b.applied_at else 'no'}")
             return lines
         finally:

@@ -201,3 +201,82 @@ async def test_a_long_collection_name_is_discovered_and_captured(tmp_path: Path,
         assert time.monotonic() - began < cfg.daemon.drain_timeout_s / 2  # nothing stuck retrying a put
     committed = await read_committed(cfg)
     check_committed(committed[ns], (await source_docs(source, [ns]))[ns])
+
+
+# --- names on the operator's terminal --------------------------------------------------------------------
+
+MARKUP = "mk[/b]up"
+ESCAPES = "\x1b[2J\x1b]0;pwned\x07red\u202etxt"  # clear screen, set the window title, a bidi override
+
+
+def test_render_shows_markup_and_escapes_as_text() -> None:
+    from rich.console import Console
+
+    from cosmigrate.statusview import render
+
+    ns = {"namespace": f"app.{MARKUP}", "state": "running", "captured_seq": 1, "captured_events": 2, "applied_seq": 1,
+          "applied_events": 2, "pending_batches": 0, "pending_events": 0, "lag_seconds": 0.0, "deferred": 0,
+          "throughput_eps": 0.0, "last_error": f"[bold]x[/] {ESCAPES}"}
+    status = {"cluster_name": "c", "current_time": "t", "writer": "started", "gap_in_seconds": 0.0,
+              "ready_for_cutover": False, "not_ready_reasons": [f"app.{ESCAPES} (x)"],
+              "namespaces": [ns, {**ns, "namespace": f"app.{ESCAPES}"}]}
+    console = Console(width=300, color_system=None, force_terminal=False)
+    with console.capture() as captured:
+        console.print(render(status))
+    out = captured.get()
+    assert f"app.{MARKUP}" in out and "[bold]x[/]" in out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "\\x1b[2J" in out and "\\u202e" in out  # shown, not obeyed
+
+
+async def test_ctl_status_and_batches_list_survive_hostile_names(tmp_path: Path, sandbox, source) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from cosmigrate.daemon import Daemon
+    from tests.helpers import make_config, prepare_backends, wait_for, write_config
+
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    config = write_config(cfg, tmp_path / "c.toml")
+    await prepare_backends(cfg)
+    for coll in (MARKUP, ESCAPES):
+        await source.app[coll].insert_one({"_id": 1})
+    daemon = Daemon(cfg)
+    task = await _running(daemon)
+    try:
+        for coll in (MARKUP, ESCAPES):
+            await wait_for(lambda c=coll: _captured(daemon, f"app.{c}", 1), 30, what=f"{coll!r} captured")
+
+        def cosmigrate(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "cosmigrate", *args], capture_output=True, text=True,
+                                  timeout=60)
+
+        for args in (["ctl", "--config", str(config), "status"], ["ctl", "--config", str(config), "status", "--json"],
+                     ["batches", "list", "--config", str(config)]):
+            result = await asyncio.to_thread(cosmigrate, *args)
+            out = result.stdout + result.stderr
+            assert result.returncode == 0 and "Traceback" not in out, out[-2000:]
+            assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out, args
+            assert MARKUP in out, args
+            if "--json" in args:
+                names = {n["namespace"] for n in json.loads(result.stdout)["namespaces"]}
+                assert names == {f"app.{MARKUP}", f"app.{ESCAPES}"}  # the JSON keeps the exact name, escaped
+            else:
+                assert "\\x1b[2J" in out, args
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 60) == 0
+
+
+def test_console_logs_show_escapes_instead_of_sending_them(capsys) -> None:
+    from cosmigrate.logs import configure_logging, get_logger
+
+    configure_logging("info", "console", env={})
+    try:
+        get_logger(namespace=f"app.{ESCAPES}").info("watching namespace")
+    finally:
+        configure_logging("info", "json", env={})
+    out = capsys.readouterr().out
+    assert "watching namespace" in out and "\\x1b[2J" in out
+    assert "\x07" not in out and "\u202e" not in out and "\x1b[2J" not in out
