@@ -27,6 +27,7 @@ from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
+from cosmigrate.limits import raise_open_file_limit
 from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import discover_namespaces, matches_patterns, source_client, target_client
@@ -70,12 +71,14 @@ class Daemon:
         self.pool = asyncio.Semaphore(cfg.apply.pool_size)
         self.control: ControlServer | None = None
         self.lock: ClusterLock | None = None
+        self.open_files = (0, 0)  # RLIMIT_NOFILE (soft, hard) once started
         self.notify = Notifier(env)
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def _connect(self) -> None:
+        self.open_files = raise_open_file_limit()  # capture's files must never run short (see cosmigrate.limits)
         self.ledger = open_ledger(self.cfg)
         try:
             await self.ledger.check()
@@ -144,7 +147,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         try:
             await self._connect()
-            self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url)
+            self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url,
+                          open_files_limit=self.open_files[0])
             sampler = self.sampler = HeadSampler(self.source, self._sampled, self.cfg.capture.head_sample_interval_s)
             background = [asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),
