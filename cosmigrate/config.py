@@ -400,16 +400,24 @@ def _check_mongo_uri(key: str, uri: str) -> Mapping[str, Any]:
 
     from pymongo.errors import PyMongoError
 
+    def quotes_a_secret(message: str) -> bool:
+        return "mechanism propert" in message or any(p in message for p in _secret_pieces(rest))
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unknown options: the client warns again when it starts
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
             parsed = _validate_uri(uri, 27017, True, True, True)
     except (PyMongoError, ValueError, TypeError, OSError) as exc:
         lines = str(exc).strip().splitlines()
         message = redact(lines[0] if lines else type(exc).__name__)
-        if "mechanism propert" in message or any(p in message for p in _secret_pieces(rest)):
+        if quotes_a_secret(message):
             message = "not a valid connection string (the driver's explanation would quote a secret)"
         raise ConfigError(f"{key}: {message}") from None
+    # Other warnings (an unknown option) the client repeats on stderr when it starts, where nothing redacts
+    # them: one that would quote a piece of a secret (a session token cut at a ',') is an error here instead.
+    if any(quotes_a_secret(str(w.message)) for w in warned):
+        raise ConfigError(f"{key}: not a valid connection string (the driver's explanation would quote a secret; "
+                          "check authMechanismProperties and the percent-encoding of the credentials)")
     options: Mapping[str, Any] = parsed.get("options") or {}  # PyMongo's case-insensitive mapping
     return options
 
