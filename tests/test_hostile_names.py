@@ -270,13 +270,16 @@ async def test_ctl_status_and_batches_list_survive_hostile_names(tmp_path: Path,
 
 
 def test_console_logs_show_escapes_instead_of_sending_them(capsys) -> None:
+    import structlog
+
     from cosmigrate.logs import configure_logging, get_logger
 
+    saved = structlog.get_config()
     configure_logging("info", "console", env={})
     try:
         get_logger(namespace=f"app.{ESCAPES}").info("watching namespace")
     finally:
-        configure_logging("info", "json", env={})
+        structlog.configure(**saved)  # never leave later tests a logger bound to this test's captured stdout
     out = capsys.readouterr().out
     assert "watching namespace" in out and "\\x1b[2J" in out
     assert "\x07" not in out and "\u202e" not in out and "\x1b[2J" not in out
