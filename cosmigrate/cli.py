@@ -303,22 +303,27 @@ def sandbox(
     target_port: Annotated[int, typer.Option(help="Port of the DocumentDB emulator (0 = any free port).")] = 0,
     faults: Annotated[str | None, typer.Option(help="Fault switches, e.g. 'throttle_rate=0.2,retry_after_ms=50,deletes_preview'.")] = None,
     target_version: Annotated[str, typer.Option(help="DocumentDB version to emulate.")] = "5.0.0",
+    target_tls: Annotated[bool, typer.Option(help="Serve TLS on the target, with a CA made at start.")] = True,
 ) -> None:
     """Run the Cosmos DB and DocumentDB emulators on 127.0.0.1 (test and demo use only).
 
-    Prints the source URI, then the target URI, then runs until SIGINT/SIGTERM.
+    Prints the source URI, the target URI and the target's CA file (for
+    target.tls_ca_file / tlsCAFile), one per line, then runs until SIGINT/SIGTERM.
     """
     from cosmigrate.sandbox import FaultSpecError
     from cosmigrate.sandbox.runner import build_faults, serve
+    from cosmigrate.sandbox.tls import SandboxTlsError
 
     try:
         build_faults(faults)
     except FaultSpecError as exc:
         raise fail(f"--faults: {exc}") from None
     try:
-        asyncio.run(serve(source_port, target_port, faults, target_version))
+        asyncio.run(serve(source_port, target_port, faults, target_version, target_tls))
     except OSError as exc:
         raise fail(f"cannot listen: {exc.strerror or exc}") from None
+    except SandboxTlsError as exc:
+        raise fail(str(exc)) from None
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cosmigrate.redact import describe_url, redact
+from cosmigrate.tls import connection_tls
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class SourceConfig:
 class TargetConfig:
     uri: str = ""
     tls_ca_file: str = ""
+    allow_insecure_tls: bool = False
 
 
 @dataclass
@@ -482,6 +484,13 @@ def validate(cfg: Config) -> None:
     if cfg.target.tls_ca_file:
         if options["target.uri"].get("tls") is False:
             raise ConfigError("target.tls_ca_file: set, but target.uri turns TLS off (tls=false); remove one of them")
+    tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file)
+    if not tls.secure and not cfg.target.allow_insecure_tls:
+        # The target connection carries the DocumentDB password and every document: never in clear, never to
+        # whoever answers. The message names options only, never a piece of the connection string.
+        raise ConfigError(f"target.uri: {tls.problem}; DocumentDB must be reached over TLS with its certificate "
+                          "verified (tls=true, and target.tls_ca_file = the DocumentDB CA bundle); "
+                          "set target.allow_insecure_tls = true only for a test set-up")
     _check_url("store.url", cfg.store.url, {
         "s3": ("remote", "s3 URL needs a bucket, e.g. s3://my-bucket/prefix"),
         "file": ("local", "file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches"),

@@ -35,6 +35,7 @@ from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
+from cosmigrate.tls import connection_tls
 
 
 class StartupError(Exception):
@@ -72,6 +73,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.lock: ClusterLock | None = None
         self.open_files = (0, 0)  # RLIMIT_NOFILE (soft, hard) once started
+        self.target_tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file)  # insecure only if allowed
         self.notify = Notifier(env)
 
     def request_stop(self) -> None:
@@ -149,6 +151,9 @@ class Daemon:
             await self._connect()
             self.log.info("cosmigrate started", owner=self.owner, store=self.cfg.store.url, ledger=self.cfg.ledger.url,
                           open_files_limit=self.open_files[0])
+            if not self.target_tls.secure:
+                self.log.warning("target.allow_insecure_tls: the target connection is not protected; its password and "
+                                 "the documents can be read or changed on the network", problem=self.target_tls.problem)
             sampler = self.sampler = HeadSampler(self.source, self._sampled, self.cfg.capture.head_sample_interval_s)
             background = [asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),

@@ -75,6 +75,7 @@ class Demo:
         t0 = time.monotonic()
         cfg = self.cfg
         cfg.source.uri, cfg.target.uri = sandbox.source_uri, sandbox.target_uri
+        cfg.target.tls_ca_file = sandbox.target_ca_file  # TLS as in production: the target's CA, given separately
         cfg.store.url = f"file://{self.workdir / 'batches'}"
         cfg.ledger.url = f"sqlite://{self.workdir / 'ledger.db'}"
         cfg.control.socket = str(self.workdir / "control.sock")
@@ -86,7 +87,7 @@ class Demo:
         self.say(f"[bold]cosmigrate demo[/bold]: sandbox Cosmos DB on {sandbox.source.address}, "
                  f"DocumentDB on {sandbox.target.address}; work dir {escape(str(self.workdir))}")
         source: AsyncMongoClient[Any] = AsyncMongoClient(sandbox.source_uri)
-        target: AsyncMongoClient[Any] = AsyncMongoClient(sandbox.target_uri)
+        target: AsyncMongoClient[Any] = AsyncMongoClient(sandbox.target_uri, tlsCAFile=sandbox.target_ca_file)
         workload = Workload(source, WORKLOAD_NAMESPACES, keys_per_ns=3000, seed=int(time.time()))
         log = (self.workdir / "daemon.log").open("wb")
         daemon: asyncio.subprocess.Process | None = None

@@ -28,7 +28,8 @@ NAMESPACE_FIELDS = (
     "throughput_eps", "last_error",
 )
 CLUSTER_FIELDS = (
-    "cluster_name", "current_time", "writer", "gap_in_seconds", "ready_for_cutover", "not_ready_reasons", "namespaces",
+    "cluster_name", "current_time", "writer", "gap_in_seconds", "ready_for_cutover", "not_ready_reasons",
+    "insecure_target_tls", "namespaces",
 )
 
 
@@ -138,6 +139,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         "gap_in_seconds": round(gap, 3),
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
+        "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
     }
 
@@ -147,4 +149,5 @@ def one_line(status: dict[str, Any]) -> str:
     failed = sum(1 for n in status["namespaces"] if n["state"] in ("failed", "fenced"))
     return (f"writer {status['writer']}, gap {status['gap_in_seconds']:.1f}s, "
             f"{len(status['namespaces'])} namespaces, {failed} failed, "
-            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}")
+            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}"
+            f"{', TARGET TLS OFF OR UNVERIFIED' if status.get('insecure_target_tls') else ''}")

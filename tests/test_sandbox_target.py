@@ -93,7 +93,7 @@ async def test_unique_index_treats_equal_values_as_one_key(target: AsyncMongoCli
 
 async def test_retryable_write_is_refused(sandbox: Sandbox) -> None:
     uri = sandbox.target_uri.replace("retryWrites=false", "retryWrites=true")
-    client: AsyncMongoClient = AsyncMongoClient(uri)
+    client: AsyncMongoClient = AsyncMongoClient(uri, tlsCAFile=sandbox.target_ca_file)
     try:
         with pytest.raises(OperationFailure) as info:
             await client.db.c.insert_one({"_id": 1})
@@ -134,7 +134,7 @@ async def test_unsupported_index_types_are_refused(target: AsyncMongoClient, key
 async def test_text_and_partial_indexes_depend_on_the_version() -> None:
     async with Sandbox(target_version="4.0.0") as old, Sandbox(target_version="5.0.0") as new:
         for sb, refused in ((old, True), (new, False)):
-            client: AsyncMongoClient = AsyncMongoClient(sb.target_uri)
+            client: AsyncMongoClient = AsyncMongoClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
             try:
                 for keys, kw in (([("t", "text")], {}), ([("p", 1)], {"partialFilterExpression": {"p": {"$gt": 1}}})):
                     if refused:
