@@ -238,7 +238,7 @@ class Daemon:
                     if ns not in self.captures and not self._stop.is_set():
                         try:  # one namespace that cannot start must not keep the others from starting
                             await self._start_capture(ns, start_at)
-                        except (PyMongoError, LedgerError, ValueError) as exc:
+                        except (PyMongoError, LedgerError) as exc:
                             refused[ns] = redact(f"could not start: {exc}")[:300]
                 self._not_captured(refused)
             except (PyMongoError, LedgerError) as exc:

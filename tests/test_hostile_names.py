@@ -283,3 +283,34 @@ def test_console_logs_show_escapes_instead_of_sending_them(capsys) -> None:
     out = capsys.readouterr().out
     assert "watching namespace" in out and "\\x1b[2J" in out
     assert "\x07" not in out and "\u202e" not in out and "\x1b[2J" not in out
+
+
+async def test_a_namespace_that_cannot_start_does_not_stop_the_others(tmp_path: Path, sandbox, source,
+                                                                       monkeypatch) -> None:
+    from cosmigrate.daemon import Daemon
+    from cosmigrate.ledger import LedgerError
+    from cosmigrate.ledger.sqlite import SqliteLedger
+    from cosmigrate.status import build_status
+    from tests.helpers import make_config, prepare_backends, wait_for
+
+    claim = SqliteLedger.claim
+
+    async def refusing_claim(self, ns: str, owner: str):
+        if ns == "app.bad":
+            raise LedgerError("ledger item too large for this namespace")
+        return await claim(self, ns, owner)
+
+    monkeypatch.setattr(SqliteLedger, "claim", refusing_claim)
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    await prepare_backends(cfg)
+    await source.app.bad.insert_one({"_id": 1})
+    await source.app.good.insert_one({"_id": 1})  # sorts after the one that fails
+    daemon = Daemon(cfg)
+    task = await _running(daemon)
+    try:
+        await wait_for(lambda: _captured(daemon, "app.good", 1), 30, what="app.good captured")
+        reasons = " ".join((await build_status(daemon))["not_ready_reasons"])
+        assert "app.bad (could not start: ledger item too large" in reasons, reasons
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 60) == 0
