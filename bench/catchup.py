@@ -25,7 +25,7 @@ async def run_catchup(changes: int) -> dict[str, Any]:
         cfg = bench_config(sb, "file+sqlite")
         await prepare(cfg)
         source: AsyncMongoClient[Any] = AsyncMongoClient(sb.source_uri)
-        target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri)
+        target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
         try:
             async with Daemon(cfg) as daemon:
                 workload = Workload(source, NAMESPACES, keys_per_ns=max(1000, changes // 15), seed=5)
@@ -43,7 +43,7 @@ async def run_catchup(changes: int) -> dict[str, Any]:
                 distinct = sum([await source[ns.split(".")[0]][ns.split(".")[1]].estimated_document_count()
                                 for ns in NAMESPACES])
                 # The reference, in the same conditions just before the drain: median of three direct loops.
-                limit = sorted([await ceiling(sb.target_uri, 20_000) for _ in range(3)])[1]
+                limit = sorted([await ceiling(sb.target_uri, 20_000, sb.target_ca_file) for _ in range(3)])[1]
                 writes0 = await target_writes(target)
                 t0 = time.perf_counter()
                 await daemon.writer("start")

@@ -102,12 +102,12 @@ async def run_driver(n: int, repeats: int) -> dict[str, Any]:
         for r in range(repeats):
             for name in (("native", "motor") if r % 2 == 0 else ("motor", "native")):
                 if name == "native":
-                    src, dst = AsyncMongoClient(sb.source_uri), AsyncMongoClient(sb.target_uri)
+                    src, dst = AsyncMongoClient(sb.source_uri), AsyncMongoClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
                     native.append(await loop(src, dst, n, f"native{r}"))
                     await src.close()
                     await dst.close()
                 else:
-                    msrc, mdst = AsyncIOMotorClient(sb.source_uri), AsyncIOMotorClient(sb.target_uri)
+                    msrc, mdst = AsyncIOMotorClient(sb.source_uri), AsyncIOMotorClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
                     motor.append(await loop(msrc, mdst, n, f"motor{r}"))
                     msrc.close()
                     mdst.close()

@@ -37,6 +37,7 @@ class Sandbox:
         assert self.proc.stdout is not None
         self.source_uri = self.proc.stdout.readline().strip()
         self.target_uri = self.proc.stdout.readline().strip()
+        self.target_ca_file = self.proc.stdout.readline().strip()  # the target serves TLS with its own CA
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -68,6 +69,7 @@ def bench_config(sandbox: Sandbox, backend: str, moto: Moto | None = None) -> Co
     tmp = Path(tempfile.mkdtemp(prefix="cosmigrate-bench-"))
     cfg = Config(cluster_name="bench")
     cfg.source.uri, cfg.target.uri = sandbox.source_uri, sandbox.target_uri
+    cfg.target.tls_ca_file = sandbox.target_ca_file
     cfg.control.socket = str(tmp / "control.sock")
     cfg.capture.start_at = "beginning"
     cfg.capture.discovery_interval_s = 1.0
@@ -150,11 +152,11 @@ async def target_writes(client: Any) -> int:
     return int((await client.admin.command("cosmigrateSandbox"))["writes"])
 
 
-async def ceiling(target_uri: str, n: int = 30_000) -> float:
+async def ceiling(target_uri: str, n: int = 30_000, ca_file: str = "") -> float:
     """The sandbox target's own ceiling: a direct bulk-upsert loop (1,000 per write), documents/s."""
     from pymongo import AsyncMongoClient, ReplaceOne
 
-    client: AsyncMongoClient[Any] = AsyncMongoClient(target_uri)
+    client: AsyncMongoClient[Any] = AsyncMongoClient(target_uri, **({"tlsCAFile": ca_file} if ca_file else {}))
     docs = [{"_id": i, "v": i, "pad": "x" * 700} for i in range(n)]
     t0 = time.perf_counter()
     for s in range(0, n, 1000):

@@ -92,7 +92,7 @@ async def run_live(backends: list[str], rates: list[int], seconds: float) -> dic
                 cfg = bench_config(sb, backend, moto)
                 await prepare(cfg)
                 client: AsyncMongoClient[Any] = AsyncMongoClient(sb.source_uri)
-                target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri)
+                target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
                 async with Daemon(cfg) as daemon:
                     await daemon.writer("start")
                     workload = Workload(client, NAMESPACES, keys_per_ns=20_000, seed=9)

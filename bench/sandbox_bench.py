@@ -4,9 +4,11 @@ Runs `cosmigrate sandbox` as a separate process (its own core, as a real server
 would be), then through one PyMongo async client measures:
 - bulk upserts: ReplaceOne(upsert=True) in unordered bulk writes of 1,000;
 - an `_id`-ordered scan of the whole collection.
-Reference measured in the same run: the client-side cost of BSON-encoding the
+References measured in the same run: the client-side cost of BSON-encoding the
 same documents (what the client would spend even against an infinitely fast
-server), reported as a ratio. Targets: 20,000 upserts/s and 50,000 scanned
+server), and the same loops against the target without TLS (the sandbox's
+target serves TLS like DocumentDB; `tls_vs_plain_*` is the price of that),
+reported as ratios. Targets: 20,000 upserts/s and 50,000 scanned
 documents/s on the 2-core development machine.
 
 Usage: python bench/sandbox_bench.py [--quick]
@@ -35,15 +37,16 @@ def make_doc(i: int) -> dict:
             "pad": "x" * 200}
 
 
-async def run(n: int, repeats: int) -> dict:
+async def run(n: int, repeats: int, tls: bool = True) -> dict:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cosmigrate", "sandbox", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        sys.executable, "-m", "cosmigrate", "sandbox", "--target-tls" if tls else "--no-target-tls",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     assert proc.stdout is not None
     await proc.stdout.readline()
     target_uri = (await proc.stdout.readline()).decode().strip()
-    client: AsyncMongoClient = AsyncMongoClient(target_uri)
+    ca_file = (await proc.stdout.readline()).decode().strip()
+    client: AsyncMongoClient = AsyncMongoClient(target_uri, **({"tlsCAFile": ca_file} if ca_file else {}))
     try:
         docs = [make_doc(i) for i in range(n)]
         upsert_rates, scan_rates, encode_rates = [], [], []
@@ -91,7 +94,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer documents and repeats")
     args = parser.parse_args()
     n, repeats = (20_000, 2) if args.quick else (100_000, 3)
-    result = asyncio.run(run(n, repeats))
+    result = asyncio.run(run(n, repeats))  # the sandbox as tests and the demo use it: the target over TLS
+    plain = asyncio.run(run(n, repeats, tls=False))  # reference in the same run: the target without TLS
+    result["sandbox.plain_upserts_per_s"] = plain["sandbox.upserts_per_s"]
+    result["sandbox.plain_scan_docs_per_s"] = plain["sandbox.scan_docs_per_s"]
+    result["sandbox.tls_vs_plain_upserts"] = round(result["sandbox.upserts_per_s"] / plain["sandbox.upserts_per_s"], 3)
+    result["sandbox.tls_vs_plain_scan"] = round(result["sandbox.scan_docs_per_s"] / plain["sandbox.scan_docs_per_s"], 3)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sandbox.json").write_text(json.dumps(result, indent=2) + "\n")
     for key, value in result.items():

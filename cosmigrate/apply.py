@@ -147,13 +147,26 @@ class Op:
         return show_id(self.key)
 
 
+MAX_ID_CHARS = 64
+"""How much of an `_id` a log line, status or error shows: enough to find a document, never a whole blob."""
+
+
 def show_id(key: bytes) -> str:
-    """`{"_id": ...}` of a raw documentKey as relaxed Extended JSON (hex if even that cannot be rendered)."""
+    """`{"_id": ...}` of a raw documentKey as relaxed Extended JSON, at most MAX_ID_CHARS of it.
+
+    An `_id` is the one document value an operator needs (to find the document), so it is shown; but an
+    `_id` can be a long string or a whole sub-document of customer data, so a long one is cut, with its
+    BSON type and full length. Never a field value of the document.
+    """
     try:
-        doc = RawBSONDocument(key, RAW)
-        return json_util.dumps(doc["_id"], json_options=json_util.RELAXED_JSON_OPTIONS)
+        value = RawBSONDocument(key, RAW)["_id"]
+        text = json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS)
     except (BSONError, KeyError, TypeError, ValueError):
-        return f"<documentKey 0x{key.hex()}>"
+        return f"<documentKey of {len(key)} bytes that cannot be shown>"
+    if len(text) <= MAX_ID_CHARS:
+        return text
+    kind = "document" if isinstance(value, Mapping) else type(value).__name__
+    return f"{text[:MAX_ID_CHARS]}... ({kind}, {len(text)} characters)"
 
 
 class ApplyFailed(Exception):

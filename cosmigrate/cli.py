@@ -210,6 +210,7 @@ def batches_list(
 ) -> None:
     """List committed batches: seq, events, bytes, capture time, applied or not."""
     from cosmigrate.ledger import LedgerError, open_ledger
+    from cosmigrate.terminal import printable
 
     cfg = _load(config, secrets=False)
 
@@ -221,7 +222,7 @@ def batches_list(
             for ns in names:
                 for b in await ledger.list_batches(ns):
                     when = dt.datetime.fromtimestamp(b.captured_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-                    lines.append(f"{ns:<32} {b.seq:>8} {b.events:>8} {b.bytes:>10}  {when:<26} "
+                    lines.append(f"{printable(ns):<32} {b.seq:>8} {b.events:>8} {b.bytes:>10}  {when:<26} "
                                  f"{'yes' if b.applied_at else 'no'}")
             return lines
         finally:
@@ -464,13 +465,16 @@ def sandbox(
     faults: Annotated[str | None, typer.Option(help="Fault switches, e.g. 'throttle_rate=0.2,retry_after_ms=50,deletes_preview'.")] = None,
     target_version: Annotated[str, typer.Option(help="DocumentDB version to emulate: 3.6, 4.0, 5.0, 8.0 or elastic.")] = "5.0.0",
     source_version: Annotated[str, typer.Option(help="Cosmos DB server version to emulate: 3.6, 4.0, 4.2, 5.0, 6.0 or 7.0.")] = "6.0",
+    target_tls: Annotated[bool, typer.Option(help="Serve TLS on the target, with a CA made at start.")] = True,
 ) -> None:
     """Run the Cosmos DB and DocumentDB emulators on 127.0.0.1 (test and demo use only).
 
-    Prints the source URI, then the target URI, then runs until SIGINT/SIGTERM.
+    Prints the source URI, the target URI and the target's CA file (for
+    target.tls_ca_file / tlsCAFile), one per line, then runs until SIGINT/SIGTERM.
     """
     from cosmigrate.sandbox import FaultSpecError
     from cosmigrate.sandbox.runner import build_faults, serve
+    from cosmigrate.sandbox.tls import SandboxTlsError
     from cosmigrate.versions import SOURCE, TARGET, lookup
 
     try:
@@ -483,9 +487,11 @@ def sandbox(
         except ValueError as exc:
             raise fail(f"{option}: {exc}") from None
     try:
-        asyncio.run(serve(source_port, target_port, faults, target_version, source_version))
+        asyncio.run(serve(source_port, target_port, faults, target_version, source_version, target_tls))
     except OSError as exc:
         raise fail(f"cannot listen: {exc.strerror or exc}") from None
+    except SandboxTlsError as exc:
+        raise fail(str(exc)) from None
 
 
 def _tidy(command: Any, version: Any) -> None:

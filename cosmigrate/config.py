@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cosmigrate.redact import describe_url, redact
+from cosmigrate.tls import connection_tls
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class SourceConfig:
 class TargetConfig:
     uri: str = ""
     tls_ca_file: str = ""
+    allow_insecure_tls: bool = False
 
 
 @dataclass
@@ -531,16 +533,24 @@ def _check_mongo_uri(key: str, uri: str) -> Mapping[str, Any]:
 
     from pymongo.errors import PyMongoError
 
+    def quotes_a_secret(message: str) -> bool:
+        return "mechanism propert" in message or any(p in message for p in _secret_pieces(rest))
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # unknown options: the client warns again when it starts
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
             parsed = _validate_uri(uri, 27017, True, True, True)
     except (PyMongoError, ValueError, TypeError, OSError) as exc:
         lines = str(exc).strip().splitlines()
         message = redact(lines[0] if lines else type(exc).__name__)
-        if "mechanism propert" in message or any(p in message for p in _secret_pieces(rest)):
+        if quotes_a_secret(message):
             message = "not a valid connection string (the driver's explanation would quote a secret)"
         raise ConfigError(f"{key}: {message}") from None
+    # Other warnings (an unknown option) the client repeats on stderr when it starts, where nothing redacts
+    # them: one that would quote a piece of a secret (a session token cut at a ',') is an error here instead.
+    if any(quotes_a_secret(str(w.message)) for w in warned):
+        raise ConfigError(f"{key}: not a valid connection string (the driver's explanation would quote a secret; "
+                          "check authMechanismProperties and the percent-encoding of the credentials)")
     options: Mapping[str, Any] = parsed.get("options") or {}  # PyMongo's case-insensitive mapping
     return options
 
@@ -561,6 +571,10 @@ def _check_ca_file(key: str, path: str) -> None:
         raise ConfigError(f"{key}: {path} {why} ({exc.__class__.__name__})") from None
 
 
+# The cluster name is a key component (store, ledger) and part of the lock file's name.
+MAX_CLUSTER_NAME_BYTES = 100
+# The longest S3 key prefix that leaves room for the batch keys (cosmigrate.stores.base.MAX_PREFIX_BYTES).
+MAX_PREFIX_BYTES = 512
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -587,6 +601,12 @@ def validate(cfg: Config, uris: bool = True) -> None:
         raise ConfigError("cluster_name: required (a name for this migration, e.g. the Cosmos account name)")
     if not all(c.isalnum() or c in "-_." for c in cfg.cluster_name):
         raise ConfigError("cluster_name: use only letters, digits, '-', '_' and '.'")
+    if cfg.cluster_name in (".", ".."):
+        # It names a directory of the batch store and the lock file beside the ledger: "." and ".." would
+        # name the store's own directory or its parent.
+        raise ConfigError(f"cluster_name: {cfg.cluster_name!r} is not a name; use letters or digits too")
+    if len(cfg.cluster_name.encode()) > MAX_CLUSTER_NAME_BYTES:
+        raise ConfigError(f"cluster_name: at most {MAX_CLUSTER_NAME_BYTES} bytes long")
     options: dict[str, Mapping[str, Any]] = {}
     for key, uri in (("source.uri", cfg.source.uri), ("target.uri", cfg.target.uri)):
         if not uri:
@@ -595,10 +615,19 @@ def validate(cfg: Config, uris: bool = True) -> None:
     if cfg.target.tls_ca_file and uris:
         if options["target.uri"].get("tls") is False:
             raise ConfigError("target.tls_ca_file: set, but target.uri turns TLS off (tls=false); remove one of them")
+    tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file)
+    if not tls.secure and not cfg.target.allow_insecure_tls:
+        # The target connection carries the DocumentDB password and every document: never in clear, never to
+        # whoever answers. The message names options only, never a piece of the connection string.
+        raise ConfigError(f"target.uri: {tls.problem}; DocumentDB must be reached over TLS with its certificate "
+                          "verified (tls=true, and target.tls_ca_file = the DocumentDB CA bundle); "
+                          "set target.allow_insecure_tls = true only for a test set-up")
     _check_url("store.url", cfg.store.url, {
         "s3": ("remote", "s3 URL needs a bucket, e.g. s3://my-bucket/prefix"),
         "file": ("local", "file URL needs an absolute path, e.g. file:///var/lib/cosmigrate/batches"),
     })
+    if len(urlsplit(cfg.store.url).path.strip("/").encode()) > MAX_PREFIX_BYTES and cfg.store.url.startswith("s3:"):
+        raise ConfigError(f"store.url: the key prefix may be at most {MAX_PREFIX_BYTES} bytes long (S3 keys end at 1024)")
     if cfg.store.retention_hours < 0:
         raise ConfigError("store.retention_hours: must be 0 or more")
     if cfg.store.sse not in ("AES256", "aws:kms", "none"):

@@ -28,15 +28,17 @@ from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
+from cosmigrate.limits import raise_open_file_limit
 from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
 from cosmigrate.metrics import Metrics, carry_over
-from cosmigrate.mongo import list_namespaces, matches_patterns, source_client, target_client
+from cosmigrate.mongo import discover_namespaces, list_namespaces, matches_patterns, source_client, target_client
 from cosmigrate.progress import progress_loop
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
+from cosmigrate.tls import connection_tls
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 
 
@@ -60,6 +62,7 @@ class Daemon:
         self.captures: dict[str, NamespaceCapture] = {}
         self.appliers: dict[str, NamespaceApplier] = {}
         self.freshness: dict[str, Freshness] = {}
+        self.not_captured: dict[str, str] = {}  # namespaces that exist but cannot be captured, and why
         self.started_at = time.time()
         self.sampler: HeadSampler | None = None
         self.unwatched: list[str] = []
@@ -78,6 +81,8 @@ class Daemon:
         self.pool = asyncio.Semaphore(cfg.apply.pool_size)
         self.control: ControlServer | None = None
         self.lock: ClusterLock | None = None
+        self.open_files = (0, 0)  # RLIMIT_NOFILE (soft, hard) once started
+        self.target_tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file)  # insecure only if allowed
         self.notify = Notifier(env)
         self.metrics = Metrics(self)
 
@@ -85,6 +90,7 @@ class Daemon:
         self._stop.set()
 
     async def _connect(self) -> None:
+        self.open_files = raise_open_file_limit()  # capture's files must never run short (see cosmigrate.limits)
         self.ledger = open_ledger(self.cfg)
         try:
             await self.ledger.check()
@@ -178,7 +184,10 @@ class Daemon:
                           config=self.config_path or "")
             await self._connect()
             self.log.info("cosmigrate started", version=__version__, owner=self.owner, store=self.cfg.store.url,
-                          ledger=self.cfg.ledger.url)
+                          ledger=self.cfg.ledger.url, open_files_limit=self.open_files[0])
+            if not self.target_tls.secure:
+                self.log.warning("target.allow_insecure_tls: the target connection is not protected; its password and "
+                                 "the documents can be read or changed on the network", problem=self.target_tls.problem)
             sampler = self.sampler = HeadSampler(self.source, self._sampled, self.cfg.capture.head_sample_interval_s)
             background = [asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),
@@ -277,11 +286,16 @@ class Daemon:
             try:
                 if first is None:
                     first = await self._first_round()
-                names = await list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude)
+                names, refused = await discover_namespaces(self.source, self.cfg.capture.include,
+                                                           self.cfg.capture.exclude)
                 start_at, first = (None if first else "beginning"), False  # a retry of this round errs to "beginning"
                 for ns in names:
                     if ns not in self.captures and not self._stop.is_set():
-                        await self._start_capture(ns, start_at)
+                        try:  # one namespace that cannot start must not keep the others from starting
+                            await self._start_capture(ns, start_at)
+                        except (PyMongoError, LedgerError) as exc:
+                            refused[ns] = redact(f"could not start: {exc}")[:300]
+                self._not_captured(refused)
             except (PyMongoError, LedgerError) as exc:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
             except Exception as exc:  # never let discovery die silently: log it and try again next round
@@ -294,6 +308,14 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 await self._apply_reload()
+
+    def _not_captured(self, refused: dict[str, str]) -> None:
+        """Remember the namespaces that exist but are not captured (status lists them, readiness waits), and
+        log each one once per reason; they are tried again every discovery round."""
+        for ns, why in refused.items():
+            if self.not_captured.get(ns) != why:
+                self.log.warning("namespace not captured; retried every discovery round", namespace=ns, error=why)
+        self.not_captured = refused
 
     async def _apply_reload(self) -> None:
         """SIGHUP: take the new include/exclude patterns and log level; everything else needs a restart."""
@@ -379,8 +401,7 @@ class Daemon:
         assert self.ledger is not None and self.store is not None
         meta = await self.ledger.claim(ns, self.owner)
         # A retried namespace keeps its head samples: its ledger position (and so their seqs) did not change.
-        fresh = self.freshness.get(ns) if previous else None
-        fresh = self.freshness[ns] = fresh or Freshness()
+        fresh = (self.freshness.get(ns) if previous else None) or Freshness()
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
                                start_at=start_at, freshness=fresh)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
@@ -388,6 +409,7 @@ class Daemon:
         cap.on_commit = app.wake.set
         if previous is not None:
             carry_over(*previous, cap, app)
+        self.freshness[ns] = fresh
         self.captures[ns] = cap
         self.appliers[ns] = app
         self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")

@@ -25,6 +25,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from cosmigrate.backoff import retry_after_s
@@ -34,6 +35,7 @@ from cosmigrate.ledger import open_ledger
 from cosmigrate.sandbox import Sandbox
 from cosmigrate.sandbox.workload import Workload
 from cosmigrate.statusview import render
+from cosmigrate.terminal import printable
 
 NAMESPACES = ["app.users", "app.orders", "app.events", "shop.items", "shop.carts"]
 # app.users carries the unique index and only sees email swaps and profile edits.
@@ -73,6 +75,7 @@ class Demo:
         t0 = time.monotonic()
         cfg = self.cfg
         cfg.source.uri, cfg.target.uri = sandbox.source_uri, sandbox.target_uri
+        cfg.target.tls_ca_file = sandbox.target_ca_file  # TLS as in production: the target's CA, given separately
         cfg.store.url = f"file://{self.workdir / 'batches'}"
         cfg.ledger.url = f"sqlite://{self.workdir / 'ledger.db'}"
         cfg.control.socket = str(self.workdir / "control.sock")
@@ -82,9 +85,9 @@ class Demo:
         config_path = self.workdir / "cosmigrate.toml"
         config_path.write_text(to_toml(cfg))
         self.say(f"[bold]cosmigrate demo[/bold]: sandbox Cosmos DB on {sandbox.source.address}, "
-                 f"DocumentDB on {sandbox.target.address}; work dir {self.workdir}")
+                 f"DocumentDB on {sandbox.target.address}; work dir {escape(str(self.workdir))}")
         source: AsyncMongoClient[Any] = AsyncMongoClient(sandbox.source_uri)
-        target: AsyncMongoClient[Any] = AsyncMongoClient(sandbox.target_uri)
+        target: AsyncMongoClient[Any] = AsyncMongoClient(sandbox.target_uri, tlsCAFile=sandbox.target_ca_file)
         workload = Workload(source, WORKLOAD_NAMESPACES, keys_per_ns=3000, seed=int(time.time()))
         log = (self.workdir / "daemon.log").open("wb")
         daemon: asyncio.subprocess.Process | None = None
@@ -120,7 +123,7 @@ class Demo:
             self.summary.target_writes = sandbox.target.store.writes
             if not equal:
                 self.summary.problems.append(detail)
-            self.say(f"   target {'[green]equals[/green]' if equal else '[red]DIFFERS FROM[/red]'} the source: {detail}")
+            self.say(f"   target {'[green]equals[/green]' if equal else '[red]DIFFERS FROM[/red]'} the source: {escape(detail)}")
         except (ControlError, OSError, TimeoutError) as exc:
             self.summary.problems.append(str(exc))
         except Exception as exc:  # the demo reports, it does not print tracebacks
@@ -249,7 +252,7 @@ class Demo:
         self.say(f"  total time              {seconds:.1f}s")
         if s.problems:
             for p in s.problems:
-                self.say(f"[red]  problem: {p}[/red]")
+                self.say(f"[red]  problem: {escape(printable(p))}[/red]")
             self.say("[red bold]demo FAILED[/red bold]")
         else:
             self.say("[green bold]demo passed: the target equals the source[/green bold]")

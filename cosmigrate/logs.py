@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from cosmigrate.redact import redact
+from cosmigrate.terminal import printable
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2}
@@ -140,7 +141,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", env: Mapping[str, 
     if stdout_is_journal(env):
         renderer = JournalSender(env.get("COSMIGRATE_JOURNAL_SOCKET", JOURNAL_SOCKET))
     elif fmt == "console" or (fmt == "auto" and sys.stdout.isatty()):
-        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        console = structlog.dev.ConsoleRenderer(colors=True)
+
+        def renderer(logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:
+            # A terminal: a namespace name may hold escape sequences; show them, never send them.
+            return console(logger, name, {k: printable(v) if isinstance(v, str) else v for k, v in event.items()})
     else:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(

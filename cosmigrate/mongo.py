@@ -22,6 +22,7 @@ from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import InvalidName
 
 # The data path's codec options. DATETIME_AUTO: a BSON datetime outside years 1-9999 is valid BSON (Cosmos
 # stores it), but the default conversion raises InvalidBSON the moment a RawBSONDocument field is read;
@@ -97,18 +98,44 @@ def matches_patterns(ns: str, include: Sequence[str], exclude: Sequence[str]) ->
 
 
 async def list_namespaces(client: AsyncMongoClient[Any], include: Sequence[str], exclude: Sequence[str]) -> list[str]:
-    """Every user collection as `db.coll`, skipping system databases and `system.*`."""
-    out = []
+    """Every user collection as `db.coll`, skipping system databases and `system.*` (and names the driver refuses)."""
+    return (await discover_namespaces(client, include, exclude))[0]
+
+
+async def discover_namespaces(
+    client: AsyncMongoClient[Any], include: Sequence[str], exclude: Sequence[str],
+) -> tuple[list[str], dict[str, str]]:
+    """(every user collection to migrate as `db.coll`, {name: why it cannot be migrated}).
+
+    MongoDB takes names that PyMongo refuses to address (`a..b`, a leading or
+    trailing dot, `$`, NUL): such a collection cannot be watched, and it must
+    neither stop the listing of the others nor be skipped silently. A database
+    the driver refuses is reported as `<db>.*`.
+    """
+    out: list[str] = []
+    refused: dict[str, str] = {}
     for db in await client.list_database_names():
         if db in SYSTEM_DATABASES:
             continue
-        for coll in await client[db].list_collection_names():
+        try:
+            database = client[db]
+        except InvalidName as exc:
+            if matches_patterns(f"{db}.*", include, exclude):
+                refused[f"{db}.*"] = f"the driver refuses this database name ({exc})"
+            continue
+        for coll in await database.list_collection_names():
             if coll.startswith("system."):
                 continue
             ns = f"{db}.{coll}"
-            if matches_patterns(ns, include, exclude):
-                out.append(ns)
-    return sorted(out)
+            if not matches_patterns(ns, include, exclude):
+                continue
+            try:
+                database.get_collection(coll)
+            except InvalidName as exc:
+                refused[ns] = f"the driver refuses this collection name ({exc})"
+                continue
+            out.append(ns)
+    return sorted(out), refused
 
 
 def event_token(raw: bytes) -> bytes:

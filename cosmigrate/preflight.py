@@ -23,6 +23,7 @@ from cosmigrate.ledger import LedgerError, open_ledger
 from cosmigrate.mongo import list_namespaces, open_change_stream, raw_collection, source_client, target_client
 from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError, open_store, store_prefix
+from cosmigrate.tls import connection_tls
 from cosmigrate.versions import SOURCE, TARGET, check_server
 
 
@@ -100,6 +101,9 @@ class Preflight:
                                      "expiry deletes never reach the change feed: on DocumentDB use an expiry date "
                                      "field with a TTL index enabled at cutover; until deletes are reconciled, "
                                      "expired documents stay on the target (`cosmigrate indexes` says per index)")
+            await self._step("target TLS", self._target_tls,
+                             "use tls=true and target.tls_ca_file = /etc/cosmigrate/global-bundle.pem (the DocumentDB "
+                             "CA bundle), without tlsInsecure / tlsAllowInvalidCertificates / tlsAllowInvalidHostnames")
             await self._step("target retryWrites=false", self._retry_writes,
                              "add retryWrites=false to target.uri: DocumentDB refuses retryable writes "
                              "(cosmigrate turns them off itself, but mongorestore and your applications need it)")
@@ -142,16 +146,33 @@ class Preflight:
         return Check("source change stream", True, f"the Cosmos change-stream pipeline is accepted on {ns}")
 
     async def _target_reachable(self) -> Check:
-        uri = self.cfg.target.uri.lower()
         ca = self.cfg.target.tls_ca_file
-        if ("tls=true" in uri or "ssl=true" in uri) and ca and not await asyncio.to_thread(os.path.isfile, ca):
-            return Check("target reachable", False, f"target.tls_ca_file {self.cfg.target.tls_ca_file} does not exist")
+        if ca and not await asyncio.to_thread(os.path.isfile, ca):
+            return Check("target reachable", False, f"target.tls_ca_file {ca} does not exist")
         if problem := await check_server(TARGET, self.cfg.target.uri, ca):
             return Check("target server version", False, problem.detail, problem.todo)
         await self.target.admin.command("ping")
         info = await self.target.admin.command("buildInfo")
-        tls = "over TLS" if "tls=true" in uri or "ssl=true" in uri else "without TLS"
-        return Check("target reachable", True, f"server version {info.get('version', '?')}, {tls}")
+        tls = connection_tls(self.cfg.target.uri, ca)  # as the driver reads the options, never by substring
+        how = "over TLS, certificate verified" if tls.secure else tls.problem
+        return Check("target reachable", True, f"server version {info.get('version', '?')}, {how}")
+
+    async def _target_tls(self) -> Check:
+        tls = connection_tls(self.cfg.target.uri, self.cfg.target.tls_ca_file)
+        if tls.secure:
+            trust = self.cfg.target.tls_ca_file or str(self._uri_ca() or "the system's CA certificates")
+            return Check("target TLS", True, f"on, certificate and host name verified against {trust}")
+        return Check("target TLS", False, f"{tls.problem}; allowed only by target.allow_insecure_tls = true, "
+                                          "so the password and the documents cross the network unprotected")
+
+    def _uri_ca(self) -> str:
+        from pymongo.uri_parser import split_options
+
+        query = self.cfg.target.uri.partition("://")[2].partition("?")[2]
+        try:
+            return str(split_options(query, validate=False).get("tlsCAFile") or "") if query else ""
+        except (ValueError, TypeError):
+            return ""
 
     async def _target_write(self) -> Check:
         name = f"check_{uuid.uuid4().hex[:8]}"

@@ -30,7 +30,7 @@ NAMESPACE_FIELDS = (
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
-    "ready_for_cutover", "not_ready_reasons", "namespaces",
+    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces",
 )
 STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
 PHASES = ("capturing", "catching up", "in sync", "failed", "fenced", "stopped")
@@ -155,6 +155,10 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
     unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced", "stopped", "starting")]
     if unhealthy:
         reasons.append(f"namespaces not healthy: {', '.join(unhealthy)}")
+    refused = [f"{ns} ({why})" for ns, why in sorted(daemon.not_captured.items()) if matches_patterns(ns, include, exclude)]
+    if refused:  # they exist on the source and nothing migrates them: never ready while there are any
+        more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
+        reasons.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
     deferred = sum(n["deferred"] for n in namespaces)
     if deferred:
         lasting = [f"{n['namespace']}: {n['deferred_reason']}" for n in namespaces if n["deferred_reason"]]
@@ -184,6 +188,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         "cutover_threshold_seconds": threshold,
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
+        "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
     }
 
@@ -193,4 +198,5 @@ def one_line(status: dict[str, Any]) -> str:
     failed = sum(1 for n in status["namespaces"] if n["state"] in ("failed", "fenced"))
     return (f"writer {status['writer']}, gap {status['gap_in_seconds']:.1f}s, "
             f"{len(status['namespaces'])} namespaces, {failed} failed, "
-            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}")
+            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}"
+            f"{', TARGET TLS OFF OR UNVERIFIED' if status.get('insecure_target_tls') else ''}")

@@ -7,6 +7,13 @@ read as words where a bare number would puzzle ("none yet" instead of
 "0 (#-1)", "none" instead of "0 in 0"). Errors are listed under the table,
 one line each, where they have room. Every name and message is plain text,
 never rich markup. Lag colours use the daemon's `cutover_threshold_seconds`.
+
+Everything the daemon reports may carry names from the source (collections
+are named by the customer's applications, and MongoDB takes `[/b]`, escape
+sequences and bidi overrides in a name), so every value is rendered as plain
+text (`rich.text.Text`, never parsed as markup) after `printable` has made
+control and format characters visible instead of letting them reach the
+operator's terminal (`cosmigrate.terminal`).
 """
 
 from __future__ import annotations
@@ -19,8 +26,17 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from cosmigrate.terminal import printable
+
+__all__ = ["plain", "printable", "render"]
+
 DEFAULT_WIDTH = 80
 GAP = 2  # spaces between columns
+
+
+def plain(value: object, style: str = "") -> Text:
+    """A table cell or line part: never markup, never a raw control character."""
+    return Text(printable(value), style=style)
 
 
 def _lag_style(lag: float, threshold: float) -> str:
@@ -123,15 +139,17 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
     ready = status["ready_for_cutover"]
     now = status["current_time"]
     head = Text()
-    head.append(str(status["cluster_name"]), style="bold")
+    head.append(printable(status["cluster_name"]), style="bold")
     if "version" in status:
-        head.append(f"  v{status['version']} up {_duration(status.get('uptime_s') or 0)}")
+        head.append(f"  v{printable(status['version'])} up {_duration(status.get('uptime_s') or 0)}")
     head.append("  writer ")
-    head.append(status["writer"], style="green" if status["writer"] == "started" else "yellow")
+    head.append(printable(status["writer"]), style="green" if status["writer"] == "started" else "yellow")
     head.append("  gap ")
     head.append(f"{status['gap_in_seconds']:.1f}s", style=_lag_style(status["gap_in_seconds"], threshold))
     head.append(f" (ready under {threshold:g}s)  ")
     head.append("READY FOR CUTOVER" if ready else "not ready", style="bold green" if ready else "yellow")
+    if status.get("insecure_target_tls"):
+        head.append("  target TLS off or unverified (target.allow_insecure_tls)", style="bold red")
 
     namespaces = status["namespaces"]
     rows = [[_name(n)] + [cell(n, now, threshold) for _, _, cell in COLUMNS] for n in namespaces]
@@ -151,15 +169,15 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
         parts.append(Text("no namespace is being captured yet", style="dim"))
     for n in namespaces:
         if n["last_error"]:
-            line = Text(f"{n['namespace']}: ", style="red")
-            line.append(Text(str(n["last_error"])))
+            line = Text(f"{printable(n['namespace'])}: ", style="red")
+            line.append(Text(printable(n["last_error"])))
             if n.get("last_error_at"):
                 line.append(Text(f" ({_when(n['last_error_at'], now)})", style="dim"))
             parts.append(line)
     if not ready:
-        parts.append(Text("why not: " + "; ".join(status["not_ready_reasons"]), style="dim"))
+        parts.append(plain("why not: " + "; ".join(status["not_ready_reasons"]), "dim"))
     return Group(*parts)
 
 
 def _name(n: dict[str, Any]) -> Text:
-    return Text(str(n["namespace"]), style={"failed": "bold red", "fenced": "bold red"}.get(n["state"], ""))
+    return Text(printable(n["namespace"]), style={"failed": "bold red", "fenced": "bold red"}.get(n["state"], ""))

@@ -31,7 +31,8 @@ async def source(sandbox: Sandbox) -> AsyncIterator[AsyncMongoClient]:
 
 @pytest.fixture
 async def target(sandbox: Sandbox) -> AsyncIterator[AsyncMongoClient]:
-    client: AsyncMongoClient = AsyncMongoClient(sandbox.target_uri, serverSelectionTimeoutMS=5000)
+    client: AsyncMongoClient = AsyncMongoClient(sandbox.target_uri, tlsCAFile=sandbox.target_ca_file,
+                                                serverSelectionTimeoutMS=5000)
     try:
         yield client
     finally:

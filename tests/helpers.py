@@ -16,8 +16,10 @@ from pymongo import AsyncMongoClient
 from cosmigrate.batchfile import Batch, BatchCodec
 from cosmigrate.config import Config, to_toml, validate
 from cosmigrate.ledger import open_ledger
+from cosmigrate.sandbox import ca_file_for_uri
 from cosmigrate.sandbox.workload import Workload, rich_doc  # noqa: F401  (re-exported for tests)
 from cosmigrate.stores import open_store
+from cosmigrate.tls import connection_tls
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -33,6 +35,10 @@ def make_config(tmp_path: Path, source_uri: str, target_uri: str, backend: str, 
     cfg = Config(cluster_name="test")
     cfg.source.uri = source_uri
     cfg.target.uri = target_uri
+    # A sandbox target serves TLS with a CA of its own: trusted the way production trusts DocumentDB's bundle.
+    cfg.target.tls_ca_file = ca_file_for_uri(target_uri)
+    if not cfg.target.tls_ca_file and not connection_tls(target_uri).secure:
+        cfg.target.allow_insecure_tls = True  # a placeholder address that no test connects to
     cfg.control.socket = str(tmp_path / "control.sock")
     cfg.log.format = "json"
     if backend == "file+sqlite":

@@ -28,7 +28,7 @@ NS = "app.c"
 @pytest.fixture
 async def raw_target(sandbox: Sandbox) -> AsyncIterator[AsyncMongoClient[Any]]:
     """The applier's client, configured as production configures it."""
-    client = target_client(sandbox.target_uri, serverSelectionTimeoutMS=5000)
+    client = target_client(sandbox.target_uri, sandbox.target_ca_file, serverSelectionTimeoutMS=5000)
     try:
         yield client
     finally:

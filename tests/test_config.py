@@ -80,13 +80,13 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_secrets_from_env_file_and_systemd_credentials(tmp_path: Path) -> None:
     (tmp_path / "creds").mkdir()
-    (tmp_path / "creds" / "target-uri").write_text("mongodb://t:pw@docdb:27017/\n")
+    (tmp_path / "creds" / "target-uri").write_text("mongodb://t:pw@docdb:27017/?tls=true\n")
     (tmp_path / "source-uri").write_text("mongodb://s:pw@cosmos:10255/\n")
     path = tmp_path / "ok.toml"
     path.write_text(GOOD.replace(f"mongodb://admin:{SECRET}@cosmos.example:10255/?ssl=true", f"file:{tmp_path / 'source-uri'}")
                     .replace(f"mongodb://master:{SECRET}@docdb.example:27017/?tls=true", "credential:target-uri"))
     cfg = load_config(path, env={"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")})
-    assert cfg.source.uri == "mongodb://s:pw@cosmos:10255/" and cfg.target.uri == "mongodb://t:pw@docdb:27017/"
+    assert cfg.source.uri == "mongodb://s:pw@cosmos:10255/" and cfg.target.uri == "mongodb://t:pw@docdb:27017/?tls=true"
     path.write_text(GOOD.replace(f"mongodb://admin:{SECRET}@cosmos.example:10255/?ssl=true", "env:MY_SOURCE"))
     assert load_config(path, env={"MY_SOURCE": "mongodb://x:y@h:1/"}).source.uri == "mongodb://x:y@h:1/"
 

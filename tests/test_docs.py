@@ -112,7 +112,7 @@ async def test_the_five_minute_walkthrough_works_as_written(tmp_path: Path, moto
             config = tmp_path / f"try{n}.toml"
             config.write_text(swap(config_text))
             env = dict(os.environ, **AWS_ENV, COSMIGRATE_CONFIG=str(config), COSMIGRATE_SOURCE_URI=sandbox.source_uri,
-                       COSMIGRATE_TARGET_URI=sandbox.target_uri)
+                       COSMIGRATE_TARGET_URI=sandbox.target_uri, COSMIGRATE_TARGET_TLS_CA_FILE=sandbox.target_ca_file)
 
             def cli(*args: str, env: dict[str, str] = env) -> subprocess.CompletedProcess[str]:
                 return subprocess.run([sys.executable, "-m", "cosmigrate", *args], capture_output=True, text=True,
@@ -124,7 +124,8 @@ async def test_the_five_minute_walkthrough_works_as_written(tmp_path: Path, moto
             init = await asyncio.to_thread(cli, "ledger", "init")
             assert init.returncode == 0 and "created" in init.stdout, init.stderr
             child = await Child.start(config, COSMIGRATE_SOURCE_URI=sandbox.source_uri,
-                                      COSMIGRATE_TARGET_URI=sandbox.target_uri)
+                                      COSMIGRATE_TARGET_URI=sandbox.target_uri,
+                                      COSMIGRATE_TARGET_TLS_CA_FILE=sandbox.target_ca_file)
             try:
                 async def answers() -> bool:
                     return (await asyncio.to_thread(cli, "ctl", "status")).returncode == 2

@@ -7,6 +7,7 @@ import datetime as dt
 import random
 import re
 import signal
+import ssl
 import struct
 import sys
 import uuid
@@ -201,8 +202,9 @@ async def test_kill_cursors(target: AsyncMongoClient) -> None:
 # --- bad input --------------------------------------------------------------------
 
 
-async def _roundtrip(host: str, port: int, payload: bytes, read: bool = True) -> bytes:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _roundtrip(host: str, port: int, payload: bytes, read: bool = True, ca_file: str = "") -> bytes:
+    tls = ssl.create_default_context(cafile=ca_file) if ca_file else None  # the target serves TLS
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls)
     try:
         writer.write(payload)
         await writer.drain()
@@ -234,7 +236,7 @@ def _op_msg(body: bytes, request_id: int = 1) -> bytes:
 async def test_malformed_messages_never_stop_the_server(
     sandbox: Sandbox, target: AsyncMongoClient, payload: bytes, expect_reply: bool | None
 ) -> None:
-    reply = await _roundtrip(sandbox.target.host, sandbox.target.port, payload)
+    reply = await _roundtrip(sandbox.target.host, sandbox.target.port, payload, ca_file=sandbox.target_ca_file)
     if expect_reply is None:
         assert reply == b"" or bson.decode(reply[21:])["ok"] == 0
     elif expect_reply:
@@ -265,9 +267,11 @@ async def test_sandbox_command_prints_uris_and_stops_on_sigterm() -> None:
     try:
         source_uri = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
         target_uri = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        ca_file = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
         assert source_uri.startswith("mongodb://127.0.0.1:") and "replicaSet=globaldb" in source_uri
         assert target_uri.startswith("mongodb://127.0.0.1:") and "replicaSet=rs0" in target_uri
-        client: AsyncMongoClient = AsyncMongoClient(target_uri)
+        assert "tls=true" in target_uri and ca_file.endswith("-ca.pem")
+        client: AsyncMongoClient = AsyncMongoClient(target_uri, tlsCAFile=ca_file)
         await client.db.c.insert_one({"_id": 1})
         assert await client.db.c.count_documents({}) == 1
         await client.close()

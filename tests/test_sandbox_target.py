@@ -94,7 +94,7 @@ async def test_unique_index_treats_equal_values_as_one_key(target: AsyncMongoCli
 
 async def test_retryable_write_is_refused(sandbox: Sandbox) -> None:
     uri = sandbox.target_uri.replace("retryWrites=false", "retryWrites=true")
-    client: AsyncMongoClient = AsyncMongoClient(uri)
+    client: AsyncMongoClient = AsyncMongoClient(uri, tlsCAFile=sandbox.target_ca_file)
     try:
         with pytest.raises(OperationFailure) as info:
             await client.db.c.insert_one({"_id": 1})
@@ -135,7 +135,8 @@ async def test_unsupported_index_types_are_refused(target: AsyncMongoClient, key
 async def test_text_and_partial_indexes_depend_on_the_version() -> None:
     # DocumentDB 4.0 reports wire version 7, which the pinned PyMongo refuses: it is asked over a bare socket.
     specs = [{"key": {"t": "text"}, "name": "t_text"}, {"key": {"p": 1}, "name": "p_1", "partialFilterExpression": {"p": {"$gt": 1}}}]
-    async with Sandbox(target_version="4.0.0") as old, Sandbox(target_version="5.0.0") as new:
+    async with Sandbox(target_version="4.0.0", target_tls=False) as old, \
+            Sandbox(target_version="5.0.0", target_tls=False) as new:
         for sb, refused in ((old, True), (new, False)):
             for spec in specs:
                 _, reply = await versions.command(sb.target.host, sb.target.port,

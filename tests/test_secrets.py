@@ -162,3 +162,15 @@ async def test_a_session_token_in_a_valid_uri_is_redacted_when_the_source_refuse
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "AWS_SESSION_TOKEN:***" in result.stderr, output
     assert not _leaks(output, ["QFwoGZXIvYXdzEXAMPLE", "QtokenTail"]), output
+
+
+def test_a_driver_warning_that_would_quote_a_token_is_a_config_error(tmp_path: Path) -> None:
+    # The driver takes this string, warns about the unknown property "Qpiece7" on stderr each time a client
+    # is built (outside any redaction), and drops it: a session token cut at a ',' would reach the journal.
+    uri = ("mongodb://cosmos.example:10255/?ssl=true&authMechanism=MONGODB-AWS"
+           "&authMechanismProperties=AWS_SESSION_TOKEN:Qtoken1,Qpiece7:x")
+    path = write_config(_with(_base(tmp_path), "source.uri", uri), tmp_path / "c.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    assert str(caught.value).startswith("source.uri: not a valid connection string")
+    assert not _leaks(str(caught.value), ["Qtoken1", "Qpiece7"])

@@ -138,7 +138,7 @@ def test_the_retention_comes_from_the_config_when_it_has_one(tmp_path: Path) -> 
 async def harness(request: pytest.FixtureRequest, tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[Harness]:
     config = _config(request, tmp_path, sandbox.source_uri, sandbox.target_uri)
     await prepare_backends(config)
-    client = target_client(sandbox.target_uri, serverSelectionTimeoutMS=5000)
+    client = target_client(sandbox.target_uri, sandbox.target_ca_file, serverSelectionTimeoutMS=5000)
     h = Harness(config, client)
     try:
         yield h

@@ -63,6 +63,20 @@ _META_COLS = "ns, owner, epoch, next_seq, resume_token, applied_seq, captured_ev
 _BATCH_COLS = "ns, seq, key, events, bytes, raw_bytes, checksum, first_captured_at, captured_at, applied_at, epoch"
 
 
+def _owner_only(path: Path) -> None:
+    """Make the ledger and its -wal/-shm owner-only (0600) if they are not; SQLite gives new -wal/-shm
+    files the mode of the main file, so fixing it once keeps them all private."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if os.stat(file).st_mode & 0o077:
+                os.chmod(file, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise LedgerError(f"ledger {file} is readable by other users and cannot be made owner-only "
+                              f"({exc.strerror}); chmod 600 it") from None
+
+
 class SqliteLedger:
     def __init__(self, url: str, path: str, cluster: str) -> None:
         self.url = url
@@ -82,6 +96,7 @@ class SqliteLedger:
             # usually 022). SQLite creates -wal and -shm with the main file's mode, so they follow.
             if not self.path.exists():
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            _owner_only(self.path)  # a file left group- or world-readable (an older release, a manual copy)
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")

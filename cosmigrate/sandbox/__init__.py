@@ -6,7 +6,11 @@ behave like Cosmos anyway. Both servers speak the MongoDB wire protocol so the
 real PyMongo client is exercised end to end.
 
     async with Sandbox() as sb:
-        client = AsyncMongoClient(sb.source_uri)
+        source = AsyncMongoClient(sb.source_uri)
+        target = AsyncMongoClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
+
+The target serves TLS with a CA made at start, as DocumentDB serves TLS with
+its CA bundle; `ca_file_for_uri(target_uri)` finds that CA from the URI alone.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from types import TracebackType
 from cosmigrate.sandbox.cosmos import CosmosSource, beginning_token, make_list_token, make_token
 from cosmigrate.sandbox.documentdb import DocumentDBTarget
 from cosmigrate.sandbox.faults import Faults, FaultSpecError, parse_spec
+from cosmigrate.sandbox.tls import ca_file_for_uri
 
 __all__ = [
     "CosmosSource",
@@ -25,6 +30,7 @@ __all__ = [
     "Sandbox",
     "beginning_token",
     "make_list_token",
+    "ca_file_for_uri",
     "make_token",
     "parse_spec",
 ]
@@ -47,9 +53,10 @@ class Sandbox:
         host: str = "127.0.0.1",
         target_version: str = "5.0.0",
         source_version: str = "6.0",
+        target_tls: bool = True,
     ) -> None:
         self.source = CosmosSource(source_faults, host=host, version=source_version)
-        self.target = DocumentDBTarget(target_faults, host=host, version=target_version)
+        self.target = DocumentDBTarget(target_faults, host=host, version=target_version, tls=target_tls)
         self._ports = (source_port, target_port)
 
     @property
@@ -59,6 +66,11 @@ class Sandbox:
     @property
     def target_uri(self) -> str:
         return self.target.uri()
+
+    @property
+    def target_ca_file(self) -> str:
+        """The target's CA certificate (`target.tls_ca_file`, PyMongo's `tlsCAFile`); "" with target_tls=False."""
+        return self.target.ca_file
 
     async def start(self) -> Sandbox:
         await self.source.start(self._ports[0])

@@ -5,7 +5,8 @@ Rules emulated (see the README, "The sandbox"): no retryable writes (a write car
 enforced, no 2d/hashed/wildcard indexes (nor text and partial indexes below
 5.0, nor collations below 8.0), no capped collections, no DBPointer,
 JavaScript, Symbol or Undefined values. Faults: failovers (connection resets
-and "not primary" for N seconds) and slow writes.
+and "not primary" for N seconds) and slow writes. TLS by default, with a CA made at start
+(`cosmigrate.sandbox.tls`): clients need `ca_file`, as DocumentDB clients need its CA bundle.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from cosmigrate.sandbox.bsonvalues import find_unsupported_type
 from cosmigrate.sandbox.query import QueryError
 from cosmigrate.sandbox.server import CommandError, DropConnection, MongoServer
+from cosmigrate.sandbox.tls import ServerTls
 from cosmigrate.versions import TARGET, lookup
 
 
@@ -26,17 +28,27 @@ class DocumentDBTarget(MongoServer):
     set_name = "rs0"
     reject_retryable_writes = True
 
-    def __init__(self, *args: Any, version: str = "5.0.0", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, version: str = "5.0.0", tls: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.version = lookup(TARGET, version)
         self.server_version = self.version.build_version
         self.major = int(self.server_version.split(".")[0])
         self.max_wire_version = self.version.max_wire
+        self.tls = tls
+        self._tls: ServerTls | None = None
+
+    @property
+    def ca_file(self) -> str:
+        """The CA certificate clients must trust (`target.tls_ca_file`); "" without TLS or before start."""
+        return str(self._tls.ca_file) if self._tls is not None and self._tls.ca_file is not None else ""
 
     def uri(self) -> str:
+        # Like a DocumentDB connection string: TLS on, the CA bundle given separately (`ca_file`).
         if self.version.sharded:  # an elastic cluster's endpoint is a router: no replicaSet option
-            return f"mongodb://{self.address}/?retryWrites=false"
-        return super().uri()
+            base = f"mongodb://{self.address}/?retryWrites=false"
+        else:
+            base = super().uri()
+        return base + ("&tls=true" if self.tls else "")
 
     def hello_reply(self, conn_id: int, legacy: bool) -> dict[str, Any]:
         reply = super().hello_reply(conn_id, legacy)
@@ -45,6 +57,27 @@ class DocumentDBTarget(MongoServer):
                 reply.pop(key, None)
             reply["msg"] = "isdbgrid"
         return reply
+
+    async def start(self, port: int = 0, tls: Any = None) -> None:
+        if not self.tls:
+            await super().start(port)
+            return
+        self._tls = ServerTls(self.host)
+        try:
+            await super().start(port, tls=self._tls.context)
+            self._tls.publish(self.host, self.port)
+        except BaseException:
+            self._tls.close()
+            self._tls = None
+            raise
+
+    async def stop(self) -> None:
+        try:
+            await super().stop()
+        finally:
+            if self._tls is not None:
+                self._tls.close()
+                self._tls = None
 
     def is_primary(self) -> bool:
         return not self.faults.failing_over

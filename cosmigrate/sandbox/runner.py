@@ -19,14 +19,17 @@ def build_faults(spec: str | None, seed: int | None = None) -> tuple[Faults, Fau
 
 
 async def serve(source_port: int, target_port: int, faults: str | None, target_version: str,
-                source_version: str = "6.0") -> None:
-    """Start both servers, print their URIs (source first), run until a stop signal."""
+                source_version: str = "6.0", target_tls: bool = True) -> None:
+    """Start both servers, print the source URI, the target URI and the target's CA file (one line each; the
+    last is empty without TLS), run until a stop signal."""
     source_faults, target_faults = build_faults(faults)
     sandbox = Sandbox(source_faults=source_faults, target_faults=target_faults, source_port=source_port,
-                      target_port=target_port, target_version=target_version, source_version=source_version)
+                      target_port=target_port, target_version=target_version, source_version=source_version,
+                      target_tls=target_tls)
     await sandbox.start()
     print(sandbox.source_uri, flush=True)
     print(sandbox.target_uri, flush=True)
+    print(sandbox.target_ca_file, flush=True)
     print(f"sandbox: Cosmos {sandbox.source.version.name} source on {sandbox.source.address}, DocumentDB "
           f"{sandbox.target.version.name} target on {sandbox.target.address}; Ctrl+C to stop", file=sys.stderr, flush=True)
     stop = asyncio.Event()

@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import itertools
 import random
+import ssl
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -143,8 +144,8 @@ class MongoServer:
     def uri(self) -> str:
         return f"mongodb://{self.address}/?replicaSet={self.set_name}&retryWrites=false"
 
-    async def start(self, port: int = 0) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, port, limit=2**20)
+    async def start(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
+        self._server = await asyncio.start_server(self._handle, self.host, port, limit=2**20, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -9,6 +9,7 @@ new owner committed under the same seq.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 from urllib.parse import quote
 
@@ -60,13 +61,49 @@ class BatchStore(Protocol):
         """Release connections."""
 
 
+MAX_COMPONENT_BYTES = 150
+"""Longest key component (a directory or file name of a directory store): a name past it is hashed.
+
+Three components, the seq part and a prefix of at most `config.MAX_PREFIX_BYTES` (512) stay under S3's
+1,024-byte key limit, and each component stays well under the 255-byte file-name limit of Linux filesystems.
+"""
+_HASH_MARK = "~"  # never produced by key_component's escaping, so a hashed component is never an escaped name
+
+
+def key_component(name: str) -> str:
+    """One database, collection or cluster name as one key component: injective, bounded, never hidden.
+
+    Names are whatever the source allows (MongoDB takes `..`, `a..b`, `.x`, 255 bytes of `é`), so:
+    percent-encoding of everything but letters, digits and `-_.` (also `~`, which `quote` would keep);
+    a leading dot escaped, so no component is `.`, `..` or a hidden file (the directory store's
+    markers are hidden files); the empty name is a lone `~`; and a component longer than
+    MAX_COMPONENT_BYTES keeps a readable head plus `~` and the SHA-256 of the name. Escaped
+    components never contain `~`, so no two names share a component (short of a SHA-256 collision).
+    """
+    if not name:
+        return _HASH_MARK
+    text = quote(name, safe="-_.", errors="surrogatepass").replace("~", "%7E")
+    if text.startswith("."):
+        text = "%2E" + text[1:]
+    if len(text) <= MAX_COMPONENT_BYTES:
+        return text
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+    head = text[: MAX_COMPONENT_BYTES - len(digest) - 1]
+    cut = head.rfind("%", len(head) - 2)
+    if cut >= 0:
+        head = head[:cut]  # never half an escape
+    return f"{head}{_HASH_MARK}{digest}"
+
+
 def batch_key(prefix: str, cluster: str, ns: str, seq: int, epoch: int) -> str:
-    """`<prefix>/<cluster>/<db>/<coll>/<seq, 12 digits>-e<epoch>`, each name part URL-quoted.
+    """`<prefix>/<cluster>/<db>/<coll>/<seq, 12 digits>-e<epoch>`, each name part a `key_component`.
 
     The epoch suffix is what keeps a fenced owner from clobbering committed
     data: its late put lands beside the new owner's object, never on it.
+    Distinct namespaces never share a key (`app...` and `shop...` included),
+    and the key stays within S3's and the file system's limits whatever the names.
     """
     db, _, coll = ns.partition(".")
-    parts = [quote(p, safe="-_.") for p in (cluster, db, coll)]
+    parts = [key_component(p) for p in (cluster, db, coll)]
     head = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
     return f"{head}{'/'.join(parts)}/{seq:012d}-e{epoch}"

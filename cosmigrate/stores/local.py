@@ -32,6 +32,10 @@ class LocalStore:
         self._next_sweep = 0.0  # monotonic
 
     def _path(self, key: str) -> Path:
+        # Keys come from `batch_key`, whose components are never empty, "." or "..": a key that has one
+        # would name another key's file (or a directory), so it is refused rather than resolved.
+        if not key or any(part in ("", ".", "..") for part in key.split("/")):
+            raise StoreError(f"key {key!r} has an empty, '.' or '..' component")
         path = (self.root / key).resolve()
         if self.root.resolve() not in path.parents:
             raise StoreError(f"key {key!r} escapes the store directory")
@@ -41,7 +45,7 @@ class LocalStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # change data: owner only
         try:
             view = memoryview(data)
             while view:
