@@ -39,7 +39,7 @@ def make_doc(i: int) -> dict:
 
 async def run(n: int, repeats: int, tls: bool = True) -> dict:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cosmigrate", "sandbox", "--target-tls" if tls else "--no-target-tls",
+        sys.executable, "-m", "cosmigrate", "sandbox", "--target-tls" if tls else "--target-plain",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )
     assert proc.stdout is not None

@@ -465,7 +465,8 @@ def sandbox(
     faults: Annotated[str | None, typer.Option(help="Fault switches, e.g. 'throttle_rate=0.2,retry_after_ms=50,deletes_preview'.")] = None,
     target_version: Annotated[str, typer.Option(help="DocumentDB version to emulate: 3.6, 4.0, 5.0, 8.0 or elastic.")] = "5.0.0",
     source_version: Annotated[str, typer.Option(help="Cosmos DB server version to emulate: 3.6, 4.0, 4.2, 5.0, 6.0 or 7.0.")] = "6.0",
-    target_tls: Annotated[bool, typer.Option(help="Serve TLS on the target, with a CA made at start.")] = True,
+    target_tls: Annotated[bool, typer.Option("--target-tls/--target-plain",
+                                             help="Serve TLS on the target, with a CA made at start (or plain TCP).")] = True,
 ) -> None:
     """Run the Cosmos DB and DocumentDB emulators on 127.0.0.1 (test and demo use only).
 

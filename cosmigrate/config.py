@@ -615,8 +615,8 @@ def validate(cfg: Config, uris: bool = True) -> None:
     if cfg.target.tls_ca_file and uris:
         if options["target.uri"].get("tls") is False:
             raise ConfigError("target.tls_ca_file: set, but target.uri turns TLS off (tls=false); remove one of them")
-    tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file)
-    if not tls.secure and not cfg.target.allow_insecure_tls:
+    tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file) if uris else None
+    if tls is not None and not tls.secure and not cfg.target.allow_insecure_tls:
         # The target connection carries the DocumentDB password and every document: never in clear, never to
         # whoever answers. The message names options only, never a piece of the connection string.
         raise ConfigError(f"target.uri: {tls.problem}; DocumentDB must be reached over TLS with its certificate "

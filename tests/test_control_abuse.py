@@ -182,7 +182,7 @@ async def test_a_socket_flood_never_starves_capture_and_ctl_still_answers(tmp_pa
         result = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "cosmigrate", "ctl", "--socket",
                                                           cfg.control.socket, "status", "--json"],
                                          capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
+        assert result.returncode in (0, 2), result.stderr  # 2: answered, not ready
         assert json.loads(result.stdout)["namespaces"][0]["namespace"] == "app.flood"
         fds = _open_fds(proc.pid)
         assert fds < base_fds + 64, (base_fds, fds)  # the cap (32 under 1,024 handles) and a little slack

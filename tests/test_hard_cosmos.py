@@ -244,7 +244,7 @@ async def _cli(*args: str) -> tuple[int, str]:
 
 async def test_indexes_command_and_preflight_report_unique_violations_and_ttl(tmp_path: Path, sandbox: Sandbox,
                                                                           source, target, moto_endpoint) -> None:
-    await _array_duplicates(source, AsyncMongoClient(sandbox.target_uri))
+    await _array_duplicates(source, AsyncMongoClient(sandbox.target_uri, tlsCAFile=sandbox.target_ca_file))
     await source.app.t.create_index("_ts", expireAfterSeconds=3600)
     await source.app.t.insert_one({"_id": 1})
     sandbox.source.faults.ttl_custom_path = True

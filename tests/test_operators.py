@@ -214,7 +214,7 @@ def test_writer_action_is_a_choice() -> None:
 
 def test_a_mistyped_environment_variable_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('cluster_name = "x"\n[source]\nuri = "mongodb://h:1/"\n[target]\nuri = "mongodb://t:1/?retryWrites=false"\n'
+    path.write_text('cluster_name = "x"\n[source]\nuri = "mongodb://h:1/"\n[target]\nuri = "mongodb://t:1/?retryWrites=false&tls=true"\n'
                     '[ledger]\nurl = "sqlite:///tmp/l.db"\n')
     for typo, meant in (("COSMIGRATE_CAPTURE_EXLUDE", "COSMIGRATE_CAPTURE_EXCLUDE"),
                         ("COSMIGRATE_SOURCE_URL", "COSMIGRATE_SOURCE_URI"), ("COSMIGRATE_LOG_LEVL", "COSMIGRATE_LOG_LEVEL")):
@@ -235,7 +235,7 @@ def test_a_mistyped_environment_variable_is_reported(tmp_path: Path) -> None:
 def test_check_config_and_env_file(tmp_path: Path) -> None:
     envfile = tmp_path / "cosmigrate.env"
     envfile.write_text("# secrets\nCOSMIGRATE_SOURCE_URI=mongodb://u:p@cosmos:10255/?ssl=true&replicaSet=globaldb\n"
-                       'COSMIGRATE_TARGET_URI="mongodb://t:p@docdb:27017/?tls=false&retryWrites=false"\n')
+                       'COSMIGRATE_TARGET_URI="mongodb://t:p@docdb:27017/?tls=true&retryWrites=false"\n')
     assert read_env_file(envfile)["COSMIGRATE_TARGET_URI"].startswith("mongodb://t:p@docdb")
     path = tmp_path / "c.toml"
     path.write_text('cluster_name = "x"\n[source]\nuri = "env:COSMIGRATE_SOURCE_URI"\n[target]\n'

@@ -127,7 +127,8 @@ async def test_cosmos_36_keeps_the_list_form_token() -> None:
 async def test_supported_documentdb_versions_through_the_real_client(version: str) -> None:
     expected = versions.DOCUMENTDB_VERSIONS[version]
     async with Sandbox(target_version=version) as sb:
-        client: AsyncMongoClient = AsyncMongoClient(sb.target_uri, serverSelectionTimeoutMS=5000)
+        client: AsyncMongoClient = AsyncMongoClient(sb.target_uri, serverSelectionTimeoutMS=5000,
+                                                    tlsCAFile=sb.target_ca_file)
         try:
             assert (await client.admin.command("buildInfo"))["version"] == expected.build_version
             hello = await client.admin.command("hello")
@@ -138,13 +139,13 @@ async def test_supported_documentdb_versions_through_the_real_client(version: st
             assert ("setName" in hello) == (version != "elastic")
         finally:
             await client.close()
-        assert await versions.check_server(TARGET, sb.target_uri) is None
+        assert await versions.check_server(TARGET, sb.target_uri, sb.target_ca_file) is None
 
 
 @pytest.mark.parametrize("version", REFUSED_TARGETS)
 async def test_refused_documentdb_versions_are_named(version: str) -> None:
     async with Sandbox(target_version=version) as sb:
-        problem = await versions.check_server(TARGET, sb.target_uri)
+        problem = await versions.check_server(TARGET, sb.target_uri, sb.target_ca_file)
         assert problem is not None and problem.found == version and problem.oldest.name == "5.0"
         assert "deploy/cloudformation/documentdb.yaml" in str(problem)
 
@@ -176,9 +177,10 @@ async def test_sandbox_cli_source_version() -> None:
         assert proc.stdout is not None
         source_uri = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
         target_uri = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+        ca_file = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
         hello, build = await versions.probe(source_uri)
         assert (hello["maxWireVersion"], build and build["version"]) == (8, "4.2.0")
-        hello, build = await versions.probe(target_uri)
+        hello, build = await versions.probe(target_uri, ca_file)
         assert (hello["maxWireVersion"], build and build["version"]) == (25, "8.0.0")
     finally:
         proc.terminate()

@@ -33,7 +33,8 @@ async def test_capture_and_apply_round_trip(tmp_path: Path, source_version: str,
     async with Sandbox(source_faults=Faults(seed=3), target_faults=Faults(seed=3), source_version=source_version,
                        target_version=target_version) as sb:
         source: AsyncMongoClient = AsyncMongoClient(sb.source_uri, serverSelectionTimeoutMS=5000)
-        target: AsyncMongoClient = AsyncMongoClient(sb.target_uri, serverSelectionTimeoutMS=5000)
+        target: AsyncMongoClient = AsyncMongoClient(sb.target_uri, serverSelectionTimeoutMS=5000,
+                                                    tlsCAFile=sb.target_ca_file)
         cfg = make_config(tmp_path, sb.source_uri, sb.target_uri, "file+sqlite", max_batch_events=40)
         await prepare_backends(cfg)
         daemon = Daemon(cfg)
