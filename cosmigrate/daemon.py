@@ -30,6 +30,7 @@ from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import list_namespaces, matches_patterns, source_client, target_client
+from cosmigrate.proof import Proof
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
@@ -45,7 +46,8 @@ EXIT_FENCED = 4
 
 
 class Daemon:
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, config_path: str | None = None,
+                 job: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self._reload = asyncio.Event()
@@ -70,6 +72,10 @@ class Daemon:
         self.control: ControlServer | None = None
         self.lock: ClusterLock | None = None
         self.notify = Notifier(env)
+        self.proof: Proof | None = None
+        self.job = job
+        """A control request to run and then stop (`cosmigrate verify` / `cutover` without a running daemon)."""
+        self.job_result: dict[str, Any] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -102,6 +108,8 @@ class Daemon:
         control = await self.ledger.get_control()
         if control.writer == "started":
             self.gate.start()
+        self.proof = Proof(self)
+        await self.proof.start()
         self.control = ControlServer(self.cfg.control.socket, self.handle_control,
                                      allowed_group=self.cfg.control.allowed_group,
                                      max_request_bytes=self.cfg.control.max_request_bytes)
@@ -119,10 +127,15 @@ class Daemon:
             asked = time.time()
             await self.certify()
             return {"ok": True, "status": await build_status(self, fresh_after=asked)}
+        if cmd in ("verify", "cutover") and self.proof is not None:
+            return await self.proof.handle(request)
         if cmd == "writer":
             action = request.get("action")
             if action not in ("start", "stop"):
                 return {"ok": False, "error": 'writer needs "action": "start" or "stop"'}
+            refused = self.proof.writer_start_refused(request) if self.proof is not None and action == "start" else ""
+            if refused:
+                return {"ok": False, "error": refused}
             assert self.ledger is not None
             by = str(request.get("by", "ctl"))[:100]
             state = "started" if action == "start" else "stopped"
@@ -133,7 +146,7 @@ class Daemon:
                 await self.gate.stop()  # returns once no bulk write is in flight
             self.log.info(f"writer {state}", by=by)
             return {"ok": True, "writer": state}
-        return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, ping)"}
+        return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, verify, cutover, ping)"}
 
     async def serve(self) -> int:
         """Run until a stop is requested; the exit status for `cosmigrate run` (0, or EXIT_FENCED)."""
@@ -150,6 +163,8 @@ class Daemon:
                           asyncio.create_task(sampler.run(), name="head-sampler")]
             if self.notify.watchdog_interval_s:
                 background.append(asyncio.create_task(self._watchdog(self.notify.watchdog_interval_s), name="watchdog"))
+            if self.job is not None:
+                background.append(asyncio.create_task(self._run_job(self.job), name="job"))
             self.notify.ready(f"writer {'started' if self.gate.started else 'stopped'}, starting capture")
             await self._stop.wait()
             self.notify.stopping()
@@ -157,6 +172,8 @@ class Daemon:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self.proof is not None:
+                await self.proof.stop()
             await self._drain()
             self.log.info("cosmigrate stopped", exit_code=self.exit_code)
             return self.exit_code
@@ -226,6 +243,8 @@ class Daemon:
                 for ns in names:
                     if ns not in self.captures and not self._stop.is_set():
                         await self._start_capture(ns, start_at)
+                if self.proof is not None:
+                    self.proof.first_round_done()
             except (PyMongoError, LedgerError) as exc:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
             except Exception as exc:  # never let discovery die silently: log it and try again next round
@@ -265,6 +284,8 @@ class Daemon:
         for ns in dropped:
             del self.captures[ns], self.appliers[ns]
             self.freshness.pop(ns, None)
+            if self.proof is not None:
+                await self.proof.detach(ns)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
                       level=new.log.level, stopped=dropped)
 
@@ -285,6 +306,8 @@ class Daemon:
 
     async def _start_capture(self, ns: str, start_at: str | None) -> None:
         assert self.ledger is not None and self.store is not None
+        if self.proof is not None:
+            await self.proof.deletes_tier(ns)  # before the first stream opens: the delete preview changes its pipeline
         meta = await self.ledger.claim(ns, self.owner)
         fresh = self.freshness[ns] = Freshness()
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
@@ -296,6 +319,8 @@ class Daemon:
         self.appliers[ns] = app
         self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")
         self._tasks[f"apply:{ns}"] = asyncio.create_task(self._supervise(app, app.run), name=f"apply:{ns}")
+        if self.proof is not None:
+            self.proof.attach(ns, cap, app, fresh)
         self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq,
                       applied_seq=meta.applied_seq, start_at=cap.start_at if meta.resume_token is None else "stored")
 
@@ -336,6 +361,17 @@ class Daemon:
             self.log.warning("drain timed out; uncommitted events will be re-read on the next start",
                              namespaces=len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run_job(self, job: dict[str, Any]) -> None:
+        """Run one verify/cutover request in this process, keep its result, then stop the daemon."""
+        assert self.proof is not None
+        cmd = str(job["cmd"])
+        reply = await self.proof.handle(job)
+        while reply.get("ok") and reply[cmd]["running"]:
+            await asyncio.sleep(0.2)
+            reply = await self.proof.handle({"cmd": cmd, "action": "status"})
+        self.job_result = reply
+        self.request_stop()
 
     async def _close(self) -> None:
         self.notify.close()

@@ -52,6 +52,8 @@ class Freshness:
     caught_up_at: float = 0.0
     """The latest sampled moment that is captured AND applied."""
     latest_is_caught_up: bool = False
+    latest_head: Positions | None = None
+    """The head of the latest successful sample (deletes: has the source changed since a sweep started?)."""
     _samples: collections.deque[HeadSample] = field(default_factory=collections.deque)
     _marks: list[tuple[Positions, int]] = field(default_factory=list)
 
@@ -72,6 +74,7 @@ class Freshness:
         self.unknown_reason = ""
         self.last_sample_error = ""
         self.last_sample_at = at
+        self.latest_head = head
         sample = HeadSample(at, head)
         self._samples.append(sample)
         self.latest_is_caught_up = False

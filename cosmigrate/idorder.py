@@ -24,7 +24,7 @@ import calendar
 import datetime as dt
 import math
 import struct
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -232,7 +232,7 @@ class Page:
 
 
 async def walk(coll: Any, start: Position, page_size: int, projection: Mapping[str, Any] | None = None,
-               reader: Any = None) -> AsyncIterator[Page]:
+               reader: Any = None) -> AsyncGenerator[Page, None]:
     """The pages of `coll` in `_id` order from `start`; a full page ends at its last `_id`, a short one at its bracket's end.
 
     `reader(coro)` wraps each request (the source's request budget and retries); by default it is awaited as is.

@@ -158,6 +158,15 @@ def event_parts(raw: bytes) -> tuple[bytes, bytes | None]:
     return key, bytes(full.raw)
 
 
+def is_delete_event(raw: bytes) -> bool:
+    """True for a delete-preview event (`operationType: "delete"`); False for any other event.
+
+    Only asked about events without a document (rare): an event whose lookup
+    found nothing is not a delete by itself (see `cosmigrate.deletes.lookup`).
+    """
+    return RawBSONDocument(raw, RAW).get("operationType") == "delete"
+
+
 async def change_stream_tokens(
     client: AsyncMongoClient[Any], ns: str, start_at: Timestamp | None = None,
 ) -> list[bytes]:

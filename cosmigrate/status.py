@@ -26,9 +26,13 @@ NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
     "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
     "throughput_eps", "last_error",
+    # deletes, verification (cosmigrate.proof)
+    "deletes_tier", "deletes_reconciled_at", "deletes_applied", "sweep_progress", "documents_verified", "mismatches",
+    "last_verify_pass",
 )
 CLUSTER_FIELDS = (
     "cluster_name", "current_time", "writer", "gap_in_seconds", "ready_for_cutover", "not_ready_reasons", "namespaces",
+    "cutover",
 )
 
 
@@ -38,12 +42,13 @@ def _iso(ts: float) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict[str, Any]:
+async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: bool = True) -> dict[str, Any]:
     """Assemble the status object from the ledger, the head samples and the in-memory tasks.
 
     `fresh_after`: a namespace shows lag 0 only when it reached a head sampled at or after this
     moment (`ctl status` samples on demand and passes the request's time; the periodic STATUS=
-    line accepts the last couple of sampling rounds).
+    line accepts the last couple of sampling rounds). `proof=False` leaves out the reasons that deletes and
+    verification add (cutover's precheck: the cutover resolves those itself).
     """
     assert daemon.ledger is not None
     now = time.time()
@@ -110,6 +115,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
             "deferred": app.status.deferred if app else 0,
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": errors[-1] if errors else "",
+            **(daemon.proof.fields(meta.ns) if daemon.proof is not None else {}),
         })
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
@@ -127,6 +133,11 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         reasons.append(f"gap {gap:.1f}s is not under {threshold:g}s")
     if not namespaces:
         reasons.append("no namespace is being captured yet")
+    cutover = daemon.proof.cutover_status() if daemon.proof is not None else "not started"
+    if proof and daemon.proof is not None:
+        reasons += daemon.proof.reasons([n["namespace"] for n in namespaces], now)
+        if cutover == "cutover complete":
+            reasons.append("cutover complete: the applications use the target now")
     return {
         "cluster_name": daemon.cfg.cluster_name,
         "current_time": _iso(now),
@@ -135,12 +146,15 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
         "namespaces": namespaces,
+        "cutover": cutover,
     }
 
 
 def one_line(status: dict[str, Any]) -> str:
     """A summary for systemd's STATUS= and the demo's progress line."""
     failed = sum(1 for n in status["namespaces"] if n["state"] in ("failed", "fenced"))
+    if status.get("cutover") == "cutover complete":
+        return f"cutover complete, writer {status['writer']}, {len(status['namespaces'])} namespaces"
     return (f"writer {status['writer']}, gap {status['gap_in_seconds']:.1f}s, "
             f"{len(status['namespaces'])} namespaces, {failed} failed, "
             f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}")

@@ -90,3 +90,15 @@ async def test_an_old_sqlite_ledger_gains_the_progress_table(tmp_path: Path) -> 
         assert (await ledger.get_progress("db.c", "deletes", "sweep")) is not None
     finally:
         await ledger.close()
+
+
+async def test_progress_items_never_show_up_as_batches(cfg) -> None:
+    ledger = open_ledger(cfg)
+    try:
+        meta = await ledger.claim("db.c", "me")
+        await ledger.put_progress("db.c", "verify", "range#000000001", data(docs=1), epoch=meta.epoch)
+        await ledger.put_progress("db.c", "deletes", "sweep", data(n=1), epoch=meta.epoch)
+        assert await ledger.list_batches("db.c") == []
+        assert [m.ns for m in await ledger.list_namespaces()] == ["db.c"]
+    finally:
+        await ledger.close()

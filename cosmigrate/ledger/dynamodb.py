@@ -7,7 +7,7 @@ Items (a simplification of DESIGN.md's layout, documented in the README):
 | `<cluster>`         | `control`        | writer switch, first-discovery time                |
 | `<cluster>`         | `ns#<ns>`        | namespace meta (owner, epoch, next_seq, token, ...) |
 | `<cluster>#<ns>`    | `batch#<seq:012>`| one committed batch                                |
-| `<cluster>#<ns>`    | `progress#<kind>#<key>` | sweep progress, verification results (`<ns>` "" for cluster items: the cutover) |
+| `<cluster>|progress#<ns>` | `<kind>#<key>` | sweep progress, verification results, cutover (`<ns>` ""); `|` never occurs in a cluster name, so these never mix with batches |
 
 Keeping every namespace's meta under the cluster's partition makes status a
 single Query. A capture commit is one TransactWriteItems: put the batch item
@@ -445,7 +445,7 @@ class DynamoLedger:
     # --- progress items -------------------------------------------------------------------
 
     def _progress_key(self, ns: str, kind: str, key: str) -> dict[str, Any]:
-        return {"pk": {"S": f"{self.cluster}#{ns}"}, "sk": {"S": f"progress#{kind}#{key}"}}
+        return {"pk": {"S": f"{self.cluster}|progress#{ns}"}, "sk": {"S": f"{kind}#{key}"}}
 
     def _to_progress(self, item: dict[str, Any]) -> Progress:
         d = self._plain(item)
@@ -460,7 +460,7 @@ class DynamoLedger:
     async def list_progress(self, ns: str, kind: str, prefix: str = "", limit: int | None = None) -> list[Progress]:
         kwargs: dict[str, Any] = {
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
-            "ExpressionAttributeValues": self._item({":pk": f"{self.cluster}#{ns}", ":prefix": f"progress#{kind}#{prefix}"}),
+            "ExpressionAttributeValues": self._item({":pk": f"{self.cluster}|progress#{ns}", ":prefix": f"{kind}#{prefix}"}),
         }
         if limit is not None:
             kwargs["Limit"] = limit

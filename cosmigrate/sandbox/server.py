@@ -27,8 +27,10 @@ from cosmigrate.sandbox.bsonvalues import (
     RAW_OPTIONS,
     canonical_key,
     first_field_is_id,
+    is_nan_key,
     prepend_id,
     raw_bytes,
+    sort_key,
     values_equal,
 )
 from cosmigrate.sandbox.faults import Faults, FaultSpecError
@@ -432,6 +434,8 @@ class MongoServer:
             keys: Iterator[Hashable] = coll.ordered_keys(lower, inclusive)
             if sort["_id"] < 0:
                 keys = iter(list(coll.ordered_keys())[::-1])
+            elif only_id:
+                keys = _until_bound(keys, coll, flt.get("_id"))
         else:
             keys = iter(list(coll.docs))
         for key in keys:
@@ -516,7 +520,9 @@ class MongoServer:
         if not flt and coll is not None:
             n = len(coll.docs)
         else:
-            n = sum(1 for _ in self.select(coll, flt, None))
+            # An _id range is counted along the _id index (bounded), like a real server does.
+            order = {"_id": 1} if set(flt) == {"_id"} and _range_ops(flt["_id"]) else None
+            n = sum(1 for _ in self.select(coll, flt, order))
         n = max(0, n - int(body.get("skip") or 0))
         if body.get("limit"):
             n = min(n, abs(int(body["limit"])))
@@ -777,6 +783,30 @@ def _too_large(write: str, size: int) -> CommandError:
     if write == "upsert":
         return CommandError(17420, f"Document to upsert is larger than {MAX_BSON_SIZE}", "Location17420")
     return CommandError(17419, f"Resulting document after update is larger than {MAX_BSON_SIZE}", "Location17419")
+
+
+def _range_ops(cond: Any) -> bool:
+    return isinstance(cond, dict) and bool(cond) and set(cond) <= {"$gt", "$gte", "$lt", "$lte"}
+
+
+def _until_bound(keys: Iterator[Hashable], coll: Collection, cond: Any) -> Iterator[Hashable]:
+    """An ascending `_id` scan cut at the range's end: range operators match one type bracket only, so the
+    scan stops past the upper bound or past the bracket, as a real server's index bounds do."""
+    if not _range_ops(cond):
+        yield from keys
+        return
+    bounds = [sort_key(v) for v in cond.values()]
+    bracket = bounds[0][0]
+    upper = cond.get("$lte", cond.get("$lt"))
+    upper_key = sort_key(upper) if upper is not None or "$lte" in cond or "$lt" in cond else None
+    strict = "$lt" in cond
+    for key in keys:
+        k = sort_key(coll.id_values[key])
+        if k[0] > bracket:
+            return
+        if upper_key is not None and not is_nan_key(k) and (k > upper_key or (strict and k == upper_key)):
+            return
+        yield key
 
 
 def _lower_bound(cond: Any) -> tuple[Any, bool]:

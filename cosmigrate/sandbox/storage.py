@@ -97,7 +97,9 @@ class ChangeFeed:
     def record(self, key: Hashable, op: str, emit_delete: bool = False) -> None:
         """Move `key` to the feed's end; `op` is insert, update or delete."""
         if op == "delete" and not emit_delete:
+            # The partition's log moves on (its head LSN too), but the latest-version feed shows nothing.
             self._latest.pop(key, None)
+            self.lsn += 1
             return
         self.lsn += 1
         self._latest[key] = self.lsn
