@@ -38,6 +38,8 @@ class NamespaceLink:
     """The latest sampled moment whose head is captured and applied (0: none yet)."""
     latest_head: Callable[[], Positions | None] = _none
     """The latest successfully sampled head, or None."""
+    latest_head_at: Callable[[], float] = _never
+    """When that head was sampled (the local clock before the request)."""
     sample: Callable[[], Awaitable[None]] = field(default=_no_sample)
     """Sample the head now (so that caught_up_at can move past a moment just passed)."""
     add_head: Callable[[float, list[bytes]], None] = lambda at, tokens: None

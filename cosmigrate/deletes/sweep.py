@@ -26,7 +26,10 @@ Source reads go through a `SourceBudget` (`deletes.max_source_share`, and
 goes into the ledger after every range: a kill loses at most the ranges in
 hand. A completed pass *reconciles* deletes up to the head sampled when it
 started: every document deleted at the source before then is gone from the
-target.
+target. For that, a pass sweeps nothing before capture and apply have
+reached that head: an upsert from before a delete, still on its way through
+the pipeline, would otherwise bring the document back after its range was
+swept.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class SweepState:
     number: int = 0
     started_at: float = 0.0
     head: Positions | None = None
+    head_at: float = 0.0
     position: Position = field(default_factory=Position)
     running: bool = False
     scanned: int = 0
@@ -137,7 +141,8 @@ class DeleteSweep:
         """Begin a new pass from the target's first `_id`, reconciling up to the latest sampled head."""
         s = self.state
         s.number += 1
-        s.started_at, s.head, s.position, s.running = time.time(), self.link.latest_head(), Position(), True
+        s.started_at, s.position, s.running = time.time(), Position(), True
+        s.head, s.head_at = self.link.latest_head(), self.link.latest_head_at()
         s.scanned = s.deleted = s.source_reads = s.counted_ranges = s.merged_ranges = 0
         try:
             s.estimate = int(await self.target_budget.run(self.target.estimated_document_count))
@@ -150,6 +155,10 @@ class DeleteSweep:
         if restart or not self.state.running:
             await self.start()
         s = self.state
+        # Every change up to the pass's head is applied first: an older upsert still in the pipeline could
+        # otherwise bring back a document after its range was swept, and the pass would claim too much.
+        while not self.frozen and not await self.link.wait_caught_up(s.head_at, self.catch_up_s):
+            self.log.debug("delete sweep waits for apply to reach the head it started at")
         pending: collections.deque[tuple[Page, int, float]] = collections.deque()
         async for page in walk(self.target, s.position, self.page_size, {"_id": 1}, reader=self.target_budget.run):
             if self._merge_left > 0:
