@@ -209,8 +209,10 @@ class Daemon:
                 fresh.update(cap.status.committed_seq, app.status.applied_seq)
                 behind = behind or not fresh.latest_is_caught_up
             if not behind:
-                return
+                break
             await asyncio.sleep(0.05)
+        if self.proof is not None:
+            await self.proof.certify(2.0)  # deletes reconciled up to this head too, if a quick sweep can tell
 
     def _sampled(self) -> dict[str, Freshness]:
         """The namespaces whose head the sampler reads: every one this daemon captures."""

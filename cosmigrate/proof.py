@@ -126,6 +126,10 @@ class Proof:
         if self.verification is not None:
             await self.verification.detach(ns)
 
+    async def certify(self, limit_s: float) -> None:
+        if self.deletes is not None and not self.deletes.halted:
+            await self.deletes.certify(limit_s)
+
     def first_round_done(self) -> None:
         self.discovered.set()
 

@@ -202,3 +202,74 @@ async def _reconciled_now(run: Running, ns: str) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_an_event_without_a_document_is_checked_at_the_source_not_taken_as_a_delete(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """Tier 2. Old behaviour: a null document became a delete, so a spurious lookup miss lost a live document."""
+    from cosmigrate.deletes.lookup import LookupMisses
+    from tests.applyharness import Harness, event
+    from tests.helpers import prepare_backends
+
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    await prepare_backends(cfg)
+    await source.d.c.insert_many([{"_id": "live", "v": 2}, {"_id": "other", "v": 1}])
+    await target.d.c.insert_many([{"_id": "gone", "v": 1}, {"_id": "live", "v": 1}, {"_id": "other", "v": 1}])
+    preview_delete = bson.encode({"_id": {"_data": "x"}, "operationType": "delete", "ns": {"db": "d", "coll": "c"},
+                                  "documentKey": {"_id": "other"}})
+    harness = Harness(cfg, target)
+    try:
+        epoch = await harness.claim("d.c", "me")
+        await harness.commit("d.c", epoch, [event("gone", {"_id": "gone", "v": 1}), event("gone"), event("live"),
+                                            preview_delete])
+        app = harness.applier("d.c", epoch)
+        lookups = LookupMisses("d.c", source)
+        app.lookup_misses = lookups.resolve
+        harness.start(app)
+        await wait_for(lambda: _true(app.status.applied_seq == 0), 30, what="the batch applied")
+        assert [d async for d in target.d.c.find({}, {"_id": 0})] == [{"v": 2}]  # gone deleted, live rewritten
+        assert await target.d.c.find_one({"_id": "live"}) == {"_id": "live", "v": 2}
+        assert (lookups.deleted, lookups.rewritten) == (1, 1)
+    finally:
+        await harness.close()
+
+
+async def test_the_delete_preview_is_detected_and_used(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    sandbox.source.faults.deletes_preview = True
+    await source.app.users.insert_many([{"_id": i} for i in range(30)])
+    cfg = config(tmp_path, sandbox)
+    cfg.deletes.enabled = False  # no sweep: the feed alone must carry the deletes
+    async with Running(cfg) as run:
+        await run.writer("start")
+        await wait_for(lambda: assert_converged(source, target, ["app.users"]), 30, what="initial copy")
+        await source.app.users.delete_many({"_id": {"$lt": 10}})
+        await wait_for(lambda: assert_converged(source, target, ["app.users"]), 30, what="deletes from the feed")
+        status = await run.status()
+        users = run.ns_status(status, "app.users")
+        assert users["deletes_tier"] == "preview" and cfg.capture.deletes_preview
+        assert not any("deletes" in r for r in status["not_ready_reasons"]), status["not_ready_reasons"]
+
+
+async def test_the_sweep_keeps_to_its_share_of_the_source_and_waits_out_throttling(
+    sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    await source.db.c.insert_many([{"_id": i} for i in range(0, 600, 2)])
+    await target.db.c.insert_many([{"_id": i} for i in range(600)])  # every odd _id is gone from the source
+    sandbox.source.faults.throttle_rate = 0.3
+    sandbox.source.faults.retry_after_ms = 5
+    link = NamespaceLink("db.c", 1, caught_up_at=time.time)
+    src, tgt = raw_collection(source, "db.c"), raw_collection(target, "db.c")
+    budget = SourceBudget(share=0.2)
+    sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 40, budget)
+    t0 = time.monotonic()
+    await sweep.run_pass()
+    elapsed = time.monotonic() - t0
+    sandbox.source.faults.throttle_rate = 0.0
+    assert await target.db.c.count_documents({}) == 300 and sweep.state.deleted == 300
+    assert budget.throttled > 0
+    assert budget.busy_s / elapsed <= 0.2 * 1.05, (budget.busy_s, elapsed)
+    # Every range differs: after a few, the sweep stops counting first and merges directly.
+    assert sweep.state.merged_ranges >= 10 and sweep.state.counted_ranges < 15

@@ -20,6 +20,7 @@ neither, deletes are never reconciled and status says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -54,6 +55,7 @@ class Deletes:
         self.sweeps: dict[str, DeleteSweep] = {}
         self.lookups: dict[str, LookupMisses] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._kicked: set[str] = set()
         self.halted = False
         """Set by a completed cutover: the target belongs to the applications now, nothing is deleted any more."""
         self.log = get_logger(component="deletes")
@@ -122,7 +124,31 @@ class Deletes:
             return False  # no head sampled yet: a pass could not say up to where it reconciles
         if not s.last_finished_at or s.last_started_at < self.preview_since:
             return True
-        return head != s.last_head and time.time() - s.last_started_at >= self.cfg.deletes.interval_s
+        if head == s.last_head:
+            return False
+        if sweep.ns in self._kicked:
+            self._kicked.discard(sweep.ns)
+            return True
+        return time.time() - s.last_started_at >= self.cfg.deletes.interval_s
+
+    async def certify(self, limit_s: float) -> None:
+        """`ctl status`: a namespace whose source changed since its last pass gets one now, waited for a moment.
+
+        So that status right after the applications stopped writing can say "reconciled" without waiting
+        for `deletes.interval_s`; bounded, a pass that takes longer simply shows as not reconciled yet.
+        """
+        stale = [ns for ns, sw in self.sweeps.items() if ns in self._tasks and not sw.state.running
+                 and sw.state.last_finished_at and sw.link.latest_head() != sw.state.last_head]
+        if not stale:
+            return
+        self._kicked.update(stale)
+
+        async def settled(sweep: DeleteSweep) -> None:
+            async with sweep.completed:
+                await sweep.completed.wait_for(lambda: sweep.link.latest_head() == sweep.state.last_head)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(settled(self.sweeps[ns]) for ns in stale)), limit_s)
 
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]

@@ -23,8 +23,8 @@ N `_id`s at the source, never 2N.
 
 Source reads go through a `SourceBudget` (`deletes.max_source_share`, and
 16500 waited out). Progress (the pass, its head, where it stands, counts)
-goes into the ledger after every range: a kill loses at most the ranges in
-hand. A completed pass *reconciles* deletes up to the head sampled when it
+goes into the ledger as ranges are done, at most once a second: a kill
+loses at most the last second's ranges, swept again by the next run. A completed pass *reconciles* deletes up to the head sampled when it
 started: every document deleted at the source before then is gone from the
 target. For that, a pass sweeps nothing before capture and apply have
 reached that head: an upsert from before a delete, still on its way through
@@ -34,6 +34,7 @@ swept.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator
@@ -54,6 +55,7 @@ from cosmigrate.tokens import Positions
 KIND = "deletes"
 KEY = "sweep"
 WINDOW = 32  # count-mode ranges waiting for apply to catch up, at most
+SAVE_EVERY_S = 1.0  # progress goes to the ledger at most this often mid-pass (always at a pass's start and end)
 MERGE_RUN = 16  # ranges merged directly once counting stopped paying off
 
 
@@ -125,6 +127,9 @@ class DeleteSweep:
         """True while the source is known not to change (cutover): counts need no catch-up."""
         self._recent: collections.deque[bool] = collections.deque(maxlen=8)
         self._merge_left = 0
+        self._saved_at = 0.0
+        self.completed = asyncio.Condition()
+        """Notified whenever a pass completes."""
         self.log = get_logger(namespace=link.ns, component="deletes")
 
     async def load(self) -> None:
@@ -161,6 +166,12 @@ class DeleteSweep:
             self.log.debug("delete sweep waits for apply to reach the head it started at")
         pending: collections.deque[tuple[Page, int, float]] = collections.deque()
         async for page in walk(self.target, s.position, self.page_size, {"_id": 1}, reader=self.target_budget.run):
+            if not page.docs:  # nothing on the target in this range: nothing to delete, no source read needed
+                if not pending:
+                    await self._advance(page)
+                else:
+                    pending.append((page, -1, 0.0))
+                continue
             if self._merge_left > 0:
                 await self._drain(pending, everything=True)
                 self._merge_left -= 1
@@ -177,6 +188,8 @@ class DeleteSweep:
         s.last_deleted, s.last_source_reads, s.last_scanned = s.deleted, s.source_reads, s.scanned
         s.running = False
         await self._save()
+        async with self.completed:
+            self.completed.notify_all()
         self.log.info("delete sweep pass completed", number=s.number, scanned=s.scanned, deleted=s.deleted,
                       counted_ranges=s.counted_ranges, merged_ranges=s.merged_ranges, source_reads=s.source_reads)
 
@@ -193,6 +206,10 @@ class DeleteSweep:
         """Settle count-mode ranges in order, once apply has caught up past their source count."""
         while pending:
             page, n_src, counted_at = pending[0]
+            if n_src < 0:  # an empty target range queued behind counted ones, to keep the cursor in order
+                pending.popleft()
+                await self._advance(page)
+                continue
             ready = self.frozen or self.link.caught_up_at() >= counted_at
             if not ready and not everything:
                 return
@@ -266,7 +283,9 @@ class DeleteSweep:
     async def _advance(self, page: Page) -> None:
         self.state.position = page.end
         self.state.scanned += len(page.docs)
-        await self._save()
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            self._saved_at = time.monotonic()
+            await self._save()
 
     # --- status -----------------------------------------------------------------------------
 
