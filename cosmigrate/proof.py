@@ -88,7 +88,7 @@ class Proof:
         assert self.daemon.ledger is not None and self.daemon.store is not None
         self.deletes = Deletes(self.cfg, self.daemon.source, self.daemon.target, self.daemon.ledger)
         self.verification = Verification(self.cfg, self.daemon.source, self.daemon.target, self.daemon.ledger,
-                                         self.daemon.store)
+                                         self.daemon.store, self.crash)
         state = await Cutover(self).load()
         self.cutover_step = str(state.get("step", ""))
         if self.cutover_step == COMPLETE:

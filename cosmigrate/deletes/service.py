@@ -153,12 +153,10 @@ class Deletes:
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]
         backoff = Backoff(base=1.0, cap=60.0)
-        loaded = False
         while not self.halted:
             try:
-                if not loaded:
+                if not sweep.loaded:
                     await sweep.load()
-                    loaded = True
                 if self._due(sweep):
                     await sweep.run_pass()
                     backoff.reset()
@@ -178,7 +176,8 @@ class Deletes:
         sweep = self.sweeps.get(ns)
         if sweep is None:
             return 0
-        await sweep.load()
+        if not sweep.loaded:
+            await sweep.load()
         sweep.frozen = True
         sweep.budget.share = 1.0
         try:

@@ -128,6 +128,7 @@ class DeleteSweep:
         self._recent: collections.deque[bool] = collections.deque(maxlen=8)
         self._merge_left = 0
         self._saved_at = 0.0
+        self.loaded = False
         self.completed = asyncio.Condition()
         """Notified whenever a pass completes."""
         self.log = get_logger(namespace=link.ns, component="deletes")
@@ -137,6 +138,7 @@ class DeleteSweep:
             item = await self.ledger.get_progress(self.ns, KIND, KEY)
             if item is not None:
                 self.state = SweepState.from_doc(item.doc())
+        self.loaded = True
 
     async def _save(self) -> None:
         if self.ledger is not None:

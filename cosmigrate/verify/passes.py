@@ -36,6 +36,7 @@ from bson.raw_bson import RawBSONDocument
 
 from cosmigrate.batchfile import BatchCodec, CorruptBatch
 from cosmigrate.budget import SourceBudget
+from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.idorder import IdDoc, Position, id_value, walk
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
@@ -96,7 +97,8 @@ class NamespaceVerifier:
     """Verification state and work for one namespace, written to the ledger as its owner (epoch-fenced)."""
 
     def __init__(self, link: NamespaceLink, source: Any, target: Any, ledger: Ledger | None, store: BatchStore | None,
-                 page_size: int, budget: SourceBudget | None = None, catch_up_s: float = 10.0) -> None:
+                 page_size: int, budget: SourceBudget | None = None, catch_up_s: float = 10.0,
+                 crash: CrashPoints | None = None) -> None:
         self.link = link
         self.ns = link.ns
         self.source = raw_collection(source, link.ns)
@@ -113,6 +115,7 @@ class NamespaceVerifier:
         """True while the source is known not to change (cutover): suspects need no catch-up wait."""
         self.loaded = False
         self.codec = BatchCodec()
+        self.crash = crash or CrashPoints()
         self.log = get_logger(namespace=link.ns, component="verify")
 
     @property
@@ -199,6 +202,7 @@ class NamespaceVerifier:
             s.docs += result.source_docs
             s.equal += result.source_docs - len([m for m in confirmed if m.kind != "extra"])
             await self._save_state()
+            self.crash.hit("verify_range")
             done += 1
             if max_ranges is not None and done >= max_ranges:
                 await pages.aclose()

@@ -24,6 +24,7 @@ from pymongo.errors import PyMongoError
 from cosmigrate.backoff import Backoff
 from cosmigrate.budget import SourceBudget
 from cosmigrate.config import Config
+from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import Fenced, Ledger, LedgerError
 from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
@@ -61,12 +62,14 @@ async def collection_notes(source: Any, namespaces: Iterable[str]) -> dict[str, 
 
 
 class Verification:
-    def __init__(self, cfg: Config, source: Any, target: Any, ledger: Ledger, store: BatchStore) -> None:
+    def __init__(self, cfg: Config, source: Any, target: Any, ledger: Ledger, store: BatchStore,
+                 crash: CrashPoints | None = None) -> None:
         self.cfg = cfg
         self.source = source
         self.target = target
         self.ledger = ledger
         self.store = store
+        self.crash = crash
         self.verifiers: dict[str, NamespaceVerifier] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -76,7 +79,7 @@ class Verification:
     def attach(self, link: NamespaceLink) -> None:
         v = NamespaceVerifier(link, self.source, self.target, self.ledger, self.store, self.cfg.verify.page_size,
                               SourceBudget(self.cfg.verify.max_source_share),
-                              catch_up_s=max(5.0, 3 * self.cfg.capture.head_sample_interval_s))
+                              catch_up_s=max(5.0, 3 * self.cfg.capture.head_sample_interval_s), crash=self.crash)
         self.verifiers[link.ns] = v
         self._locks[link.ns] = asyncio.Lock()
         self._tasks[link.ns] = asyncio.create_task(self._start(link.ns), name=f"verify:{link.ns}")
