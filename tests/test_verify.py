@@ -84,3 +84,47 @@ async def test_a_corrupted_target_is_reported_exactly(sandbox: Sandbox, source: 
     assert await v.recheck_mismatches() == 0
     assert encode_id(3) in {encode_id(3)}  # ids travel as raw {_id: v}
     assert isinstance(RawBSONDocument(encode_id(3)), RawBSONDocument)
+
+
+async def test_continuous_verification_rechecks_changes_from_the_batch_log(tmp_path, sandbox: Sandbox,
+                                                                          source: AsyncMongoClient,
+                                                                          target: AsyncMongoClient) -> None:
+    """A document that differs because its change is not applied yet is a mismatch until the batch log says
+    it changed and the re-check finds it equal; nothing re-reads the whole collection for that."""
+    from tests.helpers import assert_converged, make_config, wait_for
+    from tests.test_apply import Running
+
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    cfg.capture.head_sample_interval_s = 0.3
+    cfg.verify.enabled = True
+    cfg.verify.page_size = 20
+    cfg.verify.interval_s = 3600
+    await source.app.users.insert_many([{"_id": i, "v": 1} for i in range(100)])
+    async with Running(cfg) as run:
+        await run.writer("start")
+        await wait_for(lambda: assert_converged(source, target, ["app.users"]), 30, what="initial copy")
+        v = run.daemon.proof.verification.verifiers["app.users"]  # type: ignore[union-attr]
+        v.catch_up_s = 0.5
+
+        async def finished() -> bool:
+            return bool(v.state.finished_at)
+
+        await wait_for(finished, 30, what="a verification pass")
+        first = v.state.number
+        await run.writer("stop")
+        await source.app.users.update_many({"_id": {"$in": [3, 30, 60]}}, {"$set": {"v": 2}})
+        await source.app.users.delete_one({"_id": 90})  # a delete: only the sweep can fix it
+        v.state.needs_full_pass = True  # a new pass now, while the writer is stopped
+
+        async def mismatches(n: int) -> bool:
+            return v.state.finished_at > 0 and v.state.number > first and v.mismatch_count == n
+
+        await wait_for(lambda: mismatches(4), 30, what="the pass to find the unapplied changes")
+        status = await run.status()
+        users = run.ns_status(status, "app.users")
+        assert users["mismatches"] == 4 and not status["ready_for_cutover"]
+        assert any("differ" in r for r in status["not_ready_reasons"])
+        passes = v.state.number
+        await run.writer("start")
+        await wait_for(lambda: mismatches(0), 30, what="the re-checks from the batch log and the sweep")
+        assert v.state.number == passes, "cleared by re-checks, not by another full pass"

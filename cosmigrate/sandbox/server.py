@@ -423,6 +423,16 @@ class MongoServer:
                 if key in coll.docs:
                     yield key, None
                 return
+            if isinstance(cond, dict) and set(cond) == {"$in"} and isinstance(cond["$in"], list) and not sort \
+                    and not any(isinstance(v, (dict, list)) or hasattr(v, "pattern") for v in cond["$in"]):
+                # Point lookups along the _id index, as a real server does for $in on _id.
+                seen: set[Hashable] = set()
+                for value in cond["$in"]:
+                    key = canonical_key(value)
+                    if key in coll.docs and key not in seen:
+                        seen.add(key)
+                        yield key, None
+                return
         if sort and set(sort) != {"_id"}:
             docs = [coll.decode(k) for k in list(coll.docs)]
             docs = [d for d in docs if matches(d, flt)]
