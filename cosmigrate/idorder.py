@@ -20,6 +20,7 @@ documents without decoding them; only a difference is ever decoded.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import datetime as dt
 import math
@@ -237,17 +238,30 @@ async def walk(coll: Any, start: Position, page_size: int, projection: Mapping[s
 
     `reader(coro)` wraps each request (the source's request budget and retries); by default it is awaited as is.
     """
-    pos = start
-    while pos.bracket < len(BRACKETS):
-        bracket = BRACKETS[pos.bracket]
-        flt = bracket.filter(pos.after)
+    def fetch(pos: Position) -> asyncio.Task[list[RawBSONDocument]]:
+        flt = BRACKETS[pos.bracket].filter(pos.after)
 
-        async def read(flt: dict[str, Any] = flt) -> list[RawBSONDocument]:
+        async def read() -> list[RawBSONDocument]:
             cursor = coll.find(flt, projection, sort=[("_id", 1)], limit=page_size, batch_size=page_size)
             return [d async for d in cursor]
 
-        docs = await (reader(read) if reader is not None else read())
-        full = bracket.ranged and len(docs) >= page_size
-        page = Page(pos, id_doc(bytes(docs[-1].raw)) if full else None, docs)
-        yield page
-        pos = page.end
+        return asyncio.ensure_future(reader(read) if reader is not None else read())
+
+    # The next page is read while the caller works on this one (its start is known: this page's last _id).
+    pos = start
+    pending = fetch(pos) if pos.bracket < len(BRACKETS) else None
+    try:
+        while pending is not None:
+            docs = await pending
+            pending = None
+            bracket = BRACKETS[pos.bracket]
+            full = bracket.ranged and len(docs) >= page_size
+            page = Page(pos, id_doc(bytes(docs[-1].raw)) if full else None, docs)
+            pos = page.end
+            if pos.bracket < len(BRACKETS):
+                pending = fetch(pos)
+            yield page
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)

@@ -56,7 +56,9 @@ KIND = "deletes"
 KEY = "sweep"
 WINDOW = 32  # count-mode ranges waiting for apply to catch up, at most
 SAVE_EVERY_S = 1.0  # progress goes to the ledger at most this often mid-pass (always at a pass's start and end)
-MERGE_RUN = 16  # ranges merged directly once counting stopped paying off
+MERGE_RUN = 16  # ranges merged directly once counting stopped paying off (doubled per failed probe)
+MAX_MERGE_RUN = 1024
+PROBE = 3  # consecutive counted ranges that differed before merging directly
 
 
 def _head_doc(head: Positions | None) -> list[dict[str, Any]] | None:
@@ -127,6 +129,8 @@ class DeleteSweep:
         """True while the source is known not to change (cutover): counts need no catch-up."""
         self._recent: collections.deque[bool] = collections.deque(maxlen=8)
         self._merge_left = 0
+        self._merge_run = MERGE_RUN
+        self._probing = False
         self._saved_at = 0.0
         self.loaded = False
         self.completed = asyncio.Condition()
@@ -177,6 +181,7 @@ class DeleteSweep:
             if self._merge_left > 0:
                 await self._drain(pending, everything=True)
                 self._merge_left -= 1
+                self._probing = self._merge_left == 0  # the next range is counted: a probe
                 await self._merge(page)
                 await self._advance(page)
             else:
@@ -226,9 +231,15 @@ class DeleteSweep:
             if differs:
                 await self._merge(page)
             await self._advance(page)
-            if len(self._recent) == self._recent.maxlen and sum(self._recent) >= 6:
-                self._merge_left = MERGE_RUN  # counting rarely pays off here: merge directly for a while
+            if differs and (self._probing or (len(self._recent) >= PROBE and all(list(self._recent)[-PROBE:]))):
+                # Counting has not paid off lately: merge directly for a while, then probe one range by counting.
+                # Each probe that differs again doubles the run, so probes cost ever less.
+                self._merge_left = self._merge_run
+                self._merge_run = min(self._merge_run * 2, MAX_MERGE_RUN)
                 self._recent.clear()
+            elif not differs:
+                self._merge_run = MERGE_RUN  # a range that counted equal: counting pays off here again
+            self._probing = False
 
     async def _source_ids(self, page: Page) -> AsyncIterator[list[IdDoc]]:
         """The source's `_id`s in the page's range, a page at a time, each request under the budget."""

@@ -446,6 +446,11 @@ class MongoServer:
                 keys = iter(list(coll.ordered_keys())[::-1])
             elif only_id:
                 keys = _until_bound(keys, coll, flt.get("_id"))
+                if _range_ops(flt.get("_id")):
+                    # Index bounds alone decide a pure _id range (start by bisection, stop at the bound or the
+                    # bracket's end), as on a real server: no per-document matching.
+                    yield from ((key, None) for key in keys if key in coll.docs)
+                    return
         else:
             keys = iter(list(coll.docs))
         for key in keys:

@@ -26,8 +26,10 @@ Memory: one source page, one target cursor batch, and at most
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,7 @@ from bson.raw_bson import RawBSONDocument
 from cosmigrate.batchfile import BatchCodec, CorruptBatch
 from cosmigrate.budget import SourceBudget
 from cosmigrate.crashpoints import CrashPoints
-from cosmigrate.idorder import IdDoc, Position, id_value, walk
+from cosmigrate.idorder import IdDoc, Page, Position, id_value, walk
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import RAW, event_parts, raw_collection
@@ -49,6 +51,11 @@ KIND = "verify"
 MAX_KEPT_MISMATCHES = 10_000
 RECHECK_CHUNK = 500
 BATCHES_PER_RECHECK = 16
+
+
+async def _listed(docs: list[RawBSONDocument]) -> AsyncIterator[RawBSONDocument]:
+    for doc in docs:
+        yield doc
 
 
 def mismatch_key(doc_id: IdDoc) -> str:
@@ -179,39 +186,77 @@ class NamespaceVerifier:
         self.log.info("verification pass started", number=s.number)
 
     async def run_pass(self, max_ranges: int | None = None) -> bool:
-        """Continue (or start) the pass; True once it finished. `max_ranges` bounds the work of one call."""
+        """Continue (or start) the pass; True once it finished. `max_ranges` bounds the work of one call.
+
+        Pipelined: while range k is compared (and stored), the target's documents of range k+1 and the
+        source's page k+2 are already being read; each is a bounded list, so memory stays a few pages.
+        """
         if not self.state.running:
             await self.start_pass()
         s = self.state
         done = 0
         pages = walk(self.source, s.position, self.page_size, reader=self.budget.run)
-        async for page in pages:
-            read_at = time.time()
-            result = await compare_range(page.docs, target_range(self.target, page, self.page_size))
-            confirmed = await self._confirm(result, read_at)
-            if self.ledger is not None:
-                await self.ledger.put_progress(self.ns, KIND, f"range#{s.ranges:09d}", bson.encode({
-                    "pass": s.number, "start": page.start.to_doc(), "end": page.end.to_doc(),
-                    "source_docs": result.source_docs, "target_docs": result.target_docs,
-                    "equal": result.source_docs - len([m for m in confirmed if m.kind != "extra"]),
-                    "mismatches": len(confirmed), "verified_at": time.time(),
-                }), epoch=self.link.epoch)
-            await self._record(confirmed, [])
-            s.position = page.end
-            s.ranges += 1
-            s.docs += result.source_docs
-            s.equal += result.source_docs - len([m for m in confirmed if m.kind != "extra"])
-            await self._save_state()
-            self.crash.hit("verify_range")
-            done += 1
-            if max_ranges is not None and done >= max_ranges:
-                await pages.aclose()
-                return False
+        held: tuple[Page, asyncio.Task[list[RawBSONDocument] | None]] | None = None
+        try:
+            async for page in pages:
+                ahead = (page, asyncio.ensure_future(self._target_docs(page)))
+                if held is not None:
+                    await self._range(*held)
+                    done += 1
+                    if max_ranges is not None and done >= max_ranges:
+                        held = ahead
+                        ahead[1].cancel()
+                        return False
+                held = ahead
+            if held is not None:
+                await self._range(*held)
+                held = None
+        finally:
+            await pages.aclose()
+            if held is not None and not held[1].done():
+                held[1].cancel()
+                await asyncio.gather(held[1], return_exceptions=True)
         s.finished_at = time.time()
         await self._save_state()
         self.log.info("verification pass finished", number=s.number, documents=s.docs, equal=s.equal,
                       mismatches=self.mismatch_count)
         return True
+
+    async def _target_docs(self, page: Page) -> list[RawBSONDocument] | None:
+        """The target's documents of the range, or None when there are too many to hold (read them streaming)."""
+        out: list[RawBSONDocument] = []
+        cursor = self.target.find(page.filter(), sort=[("_id", 1)], batch_size=self.page_size)
+        try:
+            async for doc in cursor:
+                out.append(doc)
+                if len(out) > 2 * self.page_size:
+                    return None
+        finally:
+            await cursor.close()
+        return out
+
+    async def _range(self, page: Page, target_docs: asyncio.Task[list[RawBSONDocument] | None]) -> None:
+        """Compare one range, confirm its suspects, store its result and the pass's new position."""
+        s = self.state
+        docs = await target_docs
+        read_at = time.time()
+        target = _listed(docs) if docs is not None else target_range(self.target, page, self.page_size)
+        result = await compare_range(page.docs, target)
+        confirmed = await self._confirm(result, read_at)
+        equal = result.source_docs - len([m for m in confirmed if m.kind != "extra"])
+        if self.ledger is not None:
+            await self.ledger.put_progress(self.ns, KIND, f"range#{s.ranges:09d}", bson.encode({
+                "pass": s.number, "start": page.start.to_doc(), "end": page.end.to_doc(),
+                "source_docs": result.source_docs, "target_docs": result.target_docs, "equal": equal,
+                "mismatches": len(confirmed), "verified_at": time.time(),
+            }), epoch=self.link.epoch)
+        await self._record(confirmed, [])
+        s.position = page.end
+        s.ranges += 1
+        s.docs += result.source_docs
+        s.equal += equal
+        await self._save_state()
+        self.crash.hit("verify_range")
 
     async def _confirm(self, result: RangeResult, read_at: float) -> list[Mismatch]:
         """Suspects compared again once apply has caught up past the read: what remains are mismatches."""
