@@ -22,6 +22,7 @@ from bench.catchup import run_catchup  # noqa: E402
 from bench.driver import run_driver  # noqa: E402
 from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
+from bench.verify import run_verify_bench  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -33,6 +34,10 @@ TARGETS = [
     ("live.apply_ratio_vs_target_ceiling", ">=", 0.7, "apply writes/s vs the target's own bulk-upsert ceiling"),
     ("live.lag_p99_s", "<", 5.0, "end-to-end lag p99 at the highest sustained rate"),
     ("catchup.peak_rss_mb", "<", 400, "daemon peak RSS while draining the backlog"),
+    ("verify.ratio_vs_scan", ">=", 0.5, "verify documents/s vs the slower side's raw _id-ordered scan"),
+    ("verify.peak_rss_mb_large", "<", 256, "verifier peak RSS at the large size (2,000,000 documents full)"),
+    ("verify.peak_rss_mb_small", "<", 256, "verifier peak RSS at a tenth of it (independent of size)"),
+    ("deletes.source_reads_ratio_vs_scan", "<", 1.2, "delete sweep's source reads vs one _id scan (1% deleted)"),
 ]
 
 
@@ -66,7 +71,8 @@ def table(r: dict[str, Any]) -> str:
                 "pipeline.reference_seed_events_per_s", "pipeline.seed_path_fidelity", "live.max_sustained_rate",
                 "catchup.events_captured", "catchup.drain_s", "catchup.events_applied_per_s",
                 "catchup.target_ceiling_writes_per_s", "driver.native_events_per_s", "driver.motor_events_per_s",
-                "driver.ratio_native_vs_motor"):
+                "driver.ratio_native_vs_motor", "verify.docs", "verify.docs_per_s", "verify.reference_scan_per_s",
+                "deletes.docs", "deletes.expected", "deletes.found", "deletes.all_found", "deletes.seconds"):
         lines.append(f"| `{key}` | {r.get(key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -133,6 +139,8 @@ def main() -> None:
     r.update(asyncio.run(run_catchup(100_000 if q else 1_000_000)))
     print("suite 4: driver check", flush=True)
     r.update(asyncio.run(run_driver(20_000 if q else 100_000, 2 if q else 3)))
+    print("suite 5: verification and the delete sweep", flush=True)
+    r.update(asyncio.run(run_verify_bench(q)))
     r["seconds"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
     plot(r, RESULTS / "latest.png")

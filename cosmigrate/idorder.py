@@ -156,6 +156,32 @@ def id_order(doc: IdDoc) -> tuple[Any, ...]:
     return order_key(id_value(doc))
 
 
+def split_batch(data: bytes) -> list[bytes]:
+    """The documents of a raw batch (`find_raw_batches`): BSON documents back to back, each led by its length."""
+    out = []
+    pos, end = 0, len(data)
+    while pos < end:
+        size = _i32(data, pos)[0]
+        out.append(data[pos:pos + size])
+        pos += size
+    return out
+
+
+async def raw_docs(cursor: Any) -> list[bytes]:
+    """Every document of a raw-batch cursor, as bytes: no driver object per document."""
+    out: list[bytes] = []
+    async for batch in cursor:
+        out.extend(split_batch(batch))
+    return out
+
+
+async def iter_raw(cursor: Any) -> AsyncGenerator[bytes, None]:
+    """The documents of a raw-batch cursor one by one, one batch in memory."""
+    async for batch in cursor:
+        for doc in split_batch(batch):
+            yield doc
+
+
 @dataclass(frozen=True)
 class Bracket:
     """One type bracket of `_id` values: how to open it, and whether range operators page through it."""
@@ -215,7 +241,8 @@ class Page:
 
     start: Position
     upto: IdDoc | None
-    docs: list[RawBSONDocument]
+    docs: list[bytes]
+    """Raw BSON documents (never decoded on the way)."""
 
     @property
     def bracket(self) -> Bracket:
@@ -238,12 +265,12 @@ async def walk(coll: Any, start: Position, page_size: int, projection: Mapping[s
 
     `reader(coro)` wraps each request (the source's request budget and retries); by default it is awaited as is.
     """
-    def fetch(pos: Position) -> asyncio.Task[list[RawBSONDocument]]:
+    def fetch(pos: Position) -> asyncio.Task[list[bytes]]:
         flt = BRACKETS[pos.bracket].filter(pos.after)
 
-        async def read() -> list[RawBSONDocument]:
-            cursor = coll.find(flt, projection, sort=[("_id", 1)], limit=page_size, batch_size=page_size)
-            return [d async for d in cursor]
+        async def read() -> list[bytes]:
+            return await raw_docs(coll.find_raw_batches(flt, projection, sort=[("_id", 1)], limit=page_size,
+                                                        batch_size=page_size))
 
         return asyncio.ensure_future(reader(read) if reader is not None else read())
 
@@ -256,7 +283,7 @@ async def walk(coll: Any, start: Position, page_size: int, projection: Mapping[s
             pending = None
             bracket = BRACKETS[pos.bracket]
             full = bracket.ranged and len(docs) >= page_size
-            page = Page(pos, id_doc(bytes(docs[-1].raw)) if full else None, docs)
+            page = Page(pos, id_doc(docs[-1]) if full else None, docs)
             pos = page.end
             if pos.bracket < len(BRACKETS):
                 pending = fetch(pos)

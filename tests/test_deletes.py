@@ -80,6 +80,8 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         await source.app.users.delete_many({"_id": {"$in": [21, 22, "s24"]}})
         await asyncio.sleep(1.0)
         assert await target.app.users.count_documents({"_id": {"$in": [21, 22, "s24"]}}) == 3
+        await source.app.users.create_index("expires", expireAfterSeconds=60)  # built on the target by cutover
+        await source.app.users.create_index("_ts", expireAfterSeconds=60)  # cannot be: reported
         result = await proof.run_cutover()
         assert result.code == 0, result.message
         await assert_converged(source, target, NS)
@@ -88,6 +90,10 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         by_ns = {n["namespace"]: n for n in report["namespaces"]}
         assert by_ns["app.users"]["documents"] == await source.app.users.count_documents({})
         assert by_ns["app.users"]["verified"] == by_ns["app.users"]["documents"]
+        indexes = by_ns["app.users"]["indexes"]
+        assert indexes["built"] == ["expires_1"] and [i["index"] for i in indexes["not_built"]] == ["_ts_1"]
+        ttl = [ix async for ix in await target.app.users.list_indexes() if ix["name"] == "expires_1"]
+        assert ttl and ttl[0]["expireAfterSeconds"] == 60
         status = await run.status()
         assert status["cutover"] == "cutover complete" and status["writer"] == "stopped"
         refused = await run.daemon.handle_control({"cmd": "writer", "action": "start"})

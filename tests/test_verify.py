@@ -128,3 +128,18 @@ async def test_continuous_verification_rechecks_changes_from_the_batch_log(tmp_p
         await run.writer("start")
         await wait_for(lambda: mismatches(0), 30, what="the re-checks from the batch log and the sweep")
         assert v.state.number == passes, "cleared by re-checks, not by another full pass"
+
+
+async def test_collections_the_target_cannot_hold_the_same_way_are_listed(sandbox: Sandbox,
+                                                                         source: AsyncMongoClient) -> None:
+    from cosmigrate.verify.service import collection_notes
+
+    await source.db.create_collection("ring", capped=True, size=4096)
+    await source.db.sessions.create_index("_ts", expireAfterSeconds=3600)
+    await source.db.events.create_index("expires", expireAfterSeconds=0)
+    await source.db.plain.insert_one({"_id": 1})
+    notes = await collection_notes(source, ["db.ring", "db.sessions", "db.events", "db.plain"])
+    assert set(notes) == {"db.ring", "db.sessions", "db.events"}
+    assert "capped" in notes["db.ring"]
+    assert "_ts" in notes["db.sessions"] and "cannot rebuild" in notes["db.sessions"]
+    assert "TTL index on expires" in notes["db.events"]

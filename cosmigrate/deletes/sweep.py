@@ -42,11 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import bson
-from bson.raw_bson import RawBSONDocument
 
 from cosmigrate.budget import SourceBudget
 from cosmigrate.deletes.ordered import OrderedDeletes
-from cosmigrate.idorder import BRACKETS, IdDoc, Page, Position, id_doc, id_order, walk
+from cosmigrate.idorder import BRACKETS, IdDoc, Page, Position, id_doc, id_order, raw_docs, walk
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
@@ -248,14 +247,13 @@ class DeleteSweep:
         while True:
             flt = bracket.filter(after, page.upto)
 
-            async def read(flt: dict[str, Any] = flt) -> list[RawBSONDocument]:
-                cursor = self.source.find(flt, {"_id": 1}, sort=[("_id", 1)], limit=self.page_size,
-                                          batch_size=self.page_size)
-                return [d async for d in cursor]
+            async def read(flt: dict[str, Any] = flt) -> list[bytes]:
+                return await raw_docs(self.source.find_raw_batches(flt, {"_id": 1}, sort=[("_id", 1)],
+                                                                   limit=self.page_size, batch_size=self.page_size))
 
             docs = await self.budget.run(read)
             self.state.source_reads += len(docs)
-            ids = [id_doc(bytes(d.raw)) for d in docs]
+            ids = [id_doc(d) for d in docs]
             if ids:
                 yield ids
             if len(docs) < self.page_size or not bracket.ranged:
@@ -265,7 +263,7 @@ class DeleteSweep:
     async def _merge(self, page: Page) -> None:
         """Target-only `_id`s of the range (merged against the source's) go to the ordered delete path."""
         self.state.merged_ranges += 1
-        targets = [id_doc(bytes(d.raw)) for d in page.docs]
+        targets = [id_doc(d) for d in page.docs]
         candidates: list[IdDoc] = []
         i = 0
         async for chunk in self._source_ids(page):

@@ -333,8 +333,8 @@ class MongoServer:
 
     def cmd_listcollections(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         out = []
-        for name in sorted(self.store.databases.get(db, {})):
-            info = {"name": name, "type": "collection", "options": {}, "info": {"readOnly": False},
+        for name, coll in sorted(self.store.databases.get(db, {}).items()):
+            info = {"name": name, "type": "collection", "options": dict(coll.options), "info": {"readOnly": False},
                     "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}
             out.append(info)
         flt = body.get("filter")
@@ -348,7 +348,8 @@ class MongoServer:
             raise CommandError(48, f"Collection {db}.{name} already exists.", "NamespaceExists")
         if body.get("capped"):
             self.check_capped()
-        self.store.get_or_create(db, name)
+        coll = self.store.get_or_create(db, name)
+        coll.options = {k: body[k] for k in ("capped", "size", "max") if k in body}
         return {"ok": 1.0}
 
     def check_capped(self) -> None:
@@ -444,13 +445,11 @@ class MongoServer:
             keys: Iterator[Hashable] = coll.ordered_keys(lower, inclusive)
             if sort["_id"] < 0:
                 keys = iter(list(coll.ordered_keys())[::-1])
-            elif only_id:
-                keys = _until_bound(keys, coll, flt.get("_id"))
-                if _range_ops(flt.get("_id")):
-                    # Index bounds alone decide a pure _id range (start by bisection, stop at the bound or the
-                    # bracket's end), as on a real server: no per-document matching.
-                    yield from ((key, None) for key in keys if key in coll.docs)
-                    return
+            elif only_id and _range_ops(flt.get("_id")):
+                # Index bounds alone decide a pure _id range (start by bisection, stop at the bound or the
+                # bracket's end), as on a real server: no per-document matching.
+                yield from ((key, None) for key in _until_bound(coll.ordered_items(lower, inclusive), flt["_id"]))
+                return
         else:
             keys = iter(list(coll.docs))
         for key in keys:
@@ -804,19 +803,14 @@ def _range_ops(cond: Any) -> bool:
     return isinstance(cond, dict) and bool(cond) and set(cond) <= {"$gt", "$gte", "$lt", "$lte"}
 
 
-def _until_bound(keys: Iterator[Hashable], coll: Collection, cond: Any) -> Iterator[Hashable]:
+def _until_bound(items: Iterator[tuple[tuple[Any, ...], Hashable]], cond: dict[str, Any]) -> Iterator[Hashable]:
     """An ascending `_id` scan cut at the range's end: range operators match one type bracket only, so the
     scan stops past the upper bound or past the bracket, as a real server's index bounds do."""
-    if not _range_ops(cond):
-        yield from keys
-        return
-    bounds = [sort_key(v) for v in cond.values()]
-    bracket = bounds[0][0]
+    bracket = sort_key(next(iter(cond.values())))[0]
     upper = cond.get("$lte", cond.get("$lt"))
-    upper_key = sort_key(upper) if upper is not None or "$lte" in cond or "$lt" in cond else None
+    upper_key = sort_key(upper) if ("$lte" in cond or "$lt" in cond) else None
     strict = "$lt" in cond
-    for key in keys:
-        k = sort_key(coll.id_values[key])
+    for k, key in items:
         if k[0] > bracket:
             return
         if upper_key is not None and not is_nan_key(k) and (k > upper_key or (strict and k == upper_key)):

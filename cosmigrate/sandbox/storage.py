@@ -136,6 +136,7 @@ class Collection:
         self.id_values: dict[Hashable, Any] = {}
         self.indexes: dict[str, IndexSpec] = {"_id_": IndexSpec("_id_", {"_id": 1})}
         self.feed = ChangeFeed() if with_feed else None
+        self.options: dict[str, Any] = {}  # as given to `create` (capped, size, max), reported by listCollections
         self._order: list[tuple[tuple[Any, ...], Hashable]] = []
         self._in_order: set[Hashable] = set()
         self._pending: list[tuple[tuple[Any, ...], Hashable]] = []
@@ -226,6 +227,11 @@ class Collection:
 
     def ordered_keys(self, lower: Any = None, inclusive: bool = True) -> Iterator[Hashable]:
         """Live keys in `_id` order, optionally starting at a lower bound."""
+        for _, key in self.ordered_items(lower, inclusive):
+            yield key
+
+    def ordered_items(self, lower: Any = None, inclusive: bool = True) -> Iterator[tuple[tuple[Any, ...], Hashable]]:
+        """(sort key, key) of the live documents in `_id` order, optionally starting at a lower bound."""
         if self._pending:
             self._order.extend(self._pending)
             self._pending = []
@@ -245,9 +251,9 @@ class Collection:
         order = self._order
         docs = self.docs
         for i in range(start, len(order)):
-            key = order[i][1]
-            if key in docs:
-                yield key
+            item = order[i]
+            if item[1] in docs:
+                yield item
 
     def add_index(self, spec: IndexSpec) -> bool:
         """Create an index; False when an identical one exists. Builds unique entries."""

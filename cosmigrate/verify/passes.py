@@ -31,7 +31,7 @@ import hashlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import bson
 from bson.raw_bson import RawBSONDocument
@@ -39,7 +39,7 @@ from bson.raw_bson import RawBSONDocument
 from cosmigrate.batchfile import BatchCodec, CorruptBatch
 from cosmigrate.budget import SourceBudget
 from cosmigrate.crashpoints import CrashPoints
-from cosmigrate.idorder import IdDoc, Page, Position, id_value, walk
+from cosmigrate.idorder import IdDoc, Page, Position, id_value, split_batch, walk
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import RAW, event_parts, raw_collection
@@ -53,7 +53,7 @@ RECHECK_CHUNK = 500
 BATCHES_PER_RECHECK = 16
 
 
-async def _listed(docs: list[RawBSONDocument]) -> AsyncIterator[RawBSONDocument]:
+async def _listed(docs: list[bytes]) -> AsyncIterator[bytes]:
     for doc in docs:
         yield doc
 
@@ -196,7 +196,7 @@ class NamespaceVerifier:
         s = self.state
         done = 0
         pages = walk(self.source, s.position, self.page_size, reader=self.budget.run)
-        held: tuple[Page, asyncio.Task[list[RawBSONDocument] | None]] | None = None
+        held: tuple[Page, asyncio.Task[list[bytes] | None]] | None = None
         try:
             async for page in pages:
                 ahead = (page, asyncio.ensure_future(self._target_docs(page)))
@@ -222,20 +222,20 @@ class NamespaceVerifier:
                       mismatches=self.mismatch_count)
         return True
 
-    async def _target_docs(self, page: Page) -> list[RawBSONDocument] | None:
+    async def _target_docs(self, page: Page) -> list[bytes] | None:
         """The target's documents of the range, or None when there are too many to hold (read them streaming)."""
-        out: list[RawBSONDocument] = []
-        cursor = self.target.find(page.filter(), sort=[("_id", 1)], batch_size=self.page_size)
+        out: list[bytes] = []
+        cursor = self.target.find_raw_batches(page.filter(), sort=[("_id", 1)], batch_size=self.page_size)
         try:
-            async for doc in cursor:
-                out.append(doc)
+            async for batch in cursor:
+                out.extend(split_batch(cast(bytes, batch)))  # raw batches are bytes (PyMongo types them as documents)
                 if len(out) > 2 * self.page_size:
                     return None
         finally:
             await cursor.close()
         return out
 
-    async def _range(self, page: Page, target_docs: asyncio.Task[list[RawBSONDocument] | None]) -> None:
+    async def _range(self, page: Page, target_docs: asyncio.Task[list[bytes] | None]) -> None:
         """Compare one range, confirm its suspects, store its result and the pass's new position."""
         s = self.state
         docs = await target_docs

@@ -17,9 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bson.raw_bson import RawBSONDocument
-
-from cosmigrate.idorder import IdDoc, Page, id_doc, id_order
+from cosmigrate.idorder import IdDoc, Page, id_doc, id_order, iter_raw
 from cosmigrate.verify.compare import difference
 
 
@@ -58,19 +56,18 @@ def compare_pair(src: bytes, tgt: bytes) -> Mismatch | None:
     return Mismatch(id_doc(src), "different", d.path, d.kind)
 
 
-async def compare_range(source: list[RawBSONDocument], target: AsyncIterator[RawBSONDocument]) -> RangeResult:
+async def compare_range(source: list[bytes], target: AsyncIterator[bytes]) -> RangeResult:
     """Merge the sorted source page with the sorted target documents of the same range."""
     out = RangeResult(source_docs=len(source))
     i, n = 0, len(source)
     mismatches = out.mismatches
-    async for tdoc in target:
-        t = bytes(tdoc.raw)
+    async for t in target:
         out.target_docs += 1
         while True:
             if i >= n:
                 mismatches.append(Mismatch(id_doc(t), "extra"))
                 break
-            s = bytes(source[i].raw)
+            s = source[i]
             if s == t:
                 out.equal += 1
                 i += 1
@@ -96,13 +93,13 @@ async def compare_range(source: list[RawBSONDocument], target: AsyncIterator[Raw
             mismatches.append(Mismatch(tid, "extra"))
             break
     for doc in source[i:]:
-        mismatches.append(Mismatch(id_doc(bytes(doc.raw)), "missing"))
+        mismatches.append(Mismatch(id_doc(doc), "missing"))
     return out
 
 
-async def target_range(coll: Any, page: Page, batch_size: int) -> AsyncIterator[RawBSONDocument]:
+async def target_range(coll: Any, page: Page, batch_size: int) -> AsyncIterator[bytes]:
     """The target's documents between the page's bounds, in `_id` order, one cursor batch in memory."""
-    async for doc in coll.find(page.filter(), sort=[("_id", 1)], batch_size=batch_size):
+    async for doc in iter_raw(coll.find_raw_batches(page.filter(), sort=[("_id", 1)], batch_size=batch_size)):
         yield doc
 
 
