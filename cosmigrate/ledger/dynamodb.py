@@ -490,9 +490,11 @@ class DynamoLedger:
         fence = self._fence_items(ns, epoch)
         update: dict[str, Any] = {
             "TableName": self.table, "Key": self._progress_key(ns, kind, key),
-            "UpdateExpression": "SET #ns = :ns, kind = :kind, #key = :key, #data = :data, updated_at = :now "
-                                "ADD version :one",
-            "ExpressionAttributeNames": {"#ns": "ns", "#key": "key", "#data": "data"},
+            # Every attribute aliased: DATA, KEY and others are DynamoDB reserved words.
+            "UpdateExpression": "SET #ns = :ns, #kind = :kind, #key = :key, #data = :data, #at = :now "
+                                "ADD #version :one",
+            "ExpressionAttributeNames": {"#ns": "ns", "#kind": "kind", "#key": "key", "#data": "data",
+                                         "#at": "updated_at", "#version": "version"},
         }
         values: dict[str, Any] = {":ns": ns, ":kind": kind, ":key": key, ":data": data, ":one": 1,
                                   ":now": Decimal(str(time.time()))}
@@ -500,7 +502,7 @@ class DynamoLedger:
             if expect_version == 0:
                 update["ConditionExpression"] = "attribute_not_exists(pk)"
             else:
-                update["ConditionExpression"] = "version = :expect"
+                update["ConditionExpression"] = "#version = :expect"
                 values[":expect"] = expect_version
         update["ExpressionAttributeValues"] = self._item(values)
         try:

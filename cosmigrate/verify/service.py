@@ -149,11 +149,12 @@ class Verification:
     async def one_pass(self, namespaces: Iterable[str] | None = None, frozen: bool = False) -> None:
         """Bring every namespace to a completed pass at full speed (continuing one left unfinished, else a new one)."""
         names = list(namespaces) if namespaces is not None else list(self.verifiers)
+        limit = asyncio.Semaphore(self.cfg.apply.pool_size)  # namespaces read at once
 
         async def one(ns: str) -> None:
             await self._load(ns)
             v = self.verifiers[ns]
-            async with self._locks[ns]:
+            async with limit, self._locks[ns]:
                 v.budget.share, v.frozen = 1.0, frozen
                 try:
                     await v.run_pass()
