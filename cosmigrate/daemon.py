@@ -368,12 +368,16 @@ class Daemon:
         """Run one verify/cutover request in this process, keep its result, then stop the daemon."""
         assert self.proof is not None
         cmd = str(job["cmd"])
-        reply = await self.proof.handle(job)
-        while reply.get("ok") and reply[cmd]["running"]:
-            await asyncio.sleep(0.2)
-            reply = await self.proof.handle({"cmd": cmd, "action": "status"})
-        self.job_result = reply
-        self.request_stop()
+        try:
+            reply = await self.proof.handle(job)
+            while reply.get("ok") and reply[cmd]["running"]:
+                await asyncio.sleep(0.2)
+                reply = await self.proof.handle({"cmd": cmd, "action": "status"})
+            self.job_result = reply
+        except Exception as exc:  # the job's caller gets one line, never a daemon left running
+            self.job_result = {"ok": False, "error": f"{cmd} failed: {redact(str(exc) or repr(exc))[:300]}"}
+        finally:
+            self.request_stop()
 
     async def _close(self) -> None:
         self.notify.close()

@@ -204,3 +204,14 @@ async def test_a_killed_verify_pass_resumes_where_it_stopped(
     assert code == 0, err[-2000:]
     report = json.loads(out)
     assert report["equal"] and report["namespaces"][0]["verified"] == 400 and report["namespaces"][0]["pass"] == 1
+
+
+async def test_verify_and_cutover_without_a_daemon_or_config_say_what_to_do(tmp_path: Path) -> None:
+    for cmd in ("verify", "cutover"):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cosmigrate", cmd, "--socket", str(tmp_path / "none.sock"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        lines = err.decode().strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and "give --config" in lines[0], err
+        assert "Traceback" not in err.decode()
