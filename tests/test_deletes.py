@@ -279,3 +279,25 @@ async def test_the_sweep_keeps_to_its_share_of_the_source_and_waits_out_throttli
     assert budget.busy_s / elapsed <= 0.2 * 1.05, (budget.busy_s, elapsed)
     # Every range differs: after a few, the sweep stops counting first and merges directly.
     assert sweep.state.merged_ranges >= 10 and sweep.state.counted_ranges < 15
+
+
+def test_the_new_config_sections_are_validated_key_by_key(tmp_path: Path) -> None:
+    import pytest
+
+    from cosmigrate.config import ConfigError, load_config
+
+    base = ('cluster_name = "c"\n[source]\nuri = "mongodb://a:1"\n[target]\nuri = "mongodb://b:1"\n')
+    for section, body, key in [
+        ("deletes", "max_source_share = 0", "deletes.max_source_share"),
+        ("verify", "page_size = 0", "verify.page_size"),
+        ("deletes", "interval_s = -1", "deletes.interval_s"),
+        ("cutover", "recheck_rounds = 0", "cutover.recheck_rounds"),
+        ("verify", "enabled = 3", "verify.enabled"),
+    ]:
+        path = tmp_path / "c.toml"
+        path.write_text(base + f"[{section}]\n{body}\n")
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(path, env={})
+    path.write_text(base + "[deletes]\nenabled = false\n[verify]\nenabled = true\npage_size = 10\n")
+    cfg = load_config(path, env={"COSMIGRATE_CUTOVER_QUIESCE_S": "2.5"})
+    assert (cfg.deletes.enabled, cfg.verify.enabled, cfg.verify.page_size, cfg.cutover.quiesce_s) == (False, True, 10, 2.5)
