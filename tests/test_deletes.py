@@ -301,3 +301,28 @@ def test_the_new_config_sections_are_validated_key_by_key(tmp_path: Path) -> Non
     path.write_text(base + "[deletes]\nenabled = false\n[verify]\nenabled = true\npage_size = 10\n")
     cfg = load_config(path, env={"COSMIGRATE_CUTOVER_QUIESCE_S": "2.5"})
     assert (cfg.deletes.enabled, cfg.verify.enabled, cfg.verify.page_size, cfg.cutover.quiesce_s) == (False, True, 10, 2.5)
+
+
+def test_readiness_says_deletes_not_reconciled_until_a_sweep_covered_the_last_change(tmp_path: Path) -> None:
+    from cosmigrate.config import Config
+    from cosmigrate.deletes.service import Deletes
+
+    cfg = Config(cluster_name="c")
+    heads = {"now": {("", "FF"): 10}}
+    deletes = Deletes(cfg, None, None, None)  # type: ignore[arg-type]
+    link = NamespaceLink("db.c", 1, latest_head=lambda: heads["now"])
+    budget = SourceBudget()
+    sweep = DeleteSweep(link, None, None, None, OrderedDeletes(link, None, _Port(None), budget), 10, budget)
+    deletes.sweeps["db.c"] = sweep
+    now = time.time()
+    assert deletes.reasons(["db.c"], now) == [
+        "deletes not reconciled since the last change: db.c (no delete sweep has completed yet)"]
+    sweep.state.last_started_at, sweep.state.last_finished_at, sweep.state.last_head = now - 60, now - 50, {("", "FF"): 10}
+    assert deletes.reasons(["db.c"], now) == []  # nothing written since that pass started
+    heads["now"] = {("", "FF"): 11}  # a write (a delete moves the head too)
+    assert deletes.reasons(["db.c"], now) == [
+        "deletes not reconciled since the last change: db.c (the source changed since the last sweep started 60s ago)"]
+    sweep.state.last_started_at = now - 3  # within apply.cutover_threshold_seconds: the same allowance as the lag
+    assert deletes.reasons(["db.c"], now) == []
+    deletes.preview, deletes.preview_since = True, now - 1  # the preview came on after that pass: one more needed
+    assert "no delete sweep has completed yet" in deletes.reasons(["db.c"], now)[0]
