@@ -23,6 +23,7 @@ from bench.driver import run_driver  # noqa: E402
 from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
 from bench.requestunits import run_requestunits  # noqa: E402
+from bench.verify import run_verify_bench  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -35,6 +36,10 @@ TARGETS = [
     ("live.lag_p99_s", "<", 5.0, "end-to-end lag p99 at the highest sustained rate"),
     ("catchup.peak_rss_mb", "<", 400, "daemon peak RSS while draining the backlog"),
     ("ru.capture_ratio_vs_point_reads", "<", 1.0, "source request units per captured event vs one point read per document"),
+    ("verify.ratio_vs_scan", ">=", 0.5, "verify documents/s vs the slower side's raw _id-ordered scan"),
+    ("verify.peak_rss_mb_large", "<", 256, "verifier peak RSS at the large size (2,000,000 documents full)"),
+    ("verify.peak_rss_mb_small", "<", 256, "verifier peak RSS at a tenth of it (independent of size)"),
+    ("deletes.source_reads_ratio_vs_scan", "<", 1.2, "delete sweep's source reads vs one _id scan (1% deleted)"),
 ]
 
 
@@ -71,7 +76,9 @@ def table(r: dict[str, Any]) -> str:
                 "driver.ratio_native_vs_motor", "driver.pinned_pymongo", "driver.newest_pymongo",
                 "driver.pinned_cpu_us_per_event", "driver.newest_cpu_us_per_event", "driver.pinned_vs_newest_ratio",
                 "ru.per_document_captured", "ru.per_document_applied",
-                "ru.capture_ratio_vs_point_reads", "ru.point_read_reference", "ru.idle_per_s"):
+                "ru.capture_ratio_vs_point_reads", "ru.point_read_reference", "ru.idle_per_s",
+                "verify.docs", "verify.docs_per_s", "verify.reference_scan_per_s",
+                "deletes.docs", "deletes.expected", "deletes.found", "deletes.all_found", "deletes.seconds"):
         lines.append(f"| `{key}` | {r.get(key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -140,6 +147,8 @@ def main() -> None:
     r.update(asyncio.run(run_driver(20_000 if q else 100_000, 2 if q else 3)))
     print("suite 5: request units", flush=True)
     r.update(asyncio.run(run_requestunits(20_000 if q else 100_000)))
+    print("suite 6: verification and the delete sweep", flush=True)
+    r.update(asyncio.run(run_verify_bench(q)))
     r["seconds"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
     plot(r, RESULTS / "latest.png")

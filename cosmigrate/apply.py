@@ -54,7 +54,7 @@ from cosmigrate.indexes import crosses_array
 from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import RAW, event_parts, raw_collection, shared_id_part
+from cosmigrate.mongo import RAW, event_parts, is_delete_event, raw_collection, shared_id_part
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 
@@ -197,21 +197,30 @@ class ApplyStatus:
         return events / window_s
 
 
-def collapse(batches: Iterable[Batch], carried: dict[bytes, Op]) -> dict[bytes, Op]:
+def collapse(batches: Iterable[Batch], carried: dict[bytes, Op], misses: dict[bytes, int] | None = None) -> dict[bytes, Op]:
     """Last event per document key wins; carried (deferred) writes are older than any batch.
 
     Events are sliced, never decoded; driver objects are built only for the
     documents that survive collapsing, with the data path's codec options (RAW):
     a field read later (the `_id` for a filter or an error) must not raise on
-    a datetime outside years 1-9999.
+    a datetime outside years 1-9999. With `misses`, an event whose document
+    lookup found nothing (and is no delete-preview event) is not a delete: its
+    key and seq go there, for the source to be asked (cosmigrate.deletes.lookup).
     """
     latest: dict[bytes, tuple[bytes, bytes | None, int]] = {}
     for batch in batches:
         seq = batch.header.seq
         for raw in batch.events:
             key, full = event_parts(raw)
-            # One entry per target document: `_id` 1 and 1.0 are one document, never two racing writes.
-            latest[identity(key)] = (key, full, seq)
+            ident = identity(key)  # one entry per target document: `_id` 1 and 1.0 never race
+            if misses is not None:
+                if full is None and not is_delete_event(raw):
+                    misses[key] = seq
+                    continue
+                if misses:  # a later event of the same document supersedes the miss
+                    for stale in [k for k in misses if identity(k) == ident]:
+                        del misses[stale]
+            latest[ident] = (key, full, seq)
     check_shared_ids(itertools.chain((key for key, _, _ in latest.values()), (op.key for op in carried.values())))
     ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
     for ident, (key, full, seq) in latest.items():
@@ -327,6 +336,17 @@ class NamespaceApplier:
         self._release_after = 0.0  # monotonic
         self._unique: list[UniqueIndex] | None = None
         self._mismatch_of: tuple[frozenset[bytes], str] = (frozenset(), "")
+        self._round_lock = asyncio.Lock()
+        self.lookup_misses: Callable[[dict[bytes, int]], Awaitable[dict[bytes, Op]]] | None = None
+        """Tier-2 deletes (cosmigrate.deletes.lookup): the op for each event whose document lookup found nothing."""
+
+    def exclusive(self) -> asyncio.Lock:
+        """Held while no apply round runs: the ordered delete path checks the source and deletes under it."""
+        return self._round_lock
+
+    async def send(self, requests: list[Any]) -> None:
+        """One bulk write through this applier's gate and ownership check (see `_send`)."""
+        await self._send(requests)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -383,7 +403,8 @@ class NamespaceApplier:
             self.status.state = "running"
             self.wake.clear()  # before the round: a commit during the round must not be missed
             try:
-                worked = await self._round()
+                async with self._round_lock:
+                    worked = await self._round()
                 backoff.reset()
                 if self.status.last_error:
                     self.status.last_error = ""  # recovered
@@ -488,7 +509,11 @@ class NamespaceApplier:
             await self._release_objects()
             return False
         batches = await _all(self._fetch(r) for r in records)
-        ops = collapse(batches, self._deferred)
+        misses: dict[bytes, int] = {}
+        ops = collapse(batches, self._deferred, misses if self.lookup_misses is not None else None)
+        if misses and self.lookup_misses is not None:
+            resolved = await self.lookup_misses(misses)
+            ops.update({identity(op.key): op for op in resolved.values()})  # keyed as collapse keys them
         async with self.pool:
             deferred = await self._write_run(ops)
         self.crash.hit("after_write")

@@ -351,17 +351,20 @@ def ctl_writer(
     ctx: typer.Context,
     action: Annotated[WriterAction, typer.Argument(help="start or stop applying.", metavar="start|stop",
                                                    case_sensitive=False)],
+    force: Annotated[bool, typer.Option("--force", help="Start even after a completed cutover.")] = False,
     socket: SocketOpt = None, config: CtlConfigOpt = None,
 ) -> None:
     """Start or stop applying changes to the target (stored in the ledger: survives restarts).
 
     `stop` returns once the bulk write in flight has finished: nothing reaches
-    the target after it answers. Capture continues either way.
+    the target after it answers. Capture continues either way. After a
+    completed cutover, `start` is refused unless `--force` is given.
     """
     import getpass
 
     path = _socket_path(ctx, socket, config)
-    state = _ctl_request(path, {"cmd": "writer", "action": action.value, "by": getpass.getuser()}, "writer", str)
+    payload = {"cmd": "writer", "action": action.value, "by": getpass.getuser(), **({"force": True} if force else {})}
+    state = _ctl_request(path, payload, "writer", str)
     typer.echo(f"writer {state}")
 
 
@@ -443,6 +446,117 @@ def ctl_metrics(ctx: typer.Context, socket: SocketOpt = None, config: CtlConfigO
     """Print the daemon's metrics in the Prometheus text format."""
     path = _socket_path(ctx, socket, config)
     typer.echo(_ctl_request(path, {"cmd": "metrics"}, "metrics", str), nl=False)
+
+
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Also write the JSON report to this file.")]
+
+
+def _poll_job(path: str, cmd: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Start (or join) a verify/cutover job on the daemon and wait for its result, printing cutover's steps."""
+    import time
+
+    reply = _ctl_request(path, {"cmd": cmd, "action": "start", **extra}, cmd, dict)
+    shown = ""
+    while reply.get("running"):
+        step = reply.get("step", "")
+        if step and step != shown:
+            typer.echo(f"cutover: {step}", err=True)
+            shown = step
+        time.sleep(0.3)
+        reply = _ctl_request(path, {"cmd": cmd, "action": "status"}, cmd, dict)
+    return dict(reply)
+
+
+def _in_process_job(config: Path, cmd: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """No daemon runs: run one in this process for the job (logs on stderr), then stop it."""
+    import structlog
+
+    from cosmigrate.daemon import Daemon, StartupError
+    from cosmigrate.logs import configure_logging
+
+    cfg = _load(config, files=True)
+    configure_logging(cfg.log.level, cfg.log.format)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    daemon = Daemon(cfg, config_path=str(config), job={"cmd": cmd, "action": "start", **extra})
+    try:
+        _run_async(daemon.serve())
+    except StartupError as exc:
+        raise fail(str(exc), code=1) from None
+    reply = daemon.job_result or {}
+    if not reply.get("ok"):
+        raise fail(str(reply.get("error", f"{cmd} did not finish")), code=1)
+    return dict(reply[cmd])
+
+
+def _job(config: Path | None, socket: str | None, cmd: str, extra: dict[str, Any], report: Path | None) -> None:
+    """verify / cutover: through the running daemon if one answers, else in this process."""
+    import json
+
+    from cosmigrate.control import ControlError, request
+
+    path = socket or (_load(config).control.socket if config else DEFAULT_SOCKET)
+    try:
+        asyncio.run(request(path, {"cmd": "ping"}, limit_s=5))
+        running = True
+    except ControlError:
+        running = False
+    if running:
+        reply = _poll_job(path, cmd, extra)
+    elif config is None:
+        raise fail(f"no cosmigrate daemon answers on {path}; give --config to run the {cmd} in this process", code=1)
+    else:
+        reply = _in_process_job(config, cmd, extra)
+    result = reply.get("result")
+    if not isinstance(result, dict):
+        raise fail(f"{cmd}: the daemon answered without a result", code=1)
+    if result.get("report") is not None:
+        text = json.dumps(result["report"], indent=1)
+        typer.echo(text)
+        if report is not None:
+            try:
+                report.write_text(text + "\n")
+            except OSError as exc:
+                raise fail(f"--report {report}: {exc.strerror or exc}", code=1) from None
+    code = int(result.get("exit_code", 1))
+    typer.echo(f"cosmigrate {cmd}: {result.get('message', '')}", err=True)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def verify(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Path to the TOML config file.")] = None,
+    report: ReportOpt = None,
+    max_mismatches: Annotated[int | None, typer.Option("--max-mismatches", min=0,
+                                                       help="List at most N mismatches (default verify.max_mismatches).")] = None,
+    socket: Annotated[str | None, typer.Option(help="Control socket of a running daemon.")] = None,
+) -> None:
+    """Compare every document of the target with the source, range by range; exit 0 when equal, 6 when not.
+
+    Runs in the daemon when one answers (else in this process). Resumable: a
+    pass a kill interrupted continues where it stopped.
+    """
+    _job(config, socket, "verify", {} if max_mismatches is None else {"max_mismatches": max_mismatches}, report)
+
+
+@app.command()
+def cutover(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Path to the TOML config file.")] = None,
+    report: ReportOpt = None,
+    socket: Annotated[str | None, typer.Option(help="Control socket of a running daemon.")] = None,
+) -> None:
+    """Finish the migration: precheck, quiesce, apply, final delete sweep, re-check until clean, finalize, report.
+
+    Resumable (the step is in the ledger). Exit 0 when complete, 3 when the
+    source is still being written, 5 when not ready, 6 when documents differ.
+    """
+    _job(config, socket, "cutover", {}, report)
+
+
+@ctl_app.command("cutover")
+def ctl_cutover(ctx: typer.Context, report: ReportOpt = None) -> None:
+    """Run (or join) the cutover in the running daemon; see `cosmigrate cutover`."""
+    _job(None, ctx.obj, "cutover", {}, report)
 
 
 @app.command()

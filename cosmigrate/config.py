@@ -97,6 +97,31 @@ class CaptureConfig:
 
 
 @dataclass
+class DeletesConfig:
+    enabled: bool = True
+    detect_preview: bool = True
+    interval_s: float = 5.0
+    max_source_share: float = 0.2
+    page_size: int = 1000
+
+
+@dataclass
+class VerifyConfig:
+    enabled: bool = False
+    page_size: int = 1000
+    interval_s: float = 3600.0
+    max_source_share: float = 0.2
+    max_mismatches: int = 100
+
+
+@dataclass
+class CutoverConfig:
+    quiesce_s: float = 5.0
+    precheck_timeout_s: float = 60.0
+    recheck_rounds: int = 5
+
+
+@dataclass
 class DaemonConfig:
     drain_timeout_s: float = 30.0
     status_interval_s: float = 5.0
@@ -129,6 +154,9 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     apply: ApplyConfig = field(default_factory=ApplyConfig)
+    deletes: DeletesConfig = field(default_factory=DeletesConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    cutover: CutoverConfig = field(default_factory=CutoverConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -666,6 +694,21 @@ def validate(cfg: Config, uris: bool = True) -> None:
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
+    for section in ("deletes", "verify"):
+        obj = getattr(cfg, section)
+        if not 0 < obj.max_source_share <= 1:
+            raise ConfigError(f"{section}.max_source_share: must be more than 0 and at most 1")
+        if not 1 <= obj.page_size <= 100_000:
+            raise ConfigError(f"{section}.page_size: must be between 1 and 100000")
+        if obj.interval_s <= 0:
+            raise ConfigError(f"{section}.interval_s: must be greater than 0")
+    if cfg.verify.max_mismatches < 0:
+        raise ConfigError("verify.max_mismatches: must be 0 or more")
+    for key in ("quiesce_s", "precheck_timeout_s"):
+        if getattr(cfg.cutover, key) <= 0:
+            raise ConfigError(f"cutover.{key}: must be greater than 0")
+    if cfg.cutover.recheck_rounds < 1:
+        raise ConfigError("cutover.recheck_rounds: must be at least 1")
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log.level: must be debug, info, warning or error (got {cfg.log.level!r})")
     if cfg.log.format not in ("auto", "json", "console"):

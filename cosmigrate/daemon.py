@@ -34,6 +34,7 @@ from cosmigrate.logs import get_logger
 from cosmigrate.metrics import Metrics, carry_over
 from cosmigrate.mongo import discover_namespaces, list_namespaces, matches_patterns, source_client, target_client
 from cosmigrate.progress import progress_loop
+from cosmigrate.proof import Proof
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
@@ -51,7 +52,8 @@ EXIT_FENCED = 4
 
 
 class Daemon:
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, config_path: str | None = None,
+                 job: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self._reload = asyncio.Event()
@@ -85,6 +87,10 @@ class Daemon:
         self.target_tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file)  # insecure only if allowed
         self.notify = Notifier(env)
         self.metrics = Metrics(self)
+        self.proof: Proof | None = None
+        self.job = job
+        """A control request to run and then stop (`cosmigrate verify` / `cutover` without a running daemon)."""
+        self.job_result: dict[str, Any] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -122,6 +128,8 @@ class Daemon:
         control = await self.ledger.get_control()
         if control.writer == "started":
             self.gate.start()
+        self.proof = Proof(self)
+        await self.proof.start()
         self.control = ControlServer(self.cfg.control.socket, self.handle_control,
                                      allowed_group=self.cfg.control.allowed_group,
                                      max_request_bytes=self.cfg.control.max_request_bytes)
@@ -157,10 +165,15 @@ class Daemon:
                 return await self.retry(ns)
             except LedgerError as exc:
                 return {"ok": False, "error": f"{ns}: the ledger did not answer ({redact(str(exc))}); try again"}
+        if cmd in ("verify", "cutover") and self.proof is not None:
+            return await self.proof.handle(request)
         if cmd == "writer":
             action = request.get("action")
             if action not in ("start", "stop"):
                 return {"ok": False, "error": 'writer needs "action": "start" or "stop"'}
+            refused = self.proof.writer_start_refused(request) if self.proof is not None and action == "start" else ""
+            if refused:
+                return {"ok": False, "error": refused}
             assert self.ledger is not None
             by = str(request.get("by", "ctl"))[:100]
             state = "started" if action == "start" else "stopped"
@@ -171,7 +184,8 @@ class Daemon:
                 await self.gate.stop()  # returns once no bulk write is in flight
             self.log.info(f"writer {state}", by=by)
             return {"ok": True, "writer": state}
-        return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, retry, metrics, ping)"}
+        return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, retry, metrics, verify, cutover, "
+                                      "ping)"}
 
     async def serve(self) -> int:
         """Run until a stop is requested; the exit status for `cosmigrate run` (0, or EXIT_FENCED)."""
@@ -198,6 +212,8 @@ class Daemon:
                     self.cfg.metrics.cloudwatch_interval_s, self.cfg.metrics.cloudwatch_namespace), name="emf"))
             if self.notify.watchdog_interval_s:
                 background.append(asyncio.create_task(self._watchdog(self.notify.watchdog_interval_s), name="watchdog"))
+            if self.job is not None:
+                background.append(asyncio.create_task(self._run_job(self.job), name="job"))
             self.notify.ready(f"writer {'started' if self.gate.started else 'stopped'}, starting capture")
             await self._stop.wait()
             self.notify.stopping()
@@ -205,6 +221,8 @@ class Daemon:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if self.proof is not None:
+                await self.proof.stop()
             await self._drain()
             self.log.info("cosmigrate stopped", exit_code=self.exit_code)
             return self.exit_code
@@ -241,8 +259,10 @@ class Daemon:
                 fresh.update(cap.status.committed_seq, app.status.applied_seq)
                 behind = behind or not fresh.latest_is_caught_up
             if not behind:
-                return
+                break
             await asyncio.sleep(0.05)
+        if self.proof is not None:
+            await self.proof.certify(2.0)  # deletes reconciled up to this head too, if a quick sweep can tell
 
     async def _list_unwatched(self) -> None:
         """List the source's namespaces now: one created since the last discovery round is not captured yet,
@@ -296,6 +316,8 @@ class Daemon:
                         except (PyMongoError, LedgerError) as exc:
                             refused[ns] = redact(f"could not start: {exc}")[:300]
                 self._not_captured(refused)
+                if self.proof is not None:
+                    self.proof.first_round_done()
             except (PyMongoError, LedgerError) as exc:
                 self.log.warning("namespace discovery failed; will retry", error=redact(str(exc)))
             except Exception as exc:  # never let discovery die silently: log it and try again next round
@@ -345,6 +367,8 @@ class Daemon:
         for ns in dropped:
             del self.captures[ns], self.appliers[ns]
             self.freshness.pop(ns, None)
+            if self.proof is not None:
+                await self.proof.detach(ns)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
                       level=new.log.level, stopped=dropped)
 
@@ -399,6 +423,8 @@ class Daemon:
     async def _start_capture(self, ns: str, start_at: str | None,
                              previous: tuple[NamespaceCapture, NamespaceApplier] | None = None) -> None:
         assert self.ledger is not None and self.store is not None
+        if self.proof is not None:
+            await self.proof.deletes_tier(ns)  # before the first stream opens: the delete preview changes its pipeline
         meta = await self.ledger.claim(ns, self.owner)
         # A retried namespace keeps its head samples: its ledger position (and so their seqs) did not change.
         fresh = (self.freshness.get(ns) if previous else None) or Freshness()
@@ -414,6 +440,8 @@ class Daemon:
         self.appliers[ns] = app
         self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")
         self._tasks[f"apply:{ns}"] = asyncio.create_task(self._supervise(app, app.run), name=f"apply:{ns}")
+        if self.proof is not None:
+            self.proof.attach(ns, cap, app, fresh)
         self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq,
                       applied_seq=meta.applied_seq, start_at=cap.start_at if meta.resume_token is None else "stored")
 
@@ -458,6 +486,21 @@ class Daemon:
         if pending:
             self.log.warning(warning, namespaces=len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _run_job(self, job: dict[str, Any]) -> None:
+        """Run one verify/cutover request in this process, keep its result, then stop the daemon."""
+        assert self.proof is not None
+        cmd = str(job["cmd"])
+        try:
+            reply = await self.proof.handle(job)
+            while reply.get("ok") and reply[cmd]["running"]:
+                await asyncio.sleep(0.2)
+                reply = await self.proof.handle({"cmd": cmd, "action": "status"})
+            self.job_result = reply
+        except Exception as exc:  # the job's caller gets one line, never a daemon left running
+            self.job_result = {"ok": False, "error": f"{cmd} failed: {redact(str(exc) or repr(exc))[:300]}"}
+        finally:
+            self.request_stop()
 
     async def _close(self) -> None:
         self.notify.close()

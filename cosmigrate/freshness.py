@@ -63,6 +63,8 @@ class Freshness:
     watched_since: float = field(default_factory=time.monotonic)
     """Monotonic clock when the daemon began watching the namespace: lag's lower bound before any catch-up."""
     _captured_t: float = 0.0
+    latest_head: Positions | None = None
+    """The head of the latest successful sample (deletes: has the source changed since a sweep started?)."""
     _samples: collections.deque[HeadSample] = field(default_factory=collections.deque)
     _marks: list[tuple[Positions, int]] = field(default_factory=list)
 
@@ -83,6 +85,7 @@ class Freshness:
         self.unknown_reason = ""
         self.last_sample_error = ""
         self.last_sample_at = at
+        self.latest_head = head
         sample = HeadSample(at, head, at if wall is None else wall)
         self._samples.append(sample)
         self.latest_is_caught_up = False

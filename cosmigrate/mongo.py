@@ -202,6 +202,13 @@ def shared_id_part(key: bytes) -> bytes | None:
     if "_id" not in doc or len(doc) == 1:
         return None
     return bson.encode({"_id": doc["_id"]}, codec_options=RAW)
+def is_delete_event(raw: bytes) -> bool:
+    """True for a delete-preview event (`operationType: "delete"`); False for any other event.
+
+    Only asked about events without a document (rare): an event whose lookup
+    found nothing is not a delete by itself (see `cosmigrate.deletes.lookup`).
+    """
+    return RawBSONDocument(raw, RAW).get("operationType") == "delete"
 
 
 async def change_stream_tokens(

@@ -27,10 +27,13 @@ NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
     "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
     "deferred_reason", "expiry", "throughput_eps", "last_error", "last_error_at", "phase",
+    # deletes, verification (cosmigrate.proof)
+    "deletes_tier", "deletes_reconciled_at", "deletes_applied", "sweep_progress", "documents_verified", "mismatches",
+    "last_verify_pass",
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
-    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces",
+    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover",
 )
 STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
 PHASES = ("capturing", "catching up", "in sync", "failed", "fenced", "stopped")
@@ -63,13 +66,15 @@ def _iso(ts: float) -> str | None:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict[str, Any]:
+async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: bool = True) -> dict[str, Any]:
     """Assemble the status object from the ledger, the head samples and the in-memory tasks.
 
     `fresh_after`: a namespace shows lag 0 only when it reached a head sampled at or after this
     moment, on the monotonic clock (`ctl status` samples on demand and passes the request's time;
     the periodic STATUS= line accepts the last couple of sampling rounds). Lag and "current" are
-    monotonic: a wall clock stepped back must never turn an old catch-up into lag 0.
+    monotonic: a wall clock stepped back must never turn an old catch-up into lag 0. `proof=False`
+    leaves out the reasons that deletes and verification add (cutover's precheck: the cutover
+    resolves those itself).
     """
     assert daemon.ledger is not None
     now = time.time()
@@ -147,6 +152,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
             "last_error": error,
             "last_error_at": _iso(error_at),
             "phase": phase(state, freshness),
+            **(daemon.proof.fields(meta.ns) if daemon.proof is not None else {}),
         })
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
@@ -178,6 +184,11 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         reasons.append(f"cannot list the source's collections: {daemon.unlisted}")
     if not namespaces:
         reasons.append("no namespace is being captured yet")
+    cutover = daemon.proof.cutover_status() if daemon.proof is not None else "not started"
+    if proof and daemon.proof is not None:
+        reasons += daemon.proof.reasons([n["namespace"] for n in namespaces], now)
+        if cutover == "cutover complete":
+            reasons.append("cutover complete: the applications use the target now")
     return {
         "cluster_name": daemon.cfg.cluster_name,
         "version": __version__,
@@ -190,12 +201,15 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None) -> dict
         "not_ready_reasons": reasons,
         "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
+        "cutover": cutover,
     }
 
 
 def one_line(status: dict[str, Any]) -> str:
     """A summary for systemd's STATUS= and the demo's progress line."""
     failed = sum(1 for n in status["namespaces"] if n["state"] in ("failed", "fenced"))
+    if status.get("cutover") == "cutover complete":
+        return f"cutover complete, writer {status['writer']}, {len(status['namespaces'])} namespaces"
     return (f"writer {status['writer']}, gap {status['gap_in_seconds']:.1f}s, "
             f"{len(status['namespaces'])} namespaces, {failed} failed, "
             f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}"

@@ -12,12 +12,15 @@ from cosmigrate.ledger.base import (
     LedgerError,
     LedgerUnavailable,
     NamespaceMeta,
+    Progress,
+    ProgressConflict,
     SeqConflict,
     WriterControl,
 )
 
 __all__ = [
-    "BatchRecord", "Fenced", "Ledger", "LedgerError", "LedgerUnavailable", "NamespaceMeta", "SeqConflict", "WriterControl",
+    "BatchRecord", "Fenced", "Ledger", "LedgerError", "LedgerUnavailable", "NamespaceMeta", "Progress",
+    "ProgressConflict", "SeqConflict", "WriterControl",
     "open_ledger",
 ]
 

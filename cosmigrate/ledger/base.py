@@ -11,7 +11,9 @@ invariants 2 and 4). Implementations: SQLite (one transaction) and DynamoDB
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import bson
 
 
 class LedgerError(Exception):
@@ -67,6 +69,29 @@ class BatchRecord:
     applied_at: float | None = None
     epoch: int = 0
     """The committing owner's epoch (audit trail for fencing)."""
+
+
+class ProgressConflict(LedgerError):
+    """A progress item's version is not the one the writer read (someone else moved it on)."""
+
+
+@dataclass
+class Progress:
+    """A generic resumable-work item: sweep progress, verification results, the cutover step.
+
+    Keyed `(ns, kind, key)`; `ns` is "" for cluster-wide items. `data` is one
+    BSON document (raw `_id` bounds stay raw), `version` counts its writes.
+    """
+
+    ns: str
+    kind: str
+    key: str
+    data: bytes
+    version: int = 1
+    updated_at: float = 0.0
+
+    def doc(self) -> dict[str, Any]:
+        return dict(bson.decode(self.data))
 
 
 @dataclass
@@ -142,6 +167,26 @@ class Ledger(Protocol):
 
     async def set_first_discovery(self, at: float) -> float:
         """Record `at` unless a time is already recorded; return the stored time (idempotent)."""
+
+    async def get_progress(self, ns: str, kind: str, key: str) -> Progress | None:
+        """One progress item, or None."""
+
+    async def list_progress(self, ns: str, kind: str, prefix: str = "", limit: int | None = None) -> list[Progress]:
+        """The progress items of `(ns, kind)` whose key starts with `prefix`, in key order."""
+
+    async def put_progress(self, ns: str, kind: str, key: str, data: bytes, *, epoch: int | None,
+                           expect_version: int | None = None) -> None:
+        """Write a progress item (its version goes up by one).
+
+        Fenced: with `epoch`, only while the namespace's stored epoch is `epoch`
+        (raises Fenced otherwise); cluster items (`ns` "") pass None and rely on
+        `expect_version`: the stored version must be exactly that (0: absent),
+        else ProgressConflict. A repeat of a write whose answer was lost (same
+        data, already at `expect_version + 1`) is done, not a conflict.
+        """
+
+    async def delete_progress(self, ns: str, kind: str, key: str, *, epoch: int | None) -> None:
+        """Remove a progress item (absent is fine); fenced like `put_progress`."""
 
     async def close(self) -> None:
         """Release the connection."""

@@ -7,6 +7,7 @@ Items (see docs/design.md, "Data layout"):
 | `<cluster>`         | `control`        | writer switch, first-discovery time                |
 | `<cluster>`         | `ns#<ns>`        | namespace meta (owner, epoch, next_seq, token, ...) |
 | `<cluster>#<ns>`    | `batch#<seq:012>`| one committed batch                                |
+| `<cluster>|progress#<ns>` | `<kind>#<key>` | sweep progress, verification results, cutover (`<ns>` ""); `|` never occurs in a cluster name, so these never mix with batches |
 
 Keeping every namespace's meta under the cluster's partition makes status a
 single Query. A capture commit is one TransactWriteItems: put the batch item
@@ -46,6 +47,8 @@ from cosmigrate.ledger.base import (
     LedgerError,
     LedgerUnavailable,
     NamespaceMeta,
+    Progress,
+    ProgressConflict,
     SeqConflict,
     WriterControl,
 )
@@ -470,6 +473,91 @@ class DynamoLedger:
         except _ConditionFailed:
             # Recorded already: by someone else, or by our own attempt whose answer was lost.
             return await self.get_first_discovery()
+
+    # --- progress items -------------------------------------------------------------------
+
+    def _progress_key(self, ns: str, kind: str, key: str) -> dict[str, Any]:
+        return {"pk": {"S": f"{self.cluster}|progress#{ns}"}, "sk": {"S": f"{kind}#{key}"}}
+
+    def _to_progress(self, item: dict[str, Any]) -> Progress:
+        d = self._plain(item)
+        return Progress(d["ns"], d["kind"], d["key"], bytes(d["data"]), int(d.get("version", 1)),
+                        float(d.get("updated_at", 0)))
+
+    async def get_progress(self, ns: str, kind: str, key: str) -> Progress | None:
+        resp = await self._call("get_item", TableName=self.table, Key=self._progress_key(ns, kind, key),
+                                ConsistentRead=True)
+        return self._to_progress(resp["Item"]) if "Item" in resp else None
+
+    async def list_progress(self, ns: str, kind: str, prefix: str = "", limit: int | None = None) -> list[Progress]:
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :prefix)",
+            "ExpressionAttributeValues": self._item({":pk": f"{self.cluster}|progress#{ns}", ":prefix": f"{kind}#{prefix}"}),
+        }
+        if limit is not None:
+            kwargs["Limit"] = limit
+        out = [self._to_progress(i) for i in await self._query(**kwargs)]
+        return out[:limit] if limit is not None else out
+
+    def _fence_items(self, ns: str, epoch: int | None) -> list[dict[str, Any]]:
+        if epoch is None:
+            if ns:
+                raise LedgerError(f"{ns}: a namespace's progress is written by its owner (an epoch is required)")
+            return []
+        return [{"ConditionCheck": {
+            "TableName": self.table, "Key": self._meta_key(ns), "ConditionExpression": "epoch = :epoch",
+            "ExpressionAttributeValues": self._item({":epoch": epoch}),
+        }}]
+
+    async def _write_progress(self, op: dict[str, Any], fence: list[dict[str, Any]]) -> None:
+        if fence:
+            await self._call("transact_write_items", ClientRequestToken=uuid.uuid4().hex, TransactItems=[*fence, op])
+        elif "Update" in op:
+            await self._call("update_item", **op["Update"])
+        else:
+            await self._call("delete_item", **op["Delete"])
+
+    async def put_progress(self, ns: str, kind: str, key: str, data: bytes, *, epoch: int | None,
+                           expect_version: int | None = None) -> None:
+        fence = self._fence_items(ns, epoch)
+        update: dict[str, Any] = {
+            "TableName": self.table, "Key": self._progress_key(ns, kind, key),
+            # Every attribute aliased: DATA, KEY and others are DynamoDB reserved words.
+            "UpdateExpression": "SET #ns = :ns, #kind = :kind, #key = :key, #data = :data, #at = :now "
+                                "ADD #version :one",
+            "ExpressionAttributeNames": {"#ns": "ns", "#kind": "kind", "#key": "key", "#data": "data",
+                                         "#at": "updated_at", "#version": "version"},
+        }
+        values: dict[str, Any] = {":ns": ns, ":kind": kind, ":key": key, ":data": data, ":one": 1,
+                                  ":now": Decimal(str(time.time()))}
+        if expect_version is not None:
+            if expect_version == 0:
+                update["ConditionExpression"] = "attribute_not_exists(pk)"
+            else:
+                update["ConditionExpression"] = "#version = :expect"
+                values[":expect"] = expect_version
+        update["ExpressionAttributeValues"] = self._item(values)
+        try:
+            await self._write_progress({"Update": update}, fence)
+        except _ConditionFailed:
+            if epoch is not None:
+                meta = await self.get_namespace(ns)
+                if meta is None or meta.epoch != epoch:
+                    raise self._fenced(ns, epoch, meta) from None
+            stored = await self.get_progress(ns, kind, key)
+            if expect_version is not None and stored is not None and stored.version == expect_version + 1 \
+                    and stored.data == data:
+                return  # our own earlier attempt went through; its answer was lost
+            raise ProgressConflict(f"{ns or 'cluster'} {kind}/{key}: version {stored.version if stored else 0}, "
+                                   f"expected {expect_version}") from None
+
+    async def delete_progress(self, ns: str, kind: str, key: str, *, epoch: int | None) -> None:
+        fence = self._fence_items(ns, epoch)
+        try:
+            await self._write_progress({"Delete": {"TableName": self.table, "Key": self._progress_key(ns, kind, key)}},
+                                       fence)
+        except _ConditionFailed:
+            raise self._fenced(ns, epoch or 0, await self.get_namespace(ns)) from None
 
     async def close(self) -> None:
         await self._client.close()

@@ -24,6 +24,8 @@ from cosmigrate.ledger.base import (
     LedgerError,
     LedgerUnavailable,
     NamespaceMeta,
+    Progress,
+    ProgressConflict,
     SeqConflict,
     WriterControl,
 )
@@ -50,6 +52,15 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE TABLE IF NOT EXISTS control (
     cluster TEXT PRIMARY KEY, writer TEXT NOT NULL, changed_by TEXT NOT NULL, changed_at REAL NOT NULL,
     first_discovery_at REAL NOT NULL DEFAULT 0
+);
+"""
+
+# Tables added after the first release: created on open when a ledger file from older code lacks them.
+PROGRESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS progress (
+    cluster TEXT NOT NULL, ns TEXT NOT NULL, kind TEXT NOT NULL, key TEXT NOT NULL,
+    data BLOB NOT NULL, version INTEGER NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (cluster, ns, kind, key)
 );
 """
 
@@ -103,7 +114,7 @@ class SqliteLedger:
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA busy_timeout=30000")
                 if create:
-                    conn.executescript(SCHEMA)
+                    conn.executescript(SCHEMA + PROGRESS_SCHEMA)
                 self._migrate(conn)
             except BaseException:
                 conn.close()
@@ -122,11 +133,17 @@ class SqliteLedger:
                     out.append((table, column, definition))
             return out
 
+        def tables() -> set[str]:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
         def body() -> None:
             for table, column, definition in missing():
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            if "namespaces" in tables() and "progress" not in tables():
+                conn.execute(PROGRESS_SCHEMA)
 
-        if missing():
+        existing = tables()
+        if missing() or ("namespaces" in existing and "progress" not in existing):
             self._tx(conn, body)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], create: bool = False) -> T:
@@ -350,6 +367,67 @@ class SqliteLedger:
             return self._tx(conn, body)
 
         return await self._run(run)
+
+    # --- progress items -------------------------------------------------------------------
+
+    def _fence(self, conn: sqlite3.Connection, ns: str, epoch: int | None) -> None:
+        if epoch is not None:
+            self._check_epoch(conn, ns, epoch)
+        elif ns:
+            raise LedgerError(f"{ns}: a namespace's progress is written by its owner (an epoch is required)")
+
+    async def get_progress(self, ns: str, kind: str, key: str) -> Progress | None:
+        def run(conn: sqlite3.Connection) -> Progress | None:
+            row = conn.execute("SELECT data, version, updated_at FROM progress WHERE cluster=? AND ns=? AND kind=? "
+                               "AND key=?", (self.cluster, ns, kind, key)).fetchone()
+            return Progress(ns, kind, key, bytes(row[0]), row[1], row[2]) if row else None
+
+        return await self._run(run)
+
+    async def list_progress(self, ns: str, kind: str, prefix: str = "", limit: int | None = None) -> list[Progress]:
+        def run(conn: sqlite3.Connection) -> list[Progress]:
+            rows = conn.execute(
+                "SELECT key, data, version, updated_at FROM progress WHERE cluster=? AND ns=? AND kind=? "
+                "AND substr(key, 1, ?) = ? ORDER BY key LIMIT ?",
+                (self.cluster, ns, kind, len(prefix), prefix, -1 if limit is None else limit),
+            )
+            return [Progress(ns, kind, r[0], bytes(r[1]), r[2], r[3]) for r in rows]
+
+        return await self._run(run)
+
+    async def put_progress(self, ns: str, kind: str, key: str, data: bytes, *, epoch: int | None,
+                           expect_version: int | None = None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                self._fence(conn, ns, epoch)
+                row = conn.execute("SELECT data, version FROM progress WHERE cluster=? AND ns=? AND kind=? AND key=?",
+                                   (self.cluster, ns, kind, key)).fetchone()
+                stored = row[1] if row else 0
+                if expect_version is not None and stored != expect_version:
+                    if row is not None and stored == expect_version + 1 and bytes(row[0]) == data:
+                        return  # a repeat of our write whose answer was lost
+                    raise ProgressConflict(f"{ns or 'cluster'} {kind}/{key}: version {stored}, expected {expect_version}")
+                conn.execute(
+                    "INSERT INTO progress (cluster, ns, kind, key, data, version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (cluster, ns, kind, key) DO UPDATE SET data=excluded.data, version=excluded.version, "
+                    "updated_at=excluded.updated_at",
+                    (self.cluster, ns, kind, key, data, stored + 1, time.time()),
+                )
+
+            self._tx(conn, body)
+
+        await self._run(run)
+
+    async def delete_progress(self, ns: str, kind: str, key: str, *, epoch: int | None) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            def body() -> None:
+                self._fence(conn, ns, epoch)
+                conn.execute("DELETE FROM progress WHERE cluster=? AND ns=? AND kind=? AND key=?",
+                             (self.cluster, ns, kind, key))
+
+            self._tx(conn, body)
+
+        await self._run(run)
 
     async def close(self) -> None:
         def shut(conn: sqlite3.Connection) -> None:

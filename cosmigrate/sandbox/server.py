@@ -27,8 +27,10 @@ from cosmigrate.sandbox.bsonvalues import (
     DECODE_OPTIONS,
     RAW_OPTIONS,
     first_field_is_id,
+    is_nan_key,
     prepend_id,
     raw_bytes,
+    sort_key,
     values_equal,
 )
 from cosmigrate.sandbox.faults import Faults, FaultSpecError
@@ -331,8 +333,8 @@ class MongoServer:
 
     def cmd_listcollections(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         out = []
-        for name in sorted(self.store.databases.get(db, {})):
-            info = {"name": name, "type": "collection", "options": {}, "info": {"readOnly": False},
+        for name, coll in sorted(self.store.databases.get(db, {}).items()):
+            info = {"name": name, "type": "collection", "options": dict(coll.options), "info": {"readOnly": False},
                     "idIndex": {"v": 2, "key": {"_id": 1}, "name": "_id_"}}
             out.append(info)
         flt = body.get("filter")
@@ -346,7 +348,8 @@ class MongoServer:
             raise CommandError(48, f"Collection {db}.{name} already exists.", "NamespaceExists")
         if body.get("capped"):
             self.check_capped()
-        self.store.get_or_create(db, name)
+        coll = self.store.get_or_create(db, name)
+        coll.options = {k: body[k] for k in ("capped", "size", "max") if k in body}
         return {"ok": 1.0}
 
     def check_capped(self) -> None:
@@ -427,6 +430,16 @@ class MongoServer:
                         if matches(doc, flt):
                             yield key, doc
                 return
+            if isinstance(cond, dict) and set(cond) == {"$in"} and isinstance(cond["$in"], list) and not sort \
+                    and not any(isinstance(v, (dict, list)) or hasattr(v, "pattern") for v in cond["$in"]):
+                # Point lookups along the _id index, as a real server does for $in on _id.
+                seen: set[Hashable] = set()
+                for value in cond["$in"]:
+                    for key in coll.keys_for_id(value):
+                        if key not in seen:
+                            seen.add(key)
+                            yield key, None
+                return
         if sort and set(sort) != {"_id"}:
             docs = [coll.decode(k) for k in list(coll.docs)]
             docs = [d for d in docs if matches(d, flt)]
@@ -438,6 +451,11 @@ class MongoServer:
             keys: Iterator[Hashable] = coll.ordered_keys(lower, inclusive)
             if sort["_id"] < 0:
                 keys = iter(list(coll.ordered_keys())[::-1])
+            elif only_id and _range_ops(flt.get("_id")):
+                # Index bounds alone decide a pure _id range (start by bisection, stop at the bound or the
+                # bracket's end), as on a real server: no per-document matching.
+                yield from ((key, None) for key in _until_bound(coll.ordered_items(lower, inclusive), flt["_id"]))
+                return
         else:
             keys = iter(list(coll.docs))
         for key in keys:
@@ -522,7 +540,9 @@ class MongoServer:
         if not flt and coll is not None:
             n = len(coll.docs)
         else:
-            n = sum(1 for _ in self.select(coll, flt, None))
+            # An _id range is counted along the _id index (bounded), like a real server does.
+            order = {"_id": 1} if set(flt) == {"_id"} and _range_ops(flt["_id"]) else None
+            n = sum(1 for _ in self.select(coll, flt, order))
         n = max(0, n - int(body.get("skip") or 0))
         if body.get("limit"):
             n = min(n, abs(int(body["limit"])))
@@ -810,6 +830,25 @@ def _too_large(write: str, size: int) -> CommandError:
     if write == "upsert":
         return CommandError(17420, f"Document to upsert is larger than {MAX_BSON_SIZE}", "Location17420")
     return CommandError(17419, f"Resulting document after update is larger than {MAX_BSON_SIZE}", "Location17419")
+
+
+def _range_ops(cond: Any) -> bool:
+    return isinstance(cond, dict) and bool(cond) and set(cond) <= {"$gt", "$gte", "$lt", "$lte"}
+
+
+def _until_bound(items: Iterator[tuple[tuple[Any, ...], Hashable]], cond: dict[str, Any]) -> Iterator[Hashable]:
+    """An ascending `_id` scan cut at the range's end: range operators match one type bracket only, so the
+    scan stops past the upper bound or past the bracket, as a real server's index bounds do."""
+    bracket = sort_key(next(iter(cond.values())))[0]
+    upper = cond.get("$lte", cond.get("$lt"))
+    upper_key = sort_key(upper) if ("$lte" in cond or "$lt" in cond) else None
+    strict = "$lt" in cond
+    for k, key in items:
+        if k[0] > bracket:
+            return
+        if upper_key is not None and not is_nan_key(k) and (k > upper_key or (strict and k == upper_key)):
+            return
+        yield key
 
 
 def _lower_bound(cond: Any) -> tuple[Any, bool]:

@@ -170,7 +170,9 @@ class ChangeFeed:
     def record(self, key: Hashable, op: str, emit_delete: bool = False) -> None:
         """Move `key` to the feed's end; `op` is insert, update or delete."""
         if op == "delete" and not emit_delete:
+            # The partition's log moves on (its head LSN too), but the latest-version feed shows nothing.
             self._latest.pop(key, None)
+            self.lsn += 1
             return
         self.lsn += 1
         self._latest[key] = self.lsn
@@ -219,6 +221,7 @@ class Collection:
         self._expiry: list[tuple[float, int, Hashable]] = []  # heap of (deadline, stamp, identity)
         self._stamps: dict[Hashable, int] = {}
         self._stamp = itertools.count()
+        self.options: dict[str, Any] = {}  # as given to `create` (capped, size, max), reported by listCollections
         self._order: list[tuple[tuple[Any, ...], Hashable]] = []
         self._in_order: set[Hashable] = set()
         self._pending: list[tuple[tuple[Any, ...], Hashable]] = []
@@ -385,6 +388,11 @@ class Collection:
 
     def ordered_keys(self, lower: Any = None, inclusive: bool = True) -> Iterator[Hashable]:
         """Live keys in `_id` order, optionally starting at a lower bound."""
+        for _, key in self.ordered_items(lower, inclusive):
+            yield key
+
+    def ordered_items(self, lower: Any = None, inclusive: bool = True) -> Iterator[tuple[tuple[Any, ...], Hashable]]:
+        """(sort key, key) of the live documents in `_id` order, optionally starting at a lower bound."""
         if self._pending:
             self._order.extend(self._pending)
             self._pending = []
@@ -404,9 +412,9 @@ class Collection:
         order = self._order
         docs = self.docs
         for i in range(start, len(order)):
-            key = order[i][1]
-            if key in docs:
-                yield key
+            item = order[i]
+            if item[1] in docs:
+                yield item
 
     def add_index(self, spec: IndexSpec) -> bool:
         """Create an index; False when an identical one exists. Builds unique entries."""

@@ -1,6 +1,7 @@
 """A write workload for the sandbox source: the demo, the benchmarks and the tests share it.
 
-Random inserts, updates and replaces over several collections, 20% of the
+Random inserts, updates, replaces (and, with `delete_share`, deletes and
+re-inserts of the same `_id`) over several collections, 20% of the
 writes on 1% of the keys (hot keys), documents with many BSON types so that
 any type loss shows up, and optional unique-email swaps (A and B exchange
 values through a temporary one, as an application must under a unique index).
@@ -44,9 +45,13 @@ class Workload:
     namespaces: list[str]
     keys_per_ns: int = 500
     seed: int = 1
+    delete_share: float = 0.0
+    """Share of writes to an existing document that delete it (its next write inserts it again)."""
     writes: int = 0
+    deletes: int = 0
     rng: random.Random = field(init=False)
     versions: dict[tuple[str, Any], int] = field(default_factory=dict)
+    deleted: set[tuple[str, Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -58,12 +63,29 @@ class Workload:
         key = idx if idx % 3 else f"k{idx}"
         return ns, key
 
+    def _deleting(self, ns: str, key: Any, v: int) -> bool:
+        if v == 0 or (ns, key) in self.deleted or not self.delete_share or self.rng.random() >= self.delete_share:
+            return False
+        self.deleted.add((ns, key))
+        self.deletes += 1
+        return True
+
+    def _inserting(self, ns: str, key: Any, v: int) -> bool:
+        if v == 0 or (ns, key) in self.deleted:
+            self.deleted.discard((ns, key))
+            return True
+        return False
+
     async def write_one(self) -> None:
         ns, key = self._pick()
         db, _, coll = ns.partition(".")
         c = self.client[db][coll]
         v = self.versions.get((ns, key), -1) + 1
-        if v == 0:
+        if self._deleting(ns, key, v):
+            await c.delete_one({"_id": key})
+            self.writes += 1
+            return
+        if self._inserting(ns, key, v):
             await c.insert_one(rich_doc(key, v, self.rng))
         elif self.rng.random() < 0.5:
             await c.update_one({"_id": key}, {"$set": {"v": v, "f": self.rng.random(), "small_long": Int64(v)}})
@@ -74,7 +96,7 @@ class Workload:
 
     async def run_bulk(self, count: int, per_write: int = 500) -> None:
         """`count` changes sent as ordered bulk writes (fast), each op a change like write_one's."""
-        from pymongo import InsertOne, ReplaceOne, UpdateOne
+        from pymongo import DeleteOne, InsertOne, ReplaceOne, UpdateOne
 
         done = 0
         while done < count:
@@ -82,8 +104,13 @@ class Workload:
             for _ in range(min(per_write, count - done)):
                 ns, key = self._pick()
                 v = self.versions.get((ns, key), -1) + 1
-                if v == 0:
-                    op: Any = InsertOne(rich_doc(key, v, self.rng))
+                op: Any
+                if self._deleting(ns, key, v):
+                    by_ns.setdefault(ns, []).append(DeleteOne({"_id": key}))
+                    done += 1
+                    continue
+                if self._inserting(ns, key, v):
+                    op = InsertOne(rich_doc(key, v, self.rng))
                 elif self.rng.random() < 0.5:
                     op = UpdateOne({"_id": key}, {"$set": {"v": v, "f": self.rng.random(), "small_long": Int64(v)}})
                 else:

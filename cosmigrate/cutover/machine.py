@@ -1,0 +1,363 @@
+"""`cosmigrate cutover`: a resumable state machine from "ready" to "proven equal", whose step lives in the ledger.
+
+The steps, in order (`STEPS`):
+
+1. `precheck`: the readiness conditions (writer started, every namespace
+   healthy, nothing deferred, caught up to a recent head), waited for up to
+   `cutover.precheck_timeout_s`; each failing one is named (exit 5).
+2. `quiesce`: the applications have stopped writing. Every namespace's head
+   is sampled twice, `cutover.quiesce_s` apart; if one moved, "the source is
+   still being written" (exit 3). The second sample is stored.
+3. `apply`: capture and apply up to the stored heads.
+4. `sweep`: a final delete sweep of every namespace, over everything, with
+   the source quiet (counts are exact, no catch-up waits).
+5. `recheck`: verification brought to a clean state: a full pass where none
+   completed, documents changed since re-checked from the batch log, every
+   mismatch compared again, up to `cutover.recheck_rounds` rounds (exit 6
+   with the report when documents still differ).
+6. `finalize`: the source's indexes the target lacks are built, TTL indexes
+   included (they could not be live while the source still expired
+   documents); `_ts` expiry cannot be rebuilt and is reported.
+7. `report`: a JSON report (per namespace: documents, verified, deletes,
+   duration, the heads it stopped at) is stored and printed. Exit 0.
+
+Then status says `cutover complete`, the writer is stopped and refuses to
+start again without `--force`; the sweep and verification stop (the target
+belongs to the applications now). The source is never written.
+
+Resumable: the step is stored (compare-and-set on the ledger's cluster item)
+after each step's work; a kill or a restart continues at the stored step,
+and every step can run twice. From `apply` on, each step ends by sampling the
+heads again: if they moved since `quiesce`, the applications wrote during the
+cutover; the machine goes back to `quiesce` and exits 3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import bson
+from bson.binary import Binary
+from pymongo.errors import OperationFailure, PyMongoError
+
+from cosmigrate.apply import WriterGate
+from cosmigrate.config import Config
+from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.deletes.service import Deletes
+from cosmigrate.ledger import Ledger
+from cosmigrate.logs import get_logger
+from cosmigrate.mongo import change_stream_tokens
+from cosmigrate.nslink import NamespaceLink
+from cosmigrate.preflight import unsupported_index
+from cosmigrate.redact import redact
+from cosmigrate.tokens import TokenFormatError, positions
+from cosmigrate.verify.report import iso
+from cosmigrate.verify.service import Verification
+
+KIND, KEY = "cutover", "state"
+COMPLETE = "complete"
+EXIT_OK, EXIT_ERROR, EXIT_WRITTEN, EXIT_NOT_READY, EXIT_DIFFERENT = 0, 1, 3, 5, 6
+STALL_S = 120.0  # apply making no progress this long fails the `apply` step
+
+
+class CutoverStop(Exception):
+    """Ends a run with an exit code and one line for the operator (the step stays where it says)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CutoverHost(Protocol):
+    """What the machine needs from the daemon that runs it."""
+
+    cfg: Config
+    crash: CrashPoints
+    deletes: Deletes | None
+    verification: Verification | None
+    links: dict[str, NamespaceLink]
+
+    @property
+    def ledger(self) -> Ledger | None: ...
+
+    @property
+    def source(self) -> Any: ...
+
+    @property
+    def target(self) -> Any: ...
+
+    @property
+    def gate(self) -> WriterGate: ...
+
+    async def readiness(self) -> list[str]:
+        """The readiness reasons that the cutover itself does not resolve (empty: ready)."""
+
+    async def wait_discovered(self) -> None:
+        """Returns once the first namespace discovery round attached every namespace."""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[Cutover], Awaitable[None]]
+    says: str
+
+
+@dataclass
+class Result:
+    code: int
+    message: str
+    report: dict[str, Any] | None = None
+
+
+class Cutover:
+    def __init__(self, host: CutoverHost) -> None:
+        self.host = host
+        self.cfg = host.cfg
+        assert host.ledger is not None
+        self.ledger: Ledger = host.ledger
+        self.state: dict[str, Any] = {}
+        self.version = 0
+        self.step = ""
+        self.log = get_logger(component="cutover")
+
+    # --- ledger -----------------------------------------------------------------------------
+
+    async def load(self) -> dict[str, Any]:
+        item = await self.ledger.get_progress("", KIND, KEY)
+        self.state, self.version = (item.doc(), item.version) if item is not None else ({}, 0)
+        return self.state
+
+    async def _save(self) -> None:
+        await self.ledger.put_progress("", KIND, KEY, bson.encode(self.state), epoch=None, expect_version=self.version)
+        self.version += 1
+
+    async def complete(self) -> bool:
+        return (await self.load()).get("step") == COMPLETE
+
+    # --- the machine ---------------------------------------------------------------------------
+
+    async def run(self) -> Result:
+        await self.load()
+        if self.state.get("step") == COMPLETE:
+            return Result(EXIT_OK, "cutover is already complete", self.state.get("report"))
+        if not self.state:
+            self.state = {"step": STEPS[0].name, "started_at": time.time()}
+            await self._save()
+        await self.host.wait_discovered()
+        names = [s.name for s in STEPS]
+        try:
+            for step in STEPS[names.index(self.state["step"]):]:
+                self.step = step.name
+                self.log.info("cutover step", step=step.name, what=step.says)
+                await step.run(self)
+                self.host.crash.hit(f"cutover_{step.name}")
+                following = names.index(step.name) + 1
+                self.state["step"] = names[following] if following < len(names) else COMPLETE
+                await self._save()
+        except CutoverStop as stop:
+            self.log.warning("cutover stopped", step=self.step, exit_code=stop.code, reason=str(stop))
+            return Result(stop.code, str(stop), self.state.get("report"))
+        self.state["finished_at"] = time.time()
+        await self._save()
+        await self.host.gate.stop()
+        await self.ledger.set_writer("stopped", "cutover", time.time())
+        self.log.info("cutover complete")
+        return Result(EXIT_OK, "cutover complete: the target equals the source", self.state.get("report"))
+
+    @property
+    def namespaces(self) -> list[str]:
+        return sorted(self.host.links)
+
+    # --- heads ---------------------------------------------------------------------------------
+
+    async def _heads(self) -> dict[str, list[bytes]]:
+        out: dict[str, list[bytes]] = {}
+        for ns in self.namespaces:
+            try:
+                out[ns] = await change_stream_tokens(self.host.source, ns)
+            except (PyMongoError, ValueError) as exc:
+                raise CutoverStop(EXIT_ERROR, f"cannot sample the source head of {ns}: {redact(str(exc))[:200]}") from None
+        return out
+
+    @staticmethod
+    def _moved(before: dict[str, list[bytes]], after: dict[str, list[bytes]]) -> list[str]:
+        moved = []
+        for ns, tokens in after.items():
+            try:
+                a = {r: lsn for t in before.get(ns, []) for r, lsn in positions(t).items()}
+                b = {r: lsn for t in tokens for r, lsn in positions(t).items()}
+            except TokenFormatError:
+                moved.append(ns)  # unreadable: never claim the source is quiet
+                continue
+            if a != b:
+                moved.append(ns)
+        return moved
+
+    def _stored_heads(self) -> dict[str, list[bytes]]:
+        return {ns: [bytes(t) for t in tokens] for ns, tokens in (self.state.get("heads") or {}).items()}
+
+    async def _still_quiet(self) -> None:
+        """Every step after `quiesce` ends here: a write since then sends the machine back to `quiesce`."""
+        moved = self._moved(self._stored_heads(), await self._heads())
+        if moved:
+            self.state["step"] = "quiesce"
+            await self._save()
+            raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
+                                            "applications' writes to Cosmos DB, then run cutover again")
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    async def precheck(self) -> None:
+        deadline = time.monotonic() + self.cfg.cutover.precheck_timeout_s
+        while True:
+            reasons = await self.host.readiness()
+            if not reasons:
+                return
+            if time.monotonic() >= deadline:
+                raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(reasons))
+            await asyncio.sleep(0.5)
+
+    async def quiesce(self) -> None:
+        first = await self._heads()
+        await asyncio.sleep(self.cfg.cutover.quiesce_s)
+        second = await self._heads()
+        moved = self._moved(first, second)
+        if moved:
+            raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
+                                            "applications' writes to Cosmos DB, then run cutover again")
+        self.state["heads"] = {ns: [Binary(t) for t in tokens] for ns, tokens in second.items()}
+        self.state["heads_at"] = time.time()
+
+    async def apply(self) -> None:
+        heads = self._stored_heads()
+        for ns in self.namespaces:
+            link = self.host.links[ns]
+            at = time.time()
+            link.add_head(at, heads.get(ns) or (await self._heads())[ns])
+            progress, since = (link.committed_seq(), link.written_seq()), time.monotonic()
+            while not await link.wait_caught_up(at, 5.0):
+                now = (link.committed_seq(), link.written_seq())
+                if now != progress:
+                    progress, since = now, time.monotonic()
+                elif time.monotonic() - since > STALL_S:
+                    writer = "started" if self.host.gate.started else "stopped (run `cosmigrate ctl writer start`)"
+                    raise CutoverStop(EXIT_ERROR, f"{ns} does not reach the quiesced head: capture and apply made no "
+                                                  f"progress for {STALL_S:.0f}s (writer {writer})")
+        await self._still_quiet()
+
+    async def sweep(self) -> None:
+        deletes = self.host.deletes
+        counts: dict[str, int] = dict(self.state.get("deleted") or {})
+        if deletes is not None:
+            await deletes.stop()
+            for ns in self.namespaces:
+                counts[ns] = counts.get(ns, 0) + await deletes.final_sweep(ns)
+        self.state["deleted"] = counts
+        await self._still_quiet()
+
+    async def recheck(self) -> None:
+        verification = self.host.verification
+        if verification is None:
+            return
+        await verification.stop()
+        left = await verification.recheck_until_clean(self.namespaces, self.cfg.cutover.recheck_rounds)
+        self.state["verification"] = await verification.report(float(self.state.get("started_at", 0.0)),
+                                                               self.cfg.verify.max_mismatches, self.namespaces)
+        if left:
+            await self._save()
+            raise CutoverStop(EXIT_DIFFERENT, f"{left} documents still differ after {self.cfg.cutover.recheck_rounds} "
+                                              "re-check rounds with the source quiet; see the report's mismatches")
+        await self._still_quiet()
+
+    async def finalize(self) -> None:
+        target_major = 5
+        try:
+            info = await self.host.target.admin.command("buildInfo")
+            target_major = int(str(info.get("version", "5")).split(".")[0])
+        except (PyMongoError, ValueError):
+            pass
+        out: dict[str, Any] = {}
+        for ns in self.namespaces:
+            db, _, coll = ns.partition(".")
+            built: list[str] = []
+            not_built: list[dict[str, str]] = []
+            existing = {ix["name"]: ix async for ix in await self.host.target[db][coll].list_indexes()}
+            async for ix in await self.host.source[db][coll].list_indexes():
+                spec = dict(ix)
+                name = spec.get("name", "")
+                if name == "_id_" or name in existing:
+                    continue
+                keys = dict(spec["key"])
+                if "expireAfterSeconds" in spec and list(keys) == ["_ts"]:
+                    not_built.append({"index": name, "reason": "expiry by _ts cannot be rebuilt on DocumentDB: add an "
+                                      "expiry date field and a TTL index on it"})
+                    continue
+                why = unsupported_index(spec, target_major)
+                if why:
+                    not_built.append({"index": name, "reason": why})
+                    continue
+                options = {k: v for k, v in spec.items() if k in ("unique", "sparse", "expireAfterSeconds",
+                                                                  "partialFilterExpression")}
+                try:
+                    await self.host.target[db][coll].create_index(list(keys.items()), name=name, **options)
+                    built.append(name)
+                except OperationFailure as exc:
+                    not_built.append({"index": name, "reason": redact(str(exc.details.get("errmsg", exc)
+                                                                      if exc.details else exc))[:200]})
+            out[ns] = {"built": built, "not_built": not_built}
+        self.state["finalize"] = out
+        await self._still_quiet()
+
+    async def report(self) -> None:
+        now = time.time()
+        started = float(self.state.get("started_at", now))
+        verification = self.state.get("verification") or {}
+        by_ns = {n["namespace"]: n for n in verification.get("namespaces", [])}
+        namespaces = []
+        for ns in self.namespaces:
+            db, _, coll = ns.partition(".")
+            docs = int((await self.host.source[db].command({"count": coll}))["n"])
+            heads = []
+            for token in self._stored_heads().get(ns, []):
+                try:
+                    heads += [{"range": f"{lo}-{hi}", "lsn": lsn} for (lo, hi), lsn in sorted(positions(token).items())]
+                except TokenFormatError:
+                    heads.append({"range": "?", "lsn": None})
+            v = by_ns.get(ns, {})
+            deletes = self.host.deletes.fields(ns)["deletes_applied"] if self.host.deletes else 0
+            # Proven equal: the last full pass covered every document then; every change since went through the
+            # batch log and was re-checked (inserts and updates) or swept (deletes), with the source quiet.
+            verified = docs - int(v.get("mismatches", 0)) if v.get("complete") else int(v.get("verified", 0))
+            namespaces.append({
+                "namespace": ns, "documents": docs, "verified": max(0, verified),
+                "mismatches": v.get("mismatches", 0), "deletes": deletes,
+                "final_sweep_deletes": (self.state.get("deleted") or {}).get(ns, 0),
+                "indexes": (self.state.get("finalize") or {}).get(ns, {}), "heads": heads,
+            })
+        equal = bool(verification.get("equal"))
+        self.state["report"] = {
+            "cluster_name": self.cfg.cluster_name, "started_at": iso(started), "finished_at": iso(now),
+            "duration_s": round(now - started, 3), "equal": equal,
+            "verdict": verification.get("verdict", "not verified"),
+            "namespaces": namespaces,
+            "not_comparable_as_is": verification.get("not_comparable_as_is", []),
+            "mismatches": verification.get("mismatches", []),
+        }
+        await self._still_quiet()
+
+
+STEPS: tuple[Step, ...] = (
+    Step("precheck", Cutover.precheck, "the readiness conditions"),
+    Step("quiesce", Cutover.quiesce, "the applications have stopped writing: heads sampled twice"),
+    Step("apply", Cutover.apply, "capture and apply up to the sampled heads"),
+    Step("sweep", Cutover.sweep, "a final delete sweep"),
+    Step("recheck", Cutover.recheck, "a final re-check until clean"),
+    Step("finalize", Cutover.finalize, "remaining indexes and TTL"),
+    Step("report", Cutover.report, "the report"),
+)
+"""The cutover, step by step; the stored step names where a run (re)starts."""

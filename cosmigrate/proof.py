@@ -1,0 +1,266 @@
+"""Turning "replicated" into "proven equal", inside the daemon: deletes, verification and the cutover.
+
+The daemon owns one `Proof`. It wires the three capabilities to each
+namespace's pipeline as the namespace starts (`attach`), answers the control
+requests `verify` and `cutover`, adds their fields and readiness reasons to
+status, and keeps the writer stopped after a completed cutover unless an
+operator forces it. The capabilities themselves live in `cosmigrate.deletes`,
+`cosmigrate.verify` and `cosmigrate.cutover`.
+
+Jobs (`cosmigrate verify`, `cosmigrate cutover`) run here as tasks: the
+control request starts one (or reports the one running), and the client polls
+`{"cmd": ..., "action": "status"}` until it has a result. A job survives its
+client going away; a second request while one runs just reports on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from cosmigrate.apply import NamespaceApplier
+from cosmigrate.capture import NamespaceCapture
+from cosmigrate.cutover.machine import COMPLETE, EXIT_ERROR, Cutover, Result
+from cosmigrate.deletes.service import Deletes
+from cosmigrate.freshness import Freshness
+from cosmigrate.logs import get_logger
+from cosmigrate.nslink import NamespaceLink
+from cosmigrate.redact import redact
+from cosmigrate.verify.report import iso
+from cosmigrate.verify.service import Verification
+
+if TYPE_CHECKING:
+    from cosmigrate.daemon import Daemon
+
+EXIT_MISMATCHES = 6
+
+
+class Proof:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.cfg = daemon.cfg
+        self.crash = daemon.crash
+        self.links: dict[str, NamespaceLink] = {}
+        self.deletes: Deletes | None = None
+        self.verification: Verification | None = None
+        self.discovered = asyncio.Event()
+        self.cutover_step = ""
+        self.machine: Cutover | None = None
+        self.jobs: dict[str, asyncio.Task[Result]] = {}
+        self.results: dict[str, Result] = {}
+        self.log = get_logger(component="proof")
+
+    # --- CutoverHost ------------------------------------------------------------------------
+
+    @property
+    def ledger(self) -> Any:
+        return self.daemon.ledger
+
+    @property
+    def source(self) -> Any:
+        return self.daemon.source
+
+    @property
+    def target(self) -> Any:
+        return self.daemon.target
+
+    @property
+    def gate(self) -> Any:
+        return self.daemon.gate
+
+    async def readiness(self) -> list[str]:
+        from cosmigrate.status import build_status
+
+        await self.daemon.certify()
+        status = await build_status(self.daemon, fresh_after=time.time() - 2 * self.cfg.capture.head_sample_interval_s,
+                                    proof=False)
+        return list(status["not_ready_reasons"])
+
+    async def wait_discovered(self) -> None:
+        await self.discovered.wait()
+
+    # --- wiring -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """After the daemon connected: the services, and whether a cutover already completed."""
+        assert self.daemon.ledger is not None and self.daemon.store is not None
+        self.deletes = Deletes(self.cfg, self.daemon.source, self.daemon.target, self.daemon.ledger)
+        self.verification = Verification(self.cfg, self.daemon.source, self.daemon.target, self.daemon.ledger,
+                                         self.daemon.store, self.crash)
+        state = await Cutover(self).load()
+        self.cutover_step = str(state.get("step", ""))
+        if self.cutover_step == COMPLETE:
+            self.deletes.halted = self.verification.halted = True
+
+    async def deletes_tier(self, ns: str) -> None:
+        """Before a namespace's first stream opens: whether the account has the delete preview (asked once)."""
+        if self.deletes is not None:
+            await self.deletes.detect(ns)
+
+    def attach(self, ns: str, cap: NamespaceCapture, app: NamespaceApplier, fresh: Freshness) -> None:
+        assert self.deletes is not None and self.verification is not None
+        sampler = self.daemon.sampler
+
+        def caught_up_at() -> float:
+            fresh.update(cap.status.committed_seq, app.status.applied_seq)
+            return fresh.caught_up_at
+
+        async def sample() -> None:
+            if sampler is not None:
+                await sampler.sample(ns, fresh)
+
+        link = self.links[ns] = NamespaceLink(
+            ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
+            caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head, latest_head_at=lambda: fresh.last_sample_at,
+            sample=sample, add_head=fresh.add_sample,
+        )
+        self.deletes.attach(link, app)
+        self.verification.attach(link)
+
+    async def detach(self, ns: str) -> None:
+        self.links.pop(ns, None)
+        if self.deletes is not None:
+            await self.deletes.detach(ns)
+        if self.verification is not None:
+            await self.verification.detach(ns)
+
+    async def certify(self, limit_s: float) -> None:
+        if self.deletes is not None and not self.deletes.halted:
+            await self.deletes.certify(limit_s)
+
+    def first_round_done(self) -> None:
+        self.discovered.set()
+
+    async def stop(self) -> None:
+        for task in self.jobs.values():
+            task.cancel()
+        await asyncio.gather(*self.jobs.values(), return_exceptions=True)
+        if self.deletes is not None:
+            await self.deletes.stop()
+        if self.verification is not None:
+            await self.verification.stop()
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def start_job(self, name: str, make: Callable[[], Awaitable[Result]]) -> None:
+        if name in self.jobs and not self.jobs[name].done():
+            return
+        self.results.pop(name, None)
+
+        async def run() -> Result:
+            try:
+                result = await make()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a job's failure is its result, never a dead daemon
+                self.log.exception(f"{name} failed", error=redact(repr(exc))[:300])
+                result = Result(EXIT_ERROR, f"{name} failed: {redact(str(exc) or repr(exc))[:300]}")
+            self.results[name] = result
+            return result
+
+        self.jobs[name] = asyncio.create_task(run(), name=f"job:{name}")
+
+    async def run_cutover(self) -> Result:
+        machine = self.machine = Cutover(self)
+        try:
+            result = await machine.run()
+        finally:
+            self.cutover_step = str(machine.state.get("step", self.cutover_step))
+        if self.cutover_step == COMPLETE:
+            if self.deletes is not None:
+                self.deletes.halted = True
+                await self.deletes.stop()
+            if self.verification is not None:
+                self.verification.halted = True
+                await self.verification.stop()
+        else:
+            self.resume_background()
+        return result
+
+    def resume_background(self) -> None:
+        """After a cutover that stopped early: the sweeps and continuous verification go on."""
+        if self.deletes is not None:
+            self.deletes.resume()
+        if self.verification is not None:
+            self.verification.resume()
+
+    async def run_verify(self, limit: int) -> Result:
+        assert self.verification is not None
+        await self.discovered.wait()
+        started = time.time()
+        await self.verification.one_pass(sorted(self.links))
+        report = await self.verification.report(started, limit, sorted(self.links))
+        if report["equal"]:
+            return Result(0, report["verdict"], report)
+        return Result(EXIT_MISMATCHES, report["verdict"], report)
+
+    def job_reply(self, name: str) -> dict[str, Any]:
+        task = self.jobs.get(name)
+        result = self.results.get(name)
+        out: dict[str, Any] = {"running": task is not None and not task.done()}
+        if name == "cutover":
+            out["step"] = self.cutover_step
+        if result is not None and not out["running"]:
+            out["result"] = {"exit_code": result.code, "message": result.message, "report": result.report}
+        return out
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The control requests `verify` and `cutover` ({"action": "start" | "status"})."""
+        cmd = str(request.get("cmd"))
+        action = request.get("action", "start")
+        if action not in ("start", "status"):
+            return {"ok": False, "error": f'{cmd} needs "action": "start" or "status"'}
+        if action == "start":
+            if cmd == "cutover":
+                self.start_job("cutover", self.run_cutover)
+            else:
+                limit = request.get("max_mismatches", self.cfg.verify.max_mismatches)
+                if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                    return {"ok": False, "error": "max_mismatches must be a whole number, 0 or more"}
+                if self.cutover_step == COMPLETE:
+                    return {"ok": False, "error": "cutover is complete: the target belongs to the applications now"}
+                self.start_job("verify", lambda: self.run_verify(limit))
+        return {"ok": True, cmd: self.job_reply(cmd)}
+
+    # --- status -------------------------------------------------------------------------------
+
+    def writer_start_refused(self, request: dict[str, Any]) -> str:
+        """Why `ctl writer start` is refused ("" if it is not): after cutover, only with --force."""
+        if self.cutover_step == COMPLETE and not request.get("force"):
+            return ("cutover is complete: the applications write to the target now, and starting the writer would "
+                    "overwrite their changes; use --force if you really mean it")
+        return ""
+
+    def fields(self, ns: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.deletes is not None:
+            out.update(self.deletes.fields(ns))
+        else:
+            out.update(deletes_tier="none", deletes_reconciled_at=0.0, deletes_applied=0, sweep_progress=None)
+        if self.verification is not None:
+            out.update(self.verification.fields(ns))
+        else:
+            out.update(documents_verified=0, mismatches=0, last_verify_pass=0.0)
+        out["deletes_reconciled_at"] = iso(out["deletes_reconciled_at"])
+        out["last_verify_pass"] = iso(out["last_verify_pass"])
+        return out
+
+    def reasons(self, namespaces: list[str], now: float) -> list[str]:
+        out: list[str] = []
+        if self.deletes is not None:
+            out += self.deletes.reasons(namespaces, now)
+        if self.verification is not None:
+            out += self.verification.reasons(namespaces)
+        return out
+
+    def cutover_status(self) -> str:
+        running = "cutover" in self.jobs and not self.jobs["cutover"].done()
+        if self.cutover_step == COMPLETE:
+            return "cutover complete"
+        if running:
+            return f"cutover running: {self.machine.step if self.machine else self.cutover_step}"
+        if self.cutover_step:
+            return f"cutover stopped at {self.cutover_step}"
+        return "not started"
