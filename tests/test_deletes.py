@@ -326,3 +326,34 @@ def test_readiness_says_deletes_not_reconciled_until_a_sweep_covered_the_last_ch
     assert deletes.reasons(["db.c"], now) == []
     deletes.preview, deletes.preview_since = True, now - 1  # the preview came on after that pass: one more needed
     assert "no delete sweep has completed yet" in deletes.reasons(["db.c"], now)[0]
+
+
+async def test_a_delete_applied_between_the_two_counts_does_not_hide_a_stale_document(
+    sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """Count mode: the source is counted, then apply catches up, then the target is counted.
+
+    Apply can *remove* documents meanwhile (a delete-preview event, a lookup miss re-read as gone): 60 is
+    deleted at the source after its count and the delete is applied before the target's count. The stale 5
+    (deleted at the source before the pass started, which the pass claims) then balances it: 99 = 99.
+    """
+    await source.db.c.insert_many([{"_id": i} for i in range(100)])
+    await target.db.c.insert_many([{"_id": i} for i in range(100)])
+    await source.db.c.delete_one({"_id": 5})  # before the pass: the pass must find it
+    applied = {"at": 0.0, "deletes": 0}
+
+    async def apply_catches_up() -> None:  # after the source count: 60 deleted, the feed's delete applied
+        if not applied["at"]:
+            await source.db.c.delete_one({"_id": 60})
+            await target.db.c.delete_one({"_id": 60})
+            applied["deletes"] += 1
+            applied["at"] = time.time()
+
+    link = NamespaceLink("db.c", 1, caught_up_at=lambda: applied["at"], sample=apply_catches_up,
+                         deletes_applied=lambda: applied["deletes"])
+    src, tgt = raw_collection(source, "db.c"), raw_collection(target, "db.c")
+    budget = SourceBudget()
+    sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 1000, budget)
+    await sweep.run_pass()
+    assert [d["_id"] async for d in target.db.c.find({"_id": 5})] == []
+    assert await source.db.c.count_documents({}) == await target.db.c.count_documents({})
