@@ -337,6 +337,9 @@ class NamespaceApplier:
         self._unique: list[UniqueIndex] | None = None
         self._mismatch_of: tuple[frozenset[bytes], str] = (frozenset(), "")
         self._round_lock = asyncio.Lock()
+        self.deletes_sent = 0
+        """Deletes handed to the target, counted BEFORE they are sent: the delete sweep compares it across its two
+        counts of a range, and a delete landing in between must show even if its round has not returned yet."""
         self.lookup_misses: Callable[[dict[bytes, int]], Awaitable[dict[bytes, Op]]] | None = None
         """Tier-2 deletes (cosmigrate.deletes.lookup): the op for each event whose document lookup found nothing."""
 
@@ -514,6 +517,7 @@ class NamespaceApplier:
         if misses and self.lookup_misses is not None:
             resolved = await self.lookup_misses(misses)
             ops.update({identity(op.key): op for op in resolved.values()})  # keyed as collapse keys them
+        self.deletes_sent += sum(1 for op in ops.values() if op.doc is None)
         async with self.pool:
             deferred = await self._write_run(ops)
         self.crash.hit("after_write")

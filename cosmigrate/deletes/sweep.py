@@ -169,13 +169,13 @@ class DeleteSweep:
         # otherwise bring back a document after its range was swept, and the pass would claim too much.
         while not self.frozen and not await self.link.wait_caught_up(s.head_at, self.catch_up_s):
             self.log.debug("delete sweep waits for apply to reach the head it started at")
-        pending: collections.deque[tuple[Page, int, float]] = collections.deque()
+        pending: collections.deque[tuple[Page, int, float, int]] = collections.deque()
         async for page in walk(self.target, s.position, self.page_size, {"_id": 1}, reader=self.target_budget.run):
             if not page.docs:  # nothing on the target in this range: nothing to delete, no source read needed
                 if not pending:
                     await self._advance(page)
                 else:
-                    pending.append((page, -1, 0.0))
+                    pending.append((page, -1, 0.0, 0))
                 continue
             if self._merge_left > 0:
                 await self._drain(pending, everything=True)
@@ -184,10 +184,10 @@ class DeleteSweep:
                 await self._merge(page)
                 await self._advance(page)
             else:
-                counted_at = time.time()
+                counted_at, feed_deletes = time.time(), self.link.deletes_applied()
                 n_src = await self._count(self.source, page, self.budget)
                 s.source_reads += n_src
-                pending.append((page, n_src, counted_at))
+                pending.append((page, n_src, counted_at, feed_deletes))
             await self._drain(pending, everything=len(pending) >= WINDOW)
         await self._drain(pending, everything=True)
         s.last_started_at, s.last_finished_at, s.last_head = s.started_at, time.time(), s.head
@@ -208,10 +208,10 @@ class DeleteSweep:
 
         return await budget.run(count)
 
-    async def _drain(self, pending: collections.deque[tuple[Page, int, float]], everything: bool) -> None:
+    async def _drain(self, pending: collections.deque[tuple[Page, int, float, int]], everything: bool) -> None:
         """Settle count-mode ranges in order, once apply has caught up past their source count."""
         while pending:
-            page, n_src, counted_at = pending[0]
+            page, n_src, counted_at, feed_deletes = pending[0]
             if n_src < 0:  # an empty target range queued behind counted ones, to keep the cursor in order
                 pending.popleft()
                 await self._advance(page)
@@ -225,7 +225,10 @@ class DeleteSweep:
             differs = True
             if ready:
                 self.state.counted_ranges += 1
-                differs = await self._count(self.target, page, self.target_budget) != n_src
+                n_tgt = await self._count(self.target, page, self.target_budget)
+                # A delete the applier wrote since the source count (preview event, lookup miss) may have
+                # removed one of the counted documents and balanced out a stale one: equal proves nothing then.
+                differs = n_tgt != n_src or self.link.deletes_applied() != feed_deletes
             self._recent.append(differs)
             if differs:
                 await self._merge(page)
