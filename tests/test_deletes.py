@@ -80,6 +80,7 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         await source.app.users.delete_many({"_id": {"$in": [21, 22, "s24"]}})
         await asyncio.sleep(1.0)
         assert await target.app.users.count_documents({"_id": {"$in": [21, 22, "s24"]}}) == 3
+        sandbox.source.faults.ttl_custom_path = True  # an account with EnableTtlOnCustomPath
         await source.app.users.create_index("expires", expireAfterSeconds=60)  # built on the target by cutover
         await source.app.users.create_index("_ts", expireAfterSeconds=60)  # cannot be: reported
         result = await proof.run_cutover()
@@ -286,7 +287,7 @@ def test_the_new_config_sections_are_validated_key_by_key(tmp_path: Path) -> Non
 
     from cosmigrate.config import ConfigError, load_config
 
-    base = ('cluster_name = "c"\n[source]\nuri = "mongodb://a:1"\n[target]\nuri = "mongodb://b:1"\n')
+    base = ('cluster_name = "c"\n[source]\nuri = "mongodb://a:1"\n[target]\nuri = "mongodb://b:1/?tls=true"\n')
     for section, body, key in [
         ("deletes", "max_source_share = 0", "deletes.max_source_share"),
         ("verify", "page_size = 0", "verify.page_size"),
