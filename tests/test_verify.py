@@ -136,6 +136,7 @@ async def test_collections_the_target_cannot_hold_the_same_way_are_listed(sandbo
 
     await source.db.create_collection("ring", capped=True, size=4096)
     await source.db.sessions.create_index("_ts", expireAfterSeconds=3600)
+    sandbox.source.faults.ttl_custom_path = True  # an account with EnableTtlOnCustomPath
     await source.db.events.create_index("expires", expireAfterSeconds=0)
     await source.db.plain.insert_one({"_id": 1})
     notes = await collection_notes(source, ["db.ring", "db.sessions", "db.events", "db.plain"])
