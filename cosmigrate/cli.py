@@ -554,9 +554,10 @@ def cutover(
 
 
 @ctl_app.command("cutover")
-def ctl_cutover(ctx: typer.Context, report: ReportOpt = None) -> None:
+def ctl_cutover(ctx: typer.Context, report: ReportOpt = None, socket: SocketOpt = None,
+                config: CtlConfigOpt = None) -> None:
     """Run (or join) the cutover in the running daemon; see `cosmigrate cutover`."""
-    _job(None, ctx.obj, "cutover", {}, report)
+    _job(None, _socket_path(ctx, socket, config), "cutover", {}, report)
 
 
 @app.command()
