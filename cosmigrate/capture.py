@@ -40,6 +40,7 @@ from cosmigrate.logs import get_logger
 from cosmigrate.mongo import beginning_token, change_stream_tokens, event_token, open_change_stream, raw_collection
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
+from cosmigrate.timeouts import within
 
 THROTTLED = 16500
 # With server-side retry on, Cosmos answers a throttled request with ExceededTimeLimit after a while: retry it too.
@@ -387,7 +388,7 @@ class NamespaceCapture:
 
     async def _sleep(self, seconds: float) -> None:
         try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            await within(self._stopping.wait(), seconds)
         except TimeoutError:
             pass
 

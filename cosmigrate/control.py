@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from cosmigrate.logs import get_logger
+from cosmigrate.timeouts import within
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 _PEERCRED = struct.Struct("3i")
@@ -200,7 +201,7 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await within(self._server.wait_closed(), 2)
             self._server = None
 
     async def stop(self) -> None:
@@ -259,7 +260,7 @@ class ControlServer:
             while True:
                 self._waiting[writer] = None
                 try:
-                    line = await asyncio.wait_for(reader.readline(), self.request_timeout_s)
+                    line = await within(reader.readline(), self.request_timeout_s)
                 except (asyncio.LimitOverrunError, ValueError):
                     await self._reply(writer, {"ok": False,
                                                "error": f"request too large (limit {self.max_request_bytes} bytes)"})
@@ -295,14 +296,14 @@ class ControlServer:
         self._lingering += 1
         try:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(reader.readline(), LINGER_S)
-                await asyncio.wait_for(writer.drain(), LINGER_S)
+                await within(reader.readline(), LINGER_S)
+                await within(writer.drain(), LINGER_S)
         finally:
             self._lingering -= 1
 
     async def _reply(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
         writer.write(json.dumps(obj, default=str).encode() + b"\n")
-        await asyncio.wait_for(writer.drain(), self.request_timeout_s)  # a client that never reads frees its slot
+        await within(writer.drain(), self.request_timeout_s)  # a client that never reads frees its slot
 
     async def _dispatch(self, line: bytes) -> dict[str, Any]:
         try:
@@ -328,7 +329,7 @@ def _why(exc: OSError) -> str:
 async def _alive(path: Path) -> bool:
     """Does a process answer on this socket? Only a refused connection proves the file is stale."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 1)
+        _, writer = await within(asyncio.open_unix_connection(str(path)), 1)
     except (ConnectionRefusedError, FileNotFoundError):
         return False
     except (OSError, TimeoutError) as exc:
@@ -343,7 +344,7 @@ async def _alive(path: Path) -> bool:
 async def request(path: str, payload: dict[str, Any], limit_s: float = 30.0) -> dict[str, Any]:
     """Send one request to the daemon and return its reply (raises ControlError, whatever the peer sends)."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=2**24), 5)
+        reader, writer = await within(asyncio.open_unix_connection(path, limit=2**24), 5)
     except FileNotFoundError:
         raise ControlError(f"no cosmigrate daemon is running (no socket at {path})") from None
     except PermissionError:
@@ -353,7 +354,7 @@ async def request(path: str, payload: dict[str, Any], limit_s: float = 30.0) -> 
     try:
         writer.write(json.dumps(payload).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), limit_s)
+        line = await within(reader.readline(), limit_s)
     except (OSError, TimeoutError) as exc:
         raise ControlError(f"the daemon on {path} did not answer ({exc or 'timeout'})") from None
     except ValueError:  # a line over the reader's limit

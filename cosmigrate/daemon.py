@@ -39,6 +39,7 @@ from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
+from cosmigrate.timeouts import within
 from cosmigrate.tls import connection_tls
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 
@@ -193,6 +194,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        slow_stop: asyncio.Task[None] | None = None
         try:
             self.log.info(f"cosmigrate {__version__} starting", version=__version__, pid=os.getpid(),
                           config=self.config_path or "")
@@ -218,6 +220,7 @@ class Daemon:
             await self._stop.wait()
             self.notify.stopping()
             self.log.info("stopping: draining namespaces", namespaces=len(self.captures))
+            slow_stop = asyncio.create_task(self._report_slow_stop(), name="slow-stop")
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -230,6 +233,26 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self._close()
+            if slow_stop is not None:
+                slow_stop.cancel()
+                await asyncio.gather(slow_stop, return_exceptions=True)
+
+    async def _report_slow_stop(self) -> None:
+        """A stop that outlasts the drain timeout names what it waits for, in the journal.
+
+        Every wait on the way out is bounded, so this should never fire; if it does, the operator
+        (and the bug report) gets the tasks still running and where each one is, instead of a
+        process that systemd eventually kills without a word.
+        """
+        await asyncio.sleep(self.cfg.daemon.drain_timeout_s + 10)
+        while True:
+            me = asyncio.current_task()
+            for task in asyncio.all_tasks():
+                if task is me:
+                    continue
+                frames = _awaiting(task)
+                self.log.warning("stop is slow: still waiting for a task", task=task.get_name(), stack=" > ".join(frames))
+            await asyncio.sleep(30)
 
     async def certify(self) -> None:
         """Sample every head now and give capture and apply a moment to reach it.
@@ -268,9 +291,9 @@ class Daemon:
         """List the source's namespaces now: one created since the last discovery round is not captured yet,
         so readiness must wait for it (and discovery is asked to start it at once, not at its next round)."""
         try:
-            names = await asyncio.wait_for(
+            names = await within(
                 list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude),
-                timeout=max(5.0, self.cfg.capture.max_await_ms / 1000 + 1.0),
+                max(5.0, self.cfg.capture.max_await_ms / 1000 + 1.0),
             )
         except (PyMongoError, TimeoutError) as exc:
             self.unlisted = redact(str(exc))[:200] or type(exc).__name__
@@ -517,3 +540,15 @@ class Daemon:
             await self.ledger.close()
         if self.lock is not None:
             self.lock.release()
+
+
+def _awaiting(task: asyncio.Task[Any]) -> list[str]:
+    """Where a suspended task is, outermost first: its coroutine and every coroutine it awaits."""
+    frames: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(frames) < 20:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}:{frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames

@@ -36,6 +36,7 @@ from cosmigrate.sandbox import Sandbox
 from cosmigrate.sandbox.workload import Workload
 from cosmigrate.statusview import render
 from cosmigrate.terminal import printable
+from cosmigrate.timeouts import within
 
 NAMESPACES = ["app.users", "app.orders", "app.events", "shop.items", "shop.carts"]
 # app.users carries the unique index and only sees email swaps and profile edits.
@@ -132,7 +133,7 @@ class Demo:
             if daemon is not None and daemon.returncode is None:
                 daemon.send_signal(signal.SIGTERM)
                 try:
-                    code = await asyncio.wait_for(daemon.wait(), 60)
+                    code = await within(daemon.wait(), 60)
                 except TimeoutError:
                     daemon.kill()
                     code = await daemon.wait()

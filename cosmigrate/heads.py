@@ -25,6 +25,7 @@ from cosmigrate.freshness import Freshness
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import change_stream_tokens
 from cosmigrate.redact import redact
+from cosmigrate.timeouts import within
 
 THROTTLED_CODES = {16500, 50}  # TooManyRequests; ExceededTimeLimit when server-side retry is on
 THROTTLE_RETRIES = 3
@@ -74,8 +75,7 @@ class HeadSampler:
             # monotonic clock (a wall clock stepped back must never show lag 0); the wall time is shown.
             wall, at = time.time(), time.monotonic()
             try:
-                tokens = await asyncio.wait_for(change_stream_tokens(self.source, ns),
-                                                timeout=max(5.0, self.interval_s * 5))
+                tokens = await within(change_stream_tokens(self.source, ns), max(5.0, self.interval_s * 5))
             except OperationFailure as exc:
                 if exc.code in THROTTLED_CODES and attempt < THROTTLE_RETRIES:
                     await asyncio.sleep(min(retry_after_s(exc), 0.5))

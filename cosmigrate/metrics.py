@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from cosmigrate.logs import get_logger
 from cosmigrate.status import PHASES, STATES
+from cosmigrate.timeouts import within
 
 if TYPE_CHECKING:
     from cosmigrate.apply import NamespaceApplier
@@ -362,7 +363,7 @@ class Metrics:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+                await within(self._server.wait_closed(), 2)
             self._server = None
 
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -371,7 +372,7 @@ class Metrics:
             return
         async with self._clients:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HTTP_READ_TIMEOUT_S)
+                head = await within(reader.readuntil(b"\r\n\r\n"), HTTP_READ_TIMEOUT_S)
                 method, path = _request_line(head)
                 if method not in ("GET", "HEAD"):
                     await _respond(writer, 405, "method not allowed\n", head_only=False)

@@ -66,7 +66,14 @@ class Child:
     async def finish(self, sig: int | None = None, limit_s: float = 60) -> int:
         if sig is not None and self.proc.returncode is None:
             self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), limit_s)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), limit_s)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            await asyncio.gather(*self._readers)
+            tail = "\n".join((self.stdout + self.stderr)[-40:])
+            raise AssertionError(f"cosmigrate run did not exit within {limit_s} s of signal {sig}; last lines:\n{tail}")
         await asyncio.gather(*self._readers)
         return code
 

@@ -40,6 +40,7 @@ from cosmigrate.mongo import raw_collection
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError
+from cosmigrate.timeouts import check_cancelled, within
 
 
 class Deletes:
@@ -148,12 +149,13 @@ class Deletes:
                 await sweep.completed.wait_for(lambda: sweep.link.latest_head() == sweep.state.last_head)
 
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(settled(self.sweeps[ns]) for ns in stale)), limit_s)
+            await within(asyncio.gather(*(settled(self.sweeps[ns]) for ns in stale)), limit_s)
 
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]
         backoff = Backoff(base=1.0, cap=60.0)
         while not self.halted:
+            check_cancelled()
             try:
                 if not sweep.loaded:
                     await sweep.load()

@@ -30,6 +30,7 @@ from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError
+from cosmigrate.timeouts import check_cancelled
 from cosmigrate.verify import report
 from cosmigrate.verify.passes import NamespaceVerifier
 
@@ -109,6 +110,7 @@ class Verification:
         """Run `fn` until it succeeds; False when the namespace was taken over."""
         backoff = Backoff(base=1.0, cap=60.0)
         while True:
+            check_cancelled()
             try:
                 await fn()
                 return True

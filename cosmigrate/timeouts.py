@@ -1,0 +1,34 @@
+"""`within`: a time limit on one await, without `asyncio.wait_for`'s Python 3.11 flaw.
+
+On 3.11, when a task is cancelled in the same loop turn as the awaitable it
+waits on finishes, `asyncio.wait_for` returns the result and the cancellation
+is lost (fixed in 3.12). A stop request that is lost that way left a delete
+sweep looping after SIGTERM, and the daemon never exited. `asyncio.timeout`
+has no such window: a cancellation always reaches the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def within(aw: Awaitable[T], seconds: float | None) -> T:
+    """Await `aw` for at most `seconds` (None: no limit); raises TimeoutError when the time is up."""
+    async with asyncio.timeout(seconds):
+        return await aw
+
+
+def check_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop, even if a library swallowed the request.
+
+    Retry loops call it before each new attempt: a cancellation lost inside one
+    attempt (see the module docstring) then still ends the loop instead of
+    leaving a task that nobody can stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
