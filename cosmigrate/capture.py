@@ -323,6 +323,7 @@ class NamespaceCapture:
             units = from_tokens(await change_stream_tokens(self.source, self.ns, start))
             if not units:
                 raise UnitsError("GetChangeStreamTokens answered no token")
+            raw = encode_units(units)
         except OperationFailure as exc:
             if exc.code in TRANSIENT_SOURCE_CODES:
                 raise
@@ -334,7 +335,6 @@ class NamespaceCapture:
             self.log.warning("per-partition capture unavailable; one change stream for the whole collection",
                              reason=str(exc))
             return None
-        raw = encode_units(units)
         if not await self.ledger.set_start_token(self.ns, self.epoch, raw):
             again = await self.ledger.get_namespace(self.ns)
             assert again is not None and again.resume_token is not None

@@ -32,8 +32,12 @@ from cosmigrate.tokens import Positions, Range, TokenFormatError, positions, wit
 UNITS_FIELD = "cosmigrate_partition_units"
 TAILING, SPLIT, FAILED = "tailing", "split", "failed"
 STATES = (TAILING, SPLIT, FAILED)
-MAX_UNITS = 1024
-"""A namespace with more units than this (a runaway of splits) is refused rather than overflowing a ledger item."""
+MAX_BYTES = 300_000
+"""The units must fit one ledger item (DynamoDB's limit is 400 KB, shared with the namespace's other
+attributes): split units are dropped from the record first (their children cover them), and a namespace whose
+live partitions alone do not fit is refused rather than overflowing the item."""
+KEEP_SPLIT_BYTES = 64 * 1024
+"""Split units are kept for the record (status shows them) only while the document stays under this size."""
 
 
 def range_name(rng: Range) -> str:
@@ -81,8 +85,16 @@ def is_units(raw: bytes | None) -> bool:
 
 
 def encode(units: list[Unit]) -> bytes:
-    if len(units) > MAX_UNITS:
-        raise UnitsError(f"{len(units)} partition units exceed the limit of {MAX_UNITS}")
+    raw = _encode(units)
+    if len(raw) > KEEP_SPLIT_BYTES:
+        raw = _encode([u for u in units if u.state != SPLIT])
+    if len(raw) > MAX_BYTES:
+        raise UnitsError(f"the positions of {len(units)} partitions take {len(raw)} bytes, over the ledger's "
+                         f"{MAX_BYTES}; set capture.per_partition = false for this source")
+    return raw
+
+
+def _encode(units: list[Unit]) -> bytes:
     return bson.encode({
         UNITS_FIELD: 1,
         "units": [{"min": u.lo, "max": u.hi, "token": RawBSONDocument(u.token), "state": u.state,

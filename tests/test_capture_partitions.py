@@ -8,6 +8,7 @@ run with real processes is in tests/test_capture_partitions_processes.py.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -158,3 +159,36 @@ async def test_a_refused_partition_token_fails_that_partition_only(tmp_path: Pat
         status = await run.status()
         assert not status["ready_for_cutover"]
         assert any(ns in r for r in status["not_ready_reasons"])
+
+
+async def test_a_split_with_parent_batches_still_queued_keeps_every_documents_order(
+    tmp_path: Path, sandbox: Sandbox, source, target, monkeypatch
+) -> None:
+    """The interleaving that would reorder: the parent's batches wait in the committer's queue (slow store)
+    when the split comes, and the children read newer versions of the same documents at once. The children
+    must start only after every parent batch is committed, from the parent's committed position."""
+    from cosmigrate.stores.local import LocalStore
+
+    real_put = LocalStore.put
+
+    async def slow_put(self, key: str, data: bytes) -> None:
+        await asyncio.sleep(0.05)
+        await real_put(self, key, data)
+
+    monkeypatch.setattr(LocalStore, "put", slow_put)
+    sandbox.source.faults.partitions = 2
+    ns = "app.a"
+    await source.app.a.insert_many([{"_id": i, "v": 0} for i in range(600)])
+    cfg = _config(tmp_path, sandbox, max_batch_events=10)
+    async with Running(cfg) as run:
+        async def first_commit() -> bool:
+            return (await _ns(run, ns)).get("captured_events", 0) > 0
+
+        await wait_for(first_commit, 30, what="the first commit")
+        queued = 600 - (await _ns(run, ns))["captured_events"]
+        sandbox.source.split_partition("app", "a", 0)
+        await source.app.a.update_many({}, {"$set": {"v": 1}})  # newer versions, read by the children
+        assert queued > 100, "the replay was committed before the split: the test proves nothing"
+        await wait_for(lambda: _committed_ok(cfg, source, [ns]), 60, what="every version, in order")
+        await run.writer("start")
+        await wait_for(lambda: assert_converged(source, target, [ns]), 60, what="convergence")
