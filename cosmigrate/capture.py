@@ -1,9 +1,9 @@
 """Capture: one watcher per physical partition and one committer per namespace.
 
-Each watcher reads one Cosmos change stream as raw BSON and cuts batches; the
-committer gives each batch the namespace's next seq in the order batches
-arrive, puts it in the store, then commits it in the ledger (docs/design.md,
-invariant 2), strictly in seq order, with the position of every partition
+Each watcher reads one Cosmos change stream as raw BSON and cuts batches,
+each taking the namespace's next seq as it is handed to the committer's queue
+(arrival order); the committer puts each in the store, then commits it in the
+ledger (docs/design.md, invariant 2), strictly in seq order, with the position of every partition
 (`cosmigrate.partitions`). One partition's batches arrive in the order its
 watcher read them, and a document lives in one partition, so each document's
 changes get increasing seqs: the applier needs nothing more (README, "Capture
@@ -105,16 +105,7 @@ class SealedBatch:
     unit: Range | None = None
     """The partition range it was read from (None: the whole-collection stream)."""
     seq: int = -1
-    """Given by the committer, in arrival order."""
-
-
-@dataclass
-class _Idle:
-    """A watcher passed a page boundary with nothing unsealed: every event up to `token` is in batches
-    already handed to the committer (freshness only; nothing is stored)."""
-
-    unit: Range | None
-    token: bytes
+    """The namespace's next seq when it was sealed: arrival order at the committer's queue."""
 
 
 @dataclass
@@ -131,7 +122,7 @@ class _UnitFailed:
     reason: str
 
 
-_Item = SealedBatch | _Idle | _Split | _UnitFailed | None
+_Item = SealedBatch | _Split | _UnitFailed | None
 
 
 @dataclass
@@ -372,8 +363,8 @@ class NamespaceCapture:
 
         The documented route is GetChangeStreamTokens at Timestamp(0, 0); one token per physical partition,
         so a single token is a whole-collection position. The old LSN-"0" token is the fallback for accounts
-        without the custom command (or with several partitions, until per-partition capture exists).
-        """
+        without the custom command (or with several partitions when `capture.per_partition = false`: the
+        single stream then needs a whole-collection position)."""
         why = ""
         try:
             tokens = await change_stream_tokens(self.source, self.ns, Timestamp(0, 0))
@@ -455,8 +446,8 @@ class NamespaceCapture:
                             token = token_bytes(rt) if rt is not None else None
                             buf.mark_boundary(token)
                             if token is not None and not buf.events:
-                                # Nothing unsealed: every event up to here is in batches handed over already.
-                                await self._queue.put(_Idle(where, token))
+                                # Nothing unsealed: every event up to here is in batches <= the last sealed seq.
+                                self._mark(where, token, self._next_seq - 1)
                             if time.monotonic() - asked < fast_s:
                                 # An empty page that came back at once: a throttled stream. Asking again at
                                 # once spins and burns request units; back off (capped, reset by an event).
@@ -542,9 +533,13 @@ class NamespaceCapture:
             if taken is None:
                 return
             events, nbytes, token = taken
-            sealed = SealedBatch(events, nbytes, token, buf.first_at, buf.last_at, unit)
+            # The seq and the hand-over happen with no await between them: the queue's order is the seq order,
+            # whichever watcher seals next.
+            sealed = SealedBatch(events, nbytes, token, buf.first_at, buf.last_at, unit, self._next_seq)
+            self._next_seq += 1
+            self._mark(unit, token, sealed.seq)
             self.status.unflushed_bytes += nbytes
-            await self._queue.put(sealed)
+            self._queue.put_nowait(sealed)
             if buf.events:
                 buf.first_at = time.time()
             if not everything:
@@ -603,13 +598,6 @@ class NamespaceCapture:
             if self._dead:
                 self.status.unflushed_bytes -= sealed.nbytes
                 continue
-            sealed.seq = self._next_seq
-            self._next_seq += 1
-            if sealed.unit is None:
-                self.freshness.mark(sealed.token, sealed.seq)
-            else:
-                self._read[sealed.unit] = sealed.token
-                self._mark_units(sealed.seq)
             try:
                 await self._commit(sealed)
             except Fenced as exc:
@@ -623,15 +611,8 @@ class NamespaceCapture:
                 async with self._room:
                     self._room.notify_all()
 
-    async def _control(self, item: _Idle | _Split | _UnitFailed) -> None:
-        """Freshness marks, splits and failed partitions, in their place among the batches."""
-        if isinstance(item, _Idle):
-            if item.unit is None:
-                self.freshness.mark(item.token, self._next_seq - 1)
-            elif item.unit in self._read:
-                self._read[item.unit] = item.token
-                self._mark_units(self._next_seq - 1)
-            return
+    async def _control(self, item: _Split | _UnitFailed) -> None:
+        """Splits and failed partitions, in their place among the batches (every earlier batch committed)."""
         assert self._units is not None
         by_range = {u.range: u for u in self._units}
         unit = by_range.get(item.unit)
@@ -667,6 +648,15 @@ class NamespaceCapture:
                 self._spawn(kid)
         # Recorded in the ledger with the next batch; a restart before it meets the split again and
         # derives the same children from the same committed position.
+
+    def _mark(self, unit: Range | None, token: bytes, seq: int) -> None:
+        """Freshness: every event the stream of `unit` (None: the whole collection) read up to `token` is in
+        batches <= seq."""
+        if unit is None:
+            self.freshness.mark(token, seq)
+        elif unit in self._read:
+            self._read[unit] = token
+            self._mark_units(seq)
 
     def _mark_units(self, seq: int) -> None:
         """Freshness: every event up to each partition's latest handed-over position is in batches <= seq."""

@@ -55,13 +55,16 @@ async def _ready(run: Running) -> bool:
     return bool(st["ready_for_cutover"])
 
 
-@pytest.mark.parametrize("n", range(1, 9))
-async def test_every_partition_count_converges_byte_for_byte(tmp_path: Path, sandbox: Sandbox, source, target,
-                                                             n: int) -> None:
+@pytest.mark.parametrize(("n", "backend"), [(n, "file+sqlite") for n in range(1, 9)] + [(4, "s3+dynamodb")])
+async def test_every_partition_count_converges_byte_for_byte(request, tmp_path: Path, sandbox: Sandbox, source,
+                                                             target, n: int, backend: str) -> None:
     sandbox.source.faults.partitions = n
     workload = Workload(source, NAMESPACES, keys_per_ns=120, seed=n)
     await workload.run(300)  # history, replayed from each partition's beginning
-    async with Running(_config(tmp_path, sandbox, max_batch_events=40)) as run:
+    endpoint = request.getfixturevalue("moto_endpoint") if backend == "s3+dynamodb" else None
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, backend, endpoint, max_batch_events=40)
+    cfg.capture.head_sample_interval_s = 0.3
+    async with Running(cfg) as run:
         await run.writer("start")
         await workload.run(400)
         await wait_for(lambda: assert_converged(source, target, NAMESPACES), 60, what="convergence")

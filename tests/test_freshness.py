@@ -99,6 +99,7 @@ def test_permanent_refusals_are_classified_with_what_to_grant() -> None:
 
 
 async def test_sandbox_serves_one_head_token_per_partition(sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    sandbox.source.faults.partitions = 1  # several: tests/test_sandbox_partitions.py
     await source.app.users.insert_many([{"_id": i} for i in range(3)])
     (now,) = await change_stream_tokens(source, "app.users")
     assert positions(now) == {("", "FF"): 3}
