@@ -195,3 +195,21 @@ async def test_a_split_with_parent_batches_still_queued_keeps_every_documents_or
         await wait_for(lambda: _committed_ok(cfg, source, [ns]), 60, what="every version, in order")
         await run.writer("start")
         await wait_for(lambda: assert_converged(source, target, [ns]), 60, what="convergence")
+
+
+@pytest.mark.parametrize("why", ["no GetChangeStreamTokens", "capture.per_partition = false"])
+async def test_without_partition_tokens_one_whole_collection_stream_still_captures_every_partition(
+    tmp_path: Path, sandbox: Sandbox, source, target, why: str
+) -> None:
+    sandbox.source.faults.partitions = 3
+    if why == "no GetChangeStreamTokens":
+        sandbox.source.faults.no_head_tokens = True  # an old account: the beginning comes from the LSN-0 token
+    cfg = _config(tmp_path, sandbox, per_partition=why != "capture.per_partition = false")
+    await source.app.a.insert_many([{"_id": i, "v": 0} for i in range(200)])
+    async with Running(cfg) as run:
+        await run.writer("start")
+        await source.app.a.update_many({"_id": {"$lt": 100}}, {"$set": {"v": 1}})
+        await wait_for(lambda: assert_converged(source, target, ["app.a"]), 30, what="convergence")
+        assert (await _ns(run, "app.a"))["partitions"] == []
+    await _committed_ok(cfg, source, ["app.a"])
+    assert not is_units((await read_committed(cfg))["app.a"].resume_token)  # one plain token, as before
