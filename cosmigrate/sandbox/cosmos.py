@@ -11,8 +11,13 @@ Rules emulated (see the README, "The sandbox"):
   GetChangeStreamTokens carry `_startAtOperationTime`; the old LSN-"0"
   beginning token can be refused; an expired position answers 72;
 - replies carry no operationTime and no session support is advertised;
-- load: a request-unit budget per collection charged by documents read and
-  written (`requestunits`), 16500 with RetryAfterMs or, with server-side
+- physical partitions (`partitions`, `collection_partitions`): documents
+  placed by a hash of the shard key (or `_id`), one LSN log and one token
+  per partition from GetChangeStreamTokens, partition streams and
+  whole-collection streams (one continuation per range), and a split fault
+  whose parent stream fails with Gone (410/1002) while the children continue;
+- load: a request-unit budget per collection, split evenly among its
+  partitions, charged by documents read and written (`requestunits`), 16500 with RetryAfterMs or, with server-side
   retry, a delayed 50; empty pages at once while throttled; bulk writes that
   partly succeed before a 16500; idle getMores that may return at once;
 - sharded collections (`_id` unique per shard key value, documentKey with the

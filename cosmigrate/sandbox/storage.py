@@ -6,7 +6,8 @@ point writes are O(1) and what a client wrote is exactly what it reads back
 (field order, Int64, Decimal128, ...). An `_id`-ordered view is kept lazily for
 range scans. The source additionally keeps a change feed with Cosmos DB's
 "latest version" semantics: each document sits in the feed once, at the
-position of its latest write.
+position of its latest write, in the log of the physical partition its shard
+key (or `_id`) hashes to.
 """
 
 from __future__ import annotations
