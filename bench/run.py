@@ -18,6 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
+from bench.capture_partitions import run_capture_partitions  # noqa: E402
 from bench.catchup import run_catchup  # noqa: E402
 from bench.driver import run_driver  # noqa: E402
 from bench.live import run_live  # noqa: E402
@@ -40,6 +41,8 @@ TARGETS = [
     ("verify.peak_rss_mb_large", "<", 256, "verifier peak RSS at the large size (2,000,000 documents full)"),
     ("verify.peak_rss_mb_small", "<", 256, "verifier peak RSS at a tenth of it (independent of size)"),
     ("deletes.source_reads_ratio_vs_scan", "<", 1.2, "delete sweep's source reads vs one _id scan (1% deleted)"),
+    ("fullload.capture_partitions_vs_single_stream", ">=", 1.0,
+     "capture documents/s of one 4-partition collection, per partition vs one whole-collection stream"),
 ]
 
 
@@ -78,7 +81,9 @@ def table(r: dict[str, Any]) -> str:
                 "ru.per_document_captured", "ru.per_document_applied",
                 "ru.capture_ratio_vs_point_reads", "ru.point_read_reference", "ru.idle_per_s",
                 "verify.docs", "verify.docs_per_s", "verify.reference_scan_per_s",
-                "deletes.docs", "deletes.expected", "deletes.found", "deletes.all_found", "deletes.seconds"):
+                "deletes.docs", "deletes.expected", "deletes.found", "deletes.all_found", "deletes.seconds",
+                "fullload.capture_docs", "fullload.capture_single_stream_docs_per_s",
+                "fullload.capture_partitioned_docs_per_s"):
         lines.append(f"| `{key}` | {r.get(key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -149,6 +154,8 @@ def main() -> None:
     r.update(asyncio.run(run_requestunits(20_000 if q else 100_000)))
     print("suite 6: verification and the delete sweep", flush=True)
     r.update(asyncio.run(run_verify_bench(q)))
+    print("suite 7: full load, capture per partition", flush=True)
+    r.update(asyncio.run(run_capture_partitions(30_000 if q else 100_000)))
     r["seconds"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
     plot(r, RESULTS / "latest.png")

@@ -41,7 +41,8 @@ class CorruptBatch(Exception):
 
 @dataclass(frozen=True)
 class BatchHeader:
-    """What a batch says about itself; `resume_token` is the token after its last event."""
+    """What a batch says about itself; `resume_token` is the namespace's position after its last event: the token, or
+    with per-partition capture the units of every partition (`cosmigrate.partitions`)."""
 
     cluster: str
     ns: str

@@ -1,8 +1,19 @@
-"""Capture: one watcher and one committer per namespace.
+"""Capture: one watcher per physical partition and one committer per namespace.
 
-The watcher reads the Cosmos change stream as raw BSON and cuts batches; the
-committer puts each batch in the store, then commits it in the ledger
-(docs/design.md, invariant 2), strictly in seq order.
+Each watcher reads one Cosmos change stream as raw BSON and cuts batches,
+each taking the namespace's next seq as it is handed to the committer's queue
+(arrival order); the committer puts each in the store, then commits it in the
+ledger (docs/design.md, invariant 2), strictly in seq order, with the position of every partition
+(`cosmigrate.partitions`). One partition's batches arrive in the order its
+watcher read them, and a document lives in one partition, so each document's
+changes get increasing seqs: the applier needs nothing more (README, "Capture
+and ordering"). A source without `GetChangeStreamTokens` (or
+`capture.per_partition = false`) gets one whole-collection stream, one watcher.
+
+A partition split fails the parent's stream; its watcher hands its complete
+pages to the committer and then the split itself, so the committer, once
+every batch of the parent is committed, creates the children's units from
+the parent's committed position and starts their watchers.
 
 Resume tokens and pages. Cosmos gives every event of a page the same token,
 the position *after* the page. A batch's resume token must never be ahead of
@@ -38,9 +49,25 @@ from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import beginning_token, change_stream_tokens, event_token, open_change_stream, raw_collection
+from cosmigrate.partitions import (
+    FAILED,
+    SPLIT,
+    TAILING,
+    Unit,
+    UnitsError,
+    children,
+    covered_by,
+    from_tokens,
+    is_units,
+    range_name,
+    unit_positions,
+)
+from cosmigrate.partitions import decode as decode_units
+from cosmigrate.partitions import encode as encode_units
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
 from cosmigrate.timeouts import within
+from cosmigrate.tokens import Range, TokenFormatError, positions
 
 THROTTLED = 16500
 # With server-side retry on, Cosmos answers a throttled request with ExceededTimeLimit after a while: retry it too.
@@ -71,12 +98,32 @@ class StartPositionError(Exception):
 
 @dataclass
 class SealedBatch:
-    seq: int
     events: list[bytes]
     nbytes: int
     token: bytes
     first_at: float
     last_at: float
+    unit: Range | None = None
+    """The partition range it was read from (None: the whole-collection stream)."""
+    seq: int = -1
+    """The namespace's next seq when it was sealed: arrival order at the committer's queue."""
+
+
+@dataclass
+class _Split:
+    """The partition `unit` split; every batch of it is already handed to the committer."""
+
+    unit: Range
+    ranges: list[Range]
+
+
+@dataclass
+class _UnitFailed:
+    unit: Range
+    reason: str
+
+
+_Item = SealedBatch | _Split | _UnitFailed | None
 
 
 @dataclass
@@ -102,6 +149,12 @@ class CaptureStatus:
     expiry: str = ""
     """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index."""
     started_at: float = field(default_factory=time.time)
+    partitions: list[dict[str, str]] = field(default_factory=list)
+    """One entry per partition unit (range, state tailing/split/failed, error); empty for a single stream."""
+
+    @property
+    def partition_failed(self) -> bool:
+        return any(p["state"] == FAILED for p in self.partitions)
 
 
 @dataclass
@@ -187,7 +240,12 @@ class NamespaceCapture:
         self.status = CaptureStatus(committed_seq=meta.next_seq - 1, committed_events=meta.captured_events)
         self.log = get_logger(namespace=ns)
         self._next_seq = meta.next_seq
-        self._queue: asyncio.Queue[SealedBatch | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._units: list[Unit] | None = None
+        """Per-partition mode: every unit as of the last committed batch (the committer's alone)."""
+        self._read: dict[Range, Any] = {}
+        """Per-partition mode: each unit's latest position handed to the committer (freshness)."""
+        self._tg: asyncio.TaskGroup | None = None
         self._room = asyncio.Condition()
         self._stopping = asyncio.Event()
         self._dead = False  # fenced or failed: never write again
@@ -203,12 +261,81 @@ class NamespaceCapture:
     async def run(self) -> None:
         committer = asyncio.create_task(self._committer(), name=f"commit:{self.ns}")
         try:
-            await self._watcher()
+            await self._watch_all()
         finally:
             await self._queue.put(None)
             await committer
             if self.status.state == "running":
                 self.status.state = "stopped"
+
+    async def _watch_all(self) -> None:
+        """One watcher per partition unit while the namespace runs, or the single whole-collection watcher."""
+        try:
+            units = await self._retrying(self._start_units)
+        except (Fenced, _Stopped):
+            return
+        except (OperationFailure, LedgerError, UnitsError) as exc:
+            await self._fail(f"cannot establish the start position: {exc}")
+            return
+        if units is None:
+            await self._watcher(None)
+            return
+        self._units = units
+        for unit in units:
+            if unit.state == FAILED:  # a restart is the operator's retry
+                unit.state, unit.error = TAILING, ""
+        self._publish_units()
+        for unit in units:
+            if unit.state == TAILING:
+                self._read[unit.range] = unit.token
+        self._mark_units(self._next_seq - 1)
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            tg.create_task(self._stopping.wait())  # holds the group open while children may still be started
+            for unit in units:
+                if unit.state == TAILING:
+                    self._spawn(unit)
+        self._tg = None
+
+    def _spawn(self, unit: Unit) -> None:
+        assert self._tg is not None
+        self._tg.create_task(self._watcher(unit), name=f"capture:{self.ns}:{unit.name}")
+
+    async def _start_units(self) -> list[Unit] | None:
+        """The namespace's partition units: stored ones, or new ones from GetChangeStreamTokens (at the
+        beginning or now); None for the single whole-collection stream (a stored single-stream position, a
+        source without the custom command, or `capture.per_partition = false`)."""
+        stored = self.meta.resume_token
+        if stored is not None:
+            return decode_units(stored) if is_units(stored) else None
+        if not self.cap.per_partition:
+            return None
+        start = Timestamp(0, 0) if self.start_at == "beginning" else None
+        try:
+            units = from_tokens(await change_stream_tokens(self.source, self.ns, start))
+            if not units:
+                raise UnitsError("GetChangeStreamTokens answered no token")
+            raw = encode_units(units)
+        except OperationFailure as exc:
+            if exc.code in TRANSIENT_SOURCE_CODES:
+                raise
+            why = redact(str(exc.details.get("errmsg") if exc.details else exc))[:200]
+            self.log.warning("per-partition capture unavailable; one change stream for the whole collection",
+                             reason=why)
+            return None
+        except (ValueError, UnitsError) as exc:
+            self.log.warning("per-partition capture unavailable; one change stream for the whole collection",
+                             reason=str(exc))
+            return None
+        if not await self.ledger.set_start_token(self.ns, self.epoch, raw):
+            again = await self.ledger.get_namespace(self.ns)
+            assert again is not None and again.resume_token is not None
+            raw = again.resume_token
+            if not is_units(raw):
+                return None
+            units = decode_units(raw)
+        self.log.info("capture start position recorded", start_at=self.start_at, partitions=len(units))
+        return units
 
     # --- watcher ----------------------------------------------------------------------
 
@@ -237,8 +364,8 @@ class NamespaceCapture:
 
         The documented route is GetChangeStreamTokens at Timestamp(0, 0); one token per physical partition,
         so a single token is a whole-collection position. The old LSN-"0" token is the fallback for accounts
-        without the custom command (or with several partitions, until per-partition capture exists).
-        """
+        without the custom command (or with several partitions when `capture.per_partition = false`: the
+        single stream then needs a whole-collection position)."""
         why = ""
         try:
             tokens = await change_stream_tokens(self.source, self.ns, Timestamp(0, 0))
@@ -270,24 +397,31 @@ class NamespaceCapture:
         self.log.warning("beginning of the feed taken from the old LSN-0 token", reason=why)
         return token_bytes(fallback)
 
-    async def _watcher(self) -> None:
+    async def _watcher(self, unit: Unit | None) -> None:
+        """Read one change stream: the whole collection (`unit` None) or one partition unit's."""
         backoff = Backoff()
         buf = _Buffer()
-        try:
-            buf.base_token = await self._retrying(self._start_token)
-        except (Fenced, _Stopped):
-            return
-        except (OperationFailure, LedgerError, StartPositionError) as exc:
-            await self._fail(f"cannot establish the start position: {exc}")
-            return
-        try:
-            self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
-        except (Fenced, _Stopped):
-            return
+        where = unit.range if unit is not None else None
+        if unit is None:
+            try:
+                buf.base_token = await self._retrying(self._start_token)
+            except (Fenced, _Stopped):
+                return
+            except (OperationFailure, LedgerError, StartPositionError) as exc:
+                await self._fail(f"cannot establish the start position: {exc}")
+                return
+        else:
+            buf.base_token = unit.token
+        if not self.status.expiry:
+            try:
+                self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
+            except (Fenced, _Stopped):
+                return
         self.status.state = "running"
         coll = raw_collection(self.source, self.ns)
         age = self.cap.max_batch_age_s
-        self.freshness.mark(buf.base_token, self._next_seq - 1)
+        if unit is None:
+            self.freshness.mark(buf.base_token, self._next_seq - 1)
         empty = Backoff(base=0.05, cap=max(0.05, self.cap.max_await_ms / 1000))
         fast_s = self.cap.max_await_ms / 2000
         while not self._stopping.is_set() and not self._dead:
@@ -314,7 +448,7 @@ class NamespaceCapture:
                             buf.mark_boundary(token)
                             if token is not None and not buf.events:
                                 # Nothing unsealed: every event up to here is in batches <= the last sealed seq.
-                                self.freshness.mark(token, self._next_seq - 1)
+                                self._mark(where, token, self._next_seq - 1)
                             if time.monotonic() - asked < fast_s:
                                 # An empty page that came back at once: a throttled stream. Asking again at
                                 # once spins and burns request units; back off (capped, reset by an event).
@@ -328,12 +462,18 @@ class NamespaceCapture:
                         full = len(buf.events) >= self.cap.max_batch_events or buf.nbytes >= self.cap.max_batch_bytes
                         old = bool(buf.events) and now - buf.first_at >= age
                         if full or old:
-                            await self._seal(buf, mid_page_ok=full)
+                            await self._seal(buf, mid_page_ok=full, unit=where)
             except OperationFailure as exc:
                 buf.mark_boundary()
                 if exc.code in TRANSIENT_SOURCE_CODES:
                     self.status.throttled += 1
                     await self._sleep(retry_after_s(exc) if exc.code == THROTTLED else backoff.next_delay())
+                    continue
+                if unit is not None:
+                    await self._seal(buf, mid_page_ok=False, everything=True, unit=where)
+                    if await self._after_unit_error(unit, exc):
+                        return
+                    await self._sleep(backoff.next_delay())
                     continue
                 if is_fatal(exc):
                     await self._seal(buf, mid_page_ok=False, everything=True)
@@ -348,7 +488,34 @@ class NamespaceCapture:
                 self.log.warning("source connection lost; reopening", error=redact(str(exc)))
                 await self._sleep(backoff.next_delay())
         # Drain: commit the complete pages; the rest is re-read after a restart.
-        await self._seal(buf, mid_page_ok=False, everything=True)
+        await self._seal(buf, mid_page_ok=False, everything=True, unit=where)
+
+    async def _after_unit_error(self, unit: Unit, exc: OperationFailure) -> bool:
+        """A partition stream failed: a split (its range is no longer a partition) hands the split to the
+        committer; a position the source refuses fails this partition only. True when the watcher is done."""
+        try:
+            current = [r for t in await self._retrying(lambda: change_stream_tokens(self.source, self.ns))
+                       for r in positions(t)]
+            replaced = covered_by(unit.range, current)
+        except (Fenced, _Stopped):
+            return True
+        except UnitsError as why:
+            await self._queue.put(_UnitFailed(unit.range, str(why)))
+            return True
+        except (OperationFailure, ValueError, TokenFormatError) as why:
+            replaced = None  # the partition map cannot be read now: judge the stream's error alone
+            self.log.warning("partition map unavailable after a stream error", error=redact(str(why)))
+        if replaced is not None:
+            self.log.info("partition split; its children continue from its last committed position",
+                          partition=unit.name, children=[range_name(r) for r in replaced])
+            await self._queue.put(_Split(unit.range, replaced))
+            return True
+        if is_fatal(exc):
+            await self._queue.put(_UnitFailed(unit.range, fatal_reason(exc)))
+            return True
+        self._source_error(f"change stream error on partition {unit.name}: {exc}")
+        self.log.warning("change stream error; reopening", partition=unit.name, error=redact(str(exc)), code=exc.code)
+        return False
 
     def _source_error(self, message: str) -> None:
         if not self._dead:
@@ -360,17 +527,20 @@ class NamespaceCapture:
             self.status.last_error = redact(message)
             self._error_from = "store"
 
-    async def _seal(self, buf: _Buffer, mid_page_ok: bool, everything: bool = False) -> None:
+    async def _seal(self, buf: _Buffer, mid_page_ok: bool, everything: bool = False,
+                    unit: Range | None = None) -> None:
         while buf.events and not self._dead:
             taken = buf.cut(self.cap.max_batch_events, self.cap.max_batch_bytes, mid_page_ok)
             if taken is None:
                 return
             events, nbytes, token = taken
-            sealed = SealedBatch(self._next_seq, events, nbytes, token, buf.first_at, buf.last_at)
-            self.freshness.mark(token, sealed.seq)
+            # The seq and the hand-over happen with no await between them: the queue's order is the seq order,
+            # whichever watcher seals next.
+            sealed = SealedBatch(events, nbytes, token, buf.first_at, buf.last_at, unit, self._next_seq)
             self._next_seq += 1
+            self._mark(unit, token, sealed.seq)
             self.status.unflushed_bytes += nbytes
-            await self._queue.put(sealed)
+            self._queue.put_nowait(sealed)
             if buf.events:
                 buf.first_at = time.time()
             if not everything:
@@ -416,11 +586,18 @@ class NamespaceCapture:
     # --- committer --------------------------------------------------------------------
 
     async def _committer(self) -> None:
+        """Seqs in arrival order, commits in seq order; the partition units change only here."""
         while True:
-            sealed = await self._queue.get()
-            if sealed is None:
+            item = await self._queue.get()
+            if item is None:
                 return
+            if not isinstance(item, SealedBatch):
+                if not self._dead:
+                    await self._control(item)
+                continue
+            sealed = item
             if self._dead:
+                self.status.unflushed_bytes -= sealed.nbytes
                 continue
             try:
                 await self._commit(sealed)
@@ -428,17 +605,95 @@ class NamespaceCapture:
                 await self._fence(exc)
             except SeqConflict as exc:
                 await self._fail(f"ledger sequence conflict: {exc}")
+            except UnitsError as exc:
+                await self._fail(str(exc))
             finally:
                 self.status.unflushed_bytes -= sealed.nbytes
                 async with self._room:
                     self._room.notify_all()
 
+    async def _control(self, item: _Split | _UnitFailed) -> None:
+        """Splits and failed partitions, in their place among the batches (every earlier batch committed)."""
+        assert self._units is not None
+        by_range = {u.range: u for u in self._units}
+        unit = by_range.get(item.unit)
+        if unit is None or unit.state != TAILING:
+            return
+        if isinstance(item, _UnitFailed):
+            unit.state, unit.error = FAILED, redact(item.reason)
+            self._read.pop(unit.range, None)
+            self.status.last_error = f"partition {unit.name} failed: {unit.error}"
+            self.status.last_error_at = time.time()
+            self.log.error("partition capture failed; the other partitions go on; operator action needed",
+                           partition=unit.name, error=unit.error)
+            self._publish_units()
+            if all(u.state != TAILING for u in self._units):
+                await self._fail(f"every partition failed; last: partition {unit.name}: {unit.error}")
+            return
+        # A split: every batch of the parent is committed (the committer is sequential), so the parent's
+        # unit token is its last committed position and the children start there: nothing skipped, and
+        # nothing the parent committed is read again.
+        try:
+            kids = children(unit, item.ranges)
+        except UnitsError as exc:
+            await self._control(_UnitFailed(unit.range, str(exc)))
+            return
+        unit.state = SPLIT
+        self._read.pop(unit.range, None)
+        self._units.extend(kids)
+        for kid in kids:
+            self._read[kid.range] = kid.token
+        self._publish_units()
+        if not self._stopping.is_set() and self._tg is not None:
+            for kid in kids:
+                self._spawn(kid)
+        # Recorded in the ledger with the next batch; a restart before it meets the split again and
+        # derives the same children from the same committed position.
+
+    def _mark(self, unit: Range | None, token: bytes, seq: int) -> None:
+        """Freshness: every event the stream of `unit` (None: the whole collection) read up to `token` is in
+        batches <= seq."""
+        if unit is None:
+            self.freshness.mark(token, seq)
+        elif unit in self._read:
+            self._read[unit] = token
+            self._mark_units(seq)
+
+    def _mark_units(self, seq: int) -> None:
+        """Freshness: every event up to each partition's latest handed-over position is in batches <= seq."""
+        pos: dict[Range, int] = {}
+        for token in self._read.values():
+            try:
+                pos.update(positions(token))
+            except TokenFormatError:
+                return  # never claims more than it can read
+        if self._units is not None:
+            tailing = {u.range for u in self._units if u.state == TAILING}
+            failed = [u for u in self._units if u.state == FAILED]
+            if any(r not in self._read for r in tailing):
+                return
+            for u in failed:  # a failed partition keeps its last position: its head is never reached
+                pos.update(unit_positions([u]))
+        self.freshness.mark_positions(pos, seq)
+
+    def _publish_units(self) -> None:
+        if self._units is not None:
+            self.status.partitions = [u.describe() for u in self._units]
+
     async def _commit(self, sealed: SealedBatch) -> None:
+        position = sealed.token
+        if sealed.unit is not None:
+            # The batch and the position of every partition, in one fenced ledger write (the batch's header
+            # carries the same: the namespace's position after this batch).
+            assert self._units is not None
+            committed = [Unit(u.lo, u.hi, sealed.token if u.range == sealed.unit else u.token, u.state, u.error,
+                              u.parent) for u in self._units]
+            position = encode_units(committed)
         header = BatchHeader(
             cluster=self.cfg.cluster_name, ns=self.ns, seq=sealed.seq, count=len(sealed.events),
             first_captured_at=dt.datetime.fromtimestamp(sealed.first_at, dt.UTC),
             last_captured_at=dt.datetime.fromtimestamp(sealed.last_at, dt.UTC),
-            resume_token=RawBSONDocument(sealed.token), raw_bytes=sealed.nbytes,
+            resume_token=RawBSONDocument(position), raw_bytes=sealed.nbytes,
         )
         if sealed.nbytes > 256 * 1024:
             data, checksum = await asyncio.to_thread(self.codec.encode, header, sealed.events)
@@ -462,7 +717,7 @@ class NamespaceCapture:
         backoff.reset()
         while True:
             try:
-                await self.ledger.commit_batch(self.ns, self.epoch, record, sealed.token)
+                await self.ledger.commit_batch(self.ns, self.epoch, record, position)
                 break
             except (Fenced, SeqConflict):
                 raise
@@ -474,6 +729,11 @@ class NamespaceCapture:
                 self._store_error(str(exc))
                 self.log.warning("ledger commit failed; retrying", seq=sealed.seq, error=redact(str(exc)))
                 await asyncio.sleep(backoff.next_delay())
+        if sealed.unit is not None:
+            assert self._units is not None
+            for u in self._units:
+                if u.range == sealed.unit:
+                    u.token = sealed.token
         self.crash.hit("after_commit")
         if self.on_commit is not None:
             self.on_commit()

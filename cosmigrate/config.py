@@ -94,6 +94,7 @@ class CaptureConfig:
     deletes_preview: bool = False
     max_await_ms: int = 500
     head_sample_interval_s: float = 2.0
+    per_partition: bool = True
 
 
 @dataclass

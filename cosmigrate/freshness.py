@@ -99,6 +99,12 @@ class Freshness:
             pos = positions(token)
         except TokenFormatError:
             return  # freshness stays where it was: never claims more than it can read
+        self.mark_positions(pos, seq)
+
+    def mark_positions(self, pos: Positions, seq: int) -> None:
+        """Capture per partition: every event up to these LSNs (one per partition range) is in batches <= seq."""
+        if not pos:
+            return
         if self._marks and self._marks[-1][1] == seq:
             self._marks[-1] = (pos, seq)
         else:

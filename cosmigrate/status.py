@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
     "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
-    "deferred_reason", "expiry", "throughput_eps", "last_error", "last_error_at", "phase",
+    "deferred_reason", "expiry", "partitions", "throughput_eps", "last_error", "last_error_at", "phase",
     # deletes, verification (cosmigrate.proof)
     "deletes_tier", "deletes_reconciled_at", "deletes_applied", "sweep_progress", "documents_verified", "mismatches",
     "last_verify_pass",
@@ -114,8 +114,8 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         if freshness != "current":
             stale.append(f"{meta.ns} ({freshness})")
         states = [s for s in (cap.status.state if cap else None, app.status.state if app else None) if s]
-        if meta.state == "failed" or "failed" in states:
-            state = "failed"
+        if meta.state == "failed" or "failed" in states or (cap is not None and cap.status.partition_failed):
+            state = "failed"  # a failed partition too: the others go on, but its changes are not read
         elif "fenced" in states:
             state = "fenced"
         elif cap is None:
@@ -148,6 +148,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
             "deferred": app.status.deferred if app else 0,
             "deferred_reason": app.status.deferred_reason if app and app.status.deferred else "",
             "expiry": cap.status.expiry if cap else "",
+            "partitions": list(cap.status.partitions) if cap else [],
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": error,
             "last_error_at": _iso(error_at),

@@ -107,3 +107,43 @@ def reached(position: Positions, head: Positions) -> bool:
         if not any(_contains(prange, hrange) and plsn >= hlsn for prange, plsn in position.items()):
             return False
     return True
+
+
+def with_range(token: bytes, rng: Range) -> bytes:
+    """The token for partition range `rng`, at the LSN the token has for the range containing it.
+
+    After a split, Cosmos's child partitions continue their parent's LSNs, and
+    the Cosmos SDKs resume each child of a split feed range from the parent's
+    continuation: the same state under the child's range. This builds that
+    token in the parent's own form (V2 `_kind` 1 or 4, or the old list form),
+    so a stream opened with it reads the child from the parent's position.
+    """
+    try:
+        doc = dict(bson.decode(token))
+        text = _json_text(doc)
+        parsed = json.loads(text)
+        lo, hi = rng
+        if isinstance(parsed, list):
+            entry = next(e for e in parsed if _contains((e["range"]["min"], e["range"]["max"]), rng))
+            out: Any = [{"token": entry["token"], "range": {"min": lo, "max": hi}}]
+        else:
+            cont = next(c for c in parsed["Continuation"]
+                        if _contains((c["FeedRange"]["value"]["min"], c["FeedRange"]["value"]["max"]), rng))
+            child = dict(cont)
+            child["FeedRange"] = dict(cont["FeedRange"], value={"min": lo, "max": hi})
+            out = dict(parsed, Continuation=[child])
+        data = json.dumps(out, separators=(",", ":")).encode()
+        raw = doc.get("_data")
+        if isinstance(raw, str):
+            doc["_data"] = data.decode()
+        else:
+            gz = doc.get("_kind") == GZIP_KIND or bytes(raw or b"")[:2] == b"\x1f\x8b"
+            doc["_data"] = Binary(gzip.compress(data, mtime=0) if gz else data)
+        doc.pop("_startAtOperationTime", None)
+        return bson.encode(doc)
+    except TokenFormatError:
+        raise
+    except StopIteration as exc:
+        raise TokenFormatError("the token has no range containing the child's") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, bson.errors.InvalidBSON) as exc:
+        raise TokenFormatError(f"unreadable resume token ({type(exc).__name__})") from exc

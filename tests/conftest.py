@@ -12,7 +12,9 @@ from cosmigrate.sandbox import Faults, Sandbox
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
-    sb = Sandbox(source_faults=Faults(seed=7), target_faults=Faults(seed=7))
+    # Two physical partitions per source collection by default: every test reads a partitioned Cosmos (tests of
+    # one partition set `sandbox.source.faults.partitions = 1` before creating their collections).
+    sb = Sandbox(source_faults=Faults(seed=7, partitions=2), target_faults=Faults(seed=7))
     await sb.start()
     try:
         yield sb

@@ -23,6 +23,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_list_and_dump_show_the_captured_events(tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    sandbox.source.faults.partitions = 1  # one stream: 25 events make exactly three batches of at most 10
     cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", max_batch_events=10)
     config = write_config(cfg, tmp_path / "c.toml")
     await prepare_backends(cfg)

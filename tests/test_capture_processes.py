@@ -73,7 +73,7 @@ class Child:
             await self.proc.wait()
             await asyncio.gather(*self._readers)
             tail = "\n".join((self.stdout + self.stderr)[-40:])
-            raise AssertionError(f"cosmigrate run did not exit within {limit_s} s of signal {sig}; last lines:\n{tail}")
+            raise AssertionError(f"cosmigrate run did not exit within {limit_s} s of signal {sig}; last lines:\n{tail}") from None
         await asyncio.gather(*self._readers)
         return code
 

@@ -99,6 +99,7 @@ def test_permanent_refusals_are_classified_with_what_to_grant() -> None:
 
 
 async def test_sandbox_serves_one_head_token_per_partition(sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    sandbox.source.faults.partitions = 1  # several: tests/test_sandbox_partitions.py
     await source.app.users.insert_many([{"_id": i} for i in range(3)])
     (now,) = await change_stream_tokens(source, "app.users")
     assert positions(now) == {("", "FF"): 3}
@@ -148,3 +149,16 @@ async def test_a_throttled_head_sample_is_retried(sandbox: Sandbox, source: Asyn
         await sampler.sample("app.users", fresh)
         sampled += fresh.sampled
     assert sampled >= 8  # one try in two is throttled; three retries make a failed sample rare
+
+
+def test_a_split_childs_head_is_judged_against_its_parents_position_until_the_child_has_its_own() -> None:
+    """Children continue their parent's LSNs: a position on the parent's range reaches a child's head only when
+    the child had no write since the split; once capture holds the children, their own positions decide."""
+    parent, left, right = ("", "80000000"), ("", "40000000"), ("40000000", "80000000")
+    other = ("80000000", "FF")
+    head = {left: 50, right: 57, other: 9}
+    assert reached({parent: 50, other: 9}, {left: 50, other: 9})  # the split came at 50; left had no write since
+    assert not reached({parent: 50, other: 9}, head)  # right was written after the split
+    assert not reached({left: 50, right: 56, other: 9}, head)
+    assert reached({left: 50, right: 57, other: 9}, head)
+    assert not reached({left: 50, right: 57}, head)  # a range capture does not cover is never reached

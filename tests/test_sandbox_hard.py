@@ -39,6 +39,7 @@ def _kind_and_json(token) -> tuple[int | None, dict | list]:
 @pytest.mark.parametrize("kind", [1, 4])
 async def test_tokens_of_one_kind_resume_and_carry_their_lsn(source: AsyncMongoClient, sandbox: Sandbox, kind: int) -> None:
     sandbox.source.faults.token_kind = kind
+    sandbox.source.faults.partitions = 1  # the LSN of the one full-range partition
     coll = source.db.c
     await coll.insert_one({"_id": 0})
     async with await watch(coll) as stream:
@@ -65,7 +66,8 @@ async def test_by_default_both_token_kinds_are_mixed(source: AsyncMongoClient) -
     assert kinds == {1, 4}
 
 
-async def test_head_tokens_carry_start_at_operation_time(source: AsyncMongoClient) -> None:
+async def test_head_tokens_carry_start_at_operation_time(source: AsyncMongoClient, sandbox: Sandbox) -> None:
+    sandbox.source.faults.partitions = 1  # one token (tests/test_sandbox_partitions.py: one per partition)
     await source.db.c.insert_many([{"_id": i} for i in range(3)])
     (head,) = await change_stream_tokens(source, "db.c")
     (start,) = await change_stream_tokens(source, "db.c", Timestamp(0, 0))
@@ -88,6 +90,7 @@ async def test_a_gzip_token_whose_data_is_not_gzip_is_refused(source: AsyncMongo
 
 async def test_refused_beginning_token_leaves_only_get_change_stream_tokens(source: AsyncMongoClient,
                                                                             sandbox: Sandbox) -> None:
+    sandbox.source.faults.partitions = 1  # one beginning token for the whole collection
     await source.db.c.insert_many([{"_id": i, "v": 0} for i in range(5)])
     await source.db.c.update_one({"_id": 0}, {"$set": {"v": 1}})
     sandbox.source.faults.refuse_beginning_token = True

@@ -11,8 +11,13 @@ Rules emulated (see the README, "The sandbox"):
   GetChangeStreamTokens carry `_startAtOperationTime`; the old LSN-"0"
   beginning token can be refused; an expired position answers 72;
 - replies carry no operationTime and no session support is advertised;
-- load: a request-unit budget per collection charged by documents read and
-  written (`requestunits`), 16500 with RetryAfterMs or, with server-side
+- physical partitions (`partitions`, `collection_partitions`): documents
+  placed by a hash of the shard key (or `_id`), one LSN log and one token
+  per partition from GetChangeStreamTokens, partition streams and
+  whole-collection streams (one continuation per range), and a split fault
+  whose parent stream fails with Gone (410/1002) while the children continue;
+- load: a request-unit budget per collection, split evenly among its
+  partitions, charged by documents read and written (`requestunits`), 16500 with RetryAfterMs or, with server-side
   retry, a delayed 50; empty pages at once while throttled; bulk writes that
   partly succeed before a 16500; idle getMores that may return at once;
 - sharded collections (`_id` unique per shard key value, documentKey with the
@@ -29,7 +34,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import bson
@@ -43,7 +48,7 @@ from cosmigrate.sandbox.bsonvalues import DECODE_OPTIONS
 from cosmigrate.sandbox.faults import Faults
 from cosmigrate.sandbox.requestunits import REQUEST_RU, RequestUnits, read_cost, write_cost
 from cosmigrate.sandbox.server import CommandError, DropConnection, MongoServer
-from cosmigrate.sandbox.storage import Collection, TtlRule
+from cosmigrate.sandbox.storage import ChangeFeed, Collection, TtlRule
 from cosmigrate.versions import SOURCE, lookup
 
 PIPELINE_ERROR = "Change stream must be followed by a match and then a project stage"
@@ -64,25 +69,32 @@ def encode_token(data: bytes, kind: int = JSON_KIND) -> dict[str, Any]:
     return {"_data": Binary(data), "_kind": JSON_KIND}
 
 
-def make_token(rid: str, lsn: int, kind: int = JSON_KIND) -> dict[str, Any]:
-    """A V2 resume token (server versions 4.0 and later): JSON with one continuation per physical partition,
-    in `kind` form."""
+Continuations = dict[tuple[str, str], int]
+"""LSN per partition range (min, max) of effective partition key, as a token carries them."""
+
+
+def make_token(rid: str, lsn: int | Continuations, kind: int = JSON_KIND) -> dict[str, Any]:
+    """A V2 resume token (server versions 4.0 and later): JSON with one continuation per physical partition
+    range (an int `lsn` is the full range), in `kind` form."""
+    conts = {(FULL_RANGE["min"], FULL_RANGE["max"]): lsn} if isinstance(lsn, int) else lsn
     data = {
         "V": 2,
         "Rid": rid,
         "Continuation": [
             {
-                "FeedRange": {"type": "Effective Partition Key Range", "value": FULL_RANGE},
-                "State": {"type": "continuation", "value": json.dumps(str(lsn))},
+                "FeedRange": {"type": "Effective Partition Key Range", "value": {"min": lo, "max": hi}},
+                "State": {"type": "continuation", "value": json.dumps(str(n))},
             }
+            for (lo, hi), n in sorted(conts.items())
         ],
     }
     return encode_token(json.dumps(data, separators=(",", ":")).encode(), kind)
 
 
-def make_list_token(lsn: int) -> dict[str, Any]:
+def make_list_token(lsn: int | Continuations) -> dict[str, Any]:
     """The old (list) form of token, the only one 3.6 accounts issue: no collection id, one entry per range."""
-    data = [{"token": json.dumps(str(lsn)), "range": FULL_RANGE}]
+    conts = {(FULL_RANGE["min"], FULL_RANGE["max"]): lsn} if isinstance(lsn, int) else lsn
+    data = [{"token": json.dumps(str(n)), "range": {"min": lo, "max": hi}} for (lo, hi), n in sorted(conts.items())]
     return {"_data": Binary(json.dumps(data, separators=(",", ":")).encode())}
 
 
@@ -101,8 +113,15 @@ def _token_text(token: Any) -> str:
     return str(data)
 
 
-def parse_token(token: Any, rid: str, v2: bool = True, *, refuse_list_form: bool = False) -> int:
-    """The LSN a token stands for; raises CommandError for anything Cosmos would refuse.
+def _range(value: Any) -> tuple[str, str]:
+    lo, hi = value["min"], value["max"]
+    if not isinstance(lo, str) or not isinstance(hi, str) or (hi != "FF" and lo >= hi):
+        raise ValueError("partition range")
+    return lo, hi
+
+
+def parse_token(token: Any, rid: str, v2: bool = True, *, refuse_list_form: bool = False) -> Continuations:
+    """The LSN per partition range a token stands for; raises CommandError for anything Cosmos would refuse.
 
     Every version takes the old list form (unless `refuse_list_form`: modern
     accounts may refuse the LSN-"0" beginning token); a V2 token only where the
@@ -111,34 +130,53 @@ def parse_token(token: Any, rid: str, v2: bool = True, *, refuse_list_form: bool
     """
     try:
         parsed = json.loads(_token_text(token))
+        out: Continuations = {}
         if isinstance(parsed, list):  # old form, no collection id
             if refuse_list_form:
                 raise ValueError("old token form")
-            (entry,) = parsed
-            if entry["range"] != FULL_RANGE:
-                raise ValueError("partition range")
-            lsn = int(json.loads(entry["token"]))
+            for entry in parsed:
+                out[_range(entry["range"])] = int(json.loads(entry["token"]))
         else:
             if not v2 or parsed["V"] != 2 or parsed["Rid"] != rid:
                 raise ValueError("version or collection")
-            (cont,) = parsed["Continuation"]
-            if cont["FeedRange"]["value"] != FULL_RANGE:
-                raise ValueError("partition range")
-            lsn = int(json.loads(cont["State"]["value"]))
-        if lsn < 0:
-            raise ValueError("negative lsn")
-        return lsn
+            for cont in parsed["Continuation"]:
+                out[_range(cont["FeedRange"]["value"])] = int(json.loads(cont["State"]["value"]))
+        if not out or any(lsn < 0 for lsn in out.values()):
+            raise ValueError("no range or negative lsn")
+        return out
     except (KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError, OSError, EOFError) as exc:
         raise CommandError(2, TOKEN_ERROR) from exc
 
 
+def _contains(outer: tuple[str, str], inner: tuple[str, str]) -> bool:
+    return outer[0] <= inner[0] and (outer[1] == "FF" or (inner[1] != "FF" and inner[1] <= outer[1]))
+
+
+def gone_error(pid: int) -> CommandError:
+    """What a stream on a partition that split meets. Cosmos's backend answers such a read with Gone (410),
+    substatus 1002 (PartitionKeyRangeGone: "PartitionKeyRange with id 'N' in collection '' doesn't exist", as
+    the Cosmos SDKs report it); how the MongoDB API wraps it is not documented, so the sandbox carries it the way
+    it carries other backend errors (`Error=..., Details='Response status code does not indicate success: ...'`)
+    and a client must not rely on the code: it asks GetChangeStreamTokens which partitions exist now."""
+    return CommandError(2, f"Error=2, Details='Response status code does not indicate success: Gone (410); "
+                        f"Substatus: 1002; Reason: (PartitionKeyRange with id '{pid}' in collection '' "
+                        "doesn't exist.)'", "BadValue")
+
+
 @dataclass
 class ChangeStreamCursor:
+    """A change stream: on one partition (`pid`, opened with that partition's token) or on the whole collection
+    (`pid` None: the partitions interleaved in write order, the position one LSN per range)."""
+
     coll: Collection
     db: str
-    lsn: int
+    positions: Continuations
     page: int
     with_op_type: bool
+    pid: int | None = None
+    spent: dict[int, float] = field(default_factory=dict)
+    """Request units of the events served since the last charge, by partition id."""
+    read_from: list[int] = field(default_factory=list)
 
     @property
     def ns(self) -> str:
@@ -163,6 +201,7 @@ class CosmosSource(MongoServer):
         self.max_wire_version = self.version.max_wire
         self.v2_tokens = self.version.token_form == "v2"
         self.units = RequestUnits()
+        self.store.partitions = lambda ns: self.faults.partitions_of(ns)
         self.throttled: dict[int, int] = {}
         """Throttled answers by error code (16500, 50), for tests."""
 
@@ -177,13 +216,81 @@ class CosmosSource(MongoServer):
         reply.pop("logicalSessionTimeoutMinutes", None)  # Cosmos does not support server sessions
         return reply
 
-    def token(self, rid: str, lsn: int) -> dict[str, Any]:
+    def token(self, rid: str, positions: Continuations) -> dict[str, Any]:
         """A resume token in this server version's form (list form on 3.6); V2 tokens in the `_kind` the
         switches ask for, by default both kinds, alternating by LSN."""
         if not self.v2_tokens:
-            return make_list_token(lsn)
-        kind = self.faults.token_kind or (GZIP_KIND if lsn % 2 else JSON_KIND)
-        return make_token(rid, lsn, kind)
+            return make_list_token(positions)
+        kind = self.faults.token_kind or (GZIP_KIND if sum(positions.values()) % 2 else JSON_KIND)
+        return make_token(rid, positions, kind)
+
+    # --- physical partitions -------------------------------------------------------------
+
+    def split_partition(self, db: str, name: str, index: int = 0) -> tuple[tuple[str, str], tuple[str, str]]:
+        """A fault: split the `index`-th partition (in range order) of `db.name` in two, as Cosmos does when a
+        partition grows. Streams on the parent fail (`gone_error`) from their next page on; whole-collection
+        streams go on over the children; the children continue the parent's LSNs."""
+        coll = self.store.get(db, name)
+        if coll is None or coll.feed is None:
+            raise CommandError(26, f"Collection {db}.{name} does not exist", "NamespaceNotFound")
+        if not 0 <= index < len(coll.feed.partitions):
+            raise CommandError(2, f"{db}.{name} has {len(coll.feed.partitions)} partitions; no partition {index}")
+        try:
+            left, right = coll.feed.split(index)
+        except ValueError as exc:
+            raise CommandError(2, str(exc)) from exc
+        coll._notify()  # waiting getMores wake up and meet the split
+        return left.range, right.range
+
+    def _coll(self, ns: str) -> Collection | None:
+        db, _, name = ns.partition(".")
+        return self.store.get(db, name)
+
+    def _shares(self, ns: str) -> list[tuple[str, float]]:
+        """Request-unit budgets of a collection: one per physical partition, the provisioned rate split evenly
+        (a single partition keeps the collection's own budget)."""
+        rate = self.faults.ru_per_s
+        coll = self._coll(ns)
+        if coll is None or coll.feed is None or len(coll.feed.partitions) == 1:
+            return [(ns, rate)]
+        n = len(coll.feed.partitions)
+        return [(f"{ns}#{p.pid}", rate / n) for p in coll.feed.partitions]
+
+    def _share(self, coll: Collection, part: ChangeFeed) -> tuple[str, float]:
+        assert coll.feed is not None
+        n = len(coll.feed.partitions)
+        rate = self.faults.ru_per_s
+        return (coll.ns, rate) if n == 1 else (f"{coll.ns}#{part.pid}", rate / n)
+
+    def _open_wait_s(self, ns: str, body: dict[str, Any]) -> float:
+        """A change stream opened with one partition's token waits for that partition's share only."""
+        coll = self._coll(ns)
+        try:
+            options = dict(body["pipeline"][0]["$changeStream"])
+            token = options.get("resumeAfter") or options.get("startAfter")
+            if coll is None or coll.feed is None or token is None:
+                raise ValueError
+            pid, _ = self._resolve(coll, parse_token(token, coll.feed.rid, self.v2_tokens))
+            part = coll.feed.by_pid(pid) if pid is not None else None
+            if part is None:
+                raise ValueError
+        except (CommandError, ValueError, KeyError, TypeError, IndexError):
+            return self._wait_s(ns)  # whole collection, or a token open_change_stream refuses
+        key, rate = self._share(coll, part)
+        return self.units.wait_s(key, rate)
+
+    def _wait_s(self, ns: str) -> float:
+        """Seconds until every partition of `ns` has units (a request not routed to one partition needs all)."""
+        return max(self.units.wait_s(key, rate) for key, rate in self._shares(ns))
+
+    def _spend(self, ns: str | None, kind: str, units: float) -> None:
+        """Count `units` of `kind`; a request not routed to one partition spends them evenly from all."""
+        self.units.charge(None, kind, units, self.faults.ru_per_s)
+        if ns is None:
+            return
+        shares = self._shares(ns)
+        for key, rate in shares:
+            self.units.spend(key, units / len(shares), rate)
 
     # --- throttling and request units --------------------------------------------------
 
@@ -228,9 +335,9 @@ class CosmosSource(MongoServer):
             raise self._exceeded()
         raise self._too_many(self.faults.retry_after_ms)
 
-    async def _await_units(self, ns: str, state: dict[str, Any] | None = None) -> None:
+    async def _await_units(self, ns: str, state: dict[str, Any] | None = None, wait: float | None = None) -> None:
         """Proceed when `ns` has request units; otherwise throttle (server-side retry waits first, once)."""
-        wait = self.units.wait_s(ns, self.faults.ru_per_s)
+        wait = self._wait_s(ns) if wait is None else wait
         if wait <= 0:
             return
         limit = self.faults.server_side_retry_ms / 1000
@@ -252,7 +359,9 @@ class CosmosSource(MongoServer):
         if self.faults.chance(self.faults.throttle_rate):
             await self._throttle()
         ns = self._ns_of(name, body)
-        if ns is not None and not (name == "getMore" and self._is_feed(name, body)):
+        if ns is not None and name == "aggregate" and self._is_feed(name, body):
+            await self._await_units(ns, wait=self._open_wait_s(ns, body))  # the partition it opens on
+        elif ns is not None and not (name == "getMore" and self._is_feed(name, body)):
             await self._await_units(ns)  # a throttled change stream answers empty pages instead (below)
 
     async def before_statement(self, coll: Collection | None, nbytes: int, state: dict[str, Any]) -> None:
@@ -261,11 +370,11 @@ class CosmosSource(MongoServer):
         if coll is None:
             return
         await self._await_units(coll.ns, state)
-        self.units.charge(coll.ns, "write", write_cost(nbytes), self.faults.ru_per_s)
+        self._spend(coll.ns, "write", write_cost(nbytes))
 
     def _charge_docs(self, ns: str | None, kind: str, docs: list[Any]) -> None:
         units = REQUEST_RU + sum(read_cost(len(d.raw)) for d in docs)
-        self.units.charge(ns, kind, units, self.faults.ru_per_s)
+        self._spend(ns, kind, units)
 
     async def dispatch(self, request: wire.Request, conn_id: int) -> dict[str, Any]:
         name = request.command_name
@@ -276,13 +385,18 @@ class CosmosSource(MongoServer):
             cursor = reply.get("cursor") or {}
             docs = cursor.get("firstBatch") or cursor.get("nextBatch") or []
             if name == "count":
-                self.units.charge(ns, "read", REQUEST_RU + read_cost(1) * int(reply.get("n", 0)), self.faults.ru_per_s)
+                self._spend(ns, "read", REQUEST_RU + read_cost(1) * int(reply.get("n", 0)))
             else:
                 self._charge_docs(ns, "read", docs)
         return reply
 
     def cmd_cosmigratesandbox(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         reply = super().cmd_cosmigratesandbox(req, db, body, conn_id)
+        split = body.get("split")
+        if split is not None:  # {split: {ns: "db.coll", index: i}}: the split fault over the wire
+            db_name, _, coll_name = str(split.get("ns", "")).partition(".")
+            left, right = self.split_partition(db_name, coll_name, int(split.get("index", 0)))
+            reply["children"] = [list(left), list(right)]
         reply["requestUnits"] = self.units.snapshot()
         reply["throttled"] = {str(code): n for code, n in self.throttled.items()}
         return reply
@@ -308,19 +422,22 @@ class CosmosSource(MongoServer):
         coll = self.store.get(db, name) if isinstance(name, str) else None
         if coll is None or coll.feed is None:
             raise CommandError(26, f"Collection {db}.{name} does not exist", "NamespaceNotFound")
-        lsn = coll.feed.lsn
+        beginning = False
         start = body.get("startAtOperationTime")
         if start is not None:
             if not isinstance(start, Timestamp):
                 raise CommandError(2, "startAtOperationTime must be a Timestamp")
             if start.time == 0 and start.inc == 0:
-                lsn = 0
+                beginning = True
             elif start.time < int(time.time()):
                 raise CommandError(2, "the sandbox emulates startAtOperationTime only for Timestamp(0, 0) and now")
-        token = self.token(coll.feed.rid, lsn)
-        token["_startAtOperationTime"] = start if start is not None else Timestamp(int(time.time()), 1)
-        self.units.charge(coll.ns, "feed", REQUEST_RU, self.faults.ru_per_s)
-        return {"resumeAfterTokens": [token], "ok": 1.0}
+        tokens = []
+        for part in coll.feed.partitions:  # one token per physical partition, its range and LSN
+            token = self.token(coll.feed.rid, {part.range: 0 if beginning else part.lsn})
+            token["_startAtOperationTime"] = start if start is not None else Timestamp(int(time.time()), 1)
+            tokens.append(token)
+        self._spend(coll.ns, "feed", REQUEST_RU)
+        return {"resumeAfterTokens": tokens, "ok": 1.0}
 
     def _create_collection(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("collection")
@@ -436,39 +553,110 @@ class CosmosSource(MongoServer):
         if token is not None:
             if self.faults.reject_tokens:
                 raise CommandError(2, TOKEN_ERROR)
-            lsn = parse_token(token, coll.feed.rid, self.v2_tokens, refuse_list_form=self.faults.refuse_beginning_token)
-            if lsn > coll.feed.lsn:
-                raise CommandError(2, TOKEN_ERROR)
+            conts = parse_token(token, coll.feed.rid, self.v2_tokens, refuse_list_form=self.faults.refuse_beginning_token)
+            pid, positions = self._resolve(coll, conts)
             if self.faults.expire_tokens:
                 raise CommandError(72, EXPIRED_ERROR, "InvalidOptions")
         else:
-            lsn = coll.feed.lsn
+            pid, positions = None, {p.range: p.lsn for p in coll.feed.partitions}
         page = int(body.get("cursor", {}).get("batchSize", DEFAULT_PAGE) or 0)
-        cursor = ChangeStreamCursor(coll, db, lsn, DEFAULT_PAGE, with_op_type)
+        cursor = ChangeStreamCursor(coll, db, positions, DEFAULT_PAGE, with_op_type, pid)
         cid = random.randint(1, 2**62)
         self._cursors[cid] = cursor
-        batch = self._page(cursor, page) if page else []
-        self._charge_docs(coll.ns, "feed", batch)
+        try:
+            batch = self._page(cursor, page) if page else []
+        except CommandError:
+            self._cursors.pop(cid, None)
+            raise
+        self._charge_feed(cursor)
         return {"cursor": self._cursor_doc(cursor, cid, batch, "firstBatch"), "ok": 1.0}
+
+    def _resolve(self, coll: Collection, conts: Continuations) -> tuple[int | None, Continuations]:
+        """Where a token resumes: one partition (a token of exactly one partition's range, when the collection
+        has several) or the whole collection (the full range, or one continuation per range). A token of a
+        partition that split fails as the split parent's stream does; anything else unknown is refused."""
+        feed = coll.feed
+        assert feed is not None
+        by_range = {p.range: p for p in feed.partitions}
+        full = (FULL_RANGE["min"], FULL_RANGE["max"])
+        if len(conts) == 1 and full not in conts:
+            ((rng, lsn),) = conts.items()
+            part = by_range.get(rng)
+            if part is None:
+                gone = feed.gone.get(rng)
+                if gone is not None:
+                    raise gone_error(gone)
+                raise CommandError(2, TOKEN_ERROR)
+            if lsn > part.lsn:
+                raise CommandError(2, TOKEN_ERROR)
+            return part.pid, {rng: lsn}
+        positions: Continuations = {}
+        for part in feed.partitions:
+            found = next((n for r, n in conts.items() if _contains(r, part.range)), None)
+            if found is None or found > part.lsn:
+                raise CommandError(2, TOKEN_ERROR)
+            positions[part.range] = found
+        return None, positions
 
     def _cursor_doc(self, cursor: ChangeStreamCursor, cid: int, batch: list[RawBSONDocument], field: str) -> dict[str, Any]:
         doc: dict[str, Any] = {field: batch, "id": Int64(cid), "ns": cursor.ns}
         if not self.faults.no_postbatch_token:
-            doc["postBatchResumeToken"] = self.token(cursor.coll.feed.rid, cursor.lsn)  # type: ignore[union-attr]
+            doc["postBatchResumeToken"] = self.token(cursor.coll.feed.rid, cursor.positions)  # type: ignore[union-attr]
         return doc
 
-    def _page(self, cursor: ChangeStreamCursor, limit: int) -> list[RawBSONDocument]:
+    def _sources(self, cursor: ChangeStreamCursor) -> list[tuple[ChangeFeed, int]]:
+        """The partitions a cursor reads and its position in each (a split parent's position holds in its
+        children); a partition cursor whose partition split meets the split."""
         feed = cursor.coll.feed
         assert feed is not None
-        entries, last = feed.read(cursor.lsn, limit)
-        cursor.lsn = last
-        if not entries:
+        if cursor.pid is not None:
+            part = feed.by_pid(cursor.pid)
+            if part is None:
+                raise gone_error(cursor.pid)
+            return [(part, cursor.positions[part.range])]
+        out = []
+        for part in feed.partitions:
+            lsn = cursor.positions.get(part.range)
+            if lsn is None:
+                lsn = next((n for r, n in cursor.positions.items() if _contains(r, part.range)), None)
+            if lsn is None:
+                raise CommandError(2, TOKEN_ERROR)
+            out.append((part, lsn))
+        return out
+
+    def _page(self, cursor: ChangeStreamCursor, limit: int) -> list[RawBSONDocument]:
+        """The next page: each partition's entries after the cursor's position there, interleaved in write
+        order (one partition for a partition cursor); the position moves per partition."""
+        feed = cursor.coll.feed
+        assert feed is not None
+        reads = []
+        for part, after in self._sources(cursor):
+            got, last = part.read(after, limit)
+            reads.append((part, after, got, last))
+        if len(reads) == 1:
+            part, _, taken_entries, last = reads[0]
+            picked = taken_entries
+            positions = {part.range: last}
+        else:
+            merged = sorted(((e[1], i) for i, (_, _, got, _) in enumerate(reads) for e in got))[:limit]
+            counts = [0] * len(reads)
+            for _, i in merged:
+                counts[i] += 1
+            picked = []
+            positions = {}
+            for i, (part, after, got, last) in enumerate(reads):
+                n = counts[i]
+                positions[part.range] = last if n == len(got) else (got[n - 1][0] if n else after)
+            picked = sorted((e for i, (_, _, got, _) in enumerate(reads) for e in got[:counts[i]]), key=lambda e: e[1])
+        cursor.positions = positions
+        cursor.read_from = [part.pid for part, _, _, _ in reads]
+        if not picked:
             return []
-        token = self.token(feed.rid, last)
+        docs = cursor.coll.docs
+        token = self.token(feed.rid, positions)
         ns = {"db": cursor.db, "coll": cursor.coll.name}
         out = []
-        docs = cursor.coll.docs
-        for key, op in entries:
+        for _, _, key, op in picked:
             event: dict[str, Any] = {"_id": token}
             if cursor.with_op_type:
                 event["operationType"] = op
@@ -476,8 +664,26 @@ class CosmosSource(MongoServer):
                 event["fullDocument"] = RawBSONDocument(docs[key])
             event["ns"] = ns
             event["documentKey"] = cursor.coll.document_key(key)
-            out.append(RawBSONDocument(bson.encode(event, codec_options=DECODE_OPTIONS)))
+            raw = bson.encode(event, codec_options=DECODE_OPTIONS)
+            pid = cursor.pid if cursor.pid is not None else feed.partition_of(key).pid
+            cursor.spent[pid] = cursor.spent.get(pid, 0.0) + read_cost(len(raw))
+            out.append(RawBSONDocument(raw))
         return out
+
+    def _charge_feed(self, cursor: ChangeStreamCursor) -> None:
+        """Charge one change-stream request: its base cost shared by the partitions it read, each event to its
+        partition's budget."""
+        feed = cursor.coll.feed
+        assert feed is not None
+        spent, cursor.spent = cursor.spent, {}
+        pids = cursor.read_from or list(spent)
+        self.units.charge(None, "feed", REQUEST_RU + sum(spent.values()), self.faults.ru_per_s)
+        for pid in set(pids) | set(spent):
+            part = feed.by_pid(pid)
+            if part is None:
+                continue
+            key, rate = self._share(cursor.coll, part)
+            self.units.spend(key, (REQUEST_RU / len(pids) if pid in pids else 0.0) + spent.get(pid, 0.0), rate)
 
     async def change_stream_getmore(self, cid: int, cursor: Any, body: dict[str, Any]) -> dict[str, Any]:
         assert isinstance(cursor, ChangeStreamCursor)
@@ -489,18 +695,34 @@ class CosmosSource(MongoServer):
             raise CommandError(72, EXPIRED_ERROR, "InvalidOptions")
         limit = int(body.get("batchSize") or cursor.page)
         wait_ms = body.get("maxTimeMS", 1000)
-        if self.units.wait_s(cursor.ns, self.faults.ru_per_s) > 0 or self.faults.chance(self.faults.empty_page_rate):
-            # A throttled change stream answers an empty page at once, although changes are waiting.
-            return {"cursor": self._cursor_doc(cursor, cid, [], "nextBatch"), "ok": 1.0}
-        batch = self._page(cursor, limit)
-        if not batch and wait_ms and not self.faults.idle_getmore_immediate:
-            changed = cursor.coll.changed_event()
-            try:
-                await asyncio.wait_for(changed.wait(), wait_ms / 1000)
-            except TimeoutError:
-                pass
-            if cid not in self._cursors:
-                raise DropConnection()
+        try:
+            if self._stream_wait_s(cursor) > 0 or self.faults.chance(self.faults.empty_page_rate):
+                # A throttled change stream answers an empty page at once, although changes are waiting.
+                return {"cursor": self._cursor_doc(cursor, cid, [], "nextBatch"), "ok": 1.0}
             batch = self._page(cursor, limit)
-        self._charge_docs(cursor.ns, "feed", batch)
+            if not batch and wait_ms and not self.faults.idle_getmore_immediate:
+                changed = cursor.coll.changed_event()
+                try:
+                    await asyncio.wait_for(changed.wait(), wait_ms / 1000)
+                except TimeoutError:
+                    pass
+                if cid not in self._cursors:
+                    raise DropConnection()
+                batch = self._page(cursor, limit)
+        except CommandError:
+            self._cursors.pop(cid, None)  # a stream on a partition that split is over
+            raise
+        self._charge_feed(cursor)
         return {"cursor": self._cursor_doc(cursor, cid, batch, "nextBatch"), "ok": 1.0}
+
+    def _stream_wait_s(self, cursor: ChangeStreamCursor) -> float:
+        """A partition stream is throttled by its partition's share; a whole-collection one by any partition."""
+        if cursor.pid is None:
+            return self._wait_s(cursor.ns)
+        feed = cursor.coll.feed
+        assert feed is not None
+        part = feed.by_pid(cursor.pid)
+        if part is None:
+            raise gone_error(cursor.pid)
+        key, rate = self._share(cursor.coll, part)
+        return self.units.wait_s(key, rate)

@@ -66,6 +66,11 @@ class Faults:
     """The EnableTtlOnCustomPath capability: TTL indexes on a date field instead of only on `_ts`."""
     ttl_clock_advance_s: float = 0.0
     """TTL expiry runs this many seconds ahead of the wall clock (tests make documents expire without waiting)."""
+    partitions: int = 1
+    """Physical partitions of each source collection created from now on (each with its own LSN log and an even
+    share of `ru_per_s` for its change-stream reads)."""
+    collection_partitions: str = ""
+    """Per-collection override of `partitions`: `db.coll:N` entries separated by `;` (e.g. `app.users:4;app.x:1`)."""
 
     # --- target (DocumentDB) ---
     failover_until: float = 0.0
@@ -102,8 +107,11 @@ class Faults:
                 raise FaultSpecError(f"unknown fault {name!r}; known: failover_s, {', '.join(sorted(known))}")
             current = getattr(self, name)
             try:
-                if isinstance(current, bool):
-                    value: Any = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on", "")
+                value: Any
+                if isinstance(current, str):
+                    value = str(raw)
+                elif isinstance(current, bool):
+                    value = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes", "on", "")
                 elif isinstance(current, int):
                     value = int(raw)
                 else:
@@ -111,6 +119,17 @@ class Faults:
             except (TypeError, ValueError) as exc:
                 raise FaultSpecError(f"fault {name!r} needs a number, got {raw!r}") from exc
             setattr(self, name, value)
+
+    def partitions_of(self, ns: str) -> int:
+        """How many physical partitions a new collection `ns` gets (`collection_partitions`, else `partitions`)."""
+        for entry in self.collection_partitions.split(";"):
+            name, sep, count = entry.strip().rpartition(":")
+            if sep and name == ns:
+                try:
+                    return max(1, int(count))
+                except ValueError as exc:
+                    raise FaultSpecError(f"collection_partitions entry {entry!r} needs db.coll:N") from exc
+        return max(1, self.partitions)
 
     def snapshot(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rng"}

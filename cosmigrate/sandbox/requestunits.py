@@ -11,8 +11,11 @@ READ_RU_PER_KB (read or returned by a change stream) or WRITE_RU_PER_KB
 documents a 1 KB point read at 1 RU and writes at several RU per KB, which
 is the ratio kept here.
 
-Budgets are per collection (one physical partition per collection in the
-sandbox; a budget per partition belongs with partitions). A budget holds at
+Budgets are per physical partition, the collection's rate split evenly
+(a collection of one partition keeps one budget under its own name).
+Change-stream pages spend from the partitions they read; requests the
+sandbox does not route to a partition (writes, queries) spend evenly from
+all of the collection's partitions and wait until every one has units. A budget holds at
 most one second of units and may be overdrawn by the request that empties
 it; the next requests wait for the refill. Charges are counted per kind of
 work (`feed`: change streams and GetChangeStreamTokens; `read`; `write`)
@@ -75,6 +78,11 @@ class RequestUnits:
         self.charged[kind] += units
         if ns is not None and rate > 0:
             self._budget(ns, rate).level -= units
+
+    def spend(self, key: str, units: float, rate: float) -> None:
+        """Take `units` from budget `key` (a collection, or one partition of it) without counting them again."""
+        if rate > 0:
+            self._budget(key, rate).level -= units
 
     def snapshot(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.charged.items()}

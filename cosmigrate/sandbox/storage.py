@@ -6,19 +6,21 @@ point writes are O(1) and what a client wrote is exactly what it reads back
 (field order, Int64, Decimal128, ...). An `_id`-ordered view is kept lazily for
 range scans. The source additionally keeps a change feed with Cosmos DB's
 "latest version" semantics: each document sits in the feed once, at the
-position of its latest write.
+position of its latest write, in the log of the physical partition its shard
+key (or `_id`) hashes to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import heapq
 import itertools
 import os
 import time
 from bisect import bisect_right
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,26 +151,52 @@ class DuplicateKey(Exception):
         )
 
 
+EPK_SPACE = 0xFF000000
+"""Effective partition keys are 8 hex digits below "FF000000", so every one sorts inside ("", "FF")."""
+FULL_RANGE = ("", "FF")
+
+
+def epk_of(value: Hashable) -> str:
+    """A stable effective partition key: a hash of the canonical shard key value (or `_id`), as Cosmos hashes
+    the partition key; equal values (1, 1.0, Int64(1)) share one canonical key, so one partition."""
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return f"{int.from_bytes(digest, 'big') % EPK_SPACE:08X}"
+
+
+def _bound(text: str) -> int:
+    return 0 if text == "" else EPK_SPACE if text == "FF" else int(text, 16)
+
+
+def _text(bound: int) -> str:
+    return "" if bound == 0 else "FF" if bound >= EPK_SPACE else f"{bound:08X}"
+
+
 class ChangeFeed:
-    """Cosmos DB's change feed for one collection ("latest version" mode).
+    """One physical partition's change log ("latest version" mode), with its own LSN sequence.
 
     Entries are keyed by the document's identity, as storage is (`canonical_key`
     of the `_id`, with the shard key value when sharded), so writes to `_id` 1,
     then 1.0, then NaN, then NaN again are two documents, not four.
 
-    Every write moves the document to the feed's end with a new LSN; a reader
+    Every write moves the document to the log's end with a new LSN; a reader
     positioned after LSN n gets each document whose latest write is past n,
-    once, in LSN order. Deletes leave the feed unless the delete preview is on.
+    once, in LSN order. Deletes leave the log unless the delete preview is on.
+    Each entry also carries the collection-wide write stamp, so that a
+    whole-collection stream can interleave the partitions in write order.
     """
 
-    def __init__(self) -> None:
-        self.rid = base64.b64encode(os.urandom(6)).decode()
-        self.lsn = 0
-        self._entries: list[tuple[int, Hashable, str]] = []
+    def __init__(self, lo: str = "", hi: str = "FF", pid: int = 0, lsn: int = 0) -> None:
+        self.lo, self.hi, self.pid = lo, hi, pid
+        self.lsn = lsn
+        self._entries: list[tuple[int, int, Hashable, str]] = []  # (lsn, stamp, key, op)
         self._latest: dict[Hashable, int] = {}
 
-    def record(self, key: Hashable, op: str, emit_delete: bool = False) -> None:
-        """Move `key` to the feed's end; `op` is insert, update or delete."""
+    @property
+    def range(self) -> tuple[str, str]:
+        return (self.lo, self.hi)
+
+    def record(self, key: Hashable, op: str, stamp: int, emit_delete: bool = False) -> None:
+        """Move `key` to the log's end; `op` is insert, update or delete."""
         if op == "delete" and not emit_delete:
             # The partition's log moves on (its head LSN too), but the latest-version feed shows nothing.
             self._latest.pop(key, None)
@@ -176,27 +204,99 @@ class ChangeFeed:
             return
         self.lsn += 1
         self._latest[key] = self.lsn
-        self._entries.append((self.lsn, key, op))
+        self._entries.append((self.lsn, stamp, key, op))
         if len(self._entries) > 1024 and len(self._entries) > 2 * len(self._latest):
-            self._entries = [e for e in self._entries if self._latest.get(e[1]) == e[0]]
+            self._entries = [e for e in self._entries if self._latest.get(e[2]) == e[0]]
 
-    def read(self, after_lsn: int, limit: int) -> tuple[list[tuple[Hashable, str]], int]:
-        """Up to `limit` live (key, op) entries after `after_lsn`, and the LSN to resume after."""
+    def read(self, after_lsn: int, limit: int) -> tuple[list[tuple[int, int, Hashable, str]], int]:
+        """Up to `limit` live (lsn, stamp, key, op) entries after `after_lsn`, and the LSN to resume after."""
         start = bisect_right(self._entries, after_lsn, key=lambda e: e[0])
-        out: list[tuple[Hashable, str]] = []
+        out: list[tuple[int, int, Hashable, str]] = []
         last = after_lsn
         entries = self._entries
         for i in range(start, len(entries)):
-            lsn, key, op = entries[i]
-            last = lsn
-            if self._latest.get(key) != lsn:
+            entry = entries[i]
+            last = entry[0]
+            if self._latest.get(entry[2]) != entry[0]:
                 continue
-            out.append((key, op))
+            out.append(entry)
             if len(out) >= limit:
                 break
         else:
             last = max(last, self.lsn)
         return out, last
+
+    def child(self, lo: str, hi: str, pid: int, epk: Any) -> ChangeFeed:
+        """The half of this partition from `lo` to `hi`: its live entries, continuing this partition's LSNs
+        (a reader positioned in the parent is positioned in both children)."""
+        feed = ChangeFeed(lo, hi, pid, self.lsn)
+        feed._entries = [e for e in self._entries if lo <= epk(e[2]) < hi]  # every key sorts below "FF"
+        feed._latest = {k: v for k, v in self._latest.items() if lo <= epk(k) < hi}
+        return feed
+
+
+class PartitionedFeed:
+    """A collection's change feed over its physical partitions (Cosmos DB).
+
+    Documents are placed by `epk_of` their shard key value (or `_id` when the
+    collection has none); each partition covers a range of effective partition
+    keys and keeps its own LSN log. `split` replaces a partition by two
+    children, as Cosmos does when a partition grows.
+    """
+
+    def __init__(self, partitions: int = 1, placement: Callable[[Hashable], Hashable] = lambda key: key) -> None:
+        self.rid = base64.b64encode(os.urandom(6)).decode()
+        n = max(1, partitions)
+        bounds = [_text(EPK_SPACE * i // n) for i in range(n)] + ["FF"]
+        self.partitions = [ChangeFeed(bounds[i], bounds[i + 1], i) for i in range(n)]
+        self._next_pid = n
+        self.gone: dict[tuple[str, str], int] = {}
+        """Ranges of partitions that split, with their ids (a stream on one of them fails)."""
+        self._stamp = 0
+        self._epk: dict[Hashable, str] = {}
+        self.placement = placement
+        """The part of a storage key that places it: the shard key value when sharded, else the key (`_id`)."""
+        self.splits = 0
+
+    @property
+    def lsn(self) -> int:
+        """The LSN of the only partition (tests of single-partition collections); the highest one otherwise."""
+        return max(p.lsn for p in self.partitions)
+
+    def epk(self, key: Hashable) -> str:
+        found = self._epk.get(key)
+        if found is None:
+            found = self._epk[key] = epk_of(self.placement(key))
+        return found
+
+    def partition_of(self, key: Hashable) -> ChangeFeed:
+        if len(self.partitions) == 1:
+            return self.partitions[0]
+        e = self.epk(key)
+        los = [p.lo for p in self.partitions]
+        return self.partitions[bisect_right(los, e) - 1]
+
+    def by_pid(self, pid: int) -> ChangeFeed | None:
+        return next((p for p in self.partitions if p.pid == pid), None)
+
+    def record(self, key: Hashable, op: str, emit_delete: bool = False) -> None:
+        self._stamp += 1
+        self.partition_of(key).record(key, op, self._stamp, emit_delete)
+
+    def split(self, index: int) -> tuple[ChangeFeed, ChangeFeed]:
+        """Split the `index`-th partition (in range order) into two halves; returns the children."""
+        parent = self.partitions[index]
+        lo, hi = _bound(parent.lo), _bound(parent.hi)
+        if hi - lo < 2:
+            raise ValueError(f"partition {parent.lo}-{parent.hi} is too small to split")
+        mid = _text((lo + hi) // 2)
+        left = parent.child(parent.lo, mid, self._next_pid, self.epk)
+        right = parent.child(mid, parent.hi, self._next_pid + 1, self.epk)
+        self._next_pid += 2
+        self.gone[parent.range] = parent.pid
+        self.partitions[index: index + 1] = [left, right]
+        self.splits += 1
+        return left, right
 
 
 class Collection:
@@ -207,13 +307,13 @@ class Collection:
     `_id`), because `_id` is then unique only per shard key value.
     """
 
-    def __init__(self, db: str, name: str, *, with_feed: bool) -> None:
+    def __init__(self, db: str, name: str, *, with_feed: bool, partitions: int = 1) -> None:
         self.db = db
         self.name = name
         self.docs: dict[Hashable, bytes] = {}
         self.id_values: dict[Hashable, Any] = {}
         self.indexes: dict[str, IndexSpec] = {"_id_": IndexSpec("_id_", {"_id": 1})}
-        self.feed = ChangeFeed() if with_feed else None
+        self.feed = PartitionedFeed(partitions, self._placement) if with_feed else None
         self.shard_key: str | None = None
         self.shard_values: dict[Hashable, Any] = {}
         self._by_id: dict[Hashable, set[Hashable]] = {}  # sharded: canonical _id -> identities
@@ -230,6 +330,11 @@ class Collection:
     @property
     def ns(self) -> str:
         return f"{self.db}.{self.name}"
+
+    def _placement(self, key: Hashable) -> Hashable:
+        """What places a document in a partition: its shard key value when sharded (identities are
+        (marker, shard key value, `_id`)), else its `_id`."""
+        return key[1] if self.shard_key is not None and isinstance(key, tuple) else key  # type: ignore[index]
 
     @property
     def unique_indexes(self) -> list[IndexSpec]:
@@ -440,6 +545,8 @@ class Store:
 
     def __init__(self, *, with_feed: bool) -> None:
         self.with_feed = with_feed
+        self.partitions: Callable[[str], int] = lambda ns: 1
+        """How many physical partitions a new collection (`db.coll`) gets (the source sets it from its faults)."""
         self.databases: dict[str, dict[str, Collection]] = {}
         self.writes = 0
 
@@ -455,7 +562,7 @@ class Store:
         colls = self.databases.setdefault(db, {})
         c = colls.get(coll)
         if c is None:
-            c = colls[coll] = Collection(db, coll, with_feed=self.with_feed)
+            c = colls[coll] = Collection(db, coll, with_feed=self.with_feed, partitions=self.partitions(f"{db}.{coll}"))
         return c
 
     def drop(self, db: str, coll: str) -> bool:
