@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from bench.catchup import run_catchup  # noqa: E402
 from bench.driver import run_driver  # noqa: E402
+from bench.fullload import merge_results, run_fullload  # noqa: E402
 from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
 from bench.requestunits import run_requestunits  # noqa: E402
@@ -40,6 +40,10 @@ TARGETS = [
     ("verify.peak_rss_mb_large", "<", 256, "verifier peak RSS at the large size (2,000,000 documents full)"),
     ("verify.peak_rss_mb_small", "<", 256, "verifier peak RSS at a tenth of it (independent of size)"),
     ("deletes.source_reads_ratio_vs_scan", "<", 1.2, "delete sweep's source reads vs one _id scan (1% deleted)"),
+    ("fullload.ratio_vs_target_ceiling", ">=", 0.8, "backfill documents/s vs the target's bulk-insert ceiling (same documents)"),
+    ("fullload.ratio_vs_single_stream", ">=", 2.0, "backfill vs a plain single-stream copy (find in _id order + insert_many)"),
+    ("fullload.peak_rss_mb_large", "<", 512, "daemon peak RSS during the backfill at the large size"),
+    ("fullload.peak_rss_mb_small", "<", 512, "daemon peak RSS at the small size (independent of size)"),
 ]
 
 
@@ -78,7 +82,10 @@ def table(r: dict[str, Any]) -> str:
                 "ru.per_document_captured", "ru.per_document_applied",
                 "ru.capture_ratio_vs_point_reads", "ru.point_read_reference", "ru.idle_per_s",
                 "verify.docs", "verify.docs_per_s", "verify.reference_scan_per_s",
-                "deletes.docs", "deletes.expected", "deletes.found", "deletes.all_found", "deletes.seconds"):
+                "deletes.docs", "deletes.expected", "deletes.found", "deletes.all_found", "deletes.seconds",
+                "fullload.docs_small", "fullload.docs_large", "fullload.partitions", "fullload.backfill_docs_per_s",
+                "fullload.target_insert_ceiling_docs_per_s", "fullload.single_stream_copy_docs_per_s",
+                "fullload.ratio_vs_target_ceiling_small", "fullload.ratio_vs_single_stream_small"):
         lines.append(f"| `{key}` | {r.get(key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -149,6 +156,8 @@ def main() -> None:
     r.update(asyncio.run(run_requestunits(20_000 if q else 100_000)))
     print("suite 6: verification and the delete sweep", flush=True)
     r.update(asyncio.run(run_verify_bench(q)))
+    print("suite 7: the full load", flush=True)
+    r.update(asyncio.run(run_fullload(full=not q)))
     r["seconds"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
     plot(r, RESULTS / "latest.png")
@@ -156,7 +165,7 @@ def main() -> None:
     for runs in r["live.runs"].values():
         for run in runs:
             run["lag_samples"] = len(run.pop("samples"))
-    (RESULTS / "latest.json").write_text(json.dumps(r, indent=2) + "\n")
+    merge_results(r, RESULTS / "latest.json")  # keys written by other scripts (capture_memory, ...) stay
     (RESULTS / "latest.md").write_text(md + "\n")
     update_readme(md, r)
     print(md)

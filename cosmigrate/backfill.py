@@ -140,10 +140,18 @@ class NamespaceBackfill:
         if item is not None:
             state = cls.from_doc(ns, item.doc())
         elif from_beginning and not has_position:
-            head = await sample_head(source, ns)
+            try:
+                head = await sample_head(source, ns)
+            except (PyMongoError, BackfillError) as exc:
+                # No head now (no permission yet, the source unreachable): the backfill starts anyway and
+                # the monitor samples one later. A later head is still a sound barrier: reaching it implies
+                # reaching every earlier one, so the phase can only end later, never too early.
+                head = {}
+                get_logger(namespace=ns).warning("backfill begins without a head; sampled again until one is had",
+                                                 error=redact(str(exc))[:200])
             try:
                 estimated = await estimate_count(source, ns)
-            except OperationFailure:
+            except PyMongoError:
                 estimated = None
             now = time.time()
             state = cls(ns, BACKFILL, head, started_at=now, estimated=estimated, estimated_at=now)
@@ -153,9 +161,17 @@ class NamespaceBackfill:
         else:
             state = cls(ns, TAILING, started_at=time.time())
             await ledger.put_progress(ns, KIND, KEY, state.data(), epoch=epoch)
-        if state.phase == BACKFILL:
+        if state.phase == BACKFILL and state.head:
             state.barrier = freshness.add_barrier(state.head)
         return state
+
+    async def sample_late_head(self, source: Any, ledger: Ledger, epoch: int, freshness: Freshness) -> None:
+        """A backfill that began without a head gets one now (stored, then used as the barrier)."""
+        head = await sample_head(source, self.ns)
+        self.head = head
+        await ledger.put_progress(self.ns, KIND, KEY, self.data(), epoch=epoch)
+        self.barrier = freshness.add_barrier(head)
+        get_logger(namespace=self.ns).info("backfill head sampled", head=str(encode_head(head)))
 
     def reached(self, committed_seq: int, applied_seq: int) -> bool:
         """The head stored at the start is captured and applied (per range; never inferred from silence)."""
@@ -254,6 +270,12 @@ async def backfill_loop(daemon: Daemon, interval_s: float = 1.0) -> None:
             if state.phase != BACKFILL or cap is None or app is None or daemon.ledger is None:
                 continue
             try:
+                fresh = daemon.freshness.get(ns)
+                if not state.head and fresh is not None:
+                    try:
+                        await state.sample_late_head(daemon.source, daemon.ledger, cap.epoch, fresh)
+                    except (PyMongoError, BackfillError):
+                        pass  # still none: the phase stays backfill (status says why freshness is unknown)
                 if state.reached(cap.status.committed_seq, app.status.applied_seq):
                     await state.finish(daemon.ledger, cap.epoch)
                     builder = daemon.builders.get(ns)

@@ -33,9 +33,10 @@ from typing import Any
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from cosmigrate.backoff import Backoff
+from cosmigrate.config import Config
 from cosmigrate.indexes import translate
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import raw_collection
+from cosmigrate.mongo import list_namespaces, raw_collection, source_client, target_client
 from cosmigrate.redact import redact
 
 BEFORE, AFTER, NEVER = "before backfill", "after backfill", "never"
@@ -224,7 +225,29 @@ async def enable_ttl(source: Any, target: Any, ns: str) -> list[dict[str, Any]]:
     return out
 
 
-async def plans(cfg_source: Any, target: Any, namespaces: list[str]) -> dict[str, list[PlannedIndex]]:
-    """The plan and its status for every namespace (`cosmigrate indexes --plan`)."""
+async def plans(source: Any, target: Any, namespaces: list[str]) -> dict[str, list[PlannedIndex]]:
+    """The plan and its status (read back from the target) for every namespace."""
     major = await target_major(target)
-    return {ns: await read_plan(cfg_source, target, ns, major) for ns in namespaces}
+    return {ns: await read_plan(source, target, ns, major) for ns in namespaces}
+
+
+async def plan_report(cfg: Config, namespaces: list[str] | None = None) -> list[PlannedIndex]:
+    """`cosmigrate indexes --plan`: connect to both sides, read the plan and what the target already has."""
+    source = source_client(cfg.source.uri, serverSelectionTimeoutMS=10_000)
+    target = target_client(cfg.target.uri, cfg.target.tls_ca_file, serverSelectionTimeoutMS=10_000)
+    try:
+        names = namespaces or await list_namespaces(source, cfg.capture.include, cfg.capture.exclude)
+        return [p for ps in (await plans(source, target, names)).values() for p in ps]
+    finally:
+        await source.close()
+        await target.close()
+
+
+def plan_line(p: PlannedIndex) -> str:
+    fields = ", ".join(f"{k}: {v}" for k, v in p.key.items())
+    text = f"{p.ns} {p.name} {{{fields}}}: {p.stage}, {p.state}"
+    if p.expire_after is not None:
+        text += f" (TTL: built without expiry, expireAfterSeconds={p.expire_after} set at cutover)"
+    elif p.reason:
+        text += f" ({p.reason})"
+    return text

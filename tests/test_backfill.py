@@ -6,6 +6,7 @@ tests/test_backfill_processes.py.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import bson
@@ -182,3 +183,23 @@ def test_stored_head_round_trips() -> None:
     state = NamespaceBackfill("a.b", BACKFILL, {("", "7F"): 5, ("7F", "FF"): 9}, started_at=1.0, estimated=3)
     again = NamespaceBackfill.from_doc("a.b", bson.decode(state.data()))
     assert again.head == state.head and again.phase == BACKFILL and again.estimated == 3
+
+
+async def test_indexes_plan_command_shows_stages_and_target_state(tmp_path: Path, sandbox: Sandbox, source,
+                                                                   target) -> None:
+    from tests.helpers import write_config
+    from tests.test_hard_cosmos import _cli
+
+    await _users(source, 10)
+    await source.app.users.create_index([("attrs.$**", 1)])
+    await target.app.users.create_index("email", unique=True, name="email_1")
+    cfg = config(tmp_path, sandbox)
+    path = write_config(cfg, tmp_path / "c.toml")
+    code, out = await _cli("indexes", "--config", str(path), "--plan", "--json")
+    assert code == 1  # the wildcard index is never built
+    plan = {p["name"]: p for p in json.loads(out)}
+    assert plan["email_1"]["stage"] == "before backfill" and plan["email_1"]["state"] == "built"
+    assert plan["total_1"]["stage"] == "after backfill" and plan["total_1"]["state"] == "pending"
+    assert plan["attrs.$**_1"]["stage"] == "never" and "wildcard" in plan["attrs.$**_1"]["reason"]
+    code, out = await _cli("indexes", "--config", str(path), "--plan")
+    assert "app.users total_1 {total: 1}: after backfill, pending" in out and "3 indexes planned, 1 never built" in out
