@@ -51,6 +51,7 @@ KIND, KEY = "backfill", "state"
 BACKFILL, TAILING, DROPPED = "backfill", "tailing", "dropped"
 ESTIMATE_REFRESH_S = 60.0
 RATE_WINDOW_S = 60.0
+EXISTS_CHECK_S = 5.0
 NAMESPACE_NOT_FOUND = 26
 
 
@@ -109,6 +110,7 @@ class NamespaceBackfill:
     estimated_at: float = 0.0
     reason: str = ""
     barrier: HeadSample | None = None
+    exists_checked: float = -EXISTS_CHECK_S
     rate: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=256))
 
     def data(self) -> bytes:
@@ -258,7 +260,7 @@ async def collection_exists(source: Any, ns: str) -> bool:
     return coll in await source[db].list_collection_names(filter={"name": coll})
 
 
-async def backfill_loop(daemon: Daemon, interval_s: float = 1.0) -> None:
+async def backfill_loop(daemon: Daemon, interval_s: float = 0.25) -> None:
     """Move namespaces from backfill to tailing (or dropped), persist it, and release the deferred indexes.
 
     Every failure only means "check again next round": this loop never stops capture or apply.
@@ -283,7 +285,8 @@ async def backfill_loop(daemon: Daemon, interval_s: float = 1.0) -> None:
                         builder.backfill_done.set()
                     continue
                 gone = not await state.refresh_estimate(daemon.source, daemon.ledger, cap.epoch)
-                if not gone and cap.status.state == "failed":
+                if not gone and cap.status.state == "failed" and time.monotonic() - state.exists_checked > EXISTS_CHECK_S:
+                    state.exists_checked = time.monotonic()  # a listing costs request units: not every round
                     gone = not await collection_exists(daemon.source, ns)
                 if gone:
                     await state.dropped(daemon.ledger, cap.epoch)

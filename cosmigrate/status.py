@@ -164,6 +164,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": error,
             "last_error_at": _iso(error_at),
+            "phase": phase(state, freshness),  # refined below once the full-load phase is known
             **(daemon.proof.fields(meta.ns) if daemon.proof is not None else {}),
         })
         loading = daemon.backfills.get(meta.ns)
