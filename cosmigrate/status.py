@@ -241,9 +241,9 @@ def one_line(status: dict[str, Any]) -> str:
     backfill = ""
     if load.get("namespaces_in_backfill"):
         eta = load.get("eta_s")
-        backfill = (f"backfill {load['percent']:g}% ({load['docs_copied']}/{load['docs_estimated']} docs, "
-                    f"{load['rate_docs_per_s']:.0f}/s, eta {'unknown' if eta is None else f'{eta:.0f}s'}), ")
-    return (f"{backfill}writer {status['writer']}, gap {status['gap_in_seconds']:.1f}s, "
+        backfill = (f", backfill {load['percent']:g}% ({load['docs_copied']}/{load['docs_estimated']} docs, "
+                    f"{load['rate_docs_per_s']:.0f}/s, eta {'unknown' if eta is None else f'{eta:.0f}s'})")
+    return (f"writer {status['writer']}, gap {status['gap_in_seconds']:.1f}s, "
             f"{len(status['namespaces'])} namespaces, {failed} failed, "
-            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}"
+            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}{backfill}"
             f"{', TARGET TLS OFF OR UNVERIFIED' if status.get('insecure_target_tls') else ''}")
