@@ -90,11 +90,17 @@ async def test_phase_moves_from_backfill_to_tailing_and_ready_only_after(tmp_pat
         assert n["load_phase"] == TAILING and n["percent"] == 100 and n["docs_copied"] >= 3000 and n["eta_s"] == 0
         assert (await _stored(cfg))["phase"] == TAILING
         indexes = await wait_for(lambda: _has(target, "total_1"), 20, what="the other indexes after the backfill")
-        assert "2 built" in n["indexes"] or "built" in n["indexes"]
+        n = await wait_for(lambda: _indexes_built(run, 2), 20, what="the status to count both built")
+        assert n["indexes"] == "2 built"
     # A restart never goes back to backfill.
     async with Running(cfg) as run:
         await wait_for(lambda: _phase(run, TAILING), 20, what="tailing after a restart")
         assert (await _stored(cfg))["phase"] == TAILING
+
+
+async def _indexes_built(run: Running, n: int) -> dict:
+    ns = run.ns_status(await run.status(), NS)
+    return ns if ns.get("indexes") == f"{n} built" else {}
 
 
 async def _has(target: AsyncMongoClient, name: str) -> dict:
@@ -203,3 +209,28 @@ async def test_indexes_plan_command_shows_stages_and_target_state(tmp_path: Path
     assert plan["attrs.$**_1"]["stage"] == "never" and "wildcard" in plan["attrs.$**_1"]["reason"]
     code, out = await _cli("indexes", "--config", str(path), "--plan")
     assert "app.users total_1 {total: 1}: after backfill, pending" in out and "3 indexes planned, 1 never built" in out
+
+
+async def test_the_unique_index_exists_before_the_first_applied_document(tmp_path: Path, sandbox: Sandbox, source,
+                                                                        target) -> None:
+    """Writer started from the first moment, and a slow index build: no document lands before the unique index."""
+    await _users(source, 2000)
+    cfg = config(tmp_path, sandbox)
+    sandbox.target.faults.slow_index_ms = 1500
+    async with Running(cfg) as run:
+        await run.writer("start")
+        seen_docs_without_index = 0
+        indexed_at_first_doc: list[bool] = []
+
+        async def copied() -> bool:
+            nonlocal seen_docs_without_index
+            count = await target.app.users.count_documents({})
+            indexes = await _target_indexes(target)
+            if count and not indexed_at_first_doc:
+                indexed_at_first_doc.append("email_1" in indexes)
+            if count and "email_1" not in indexes:
+                seen_docs_without_index += 1
+            return count == 2000
+
+        await wait_for(copied, 60, interval=0.05, what="the backfill applied")
+        assert indexed_at_first_doc == [True] and seen_docs_without_index == 0
