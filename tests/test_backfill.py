@@ -161,12 +161,35 @@ async def _ns_phase(run: Running, ns: str, want: str) -> bool:
 
 
 async def test_ttl_index_is_built_disabled_and_enabled_by_the_cutover_step(tmp_path: Path, sandbox: Sandbox,
-                                                                          source, target) -> None:
+                                                                          source, target, capsys) -> None:
     sandbox.source.faults.ttl_custom_path = True  # an account with EnableTtlOnCustomPath
     await source.app.users.create_index("expires", expireAfterSeconds=3600)
     await source.app.users.create_index("_ts", expireAfterSeconds=60, name="ts_ttl")
     await source.app.users.insert_many([{"_id": i, "expires": None} for i in range(20)])
     cfg = config(tmp_path, sandbox)
+    import structlog
+
+    from cosmigrate.logs import configure_logging
+
+    saved = structlog.get_config()
+    configure_logging("info", "json", env={})  # the journal's lines, on this test's captured stdout
+    try:
+        await _ttl_disabled_until_cutover(cfg, run_target=target)
+    finally:
+        structlog.configure(**saved)  # never leave later tests a logger bound to this test's captured stdout
+    journal = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert any(e.get("event") == "index cannot be built on DocumentDB; it is not migrated" and e.get("index") == "ts_ttl"
+               and "expiry date field" in e.get("reason", "") for e in journal)
+    assert "ttl" in [s.name for s in STEPS]
+    done = await enable_ttl(source, target, NS)
+    assert {"index": "expires_1", "ttl": "enabled", "expire_after_seconds": 3600} in done
+    assert any(d["index"] == "ts_ttl" and d["ttl"] == "not built" for d in done)
+    assert (await _target_indexes(target))["expires_1"]["expireAfterSeconds"] == 3600
+    assert [d for d in await enable_ttl(source, target, NS) if d.get("ttl") == "enabled"] == []  # idempotent
+
+
+async def _ttl_disabled_until_cutover(cfg, run_target: AsyncMongoClient) -> None:
+    target = run_target
     async with Running(cfg) as run:
         await run.writer("start")
         await wait_for(lambda: _phase(run, TAILING), 60, what="tailing")
@@ -175,12 +198,6 @@ async def test_ttl_index_is_built_disabled_and_enabled_by_the_cutover_step(tmp_p
         assert "ts_ttl" not in indexes
         n = run.ns_status(await run.status(), NS)
         assert "TTL enabled at cutover: expires_1" in n["indexes"] and "ts_ttl (TTL on the system field _ts" in n["indexes"]
-    assert "ttl" in [s.name for s in STEPS]
-    done = await enable_ttl(source, target, NS)
-    assert {"index": "expires_1", "ttl": "enabled", "expire_after_seconds": 3600} in done
-    assert any(d["index"] == "ts_ttl" and d["ttl"] == "not built" for d in done)
-    assert (await _target_indexes(target))["expires_1"]["expireAfterSeconds"] == 3600
-    assert [d for d in await enable_ttl(source, target, NS) if d.get("ttl") == "enabled"] == []  # idempotent
 
 
 def test_stored_head_round_trips() -> None:
