@@ -75,8 +75,7 @@ async def target_major(target: Any) -> int:
 async def read_plan(source: Any, target: Any, ns: str, major: int) -> list[PlannedIndex]:
     """The namespace's plan, with each index's state read back from the target."""
     plan: list[PlannedIndex] = []
-    async for spec in await raw_collection(source, ns).list_indexes():
-        spec = dict(spec)
+    for spec in await _source_indexes(source, ns):
         rep = translate(ns, spec, major)
         if rep.action == "implicit":
             continue
@@ -93,6 +92,15 @@ async def read_plan(source: Any, target: Any, ns: str, major: int) -> list[Plann
         if have is not None and p.stage != NEVER:
             p.state = "ttl enabled" if p.expire_after is not None and "expireAfterSeconds" in have else "built"
     return plan
+
+
+async def _source_indexes(source: Any, ns: str) -> list[dict[str, Any]]:
+    try:
+        return [dict(spec) async for spec in await raw_collection(source, ns).list_indexes()]
+    except OperationFailure as exc:
+        if exc.code == 26:  # dropped at the source: nothing left to build (status says the collection is gone)
+            return []
+        raise
 
 
 async def _target_indexes(target: Any, ns: str) -> dict[str, dict[str, Any]]:
@@ -141,10 +149,24 @@ class IndexBuilder:
     def summary(self) -> str:
         if self.error and not self.plan:
             return f"plan not read yet: {self.error}"
-        return summary(self.plan) if self.plan else "planning"
+        text = summary(self.plan) if self.plan else "planning"
+        return f"{text}; {self.error}" if self.error else text
 
     async def run(self) -> None:
-        """Read the plan (retrying), build the unique ones, wait for the backfill, build the rest."""
+        """Read the plan (retrying), build the unique ones, wait for the backfill, build the rest.
+
+        An unexpected failure is logged and shown in status; the applier is released then rather than left
+        waiting forever (a missing index is reported, a stalled namespace would be silent)."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.error = redact(f"index builds stopped: {exc!r}")[:300]
+            self.log.exception("index builds stopped; the namespace goes on without them", error=self.error)
+            self.unique_ready.set()
+
+    async def _run(self) -> None:
         backoff = Backoff(cap=30.0)
         while True:
             try:
