@@ -251,3 +251,19 @@ async def test_the_unique_index_exists_before_the_first_applied_document(tmp_pat
 
         await wait_for(copied, 60, interval=0.05, what="the backfill applied")
         assert indexed_at_first_doc == [True] and seen_docs_without_index == 0
+
+
+def test_progress_fields_rate_eta_and_totals() -> None:
+    from cosmigrate.backfill import NamespaceBackfill, totals
+
+    state = NamespaceBackfill("a.b", BACKFILL, {("", "FF"): 9}, started_at=1.0, estimated=1000)
+    assert state.fields(0, now=100.0)["eta_s"] is None  # no rate yet: unknown, never 0
+    f = state.fields(400, now=110.0)
+    assert (f["docs_copied"], f["percent"], f["rate_docs_per_s"], f["eta_s"]) == (400, 40.0, 40.0, 15.0)
+    assert state.fields(1200, now=111.0)["percent"] == 99.9  # more events than the estimate: never 100 in backfill
+    done = NamespaceBackfill("a.c", TAILING).fields(7, now=0.0)
+    assert (done["percent"], done["eta_s"]) == (100.0, 0.0)
+    total = totals([f, done])
+    assert total["namespaces_in_backfill"] == 1 and total["docs_estimated"] == 1000 and total["eta_s"] == 15.0
+    assert totals([done]) == {"namespaces_in_backfill": 0, "docs_copied": 0, "docs_estimated": 0, "percent": 100.0,
+                              "rate_docs_per_s": 0.0, "eta_s": 0.0}
