@@ -1,6 +1,6 @@
 """The full load under SIGKILL with real `cosmigrate run` processes: never back to zero, converges byte for byte.
 
-Quick by default (a few thousand documents, the target slowed so that kills land during the backfill);
+Both backends. Quick by default (a few thousand documents, the target slowed so that kills land during the backfill);
 `COSMIGRATE_BACKFILL_DOCS=200000 COSMIGRATE_BACKFILL_KILLS=60` for the soak.
 """
 
@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from pymongo import AsyncMongoClient
 
 from cosmigrate.backfill import BACKFILL, KEY, KIND, TAILING
@@ -38,13 +39,16 @@ async def _ledger_state(cfg) -> tuple[dict, int, int, int]:
         await ledger.close()
 
 
-async def test_sigkill_through_a_backfill_never_restarts_from_zero(tmp_path: Path, sandbox: Sandbox,
-                                                                  source: AsyncMongoClient, target) -> None:
+@pytest.mark.parametrize("backend", ["file+sqlite", "s3+dynamodb"])
+async def test_sigkill_through_a_backfill_never_restarts_from_zero(request, backend: str, tmp_path: Path,
+                                                                  sandbox: Sandbox, source: AsyncMongoClient,
+                                                                  target) -> None:
+    endpoint = request.getfixturevalue("moto_endpoint") if backend == "s3+dynamodb" else None
     filler = "x" * 200
     for start in range(0, DOCS, 10_000):
         await source.app.big.insert_many([{"_id": i, "n": i, "pad": filler}
                                           for i in range(start, min(DOCS, start + 10_000))])
-    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", max_batch_events=250)
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, backend, endpoint, max_batch_events=250)
     cfg.apply.max_ops_per_write = 250
     cfg.apply.write_concurrency = 1
     cfg.apply.max_batches_per_round = 1
