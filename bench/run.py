@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bench.capture_partitions import run_capture_partitions  # noqa: E402
 from bench.catchup import run_catchup  # noqa: E402
 from bench.driver import run_driver  # noqa: E402
+from bench.fullload import merge_results, run_fullload  # noqa: E402
 from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
 from bench.requestunits import run_requestunits  # noqa: E402
@@ -43,6 +43,10 @@ TARGETS = [
     ("deletes.source_reads_ratio_vs_scan", "<", 1.2, "delete sweep's source reads vs one _id scan (1% deleted)"),
     ("fullload.capture_partitions_vs_single_stream", ">=", 1.0,
      "capture documents/s of one 4-partition collection, per partition vs one whole-collection stream"),
+    ("fullload.ratio_vs_target_ceiling", ">=", 0.8, "backfill documents/s vs the target's bulk-insert ceiling (same documents)"),
+    ("fullload.ratio_vs_single_stream", ">=", 2.0, "backfill vs a plain single-stream copy (find in _id order + insert_many)"),
+    ("fullload.peak_rss_mb_large", "<", 512, "daemon peak RSS during the backfill at the large size"),
+    ("fullload.peak_rss_mb_small", "<", 512, "daemon peak RSS at the small size (independent of size)"),
 ]
 
 
@@ -82,6 +86,9 @@ def table(r: dict[str, Any]) -> str:
                 "ru.capture_ratio_vs_point_reads", "ru.point_read_reference", "ru.idle_per_s",
                 "verify.docs", "verify.docs_per_s", "verify.reference_scan_per_s",
                 "deletes.docs", "deletes.expected", "deletes.found", "deletes.all_found", "deletes.seconds",
+                "fullload.docs_small", "fullload.docs_large", "fullload.partitions", "fullload.backfill_docs_per_s",
+                "fullload.target_insert_ceiling_docs_per_s", "fullload.single_stream_copy_docs_per_s",
+                "fullload.ratio_vs_target_ceiling_small", "fullload.ratio_vs_single_stream_small",
                 "fullload.capture_docs", "fullload.capture_single_stream_docs_per_s",
                 "fullload.capture_partitioned_docs_per_s"):
         lines.append(f"| `{key}` | {r.get(key)} |")
@@ -154,7 +161,9 @@ def main() -> None:
     r.update(asyncio.run(run_requestunits(20_000 if q else 100_000)))
     print("suite 6: verification and the delete sweep", flush=True)
     r.update(asyncio.run(run_verify_bench(q)))
-    print("suite 7: full load, capture per partition", flush=True)
+    print("suite 7: the full load", flush=True)
+    r.update(asyncio.run(run_fullload(full=not q)))
+    print("suite 8: full load, capture per partition", flush=True)
     r.update(asyncio.run(run_capture_partitions(30_000 if q else 100_000)))
     r["seconds"] = time.monotonic() - t0
     RESULTS.mkdir(exist_ok=True)
@@ -163,7 +172,7 @@ def main() -> None:
     for runs in r["live.runs"].values():
         for run in runs:
             run["lag_samples"] = len(run.pop("samples"))
-    (RESULTS / "latest.json").write_text(json.dumps(r, indent=2) + "\n")
+    merge_results(r, RESULTS / "latest.json")  # keys written by other scripts (capture_memory, ...) stay
     (RESULTS / "latest.md").write_text(md + "\n")
     update_readme(md, r)
     print(md)

@@ -185,6 +185,13 @@ class _Buffer:
         if token is None:
             return
         n = len(self.events)
+        if n == 0:
+            # Every event read so far is sealed: the next batch starts after this boundary. Kept as a boundary
+            # at index 0 it could never be used by `cut` (which needs a non-empty prefix), and every batch cut
+            # mid-page would carry the old base token: a restart would re-read from there (from zero, in a
+            # backfill whose pages are larger than a batch).
+            self.base_token = token
+            return
         if self.boundaries and self.boundaries[-1][0] == n:
             self.boundaries[-1] = (n, token)
         else:

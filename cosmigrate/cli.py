@@ -151,6 +151,8 @@ def indexes(
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
     max_candidates: Annotated[int, typer.Option(help="Bound of the unique check: documents read per unique index.")] = 10_000,
     unique_check: Annotated[bool, typer.Option(help="Check the source's documents against each unique index.")] = True,
+    plan: Annotated[bool, typer.Option("--plan", help="Show the build plan instead: when each index is built on "
+                                       "the target (before / after the backfill, never) and how far it got.")] = False,
 ) -> None:
     """Read the source's indexes and say what DocumentDB can build, what it cannot (and why), the TTL kinds,
     and which source documents break a unique index under DocumentDB's semantics (by _id). Writes nothing.
@@ -166,6 +168,22 @@ def indexes(
     if max_candidates < 1:
         raise fail("--max-candidates must be at least 1")
     cfg = _load(config, files=True)
+    if plan:
+        from cosmigrate.indexplan import NEVER, plan_line, plan_report
+
+        try:
+            planned = _run_async(plan_report(cfg, namespaces or None))
+        except PyMongoError as exc:
+            raise fail(f"cannot read the indexes: {redact(str(exc)).splitlines()[0][:300]}", code=1) from None
+        if as_json:
+            typer.echo(json.dumps(json.loads(json_util.dumps([p.as_dict() for p in planned])), indent=1))
+        else:
+            for p in planned:
+                typer.echo(plan_line(p))
+            typer.echo(f"{len(planned)} indexes planned, {sum(p.stage == NEVER for p in planned)} never built")
+        if any(p.stage == NEVER or p.state.startswith("failed") for p in planned):
+            raise typer.Exit(1)
+        return
     try:
         reports = _run_async(report(cfg, namespaces or None, check_unique=unique_check, max_candidates=max_candidates))
     except PyMongoError as exc:

@@ -83,7 +83,7 @@ class ApplyConfig:
 
 @dataclass
 class CaptureConfig:
-    start_at: str = "now"
+    start_at: str = "beginning"
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     max_batch_events: int = 5000

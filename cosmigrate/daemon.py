@@ -21,12 +21,14 @@ from pymongo.errors import PyMongoError
 
 from cosmigrate import __version__
 from cosmigrate.apply import NamespaceApplier, WriterGate
+from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, backfill_loop
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.config import Config
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
+from cosmigrate.indexplan import IndexBuilder
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.limits import raise_open_file_limit
 from cosmigrate.lock import ClusterLock, LockError
@@ -65,6 +67,11 @@ class Daemon:
         self.captures: dict[str, NamespaceCapture] = {}
         self.appliers: dict[str, NamespaceApplier] = {}
         self.freshness: dict[str, Freshness] = {}
+        self.backfills: dict[str, NamespaceBackfill] = {}
+        """Each namespace's full-load phase (backfill / tailing / dropped), stored in the ledger."""
+        self.builders: dict[str, IndexBuilder] = {}
+        """Each namespace's index plan, run in its own task (`cosmigrate.indexplan`)."""
+        self._index_tasks: dict[str, asyncio.Task[None]] = {}
         self.not_captured: dict[str, str] = {}  # namespaces that exist but cannot be captured, and why
         self.started_at = time.time()
         self.sampler: HeadSampler | None = None
@@ -208,7 +215,8 @@ class Daemon:
             background = [asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),
                           asyncio.create_task(sampler.run(), name="head-sampler"),
-                          asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress")]
+                          asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress"),
+                          asyncio.create_task(backfill_loop(self), name="backfill")]
             if self.cfg.metrics.cloudwatch:
                 background.append(asyncio.create_task(self.metrics.emf_loop(
                     self.cfg.metrics.cloudwatch_interval_s, self.cfg.metrics.cloudwatch_namespace), name="emf"))
@@ -336,7 +344,7 @@ class Daemon:
                     if ns not in self.captures and not self._stop.is_set():
                         try:  # one namespace that cannot start must not keep the others from starting
                             await self._start_capture(ns, start_at)
-                        except (PyMongoError, LedgerError) as exc:
+                        except (PyMongoError, LedgerError, BackfillError) as exc:
                             refused[ns] = redact(f"could not start: {exc}")[:300]
                 self._not_captured(refused)
                 if self.proof is not None:
@@ -390,6 +398,11 @@ class Daemon:
         for ns in dropped:
             del self.captures[ns], self.appliers[ns]
             self.freshness.pop(ns, None)
+            self.backfills.pop(ns, None)
+            self.builders.pop(ns, None)
+            index_task = self._index_tasks.pop(ns, None)
+            if index_task is not None:
+                index_task.cancel()
             if self.proof is not None:
                 await self.proof.detach(ns)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
@@ -451,6 +464,11 @@ class Daemon:
         meta = await self.ledger.claim(ns, self.owner)
         # A retried namespace keeps its head samples: its ledger position (and so their seqs) did not change.
         fresh = (self.freshness.get(ns) if previous else None) or Freshness()
+        fresh.barriers.clear()
+        # The full-load phase, before the watcher records a start position: the head it must reach is sampled now.
+        backfill = await NamespaceBackfill.prepare(
+            ns, self.ledger, self.source, meta.epoch, from_beginning=(start_at or self.cfg.capture.start_at) == "beginning",
+            has_position=meta.resume_token is not None, freshness=fresh)
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
                                start_at=start_at, freshness=fresh)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
@@ -461,12 +479,34 @@ class Daemon:
         self.freshness[ns] = fresh
         self.captures[ns] = cap
         self.appliers[ns] = app
+        self.backfills[ns] = backfill
+        builder = self.builders.get(ns) if previous else None
+        if builder is None:
+            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target)
+            self._index_tasks[ns] = asyncio.create_task(builder.run(), name=f"indexes:{ns}")
+        if backfill.phase != BACKFILL:
+            builder.backfill_done.set()
         self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")
-        self._tasks[f"apply:{ns}"] = asyncio.create_task(self._supervise(app, app.run), name=f"apply:{ns}")
+        self._tasks[f"apply:{ns}"] = asyncio.create_task(
+            self._supervise(app, lambda: self._apply_when_indexed(builder, app)), name=f"apply:{ns}")
         if self.proof is not None:
             self.proof.attach(ns, cap, app, fresh)
         self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq,
                       applied_seq=meta.applied_seq, start_at=cap.start_at if meta.resume_token is None else "stored")
+
+    async def _apply_when_indexed(self, builder: IndexBuilder, app: NamespaceApplier) -> None:
+        """The applier starts once the unique indexes exist on the target (its conflict handling reads them);
+        capture does not wait for any index."""
+        waits = [asyncio.ensure_future(builder.unique_ready.wait()), asyncio.ensure_future(app._stopping.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not builder.unique_ready.is_set():
+            app.status.state = "stopped"
+            return
+        await app.run()
 
     async def _supervise(self, part: NamespaceCapture | NamespaceApplier, run: Any) -> None:
         try:
@@ -492,6 +532,9 @@ class Daemon:
             self.request_stop()
 
     async def _drain(self) -> None:
+        for task in self._index_tasks.values():
+            task.cancel()  # a build in flight finishes on the target; a restart reads the plan back
+        await asyncio.gather(*self._index_tasks.values(), return_exceptions=True)
         for app in self.appliers.values():
             app.stop()
         for cap in self.captures.values():

@@ -93,13 +93,13 @@ class Demo:
         log = (self.workdir / "daemon.log").open("wb")
         daemon: asyncio.subprocess.Process | None = None
         try:
-            # 1. The application's data, with a unique index on both sides (the bulk copy would create it).
+            # 1. The application's data, with a unique index (cosmigrate builds it on the target before the backfill).
             for client in (source, target):
                 await client.app.users.create_index("email", unique=True)
             await source.app.users.insert_many([{"_id": i, "email": f"user{i}@example.com"} for i in range(200)])
             await workload.run_bulk(5000)
             self.say("1. source seeded: 5 collections, a unique index on app.users.email")
-            # 2. The service starts capturing (the real runbook runs this before the bulk copy).
+            # 2. The service starts: the full load through the change feed, then tailing.
             ledger = open_ledger(cfg)
             await ledger.init()
             await ledger.close()

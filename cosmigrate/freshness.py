@@ -67,6 +67,8 @@ class Freshness:
     """The head of the latest successful sample (deletes: has the source changed since a sweep started?)."""
     _samples: collections.deque[HeadSample] = field(default_factory=collections.deque)
     _marks: list[tuple[Positions, int]] = field(default_factory=list)
+    barriers: list[HeadSample] = field(default_factory=list)
+    """Heads that must be reached once, kept apart from the samples (the backfill's head at unit creation)."""
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -114,6 +116,20 @@ class Freshness:
         for sample in self._samples:
             if sample.seq is None and reached(pos, sample.head):
                 sample.seq = seq
+        for barrier in self.barriers:
+            if barrier.seq is None and reached(pos, barrier.head):
+                barrier.seq = seq
+
+    def add_barrier(self, head: Positions) -> HeadSample:
+        """A head whose first reaching batch is wanted once (`.seq`), never dropped like the samples are.
+
+        Added before capture marks anything (the daemon does so before starting the watcher); the watcher's
+        first mark (the stored resume position, seq = last committed) then resolves it after a restart.
+        """
+        barrier = HeadSample(0.0, dict(head), 0.0)
+        self._resolve(barrier)
+        self.barriers.append(barrier)
+        return barrier
 
     def _resolve(self, sample: HeadSample) -> None:
         for pos, seq in self._marks:

@@ -91,11 +91,12 @@ class Preflight:
                 await self._step("target write permission", self._target_write,
                                  "the target user needs readWrite on the migrated databases")
                 if await self._step("target index compatibility", self._indexes,
-                                    "drop or change those indexes on the target side before the bulk copy "
-                                    "(mongorestore --noIndexRestore and create supported ones)") or self.index_reports:
+                                    "cosmigrate does not build those indexes (status and the journal list them): "
+                                    "create a supported equivalent on the target, or accept their absence "
+                                    "(`cosmigrate indexes --plan`)") or self.index_reports:
                     await self._step("unique indexes under DocumentDB semantics", self._unique,
                                      "Cosmos DB does not hold values inside arrays unique, DocumentDB does: change "
-                                     "those documents at the source (or drop the index) before the bulk copy; "
+                                     "those documents at the source (or drop the index) before the migration; "
                                      "`cosmigrate indexes` lists them")
                     await self._step("source TTL", self._ttl,
                                      "expiry deletes never reach the change feed: on DocumentDB use an expiry date "
@@ -106,7 +107,7 @@ class Preflight:
                              "CA bundle), without tlsInsecure / tlsAllowInvalidCertificates / tlsAllowInvalidHostnames")
             await self._step("target retryWrites=false", self._retry_writes,
                              "add retryWrites=false to target.uri: DocumentDB refuses retryable writes "
-                             "(cosmigrate turns them off itself, but mongorestore and your applications need it)")
+                             "(cosmigrate turns them off itself, but your applications need it)")
             await self._step("batch store", self._store,
                              "create the bucket (deploy/cloudformation/core-resources.yaml) or directory and "
                              "grant write access")

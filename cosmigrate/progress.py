@@ -21,8 +21,13 @@ if TYPE_CHECKING:
 
 
 def progress_message(n: Mapping[str, Any]) -> str:
-    return (f"{n['namespace']}: captured {n['captured_events']}, applied {n['applied_events']}, "
+    text = (f"{n['namespace']}: captured {n['captured_events']}, applied {n['applied_events']}, "
             f"lag {n['lag_seconds']:.1f}s, {n['phase']}")
+    if n.get("load_phase") == "backfill":
+        eta = n.get("eta_s")
+        text += (f" {n['percent']:g}% of about {n['docs_estimated']} documents, {n['rate_docs_per_s']:.0f}/s, "
+                 f"eta {'unknown' if eta is None else f'{eta:.0f}s'}")
+    return text
 
 
 async def progress_loop(daemon: Daemon, interval_s: float) -> None:
@@ -37,4 +42,6 @@ async def progress_loop(daemon: Daemon, interval_s: float) -> None:
         for n in status["namespaces"]:
             log.info(progress_message(n), namespace=n["namespace"], captured=n["captured_events"],
                      applied=n["applied_events"], pending=n["pending_events"], lag_s=n["lag_seconds"],
-                     phase=n["phase"], state=n["state"])
+                     phase=n["phase"], state=n["state"], docs_copied=n.get("docs_copied"),
+                     docs_estimated=n.get("docs_estimated"), percent=n.get("percent"), eta_s=n.get("eta_s"),
+                     indexes=n.get("indexes"))

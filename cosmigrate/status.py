@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from cosmigrate import __version__
+from cosmigrate.backfill import BACKFILL, DROPPED, totals
 from cosmigrate.mongo import matches_patterns
 
 if TYPE_CHECKING:
@@ -30,21 +31,33 @@ NAMESPACE_FIELDS = (
     # deletes, verification (cosmigrate.proof)
     "deletes_tier", "deletes_reconciled_at", "deletes_applied", "sweep_progress", "documents_verified", "mismatches",
     "last_verify_pass",
+    # the full load (cosmigrate.backfill) and the index plan (cosmigrate.indexplan)
+    "load_phase", "docs_copied", "docs_estimated", "percent", "rate_docs_per_s", "eta_s", "backfill_reason", "indexes",
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
-    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover",
+    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover", "backfill",
 )
 STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
-PHASES = ("capturing", "catching up", "in sync", "failed", "fenced", "stopped")
+PHASES = ("backfill", "dropped", "capturing", "catching up", "in sync", "failed", "fenced", "stopped")
+NO_BACKFILL = {"load_phase": "", "docs_copied": 0, "docs_estimated": None, "percent": 0.0, "rate_docs_per_s": 0.0,
+               "eta_s": None, "backfill_reason": ""}
 
 
-def phase(state: str, freshness: str) -> str:
+def phase(state: str, freshness: str, load_phase: str = "") -> str:
     """Where a namespace is in the migration, in one word or two (the progress log line, the table, metrics).
 
-    capturing: the writer is stopped, changes pile up for later; catching up: applying, not yet at
-    the source head; in sync: applying and caught up to a recent head sample; failed / fenced / stopped.
+    backfill: its full load has not applied the head sampled when it began; dropped: the collection was
+    dropped at the source during its backfill. Once tailing: capturing: the writer is stopped, changes pile
+    up for later; catching up: applying, not yet at the source head; in sync: applying and caught up to a
+    recent head sample; failed / fenced / stopped.
     """
+    if load_phase == DROPPED:
+        return DROPPED
+    if state in ("failed", "fenced", "stopped"):
+        return state
+    if load_phase == BACKFILL:
+        return BACKFILL
     if state in ("failed", "fenced", "stopped"):
         return state
     if state == "starting":
@@ -152,9 +165,14 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": error,
             "last_error_at": _iso(error_at),
-            "phase": phase(state, freshness),
+            "phase": phase(state, freshness),  # refined below once the full-load phase is known
             **(daemon.proof.fields(meta.ns) if daemon.proof is not None else {}),
         })
+        loading = daemon.backfills.get(meta.ns)
+        namespaces[-1].update(loading.fields(meta.applied_events) if loading is not None else NO_BACKFILL)
+        namespaces[-1]["phase"] = phase(state, freshness, namespaces[-1]["load_phase"])
+        builder = daemon.builders.get(meta.ns)
+        namespaces[-1]["indexes"] = builder.summary() if builder is not None else ""
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
     if writer != "started":
@@ -174,6 +192,14 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
     if expiring:
         reasons.append(f"source expiry (TTL) is not mirrored, or not known, on: {', '.join(expiring)} "
                        "(expired documents stay on the target; see each namespace's expiry)")
+    in_backfill = [f"{n['namespace']} ({n['percent']:g}%)" for n in namespaces if n["load_phase"] == BACKFILL]
+    if in_backfill:
+        reasons.append("backfill not complete (the head sampled at its start is not applied yet): "
+                       f"{', '.join(in_backfill)}")
+    dropped = [n["namespace"] for n in namespaces if n["load_phase"] == DROPPED]
+    if dropped:
+        reasons.append(f"collections dropped at the source during their backfill (incomplete on the target; exclude "
+                       f"them with capture.exclude and drop them on the target): {', '.join(dropped)}")
     if stale:
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
@@ -203,6 +229,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
         "cutover": cutover,
+        "backfill": totals(namespaces),
     }
 
 
@@ -211,7 +238,13 @@ def one_line(status: dict[str, Any]) -> str:
     failed = sum(1 for n in status["namespaces"] if n["state"] in ("failed", "fenced"))
     if status.get("cutover") == "cutover complete":
         return f"cutover complete, writer {status['writer']}, {len(status['namespaces'])} namespaces"
+    load = status.get("backfill") or {}
+    backfill = ""
+    if load.get("namespaces_in_backfill"):
+        eta = load.get("eta_s")
+        backfill = (f", backfill {load['percent']:g}% ({load['docs_copied']}/{load['docs_estimated']} docs, "
+                    f"{load['rate_docs_per_s']:.0f}/s, eta {'unknown' if eta is None else f'{eta:.0f}s'})")
     return (f"writer {status['writer']}, gap {status['gap_in_seconds']:.1f}s, "
             f"{len(status['namespaces'])} namespaces, {failed} failed, "
-            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}"
+            f"{'READY for cutover' if status['ready_for_cutover'] else 'not ready'}{backfill}"
             f"{', TARGET TLS OFF OR UNVERIFIED' if status.get('insecure_target_tls') else ''}")

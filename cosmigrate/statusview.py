@@ -79,7 +79,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-_PHASE_STYLE = {"in sync": "green", "catching up": "yellow", "capturing": "yellow", "failed": "bold red",
+_PHASE_STYLE = {"backfill": "cyan", "dropped": "bold red", "in sync": "green", "catching up": "yellow", "capturing": "yellow", "failed": "bold red",
                 "fenced": "bold red", "stopped": "red"}
 
 
@@ -103,7 +103,19 @@ def _lag(n: dict[str, Any], now: str, threshold: float) -> Text:
 
 def _phase(n: dict[str, Any], now: str, threshold: float) -> Text:
     phase = n.get("phase") or n["state"]
-    return Text(phase, style=_PHASE_STYLE.get(phase, ""))
+    shown = f"backfill {n.get('percent', 0.0):.0f}%" if phase == "backfill" else phase
+    return Text(shown, style=_PHASE_STYLE.get(phase, ""))
+
+
+def backfill_line(load: dict[str, Any]) -> Text | None:
+    """The full load summed over every namespace still in backfill, or None when none is."""
+    if not load or not load.get("namespaces_in_backfill"):
+        return None
+    count = load["namespaces_in_backfill"]
+    eta = load.get("eta_s")
+    return Text(f"backfill: {count} namespace{'s' if count != 1 else ''}, {_count(load['docs_copied'])} of "
+                f"{_count(load['docs_estimated'])} documents ({load['percent']:g}%), "
+                f"{load['rate_docs_per_s']:,.0f}/s, eta {'unknown' if eta is None else _duration(eta)}", style="cyan")
 
 
 def _contact(n: dict[str, Any], now: str, threshold: float) -> Text:
@@ -164,10 +176,16 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
         table.add_column(header, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for row in rows:
         table.add_row(*row[: keep + 1])
-    parts: list[Any] = [head, table]
+    parts: list[Any] = [head]
+    loading = backfill_line(status.get("backfill") or {})
+    if loading is not None:
+        parts.append(loading)
+    parts.append(table)
     if not namespaces:
         parts.append(Text("no namespace is being captured yet", style="dim"))
     for n in namespaces:
+        if n.get("backfill_reason"):
+            parts.append(Text(f"{printable(n['namespace'])}: {printable(n['backfill_reason'])}", style="red"))
         if n["last_error"]:
             line = Text(f"{printable(n['namespace'])}: ", style="red")
             line.append(Text(printable(n["last_error"])))

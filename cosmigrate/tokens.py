@@ -102,11 +102,29 @@ def reached(position: Positions, head: Positions) -> bool:
     A head range is reached when a position range that contains it has an LSN at
     least the head's. A range the position does not cover is not reached: unknown
     is never reported as caught up.
+
+    A head sampled before a split names the parent's range, and a position
+    taken after it names the children: the head's range is then reached when
+    the children inside it cover it entirely, each at least at the head's LSN
+    (children continue their parent's LSNs).
     """
     for hrange, hlsn in head.items():
-        if not any(_contains(prange, hrange) and plsn >= hlsn for prange, plsn in position.items()):
+        if any(_contains(prange, hrange) and plsn >= hlsn for prange, plsn in position.items()):
+            continue
+        inside = sorted((prange, plsn) for prange, plsn in position.items() if _contains(hrange, prange))
+        if not inside or any(plsn < hlsn for _, plsn in inside) or not _covers(hrange, [r for r, _ in inside]):
             return False
     return True
+
+
+def _covers(outer: Range, ranges: list[Range]) -> bool:
+    """Whether `ranges` (sorted, each inside `outer`) tile `outer` with no gap."""
+    edge = outer[0]
+    for lo, hi in ranges:
+        if lo > edge:
+            return False  # a gap: part of the range has no position
+        edge = max(edge, hi) if edge != "FF" and hi != "FF" else "FF"
+    return edge == outer[1]
 
 
 def with_range(token: bytes, rng: Range) -> bytes:

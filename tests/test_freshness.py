@@ -55,6 +55,17 @@ def test_reached_needs_every_head_range() -> None:
     assert not reached({("", "80"): 11, ("80", "FF"): 4}, head)
 
 
+def test_a_head_sampled_before_a_split_is_reached_by_the_children_together() -> None:
+    parent = {("", "FF"): 10}  # e.g. the backfill's head, stored before the partition split
+    assert reached({("", "80000000"): 10, ("80000000", "FF"): 12}, parent)
+    assert not reached({("", "80000000"): 10, ("80000000", "FF"): 9}, parent)  # one child still behind
+    assert not reached({("", "80000000"): 30}, parent)  # half the range has no position
+    assert not reached({("", "40000000"): 30, ("80000000", "FF"): 30}, parent)  # a gap between the children
+    assert reached({("", "40000000"): 11, ("40000000", "80000000"): 10, ("80000000", "FF"): 10}, parent)
+    assert reached({("", "80000000"): 10, ("80000000", "C0000000"): 10, ("C0000000", "FF"): 10},
+                   {("", "80000000"): 10, ("80000000", "FF"): 9})
+
+
 def test_lag_is_zero_only_when_the_latest_fresh_sample_is_captured_and_applied() -> None:
     f = Freshness()
     assert f.lag(now=100.0, since=90.0) == 10.0  # nothing sampled: a lower bound, never 0

@@ -18,7 +18,10 @@ The steps, in order (`STEPS`):
 6. `finalize`: the source's indexes the target lacks are built, TTL indexes
    included (they could not be live while the source still expired
    documents); `_ts` expiry cannot be rebuilt and is reported.
-7. `report`: a JSON report (per namespace: documents, verified, deletes,
+7. `ttl`: every TTL index the target got during the migration was built
+   without its expiry (`cosmigrate.indexplan`); its `expireAfterSeconds`
+   is set now, read back first so a second run changes nothing.
+8. `report`: a JSON report (per namespace: documents, verified, deletes,
    duration, the heads it stopped at) is stored and printed. Exit 0.
 
 Then status says `cutover complete`, the writer is stopped and refuses to
@@ -48,6 +51,7 @@ from cosmigrate.apply import WriterGate
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.deletes.service import Deletes
+from cosmigrate.indexplan import enable_ttl
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import change_stream_tokens
@@ -313,6 +317,16 @@ class Cutover:
         self.state["finalize"] = out
         await self._still_quiet()
 
+    async def ttl(self) -> None:
+        out: dict[str, Any] = {}
+        for ns in self.namespaces:
+            try:
+                out[ns] = await enable_ttl(self.host.source, self.host.target, ns)
+            except PyMongoError as exc:
+                raise CutoverStop(EXIT_ERROR, f"cannot enable the TTL indexes of {ns}: {redact(str(exc))[:200]}") from None
+        self.state["ttl"] = out
+        await self._still_quiet()
+
     async def report(self) -> None:
         now = time.time()
         started = float(self.state.get("started_at", now))
@@ -338,6 +352,7 @@ class Cutover:
                 "mismatches": v.get("mismatches", 0), "deletes": deletes,
                 "final_sweep_deletes": (self.state.get("deleted") or {}).get(ns, 0),
                 "indexes": (self.state.get("finalize") or {}).get(ns, {}), "heads": heads,
+                "ttl": (self.state.get("ttl") or {}).get(ns, []),
             })
         equal = bool(verification.get("equal"))
         self.state["report"] = {
@@ -358,6 +373,7 @@ STEPS: tuple[Step, ...] = (
     Step("sweep", Cutover.sweep, "a final delete sweep"),
     Step("recheck", Cutover.recheck, "a final re-check until clean"),
     Step("finalize", Cutover.finalize, "remaining indexes and TTL"),
+    Step("ttl", Cutover.ttl, "TTL indexes given their expiry"),
     Step("report", Cutover.report, "the report"),
 )
 """The cutover, step by step; the stored step names where a run (re)starts."""

@@ -11,6 +11,7 @@ and "not primary" for N seconds) and slow writes. TLS by default, with a CA made
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from cosmigrate.sandbox.bsonvalues import find_unsupported_type
@@ -91,6 +92,13 @@ class DocumentDBTarget(MongoServer):
 
     def check_capped(self) -> None:
         raise CommandError(115, "Capped collections are not supported by Amazon DocumentDB", "CommandNotSupported")
+
+    async def cmd_createindexes(  # type: ignore[override]  # dispatch awaits a coroutine handler
+        self, req: Any, db: str, body: dict[str, Any], conn_id: int,
+    ) -> dict[str, Any]:
+        if self.faults.slow_index_ms:  # an index build on a large collection takes a while
+            await asyncio.sleep(self.faults.slow_index_ms / 1000)
+        return super().cmd_createindexes(req, db, body, conn_id)
 
     def validate_index(self, spec: dict[str, Any]) -> None:
         name = spec.get("name", "?")

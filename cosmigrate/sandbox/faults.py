@@ -77,6 +77,8 @@ class Faults:
     """Monotonic time until which the target acts as if failing over."""
     slow_write_ms: int = 0
     """Delay added to every write command."""
+    slow_index_ms: int = 0
+    """Delay every createIndexes (an index build on a large collection takes a while)."""
 
     seed: int | None = None
     rng: random.Random = field(default_factory=random.Random, repr=False)

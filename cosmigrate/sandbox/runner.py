@@ -14,7 +14,7 @@ def build_faults(spec: str | None, seed: int | None = None) -> tuple[Faults, Fau
     values = parse_spec(spec or "")
     source, target = Faults(seed=seed), Faults(seed=seed)
     source.update(values)
-    target.update({k: v for k, v in values.items() if k in ("drop_rate", "idle_timeout_s", "slow_write_ms", "failover_s")})
+    target.update({k: v for k, v in values.items() if k in ("drop_rate", "idle_timeout_s", "slow_write_ms", "slow_index_ms", "failover_s")})
     return source, target
 
 

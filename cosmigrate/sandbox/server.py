@@ -548,6 +548,16 @@ class MongoServer:
             n = min(n, abs(int(body["limit"])))
         return {"n": n, "ok": 1.0}
 
+    def cmd_collstats(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
+        """Counts as both servers report them (the full load's estimate reads `count`)."""
+        coll = self.store.get(db, body["collStats"])
+        if coll is None:
+            raise CommandError(26, f"Collection {db}.{body['collStats']} does not exist", "NamespaceNotFound")
+        size = sum(len(d) for d in coll.docs.values())
+        n = len(coll.docs)
+        return {"ns": f"{db}.{coll.name}", "count": n, "size": size, "avgObjSize": size // n if n else 0,
+                "storageSize": size, "nindexes": len(coll.indexes), "ok": 1.0}
+
     def cmd_aggregate(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         pipeline = list(body.get("pipeline") or [])
         if pipeline and "$changeStream" in pipeline[0]:

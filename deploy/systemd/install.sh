@@ -120,7 +120,7 @@ url = "s3://CHANGE-ME-bucket/cosmigrate"   # the ChangeBatchBucket output of cor
 url = "dynamodb://CHANGE-ME-table"         # the LedgerTable output of core-resources.yaml
 
 [capture]
-start_at = "now"
+start_at = "beginning"                 # the full load through the change feed; "now" if you copy by other means
 
 [metrics]
 cloudwatch = true                         # EMF lines for the CloudWatch agent (deploy/cloudwatch)

@@ -1,0 +1,157 @@
+"""Suite 7, the full load: a backfill through the change feed against two references measured in the same run.
+
+For each size, in a fresh sandbox process, the same documents (about 1 KB each) are:
+
+1. inserted straight into the target by unordered `insert_many` batches of 1,000: the target's own
+   bulk-insert ceiling (the documents are made by the same function, chunk by chunk);
+2. copied by a plain single-stream copy, the stand-in for mongodump / mongorestore: one `find` on the
+   source in `_id` order and unordered `insert_many` batches of 1,000 into the target;
+3. backfilled by `cosmigrate run` (its own process, writer started, `capture.start_at = "beginning"`):
+   timed by the ledger's own record, from the unit's creation (head sampled) to the phase becoming
+   `tailing` (that head applied). Its peak RSS (VmHWM) is read at the end.
+
+Reported under `fullload.*`: documents/s of each, the ratios backfill / ceiling and backfill / single
+stream, and the peak RSS at two sizes (memory must not grow with the size). Quick mode: 20,000 and
+100,000 documents; `--full`: 200,000 and 2,000,000. `python bench/fullload.py [--full]` merges its keys into
+bench/results/latest.json without touching the others; `bench/run.py` runs it as suite 7.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from pymongo import AsyncMongoClient  # noqa: E402
+
+from bench.harness import Daemon, Sandbox, bench_config, prepare  # noqa: E402
+
+NS_DB, NS_COLL = "load", "docs"
+CHUNK = 1000
+PAD = "x" * 900
+
+
+def make_docs(start: int, n: int) -> list[dict[str, Any]]:
+    """About 1 KB each (BSON), the same for every copy."""
+    return [{"_id": i, "n": i, "name": f"customer {i}", "tags": ["a", "b", str(i % 97)], "pad": PAD}
+            for i in range(start, start + n)]
+
+
+async def _load(client: AsyncMongoClient[Any], db: str, coll: str, n: int) -> float:
+    """Insert n documents by unordered batches; documents/s."""
+    t0 = time.perf_counter()
+    for s in range(0, n, CHUNK):
+        await client[db][coll].insert_many(make_docs(s, min(CHUNK, n - s)), ordered=False)
+    return n / (time.perf_counter() - t0)
+
+
+async def _single_stream(source: AsyncMongoClient[Any], target: AsyncMongoClient[Any], n: int) -> float:
+    """The reference copy: one find in _id order, unordered insert_many batches of 1,000; documents/s."""
+    t0 = time.perf_counter()
+    batch: list[Any] = []
+    copied = 0
+    async for doc in source[NS_DB][NS_COLL].find({}, sort=[("_id", 1)], batch_size=CHUNK):
+        batch.append(doc)
+        if len(batch) >= CHUNK:
+            await target.copy[NS_COLL].insert_many(batch, ordered=False)
+            copied += len(batch)
+            batch = []
+    if batch:
+        await target.copy[NS_COLL].insert_many(batch, ordered=False)
+        copied += len(batch)
+    assert copied == n, (copied, n)
+    return n / (time.perf_counter() - t0)
+
+
+async def _backfill(sb: Sandbox, n: int) -> tuple[float, float]:
+    """The daemon's backfill of the loaded namespace: (documents/s, peak RSS in MB)."""
+    from cosmigrate.ledger import open_ledger
+
+    cfg = bench_config(sb, "file+sqlite")
+    cfg.capture.include = [f"{NS_DB}.{NS_COLL}"]
+    await prepare(cfg)
+    ledger = open_ledger(cfg)
+    await ledger.set_writer("started", "bench", time.time())
+    await ledger.close()
+    async with Daemon(cfg) as daemon:
+        # Read the phase from the ledger, not through `ctl status` (which samples heads and waits for them):
+        # the backfill's own clock is its stored start (unit created, head sampled) and completion.
+        from cosmigrate.backfill import KEY, KIND
+
+        ledger = open_ledger(cfg)
+        try:
+            while True:
+                item = await ledger.get_progress(f"{NS_DB}.{NS_COLL}", KIND, KEY)
+                doc = item.doc() if item is not None else {}
+                if doc.get("phase") == "tailing":
+                    break
+                if doc.get("phase") == "dropped":
+                    raise RuntimeError("the bench collection was dropped")
+                await asyncio.sleep(0.05)
+        finally:
+            await ledger.close()
+        seconds = float(doc["completed_at"]) - float(doc["started_at"])
+        rss = daemon.peak_rss_mb()
+    return n / seconds, rss
+
+
+async def run_size(n: int) -> dict[str, float]:
+    with Sandbox() as sb:
+        source: AsyncMongoClient[Any] = AsyncMongoClient(sb.source_uri)
+        target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
+        try:
+            await _load(source, NS_DB, NS_COLL, n)
+            ceiling = await _load(target, "ceiling", NS_COLL, n)
+            await target.drop_database("ceiling")
+            single = await _single_stream(source, target, n)
+            await target.drop_database("copy")
+            backfill, rss = await _backfill(sb, n)
+            copied = await target[NS_DB][NS_COLL].estimated_document_count()
+            assert copied == n, (copied, n)
+        finally:
+            await source.close()
+            await target.close()
+    return {"docs": n, "backfill_docs_per_s": backfill, "ceiling_docs_per_s": ceiling,
+            "single_stream_docs_per_s": single, "peak_rss_mb": rss}
+
+
+async def run_fullload(full: bool = False) -> dict[str, Any]:
+    small, large = (200_000, 2_000_000) if full else (20_000, 100_000)
+    a = await run_size(small)
+    b = await run_size(large)
+    return {
+        "fullload.docs_small": small,
+        "fullload.docs_large": large,
+        "fullload.partitions": 1,
+        "fullload.backfill_docs_per_s": round(b["backfill_docs_per_s"]),
+        "fullload.target_insert_ceiling_docs_per_s": round(b["ceiling_docs_per_s"]),
+        "fullload.single_stream_copy_docs_per_s": round(b["single_stream_docs_per_s"]),
+        "fullload.ratio_vs_target_ceiling": round(b["backfill_docs_per_s"] / b["ceiling_docs_per_s"], 3),
+        "fullload.ratio_vs_single_stream": round(b["backfill_docs_per_s"] / b["single_stream_docs_per_s"], 3),
+        "fullload.ratio_vs_target_ceiling_small": round(a["backfill_docs_per_s"] / a["ceiling_docs_per_s"], 3),
+        "fullload.ratio_vs_single_stream_small": round(a["backfill_docs_per_s"] / a["single_stream_docs_per_s"], 3),
+        "fullload.peak_rss_mb_small": round(a["peak_rss_mb"], 1),
+        "fullload.peak_rss_mb_large": round(b["peak_rss_mb"], 1),
+    }
+
+
+def merge_results(new: dict[str, Any], path: Path) -> None:
+    """Add these keys to latest.json, keeping every other key."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.update(new)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(old, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    from cosmigrate.logs import configure_logging
+
+    configure_logging("warning", "json")
+    result = asyncio.run(run_fullload("--full" in sys.argv))
+    merge_results(result, Path(__file__).parent / "results" / "latest.json")
+    print(json.dumps(result, indent=2))
