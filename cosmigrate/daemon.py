@@ -438,6 +438,8 @@ class Daemon:
                                           f"(known: {', '.join(sorted(self.captures)) or 'none yet'})"}
         meta = await self.ledger.get_namespace(ns)
         states = {cap.status.state, app.status.state, meta.state if meta else ""}
+        if cap.status.partition_failed:
+            states.add("failed")  # status says failed too: the others go on, but that partition is not read
         if "failed" not in states:
             return {"ok": False, "error": f"{ns} has not failed (state {'/'.join(sorted(s for s in states if s))}); "
                                           "nothing to retry"}

@@ -213,3 +213,44 @@ async def test_without_partition_tokens_one_whole_collection_stream_still_captur
         assert (await _ns(run, "app.a"))["partitions"] == []
     await _committed_ok(cfg, source, ["app.a"])
     assert not is_units((await read_committed(cfg))["app.a"].resume_token)  # one plain token, as before
+
+
+async def test_ctl_retry_restarts_a_namespace_whose_one_partition_failed(tmp_path: Path, sandbox: Sandbox, source,
+                                                                          target) -> None:
+    """Status shows the namespace `failed` when one partition failed, and the README's answer to a failed
+    namespace is `ctl retry`: it must restart the namespace (the failed partition from its stored position),
+    not answer "has not failed"."""
+    sandbox.source.faults.partitions = 3
+    ns = "app.a"
+    await source.app.a.insert_many([{"_id": i, "v": 0} for i in range(300)])
+    cfg = _config(tmp_path, sandbox, max_batch_events=50)
+    async with Running(cfg) as run:
+        await wait_for(lambda: _committed_ok(cfg, source, [ns]), 30, what="first capture")
+    ledger = Path(cfg.ledger.url.removeprefix("sqlite://"))
+    with sqlite3.connect(ledger) as db:
+        (good,) = db.execute("SELECT resume_token FROM namespaces WHERE ns = ?", (ns,)).fetchone()
+        units = decode(bytes(good))
+        doc = dict(bson.decode(units[1].token))
+        doc["_data"] = b"\x1f\x8bgarbled"  # the source refuses it (the cause the operator then fixes)
+        units[1].token = bson.encode(doc)
+        db.execute("UPDATE namespaces SET resume_token = ? WHERE ns = ?", (encode(units), ns))
+    async with Running(cfg) as run:
+        await run.writer("start")
+
+        async def failed() -> bool:
+            return (await _ns(run, ns)).get("state") == "failed"
+
+        await wait_for(failed, 30, what="the partition to fail")
+        with sqlite3.connect(ledger) as db:  # the operator restores the position (nothing committed since)
+            db.execute("UPDATE namespaces SET resume_token = ? WHERE ns = ?", (bytes(good), ns))
+        reply = await run.daemon.handle_control({"cmd": "retry", "namespace": ns})
+        assert reply["ok"], reply
+
+        async def tailing() -> bool:
+            st = await _ns(run, ns)
+            return st.get("state") == "running" and [p["state"] for p in st["partitions"]] == ["tailing"] * 3
+
+        await wait_for(tailing, 30, what="every partition tailing after the retry")
+        await source.app.a.update_many({}, {"$set": {"v": 1}})
+        await wait_for(lambda: assert_converged(source, target, [ns]), 30, what="convergence after the retry")
+    await _committed_ok(cfg, source, [ns])
