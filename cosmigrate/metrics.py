@@ -12,10 +12,11 @@ seconds with 0 for "never", states as one-hot gauges.
   is retried (`carry_over`). A namespace dropped by a SIGHUP exclude leaves
   the scrape; if it comes back, its in-memory counters start again at 0, which
   Prometheus reads as a counter reset.
-- Families for what cosmigrate does not do yet are there and honest:
-  `cosmigrate_backfill_documents_total` is 0 (no full load: the bulk copy is
-  mongodump/mongorestore) and `cosmigrate_verification_mismatches_total` is 0
-  with `cosmigrate_verified_documents_total` 0 (no verification yet).
+- The full load and verification: `cosmigrate_backfill_documents_total`
+  (status `docs_copied`, the applied events of a namespace loaded from the
+  beginning), `cosmigrate_backfill_percent`; `cosmigrate_verified_documents`
+  and `cosmigrate_verification_mismatches` are gauges (the latest pass's
+  equal documents, the mismatches not yet found equal again), as in status.
 - Partitions: capture reads one change stream per collection today, so the
   per-partition families carry `partition="all"`.
 
@@ -87,12 +88,12 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cosmigrate_namespace_state": ("gauge", "1 for the namespace's state, 0 for the others."),
     "cosmigrate_namespace_phase": ("gauge", "1 for the namespace's phase, 0 for the others."),
     "cosmigrate_freshness": ("gauge", "1 for the kind of the namespace's freshness, 0 for the others."),
-    "cosmigrate_backfill_documents_total": ("counter", "Documents copied by a cosmigrate full load: always 0, cosmigrate has "
-                                                       "no full load yet (the bulk copy is mongodump/mongorestore)."),
-    "cosmigrate_verified_documents_total": ("counter", "Documents compared between source and target: always 0, "
-                                                       "cosmigrate does not verify yet."),
-    "cosmigrate_verification_mismatches_total": ("counter", "Documents found different by verification: always 0, "
-                                                            "cosmigrate does not verify yet."),
+    "cosmigrate_backfill_documents_total": ("counter", "Events applied for the namespace since its full load began: one per "
+                                                       "live document, plus the changes made meanwhile (status docs_copied)."),
+    "cosmigrate_backfill_percent": ("gauge", "Full load progress: documents copied vs the source's count (100 once tailing)."),
+    "cosmigrate_verified_documents": ("gauge", "Documents found equal on both sides by the latest verification pass."),
+    "cosmigrate_verification_mismatches": ("gauge", "Documents found different by verification and not yet found equal "
+                                                    "again (status mismatches)."),
 }
 
 
@@ -238,9 +239,10 @@ def build_registry(status: Mapping[str, Any], parts: Mapping[str, PartCounters])
         kind = freshness_kind(n["freshness"])
         for k in FRESHNESS_KINDS:
             reg.add("cosmigrate_freshness", k == kind, namespace=ns, freshness=k)
-        reg.add("cosmigrate_backfill_documents_total", 0, namespace=ns)
-        reg.add("cosmigrate_verified_documents_total", 0, namespace=ns)
-        reg.add("cosmigrate_verification_mismatches_total", 0, namespace=ns)
+        reg.add("cosmigrate_backfill_documents_total", n.get("docs_copied") or 0, namespace=ns)
+        reg.add("cosmigrate_backfill_percent", n.get("percent") or 0.0, namespace=ns)
+        reg.add("cosmigrate_verified_documents", n.get("documents_verified") or 0, namespace=ns)
+        reg.add("cosmigrate_verification_mismatches", n.get("mismatches") or 0, namespace=ns)
     return reg
 
 

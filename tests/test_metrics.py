@@ -166,8 +166,8 @@ def test_the_families_are_documented_with_types_and_help() -> None:
     for name, (kind, help_text) in FAMILIES.items():
         base = name.removesuffix("_total") if kind == "counter" else name
         assert families[base].type == kind and families[base].documentation == help_text
-    assert "no full load" in FAMILIES["cosmigrate_backfill_documents_total"][1]
-    assert "does not verify" in FAMILIES["cosmigrate_verification_mismatches_total"][1]
+    assert "docs_copied" in FAMILIES["cosmigrate_backfill_documents_total"][1]
+    assert "mismatches" in FAMILIES["cosmigrate_verification_mismatches"][1]
     assert set(FRESHNESS_KINDS) >= {freshness_kind(f) for f in FRESHNESS_TEXTS}
     assert set(PHASES) >= {phase(s, f) for s in STATES for f in FRESHNESS_TEXTS}
 
@@ -315,7 +315,11 @@ async def test_http_endpoint_and_ctl_metrics_on_a_daemon_with_deletes_and_thrott
         assert _one(s, "cosmigrate_captured_bytes_total", namespace="app.a", partition="all") > 0
         assert _one(s, "cosmigrate_stored_bytes_total", namespace="app.a") > 0
         assert _one(s, "cosmigrate_writer_started") == 1
-        assert _one(s, "cosmigrate_verification_mismatches_total", namespace="app.a") == 0
+        assert _one(s, "cosmigrate_verification_mismatches", namespace="app.a") == 0
+        status = await run.status()
+        users = run.ns_status(status, "app.a")
+        assert _one(s, "cosmigrate_backfill_documents_total", namespace="app.a") <= users["docs_copied"]
+        assert _one(s, "cosmigrate_backfill_documents_total", namespace="app.a") > 0
         assert (await asyncio.to_thread(_get, f"http://{host}:{port}/other"))[0] == 404
         assert (await _raw(host, port, b"garbage\r\n\r\n")).startswith(b"HTTP/1.1 400")
         assert (await _raw(host, port, b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405")
