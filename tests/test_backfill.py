@@ -85,7 +85,9 @@ async def test_phase_moves_from_backfill_to_tailing_and_ready_only_after(tmp_pat
 
         await run.writer("start")
         await wait_for(ready, 60, what="ready for cutover")
-        assert (True, BACKFILL) not in seen and (False, BACKFILL) in seen
+        # (Not ready during the backfill was seen above, before the writer started: after it, a loaded machine
+        # may finish these 3,000 documents before the first poll.)
+        assert (True, BACKFILL) not in seen
         n = run.ns_status(await run.status(), NS)
         assert n["load_phase"] == TAILING and n["percent"] == 100 and n["docs_copied"] >= 3000 and n["eta_s"] == 0
         assert (await _stored(cfg))["phase"] == TAILING
