@@ -6,7 +6,8 @@ For each size, in a fresh sandbox process, the same documents (about 1 KB each) 
    bulk-insert ceiling (the documents are made by the same function, chunk by chunk);
 2. copied by a plain single-stream copy, the stand-in for mongodump / mongorestore: one `find` on the
    source in `_id` order and unordered `insert_many` batches of 1,000 into the target;
-3. backfilled by `cosmigrate run` (its own process, writer started, `capture.start_at = "beginning"`):
+3. backfilled by `cosmigrate run` (its own process, writer started, `capture.start_at = "beginning"`,
+   the collection in four physical partitions, one change stream each):
    timed by the ledger's own record, from the unit's creation (head sampled) to the phase becoming
    `tailing` (that head applied). Its peak RSS (VmHWM) is read at the end.
 
@@ -32,6 +33,7 @@ from pymongo import AsyncMongoClient  # noqa: E402
 from bench.harness import Daemon, Sandbox, bench_config, prepare  # noqa: E402
 
 NS_DB, NS_COLL = "load", "docs"
+PARTITIONS = 4  # the setting: a collection of four physical partitions, read one stream each
 CHUNK = 1000
 PAD = "x" * 900
 
@@ -105,6 +107,7 @@ async def run_size(n: int) -> dict[str, float]:
         source: AsyncMongoClient[Any] = AsyncMongoClient(sb.source_uri)
         target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri, tlsCAFile=sb.target_ca_file)
         try:
+            await source.admin.command({"cosmigrateSandbox": 1, "faults": {"partitions": PARTITIONS}})
             await _load(source, NS_DB, NS_COLL, n)
             ceiling = await _load(target, "ceiling", NS_COLL, n)
             await target.drop_database("ceiling")
@@ -127,7 +130,7 @@ async def run_fullload(full: bool = False) -> dict[str, Any]:
     return {
         "fullload.docs_small": small,
         "fullload.docs_large": large,
-        "fullload.partitions": 1,
+        "fullload.partitions": PARTITIONS,
         "fullload.backfill_docs_per_s": round(b["backfill_docs_per_s"]),
         "fullload.target_insert_ceiling_docs_per_s": round(b["ceiling_docs_per_s"]),
         "fullload.single_stream_copy_docs_per_s": round(b["single_stream_docs_per_s"]),
