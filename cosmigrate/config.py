@@ -74,6 +74,7 @@ class ControlConfig:
 class ApplyConfig:
     pool_size: int = 4
     max_batches_per_round: int = 8
+    collapse_max_bytes: int = 128 * 1024 * 1024
     max_ops_per_write: int = 5000
     max_bytes_per_write: int = 16 * 1024 * 1024
     write_concurrency: int = 4
@@ -673,7 +674,8 @@ def validate(cfg: Config, uris: bool = True) -> None:
         raise ConfigError("capture.max_batch_events: at most 100000 (DocumentDB's write batch limit)")
     if cfg.capture.max_unflushed_bytes < cfg.capture.max_batch_bytes:
         raise ConfigError("capture.max_unflushed_bytes: must be at least capture.max_batch_bytes")
-    for key in ("pool_size", "max_batches_per_round", "max_ops_per_write", "max_bytes_per_write", "write_concurrency"):
+    for key in ("pool_size", "max_batches_per_round", "collapse_max_bytes", "max_ops_per_write", "max_bytes_per_write",
+                "write_concurrency"):
         if getattr(cfg.apply, key) < 1:
             raise ConfigError(f"apply.{key}: must be at least 1")
     if cfg.apply.max_ops_per_write > 100_000:
