@@ -90,6 +90,7 @@ class CaptureConfig:
     max_batch_events: int = 5000
     max_batch_bytes: int = 8 * 1024 * 1024
     max_batch_age_s: float = 1.0
+    min_batch_age_s: float = 0.1
     max_unflushed_bytes: int = 64 * 1024 * 1024
     discovery_interval_s: float = 60.0
     deletes_preview: bool = False
@@ -696,6 +697,8 @@ def validate(cfg: Config, uris: bool = True) -> None:
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
+    if not 0 <= cfg.capture.min_batch_age_s <= cfg.capture.max_batch_age_s:
+        raise ConfigError("capture.min_batch_age_s: must be between 0 and capture.max_batch_age_s")
     for section in ("deletes", "verify"):
         obj = getattr(cfg, section)
         if not 0 < obj.max_source_share <= 1:

@@ -92,6 +92,19 @@ async def open_change_stream(
     )
 
 
+def page_drained(stream: Any) -> bool:
+    """True when the change stream's current page is used up: the next `try_next()` asks the server (a getMore).
+
+    PyMongo has no public way to ask; its cursor keeps the page in `_data` (a deque) in every 4.x release.
+    Should that ever change, this answers False and capture falls back to cutting batches by age and size.
+    """
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    try:
+        return data is not None and len(data) == 0
+    except TypeError:
+        return False
+
+
 def matches_patterns(ns: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """`db.*`-style include/exclude patterns; exclude wins."""
     return any(fnmatch.fnmatchcase(ns, p) for p in include) and not any(fnmatch.fnmatchcase(ns, p) for p in exclude)
