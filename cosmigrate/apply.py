@@ -55,7 +55,7 @@ from cosmigrate.indexes import crosses_array
 from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import RAW, event_parts, is_delete_event, raw_collection, shared_id_part
+from cosmigrate.mongo import RAW, RawDoc, event_parts, is_delete_event, raw_collection, shared_id_part
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 
@@ -252,7 +252,8 @@ class Collapser:
         check_shared_ids(itertools.chain((key for key, _, _ in latest.values()), (op.key for op in carried.values())))
         ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
         for ident, (key, full, seq) in latest.items():
-            ops[ident] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
+            # RawDoc: ReplaceOne's validation asks the document's truthiness, which would decode all of it.
+            ops[ident] = Op(key, RawBSONDocument(key, RAW), RawDoc(full, RAW) if full is not None else None, seq)
         return ops
 
 

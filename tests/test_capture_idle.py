@@ -44,7 +44,7 @@ class HeldStore:
 @pytest.fixture
 async def capture(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[tuple[NamespaceCapture, HeldStore, Any]]:
     cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", start_at="now",
-                      max_batch_age_s=600.0, min_batch_age_s=0.0, max_await_ms=200)
+                      max_batch_age_s=600.0, min_batch_age_s=0.1, max_await_ms=200)  # the default wait
     await prepare_backends(cfg)
     source = source_client(sandbox.source_uri)
     await source.app.c.insert_one({"_id": "exists"})  # the collection exists before the watcher starts
