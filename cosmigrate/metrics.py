@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -86,6 +87,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cosmigrate_namespace_state": ("gauge", "1 for the namespace's state, 0 for the others."),
     "cosmigrate_namespace_phase": ("gauge", "1 for the namespace's phase, 0 for the others."),
     "cosmigrate_freshness": ("gauge", "1 for the kind of the namespace's freshness, 0 for the others."),
+    "cosmigrate_process_asyncio_tasks": ("gauge", "asyncio tasks alive in the daemon (flat over hours; growth is a leak)."),
+    "cosmigrate_process_open_fds": ("gauge", "File descriptors the daemon holds open (flat over hours; growth is a leak)."),
     "cosmigrate_backfill_documents_total": ("counter", "Documents copied by a cosmigrate full load: always 0, cosmigrate has "
                                                        "no full load yet (the bulk copy is mongodump/mongorestore)."),
     "cosmigrate_verified_documents_total": ("counter", "Documents compared between source and target: always 0, "
@@ -344,7 +347,11 @@ class Metrics:
         from cosmigrate.status import build_status
 
         status = await build_status(self.daemon)
-        return build_registry(status, self.parts())
+        reg = build_registry(status, self.parts())
+        reg.add("cosmigrate_process_asyncio_tasks", len(asyncio.all_tasks()))
+        with contextlib.suppress(OSError):  # /proc only on Linux: the gauge is then left out
+            reg.add("cosmigrate_process_open_fds", len(os.listdir("/proc/self/fd")))
+        return reg
 
     async def text(self) -> str:
         return (await self.registry()).render()
