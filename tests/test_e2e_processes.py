@@ -73,8 +73,11 @@ async def test_full_migration_with_real_processes(
         await _large_documents(source, "during")
         assert workload.writes >= CHANGES
         await wait_for(lambda: assert_converged(source, target, NAMESPACES), 240, interval=1.0, what="convergence")
-        status = await ctl(config, "status", "--json")
-        assert '"ready_for_cutover": true' in status
+
+        async def ready() -> bool:  # readiness also needs a delete-sweep pass begun after the last change
+            return '"ready_for_cutover": true' in await ctl(config, "status", "--json")
+
+        await wait_for(ready, 120, interval=1.0, what="ready for cutover")
     finally:
         assert await child.finish(signal.SIGTERM) == 0, child.stderr[-5:]
 
