@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: test demo check bench bench-quick clean lock release
+.PHONY: test demo check bench bench-quick soak clean lock release
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(BENCH_STAMP)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick
+
+# Slow leaks: the live workload for COSMIGRATE_SOAK_MINUTES (30) at half the last bench's highest sustained rate,
+# SIGHUP and writer stop/start every sixth of the run; bench/results/soak.json. SOAK_ARGS=--short: 3 minutes.
+soak: $(BENCH_STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # Refresh the hashed pins (deploy/release/*.lock) from the versions the tests run with: see deploy/release/lock.py.
 lock: $(STAMP)

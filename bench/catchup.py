@@ -4,6 +4,12 @@ Reported: drain time, events applied per second, target writes per event
 (collapsing), the share of distinct keys among the events (what writes per
 event should approach), the daemon's peak RSS, and the apply rate against the
 sandbox target's own ceiling measured in the same run.
+
+Then a second backlog where nothing collapses: every event a new document shaped
+exactly like the ceiling loop's documents (`_id`, `v`, 700 bytes of padding). Its
+drain is the apply rate against the target's ceiling at equal document sizes
+(`live.apply_ratio_vs_target_ceiling`): the ceiling is measured again (median of
+three) just before that drain, interleaved with it, since the machine is shared.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ async def run_catchup(changes: int) -> dict[str, Any]:
                 drain_s = time.perf_counter() - t0
                 writes = await target_writes(target) - writes0
                 rss = daemon.peak_rss_mb()
+                fresh = await distinct_backlog(daemon, source, target, sb, max(30_000, changes // 5))
         finally:
             await source.close()
             await target.close()
@@ -66,6 +73,36 @@ async def run_catchup(changes: int) -> dict[str, Any]:
         "catchup.distinct_key_share": round(distinct / captured, 3),
         "catchup.peak_rss_mb": round(rss, 1),
         "catchup.target_ceiling_writes_per_s": round(limit),
+        "catchup.ratio_vs_target_ceiling": round((captured / drain_s) / limit, 2),
+        "catchup.writes_per_event_vs_distinct_share": round((writes / captured) / (distinct / captured), 2),
+        **fresh,
+    }
+
+
+async def distinct_backlog(daemon: Daemon, source: Any, target: Any, sb: Sandbox, n: int) -> dict[str, Any]:
+    """A backlog of `n` new documents (nothing to collapse), drained with the writer started: apply vs ceiling."""
+    await daemon.writer("stop")
+    before = totals(await daemon.status())["captured_events"]
+    per_ns = n // len(NAMESPACES)
+    for ns in NAMESPACES:
+        db, coll = ns.split(".")
+        for s in range(0, per_ns, 1000):
+            await source[db][coll].insert_many([{"_id": f"fresh-{i}", "v": i, "pad": "x" * 700}
+                                                for i in range(s, min(per_ns, s + 1000))])
+    while totals(await daemon.status())["captured_events"] < before + per_ns * len(NAMESPACES):
+        await asyncio.sleep(0.2)
+    limit = sorted([await ceiling(sb.target_uri, 20_000, sb.target_ca_file) for _ in range(3)])[1]
+    writes0 = await target_writes(target)
+    t0 = time.perf_counter()
+    await daemon.writer("start")
+    while totals(await daemon.status())["pending_events"] > 0:
+        await asyncio.sleep(0.05)
+    drain_s = time.perf_counter() - t0
+    writes = await target_writes(target) - writes0
+    return {
+        "live.apply_events": per_ns * len(NAMESPACES),
+        "live.apply_writes_per_s": round(writes / drain_s),
+        "live.apply_target_ceiling_writes_per_s": round(limit),
         "live.apply_ratio_vs_target_ceiling": round((writes / drain_s) / limit, 3),
     }
 

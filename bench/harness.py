@@ -110,9 +110,12 @@ class Daemon:
         path = Path(self.cfg.control.socket).parent / "cosmigrate.toml"
         path.write_text(to_toml(self.cfg))
         self.log = open(path.parent / "daemon.log", "wb")  # noqa: SIM115
+        # COSMIGRATE_BENCH_PROFILE=<file>: the daemon runs under cProfile and writes its profile there on exit.
+        profile = os.environ.get("COSMIGRATE_BENCH_PROFILE")
+        prefix = ["-m", "cProfile", "-o", profile] if profile else []
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cosmigrate", "run", "--config", str(path), stdout=self.log, stderr=self.log,
-            env={**os.environ, **AWS_ENV})
+            sys.executable, *prefix, "-m", "cosmigrate", "run", "--config", str(path), stdout=self.log,
+            stderr=self.log, env={**os.environ, **AWS_ENV})
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

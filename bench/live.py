@@ -105,10 +105,13 @@ async def run_live(backends: list[str], rates: list[int], seconds: float) -> dic
     # The generator, the sandbox and the daemon share this machine's cores: a run counts at the rate it achieved.
     sustained = [r for runs in out.values() for r in runs if r["lag_p99_s"] < 10]
     best = max(sustained, key=lambda r: r["achieved"], default=None)
+    at_1000 = next((r for runs in out.values() for r in runs if r["rate"] == 1000), None)
     return {
         "live.runs": out,
         "live.max_sustained_rate": best["achieved"] if best else 0,
         "live.lag_p99_s": best["lag_p99_s"] if best else None,
+        "live.lag_p50_s_at_1000": at_1000["lag_p50_s"] if at_1000 else None,
+        "live.lag_p99_s_at_1000": at_1000["lag_p99_s"] if at_1000 else None,
     }
 
 

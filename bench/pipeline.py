@@ -57,7 +57,12 @@ def make_events(n: int, keys: int, seed: int = 1) -> list[list[bytes]]:
 
 
 class FakeStream:
-    """Serves pre-encoded pages like PyMongo's change stream: events, then None at each page end."""
+    """Serves pre-encoded pages like PyMongo's change stream: events one after the other, the next page fetched
+    when the current one is used up (`_cursor._data` empty: what `cosmigrate.mongo.page_drained` reads), and
+    None only once every page was served (an idle stream)."""
+
+    class _Cursor:
+        _data: range = range(0)
 
     def __init__(self, pages: list[list[bytes]], done: asyncio.Event) -> None:
         self.pages = pages
@@ -65,6 +70,7 @@ class FakeStream:
         self.pos = 0
         self.done = done
         self.resume_token: Any = None
+        self._cursor = FakeStream._Cursor()
 
     async def __aenter__(self) -> FakeStream:
         return self
@@ -78,15 +84,16 @@ class FakeStream:
             await asyncio.sleep(0.01)
             return None
         page = self.pages[self.page]
-        if self.pos < len(page):
-            raw = page[self.pos]
-            self.pos += 1
-            return RawBSONDocument(raw)
-        self.resume_token = RawBSONDocument(page[-1])["_id"]
-        self.page += 1
-        self.pos = 0
-        await asyncio.sleep(0)  # a real getMore awaits the network here, letting other tasks run
-        return None
+        if self.pos == 0:
+            await asyncio.sleep(0)  # a real getMore awaits the network here, letting other tasks run
+        raw = page[self.pos]
+        self.pos += 1
+        self._cursor._data = range(len(page) - self.pos)
+        if self.pos == len(page):
+            self.resume_token = RawBSONDocument(page[-1])["_id"]
+            self.page += 1
+            self.pos = 0
+        return RawBSONDocument(raw)
 
 
 class Sink:
@@ -130,6 +137,7 @@ async def cosmigrate_path(pages: list[list[bytes]], n: int) -> dict[str, float]:
     # The batching window is a latency knob (at most one batch per second per quiet namespace); shortened here
     # so that the final partial batch does not sit out a second that costs no work.
     cfg.capture.max_batch_age_s = 0.05
+    cfg.capture.min_batch_age_s = 0.0  # the idle cut's wait is for a live source; here every page is there at once
     ledger = open_ledger(cfg)
     await ledger.init()
     store = open_store(cfg)
@@ -141,7 +149,16 @@ async def cosmigrate_path(pages: list[list[bytes]], n: int) -> dict[str, float]:
     async def fake_open(*_: Any, **__: Any) -> FakeStream:
         return stream
 
+    async def fake_tokens(*_: Any, **__: Any) -> list[bytes]:
+        return [bson.encode(make_token("benchrid", 0))]  # the beginning: one partition, before every page
+
     capture_mod.open_change_stream = fake_open  # type: ignore[assignment]
+    capture_mod.change_stream_tokens = fake_tokens  # type: ignore[assignment]
+
+    async def no_expiry(*_: Any) -> str:
+        return ""
+
+    capture_mod.expiry_or_unknown = no_expiry  # type: ignore[assignment]
     capture_mod.raw_collection = lambda *_: None  # type: ignore[assignment]
     apply_mod.raw_collection = lambda *_: sink  # type: ignore[assignment]
     cap = NamespaceCapture("bench.events", meta, None, store, ledger, cfg)

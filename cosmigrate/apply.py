@@ -2,7 +2,8 @@
 
 A round takes up to `apply.max_batches_per_round` consecutive pending batches
 (fetched concurrently, checksums verified), collapses them to the last event
-per document key, and writes unordered `ReplaceOne(upsert=True)` /
+per document key (while the applier is behind, page after page of them, up to
+`apply.collapse_max_bytes` of surviving versions), and writes unordered `ReplaceOne(upsert=True)` /
 `DeleteOne` bulk writes. `applied_seq` advances in the ledger only after the
 target acknowledged every write of those batches (docs/design.md, invariant 3).
 
@@ -54,7 +55,7 @@ from cosmigrate.indexes import crosses_array
 from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import RAW, event_parts, is_delete_event, raw_collection, shared_id_part
+from cosmigrate.mongo import RAW, RawDoc, event_parts, is_delete_event, raw_collection, shared_id_part
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 
@@ -197,6 +198,65 @@ class ApplyStatus:
         return events / window_s
 
 
+ENTRY_BYTES = 512
+"""What one collapsed document costs beyond its raw key and document bytes, counted against
+`apply.collapse_max_bytes`: the dict slot, the tuple, the bytes headers, and later its Op, filter and
+driver request (measured at about 450 bytes on CPython 3.11; rounded up)."""
+
+
+class Collapser:
+    """Collapse batches one at a time: last event per document key wins, with a running byte count.
+
+    `nbytes` is what the surviving versions hold (raw key + document + ENTRY_BYTES each), so a caller
+    merging many rounds of batches (a backlog) can stop at a byte budget: memory is bounded by the
+    survivors, never by the number of events merged. Events are sliced, never decoded (see `collapse`).
+    """
+
+    def __init__(self, misses: dict[bytes, int] | None = None) -> None:
+        self.latest: dict[bytes, tuple[bytes, bytes | None, int]] = {}
+        self.misses = misses
+        self._miss_keys: dict[bytes, list[bytes]] = {}  # identity -> raw keys in `misses`
+        self.nbytes = 0
+        self.events = 0
+
+    def add(self, batch: Batch) -> None:
+        seq = batch.header.seq
+        latest, misses = self.latest, self.misses
+        nbytes = self.nbytes
+        for raw in batch.events:
+            key, full = event_parts(raw)
+            ident = identity(key)  # one entry per target document: `_id` 1 and 1.0 never race
+            if misses is not None:
+                if full is None and not is_delete_event(raw):
+                    misses[key] = seq
+                    self._miss_keys.setdefault(ident, []).append(key)
+                    continue
+                stale = self._miss_keys.pop(ident, None)
+                if stale:  # a later event of the same document supersedes the miss
+                    for k in stale:
+                        misses.pop(k, None)
+            old = latest.get(ident)
+            if old is None:
+                nbytes += len(key) + ENTRY_BYTES
+            else:
+                nbytes += len(key) - len(old[0]) - (len(old[1]) if old[1] is not None else 0)
+            if full is not None:
+                nbytes += len(full)
+            latest[ident] = (key, full, seq)
+        self.nbytes = nbytes
+        self.events += len(batch.events)
+
+    def ops(self, carried: dict[bytes, Op]) -> dict[bytes, Op]:
+        """The final write per document; carried (deferred) writes are older than any batch added."""
+        latest = self.latest
+        check_shared_ids(itertools.chain((key for key, _, _ in latest.values()), (op.key for op in carried.values())))
+        ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
+        for ident, (key, full, seq) in latest.items():
+            # RawDoc: ReplaceOne's validation asks the document's truthiness, which would decode all of it.
+            ops[ident] = Op(key, RawBSONDocument(key, RAW), RawDoc(full, RAW) if full is not None else None, seq)
+        return ops
+
+
 def collapse(batches: Iterable[Batch], carried: dict[bytes, Op], misses: dict[bytes, int] | None = None) -> dict[bytes, Op]:
     """Last event per document key wins; carried (deferred) writes are older than any batch.
 
@@ -207,25 +267,10 @@ def collapse(batches: Iterable[Batch], carried: dict[bytes, Op], misses: dict[by
     lookup found nothing (and is no delete-preview event) is not a delete: its
     key and seq go there, for the source to be asked (cosmigrate.deletes.lookup).
     """
-    latest: dict[bytes, tuple[bytes, bytes | None, int]] = {}
+    merged = Collapser(misses)
     for batch in batches:
-        seq = batch.header.seq
-        for raw in batch.events:
-            key, full = event_parts(raw)
-            ident = identity(key)  # one entry per target document: `_id` 1 and 1.0 never race
-            if misses is not None:
-                if full is None and not is_delete_event(raw):
-                    misses[key] = seq
-                    continue
-                if misses:  # a later event of the same document supersedes the miss
-                    for stale in [k for k in misses if identity(k) == ident]:
-                        del misses[stale]
-            latest[ident] = (key, full, seq)
-    check_shared_ids(itertools.chain((key for key, _, _ in latest.values()), (op.key for op in carried.values())))
-    ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
-    for ident, (key, full, seq) in latest.items():
-        ops[ident] = Op(key, RawBSONDocument(key, RAW), RawBSONDocument(full, RAW) if full is not None else None, seq)
-    return ops
+        merged.add(batch)
+    return merged.ops(carried)
 
 
 def check_shared_ids(keys: Iterable[bytes]) -> None:
@@ -506,14 +551,35 @@ class NamespaceApplier:
             raise ApplyFailed(f"batch {record.seq} ({record.key}) is corrupt: {exc}") from exc
 
     async def _round(self) -> bool:
-        records = await self.ledger.list_batches(self.ns, self.status.written_seq + 1, self.acfg.max_batches_per_round)
-        records = [r for i, r in enumerate(records) if r.seq == self.status.written_seq + 1 + i]
+        """Merge pending batches, write the final versions, then mark applied what the target acknowledged.
+
+        Live, a round is what is pending (up to `apply.max_batches_per_round` batches). Behind (a full page of
+        pending batches came back), the round keeps merging page after page, the latest version per key
+        only, until nothing is pending or the survivors hold `apply.collapse_max_bytes`: a backlog where
+        keys repeat costs one write per key instead of one per event. Nothing is marked before every merged
+        batch's writes are acknowledged, and deferred writes hold `applied_seq` back as for one page.
+        """
+        misses: dict[bytes, int] = {}
+        merged = Collapser(misses if self.lookup_misses is not None else None)
+        records: list[BatchRecord] = []
+        page_size = self.acfg.max_batches_per_round
+        while True:
+            start = self.status.written_seq + 1 + len(records)
+            page = await self.ledger.list_batches(self.ns, start, page_size)
+            page = [r for i, r in enumerate(page) if r.seq == start + i]
+            if not page:
+                break
+            for b in await _all(self._fetch(r) for r in page):
+                merged.add(b)
+            records += page
+            if (len(page) < page_size or merged.nbytes >= self.acfg.collapse_max_bytes
+                    or self._stopping.is_set() or not self.gate.started):
+                break
         if not records and not self._deferred:
             await self._release_objects()
             return False
-        batches = await _all(self._fetch(r) for r in records)
-        misses: dict[bytes, int] = {}
-        ops = collapse(batches, self._deferred, misses if self.lookup_misses is not None else None)
+        ops = merged.ops(self._deferred)
+        del merged
         if misses and self.lookup_misses is not None:
             resolved = await self.lookup_misses(misses)
             ops.update({identity(op.key): op for op in resolved.values()})  # keyed as collapse keys them

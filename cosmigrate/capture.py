@@ -48,7 +48,14 @@ from cosmigrate.indexes import expiry_or_unknown
 from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import beginning_token, change_stream_tokens, event_token, open_change_stream, raw_collection
+from cosmigrate.mongo import (
+    beginning_token,
+    change_stream_tokens,
+    event_token,
+    open_change_stream,
+    page_drained,
+    raw_collection,
+)
 from cosmigrate.partitions import (
     FAILED,
     SPLIT,
@@ -146,6 +153,8 @@ class CaptureStatus:
     throttled: int = 0
     empty_pages: int = 0
     """Empty pages that came back faster than max_await_ms (a throttled stream); each one backs off."""
+    idle_cuts: int = 0
+    """Batches cut because the stream was idle at a page boundary (not full, not `max_batch_age_s` old)."""
     expiry: str = ""
     """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index."""
     started_at: float = field(default_factory=time.time)
@@ -466,10 +475,14 @@ class NamespaceCapture:
                             raw = bytes(change.raw)
                             buf.add(raw, event_token(raw), now)
                             self.status.events_read += 1
+                            if page_drained(stream):
+                                buf.mark_boundary()  # the page is used up: its token is the position after it
                         full = len(buf.events) >= self.cap.max_batch_events or buf.nbytes >= self.cap.max_batch_bytes
                         old = bool(buf.events) and now - buf.first_at >= age
                         if full or old:
                             await self._seal(buf, mid_page_ok=full, unit=where)
+                        elif self._idle_at_boundary(buf):
+                            await self._idle_cut(buf, where)
             except OperationFailure as exc:
                 buf.mark_boundary()
                 if exc.code in TRANSIENT_SOURCE_CODES:
@@ -523,6 +536,26 @@ class NamespaceCapture:
         self._source_error(f"change stream error on partition {unit.name}: {exc}")
         self.log.warning("change stream error; reopening", partition=unit.name, error=redact(str(exc)), code=exc.code)
         return False
+
+    def _idle_at_boundary(self, buf: _Buffer) -> bool:
+        """Cut now? The stream is at a page boundary (the page read is used up; Cosmos sends what it has, so a
+        page that ends is the head of the feed for now) and the committer has nothing queued or in flight.
+
+        Under load the committer is busy, so batches keep growing until it is free again (or full, or
+        `max_batch_age_s` old): batch size adapts to the commit round trip, and an idle stream's last
+        events reach the store at once instead of waiting for the batch window.
+        """
+        return bool(buf.events) and bool(buf.boundaries) and buf.boundaries[-1][0] == len(buf.events) \
+            and self.status.unflushed_bytes == 0 and self._queue.empty()
+
+    async def _idle_cut(self, buf: _Buffer, unit: Range | None) -> None:
+        """Seal the complete pages once the buffer is `capture.min_batch_age_s` old (a trickle then puts at most
+        one batch per that interval in the store; events arriving meanwhile wait at the source for the next)."""
+        wait = self.cap.min_batch_age_s - (time.time() - buf.first_at)
+        if wait > 0:
+            await self._sleep(wait)
+        self.status.idle_cuts += 1
+        await self._seal(buf, mid_page_ok=False, everything=True, unit=unit)
 
     def _source_error(self, message: str) -> None:
         if not self._dead:

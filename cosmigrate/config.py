@@ -74,6 +74,7 @@ class ControlConfig:
 class ApplyConfig:
     pool_size: int = 4
     max_batches_per_round: int = 8
+    collapse_max_bytes: int = 128 * 1024 * 1024
     max_ops_per_write: int = 5000
     max_bytes_per_write: int = 16 * 1024 * 1024
     write_concurrency: int = 4
@@ -89,6 +90,7 @@ class CaptureConfig:
     max_batch_events: int = 5000
     max_batch_bytes: int = 8 * 1024 * 1024
     max_batch_age_s: float = 1.0
+    min_batch_age_s: float = 0.1
     max_unflushed_bytes: int = 64 * 1024 * 1024
     discovery_interval_s: float = 60.0
     deletes_preview: bool = False
@@ -674,7 +676,8 @@ def validate(cfg: Config, uris: bool = True) -> None:
         raise ConfigError("capture.max_batch_events: at most 100000 (DocumentDB's write batch limit)")
     if cfg.capture.max_unflushed_bytes < cfg.capture.max_batch_bytes:
         raise ConfigError("capture.max_unflushed_bytes: must be at least capture.max_batch_bytes")
-    for key in ("pool_size", "max_batches_per_round", "max_ops_per_write", "max_bytes_per_write", "write_concurrency"):
+    for key in ("pool_size", "max_batches_per_round", "collapse_max_bytes", "max_ops_per_write", "max_bytes_per_write",
+                "write_concurrency"):
         if getattr(cfg.apply, key) < 1:
             raise ConfigError(f"apply.{key}: must be at least 1")
     if cfg.apply.max_ops_per_write > 100_000:
@@ -695,6 +698,8 @@ def validate(cfg: Config, uris: bool = True) -> None:
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
+    if not 0 <= cfg.capture.min_batch_age_s <= cfg.capture.max_batch_age_s:
+        raise ConfigError("capture.min_batch_age_s: must be between 0 and capture.max_batch_age_s")
     for section in ("deletes", "verify"):
         obj = getattr(cfg, section)
         if not 0 < obj.max_source_share <= 1:

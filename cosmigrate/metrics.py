@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -88,6 +89,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cosmigrate_namespace_state": ("gauge", "1 for the namespace's state, 0 for the others."),
     "cosmigrate_namespace_phase": ("gauge", "1 for the namespace's phase, 0 for the others."),
     "cosmigrate_freshness": ("gauge", "1 for the kind of the namespace's freshness, 0 for the others."),
+    "cosmigrate_process_asyncio_tasks": ("gauge", "asyncio tasks alive in the daemon (flat over hours; growth is a leak)."),
+    "cosmigrate_process_open_fds": ("gauge", "File descriptors the daemon holds open (flat over hours; growth is a leak)."),
     "cosmigrate_backfill_documents_total": ("counter", "Events applied for the namespace since its full load began: one per "
                                                        "live document, plus the changes made meanwhile (status docs_copied)."),
     "cosmigrate_backfill_percent": ("gauge", "Full load progress: documents copied vs the source's count (100 once tailing)."),
@@ -347,7 +350,11 @@ class Metrics:
         from cosmigrate.status import build_status
 
         status = await build_status(self.daemon)
-        return build_registry(status, self.parts())
+        reg = build_registry(status, self.parts())
+        reg.add("cosmigrate_process_asyncio_tasks", len(asyncio.all_tasks()))
+        with contextlib.suppress(OSError):  # /proc only on Linux: the gauge is then left out
+            reg.add("cosmigrate_process_open_fds", len(os.listdir("/proc/self/fd")))
+        return reg
 
     async def text(self) -> str:
         return (await self.registry()).render()

@@ -78,7 +78,7 @@ async def test_full_migration_with_real_processes(
             assert '"ready_for_cutover": true' in status, status[status.find("not_ready_reasons"):][:800]
             return True
 
-        await wait_for(ready, 60, interval=1.0, what="ready for cutover")
+        await wait_for(ready, 120, interval=1.0, what="ready for cutover")
     finally:
         assert await child.finish(signal.SIGTERM) == 0, child.stderr[-5:]
 

@@ -47,6 +47,13 @@ def test_numbers_equal_by_value_are_one_identity() -> None:
     assert identity(key("1")) != identity(key(1))
 
 
+@pytest.mark.parametrize("n", [0, 1, -1, 7, 2**31 - 1, -(2**31), 2**53 + 1, 2**63 - 1, -(2**63)])
+def test_the_integer_fast_path_gives_the_general_canonical_form(n: int) -> None:
+    as_double = [float(n)] if float(n) == n else []  # the general path (no fast path for doubles)
+    forms = [Int64(n), Decimal128(str(n)), *as_double] + ([n] if -(2**31) <= n < 2**31 else [])
+    assert len({identity(key(v)) for v in forms}) == 1
+
+
 def test_collapse_keeps_one_op_per_target_document() -> None:
     ops = collapse([_batch(0, [event(1, {"_id": 1, "v": 1})]), _batch(1, [event(1.0, {"_id": 1.0, "v": 2})])], {})
     assert len(ops) == 1

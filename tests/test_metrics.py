@@ -351,7 +351,7 @@ async def _async(value: bool) -> bool:
 
 async def test_a_process_logs_its_version_progress_at_info_and_emf_lines(
         tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
-    await source.app.a.insert_many([{"_id": i} for i in range(5)])
+    await source.app.create_collection("a")  # no events yet: the first EMF line of app.a is the baseline (0)
     cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
     cfg.log.level = "info"
     cfg.log.progress_interval_s = 0.3
@@ -361,6 +361,10 @@ async def test_a_process_logs_its_version_progress_at_info_and_emf_lines(
     await prepare_backends(cfg)
     child = await Child.start(config)
     try:
+        await wait_for(lambda: _async(any(e.get("Collection") == "app.a" for e in child.events())), 60,
+                       what="a first EMF line for app.a")
+        await source.app.a.insert_many([{"_id": i} for i in range(5)])
+
         async def progressed() -> bool:
             return any(e.get("event", "").startswith("app.a: captured 5, applied 0") for e in child.events())
 
