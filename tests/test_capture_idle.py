@@ -46,6 +46,7 @@ async def capture(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[tuple[Names
     cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", start_at="now",
                       max_batch_age_s=600.0, min_batch_age_s=0.1, max_await_ms=200)  # the default wait
     await prepare_backends(cfg)
+    sandbox.source.faults.partitions = 1  # one watcher: the batches counted below are all of one stream
     source = source_client(sandbox.source_uri)
     await source.app.c.insert_one({"_id": "exists"})  # the collection exists before the watcher starts
     store, ledger = HeldStore(open_store(cfg)), open_ledger(cfg)

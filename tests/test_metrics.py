@@ -376,7 +376,10 @@ async def test_a_process_logs_its_version_progress_at_info_and_emf_lines(
     first = events[0]
     assert first["event"].startswith("cosmigrate 0.1.0 starting") and first["version"] == "0.1.0"
     progress = next(e for e in events if e.get("event", "").startswith("app.a: captured"))
-    assert progress["level"] == "info" and progress["phase"] == "backfill" and progress["namespace"] == "app.a"
+    # app.a was empty when its backfill began: the phase is backfill until the monitor sees that head reached,
+    # then capturing (tailing, with the writer stopped); which one the first line shows is a matter of timing.
+    assert progress["level"] == "info" and progress["phase"] in ("backfill", "capturing")
+    assert progress["namespace"] == "app.a"
     assert {"captured", "applied", "lag_s", "pending"} <= set(progress)
     emf = [e for e in events if "_aws" in e]
     per_ns = [e for e in emf if e.get("Collection") == "app.a"]
