@@ -41,7 +41,7 @@ from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
-from cosmigrate.timeouts import within
+from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tls import connection_tls
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 
@@ -229,9 +229,7 @@ class Daemon:
             self.notify.stopping()
             self.log.info("stopping: draining namespaces", namespaces=len(self.captures))
             slow_stop = asyncio.create_task(self._report_slow_stop(), name="slow-stop")
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await cancel_and_wait(background)
             if self.proof is not None:
                 await self.proof.stop()
             await self._drain()
@@ -534,9 +532,8 @@ class Daemon:
             self.request_stop()
 
     async def _drain(self) -> None:
-        for task in self._index_tasks.values():
-            task.cancel()  # a build in flight finishes on the target; a restart reads the plan back
-        await asyncio.gather(*self._index_tasks.values(), return_exceptions=True)
+        # A build in flight finishes on the target; a restart reads the plan back.
+        await cancel_and_wait(list(self._index_tasks.values()))
         for app in self.appliers.values():
             app.stop()
         for cap in self.captures.values():
@@ -549,11 +546,9 @@ class Daemon:
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=self.cfg.daemon.drain_timeout_s)
-        for task in pending:
-            task.cancel()
         if pending:
             self.log.warning(warning, namespaces=len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending)
 
     async def _run_job(self, job: dict[str, Any]) -> None:
         """Run one verify/cutover request in this process, keep its result, then stop the daemon."""

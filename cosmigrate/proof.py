@@ -28,6 +28,7 @@ from cosmigrate.freshness import Freshness
 from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
+from cosmigrate.timeouts import cancel_and_wait
 from cosmigrate.verify.report import iso
 from cosmigrate.verify.service import Verification
 
@@ -134,9 +135,7 @@ class Proof:
         self.discovered.set()
 
     async def stop(self) -> None:
-        for task in self.jobs.values():
-            task.cancel()
-        await asyncio.gather(*self.jobs.values(), return_exceptions=True)
+        await cancel_and_wait(list(self.jobs.values()))
         if self.deletes is not None:
             await self.deletes.stop()
         if self.verification is not None:

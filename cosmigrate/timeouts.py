@@ -10,8 +10,8 @@ has no such window: a cancellation always reaches the caller.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -32,3 +32,24 @@ def check_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], resend_s: float = 1.0) -> None:
+    """Cancel `tasks` and wait until every one has ended, cancelling again while any is still running.
+
+    One `cancel()` is not always enough: PyMongo itself awaits `asyncio.wait_for`
+    (connecting a socket), where Python 3.11 can drop the cancellation (see the
+    module docstring), and the task then runs on. Sending it again at its next
+    await ends it; a stop never waits on a task that lost its cancellation.
+    """
+    every = list(tasks)
+    pending = {t for t in every if not t.done()}
+    for task in pending:
+        task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=resend_s)
+        for task in pending:
+            task.cancel()
+    for task in every:  # retrieved, as `gather(return_exceptions=True)` would: their outcome no longer matters
+        if not task.cancelled():
+            task.exception()

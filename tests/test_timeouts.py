@@ -69,3 +69,20 @@ def test_the_daemon_code_never_uses_asyncio_wait_for() -> None:
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if "sandbox" not in p.parts and re.search(r"asyncio\.wait_for\(", p.read_text())]
     assert offenders == [], f"use cosmigrate.timeouts.within instead of asyncio.wait_for in {offenders}"
+
+
+async def test_a_stop_ends_a_task_that_lost_its_first_cancellation() -> None:
+    """What PyMongo's own `wait_for` (connecting a socket) can do on 3.11: the task runs on after one cancel."""
+    from cosmigrate.timeouts import cancel_and_wait
+
+    async def swallows_once() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # lost, as in the library
+        await asyncio.sleep(30)  # a stop that cancels only once waits here for 30 s
+
+    task = asyncio.create_task(swallows_once())
+    await asyncio.sleep(0.01)
+    await within(cancel_and_wait([task], resend_s=0.05), 5)
+    assert task.cancelled()

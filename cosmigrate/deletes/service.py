@@ -40,7 +40,7 @@ from cosmigrate.mongo import raw_collection
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError
-from cosmigrate.timeouts import check_cancelled, within
+from cosmigrate.timeouts import cancel_and_wait, check_cancelled, within
 
 
 class Deletes:
@@ -94,8 +94,7 @@ class Deletes:
     async def detach(self, ns: str) -> None:
         task = self._tasks.pop(ns, None)
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
         self.sweeps.pop(ns, None)
         self.lookups.pop(ns, None)
         self.links.pop(ns, None)
@@ -110,9 +109,7 @@ class Deletes:
         """Stop every background pass (cutover's final sweep, a drain); progress is in the ledger."""
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
 
     # --- the schedule ----------------------------------------------------------------------
 

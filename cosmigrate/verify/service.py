@@ -30,7 +30,7 @@ from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError
-from cosmigrate.timeouts import check_cancelled
+from cosmigrate.timeouts import cancel_and_wait, check_cancelled
 from cosmigrate.verify import report
 from cosmigrate.verify.passes import NamespaceVerifier
 
@@ -88,8 +88,7 @@ class Verification:
     async def detach(self, ns: str) -> None:
         task = self._tasks.pop(ns, None)
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
         self.verifiers.pop(ns, None)
         self._locks.pop(ns, None)
 
@@ -102,9 +101,7 @@ class Verification:
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
 
     async def _retrying(self, ns: str, what: str, fn: Any) -> bool:
         """Run `fn` until it succeeds; False when the namespace was taken over."""
