@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import re
 import time
@@ -515,7 +516,14 @@ class NamespaceApplier:
                 await asyncio.shield(write)
             except asyncio.CancelledError:
                 # Bounded, so that a target gone silent (a partition, no socket timeout) cannot hang a shutdown.
-                done, _ = await asyncio.wait({write}, timeout=INFLIGHT_GRACE_S)
+                # A stop cancels again every second (cosmigrate.timeouts.cancel_and_wait): those cancellations
+                # must not cut this wait short, and the CancelledError below is raised anyway.
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + INFLIGHT_GRACE_S
+                while not write.done() and loop.time() < deadline:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({write}, timeout=deadline - loop.time())
+                done = write.done()
                 if not done:
                     write.cancel()
                     self.log.warning("abandoning a write command still unanswered; it may yet land on the target",
