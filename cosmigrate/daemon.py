@@ -369,7 +369,9 @@ class Daemon:
         self.not_captured = refused
 
     async def _apply_reload(self) -> None:
-        """SIGHUP: take the new include/exclude patterns and log level; everything else needs a restart."""
+        """SIGHUP: take the new include/exclude patterns, the `[ttl]` decisions and the log level; everything else
+        needs a restart. A decision takes effect in status at once; a `field` decision's index is built by the
+        cutover's `ttl` step if the namespace's index plan was read before it."""
         from cosmigrate.config import ConfigError, load_config
         from cosmigrate.logs import configure_logging
 
@@ -383,6 +385,7 @@ class Daemon:
             return
         self.cfg.capture.include, self.cfg.capture.exclude = new.capture.include, new.capture.exclude
         self.cfg.log.level = new.log.level
+        self.cfg.ttl = new.ttl
         configure_logging(new.log.level, self.cfg.log.format)
         dropped = [ns for ns in self.captures if not matches_patterns(ns, new.capture.include, new.capture.exclude)]
         for ns in dropped:
@@ -404,7 +407,7 @@ class Daemon:
             if self.proof is not None:
                 await self.proof.detach(ns)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
-                      level=new.log.level, stopped=dropped)
+                      level=new.log.level, ttl={ns: d.text() for ns, d in new.ttl.items()}, stopped=dropped)
 
     async def _report(self) -> None:
         """Refresh systemd's STATUS= line (what `systemctl status cosmigrate` shows)."""
@@ -482,7 +485,7 @@ class Daemon:
         self.backfills[ns] = backfill
         builder = self.builders.get(ns) if previous else None
         if builder is None:
-            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target)
+            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target, self.cfg)
             self._index_tasks[ns] = asyncio.create_task(builder.run(), name=f"indexes:{ns}")
         if backfill.phase != BACKFILL:
             builder.backfill_done.set()
