@@ -43,6 +43,7 @@ from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
 from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tls import connection_tls
+from cosmigrate.ttl import read_ttl_indexes
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 
 
@@ -345,6 +346,7 @@ class Daemon:
                         except (PyMongoError, LedgerError, BackfillError) as exc:
                             refused[ns] = redact(f"could not start: {exc}")[:300]
                 self._not_captured(refused)
+                await self._refresh_ttl()
                 if self.proof is not None:
                     self.proof.first_round_done()
             except (PyMongoError, LedgerError) as exc:
@@ -359,6 +361,18 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 await self._apply_reload()
+
+    async def _refresh_ttl(self) -> None:
+        """Each discovery round, the TTL indexes of every captured namespace read again: one created at the
+        source after capture started must reach status (its `_ts` expiry needs a decision; its sweep a
+        schedule). A transient error keeps what was read last; the next round tries again."""
+        for ns, cap in list(self.captures.items()):
+            if cap.status.ttl_indexes is None:
+                continue  # the watcher reads them itself before it runs
+            try:
+                cap.status.ttl_indexes, cap.status.ttl_unknown = await read_ttl_indexes(self.source, ns)
+            except PyMongoError:
+                continue
 
     def _not_captured(self, refused: dict[str, str]) -> None:
         """Remember the namespaces that exist but are not captured (status lists them, readiness waits), and

@@ -61,7 +61,7 @@ from cosmigrate.nslink import NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
 from cosmigrate.tokens import TokenFormatError, positions
-from cosmigrate.ttl import ttl_state
+from cosmigrate.ttl import read_ttl_indexes, ttl_state
 from cosmigrate.verify.report import iso
 from cosmigrate.verify.service import Verification
 
@@ -222,12 +222,26 @@ class Cutover:
     async def precheck(self) -> None:
         deadline = time.monotonic() + self.cfg.cutover.precheck_timeout_s
         while True:
-            reasons = await self.host.readiness()
+            reasons = await self.host.readiness() or await self._expiry_undecided()
             if not reasons:
                 return
             if time.monotonic() >= deadline:
                 raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(reasons))
             await asyncio.sleep(0.5)
+
+    async def _expiry_undecided(self) -> list[str]:
+        """The source's TTL indexes read now (status read them when capture started; one may have been created
+        since): a `_ts` TTL without a `[ttl]` decision stops the cutover like any readiness condition."""
+        out: list[str] = []
+        for ns in self.namespaces:
+            try:
+                indexes, unknown = await read_ttl_indexes(self.host.source, ns)
+            except PyMongoError as exc:
+                indexes, unknown = [], f"the source's indexes could not be read: {redact(str(exc))[:120]}"
+            blocking = ttl_state(ns, indexes, self.cfg, unknown).blocking
+            if blocking:
+                out.append(f"source expiry (TTL) needs a decision, or is not known: {blocking}")
+        return out
 
     async def quiesce(self) -> None:
         first = await self._heads()
