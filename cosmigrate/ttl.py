@@ -97,7 +97,8 @@ class TtlState:
         if self.ts_seconds is not None:
             head = f"TTL on the system field _ts (expireAfterSeconds={self.ts_seconds})"
             if self.decision is None:
-                parts.append(f"{head}: DocumentDB cannot carry it; undecided: {self.choice()}")
+                parts.append(f"{head}: DocumentDB cannot carry it; undecided: set [ttl] {json.dumps(self.ns)} = "
+                             f"{TTL_FORMS} (see not_ready_reasons)")
             elif self.decision.kind == "none":
                 parts.append(f"{head}: decided none: no expiry on the target after cutover")
             else:
@@ -111,12 +112,13 @@ class TtlState:
         if not parts:
             return ""
         if self.expires:
-            parts.append("until then the delete sweep removes expired documents from the target")
+            parts.append("the delete sweep removes expired documents from the target until cutover")
         return "; ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
-        """The cutover report's and `cosmigrate plan`'s view."""
-        return {"ttl_on_ts": self.ts_seconds, "ttl_decision": self.decision_text, "custom_ttl": list(self.custom),
+        """The cutover report's and `cosmigrate plan`'s view (`ttl_on_ts`: the `_ts` TTL's seconds, or None)."""
+        return {"ttl_on_ts": self.ts_seconds, "ttl_decision": self.decision_text,
+                "custom_ttl": [{"field": path, "expire_after_seconds": s} for path, s in self.custom],
                 "expiry": self.describe()}
 
 

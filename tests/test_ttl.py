@@ -146,6 +146,7 @@ async def test_a_ts_ttl_decided_none_reaches_ready_and_the_cutover_report_record
         assert code == 0, err[-2000:]
         entry = next(n for n in json.loads(out)["namespaces"] if n["namespace"] == TTL_NS)
         assert entry["ttl_decision"] == "none" and "no expiry on the target" in entry["expiry"]
+        assert entry["ttl_on_ts"] == 3600 and entry["custom_ttl"] == []
         assert [t["ttl_decision"] for t in entry["ttl"]] == ["none"]
         assert [ix["name"] async for ix in await target.app.sessions.list_indexes()] == ["_id_"]
     finally:

@@ -372,7 +372,7 @@ class Cutover:
                 "final_sweep_deletes": (self.state.get("deleted") or {}).get(ns, 0),
                 "indexes": (self.state.get("finalize") or {}).get(ns, {}), "heads": heads,
                 "ttl": (self.state.get("ttl") or {}).get(ns, []),
-                "ttl_decision": expiry.decision_text, "expiry": expiry.describe(),
+                **expiry.as_dict(),
             })
         equal = bool(verification.get("equal"))
         self.state["report"] = {
