@@ -35,6 +35,7 @@ from pymongo.errors import PyMongoError
 from cosmigrate.apply import NamespaceApplier, WriteAborted
 from cosmigrate.backoff import Backoff
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Wall
 from cosmigrate.config import Config
 from cosmigrate.deletes.lookup import LookupMisses
 from cosmigrate.deletes.ordered import OrderedDeletes
@@ -141,7 +142,7 @@ class Deletes:
         So that status right after the applications stopped writing can say "reconciled" without waiting
         for `deletes.interval_s`; bounded, a pass that takes longer simply shows as not reconciled yet.
         """
-        asked = time.time()
+        asked = Wall.now()
         stale = [ns for ns, sw in self.sweeps.items() if ns in self._tasks and not sw.state.running
                  and sw.state.last_finished_at and (sw.link.latest_head() != sw.state.last_head or self._expired(sw, asked))]
         if not stale:
@@ -150,7 +151,7 @@ class Deletes:
 
         def covered(sweep: DeleteSweep) -> bool:
             if sweep.link.expires():
-                return sweep.state.last_started_at >= asked  # a pass begun after the question
+                return Wall(sweep.state.last_started_at) >= asked  # a pass begun after the question
             return sweep.link.latest_head() == sweep.state.last_head
 
         async def settled(sweep: DeleteSweep) -> None:
@@ -160,10 +161,11 @@ class Deletes:
         with contextlib.suppress(TimeoutError):
             await within(asyncio.gather(*(settled(self.sweeps[ns]) for ns in stale)), limit_s)
 
-    def _expired(self, sweep: DeleteSweep, now: float) -> bool:
+    def _expired(self, sweep: DeleteSweep, now: Wall) -> bool:
         """The source expires documents and the last pass started too long ago to vouch for the documents that
         expired since (the same allowance as the lag)."""
-        return sweep.link.expires() and now - sweep.state.last_started_at >= self.cfg.apply.cutover_threshold_seconds
+        age = now - Wall(sweep.state.last_started_at)
+        return sweep.link.expires() and age >= self.cfg.apply.cutover_threshold_seconds
 
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]
@@ -219,7 +221,7 @@ class Deletes:
         s = sweep.state
         if not s.last_finished_at or s.last_started_at < self.preview_since:
             return False, "no delete sweep has completed yet"
-        if self._expired(sweep, now):
+        if self._expired(sweep, Wall(now)):
             return False, (f"the source expires documents (TTL) and the last sweep started "
                            f"{now - s.last_started_at:.0f}s ago")
         if self.preview:
