@@ -19,9 +19,22 @@ from typing import Any
 
 from cosmigrate.config import Config, to_toml
 from cosmigrate.control import request
+from cosmigrate.sandbox.tls import ca_file_for_uri
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def mongo_client(uri: str, **kwargs: Any) -> Any:
+    """An AsyncMongoClient for a sandbox URI, given the target's CA when the URI is the TLS target's.
+
+    The sandbox target serves TLS with a CA of its own (published beside its address): a suite's client
+    made without it fails server selection, as suites 5 and 6 did.
+    """
+    from pymongo import AsyncMongoClient
+
+    ca = ca_file_for_uri(uri)
+    return AsyncMongoClient(uri, **({"tlsCAFile": ca} if ca else {}), **kwargs)
 
 
 def free_port() -> int:

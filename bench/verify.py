@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bson import Int64  # noqa: E402
 from pymongo import AsyncMongoClient, DeleteOne  # noqa: E402
 
+from bench.harness import mongo_client  # noqa: E402
 from cosmigrate.mongo import RAW  # noqa: E402
 
 NS = "bench.docs"
@@ -57,6 +58,7 @@ class Servers:
                                     stderr=subprocess.DEVNULL, text=True)
             assert proc.stdout is not None
             uris.append((proc.stdout.readline().strip(), proc.stdout.readline().strip()))
+            proc.stdout.readline()  # the target's CA file: mongo_client finds it from the target URI
             self.procs.append(proc)
         self.source_uri, self.target_uri = uris[0][0], uris[1][1]
         return self
@@ -68,7 +70,7 @@ class Servers:
 
 
 async def load(uri: str, n: int, skip: set[int] | None = None, seed: int = 1) -> None:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+    client: AsyncMongoClient[Any] = mongo_client(uri)
     rng = random.Random(seed)
     coll = client.bench.docs
     batch = []
@@ -86,7 +88,7 @@ async def load(uri: str, n: int, skip: set[int] | None = None, seed: int = 1) ->
 
 
 async def scan_rate(uri: str) -> float:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+    client: AsyncMongoClient[Any] = mongo_client(uri)
     coll = client.bench.get_collection("docs", codec_options=RAW)
     t0 = time.perf_counter()
     n = 0
@@ -115,8 +117,8 @@ async def child_verify(source_uri: str, target_uri: str, page: int) -> dict[str,
     from cosmigrate.nslink import NamespaceLink
     from cosmigrate.verify.passes import NamespaceVerifier
 
-    source: AsyncMongoClient[Any] = AsyncMongoClient(source_uri)
-    target: AsyncMongoClient[Any] = AsyncMongoClient(target_uri)
+    source: AsyncMongoClient[Any] = mongo_client(source_uri)
+    target: AsyncMongoClient[Any] = mongo_client(target_uri)
     v = NamespaceVerifier(NamespaceLink(NS, 1), source, target, None, None, page)
     v.frozen = True
     t0 = time.perf_counter()
@@ -147,8 +149,8 @@ async def child_sweep(source_uri: str, target_uri: str, page: int) -> dict[str, 
     from cosmigrate.mongo import raw_collection
     from cosmigrate.nslink import NamespaceLink
 
-    source: AsyncMongoClient[Any] = AsyncMongoClient(source_uri)
-    target: AsyncMongoClient[Any] = AsyncMongoClient(target_uri)
+    source: AsyncMongoClient[Any] = mongo_client(source_uri)
+    target: AsyncMongoClient[Any] = mongo_client(target_uri)
     link = NamespaceLink(NS, 1, caught_up_at=time.time)
     src, tgt = raw_collection(source, NS), raw_collection(target, NS)
     budget = SourceBudget()
