@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bson import Int64  # noqa: E402
 from pymongo import AsyncMongoClient, DeleteOne  # noqa: E402
 
-from bench.harness import mongo_client  # noqa: E402
+from bench.harness import Sandbox, mongo_client  # noqa: E402
 from cosmigrate.mongo import RAW  # noqa: E402
 
 NS = "bench.docs"
@@ -45,28 +45,6 @@ NS = "bench.docs"
 def make_doc(i: int, rng: random.Random) -> dict[str, Any]:
     return {"_id": i, "name": f"user-{i}", "n": Int64(i), "score": rng.random(), "tags": ["a", "b", i % 7],
             "addr": {"city": "X", "zip": f"{i % 100000:05d}"}, "pad": "x" * rng.randint(100, 300)}
-
-
-class Servers:
-    """Two sandbox processes: the source of the first, the target of the second."""
-
-    def __enter__(self) -> Servers:
-        self.procs = []
-        uris = []
-        for _ in range(2):
-            proc = subprocess.Popen([sys.executable, "-m", "cosmigrate", "sandbox"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True)
-            assert proc.stdout is not None
-            uris.append((proc.stdout.readline().strip(), proc.stdout.readline().strip()))
-            proc.stdout.readline()  # the target's CA file: mongo_client finds it from the target URI
-            self.procs.append(proc)
-        self.source_uri, self.target_uri = uris[0][0], uris[1][1]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for proc in self.procs:
-            proc.terminate()
-            proc.wait()
 
 
 async def load(uri: str, n: int, skip: set[int] | None = None, seed: int = 1) -> None:
@@ -168,7 +146,7 @@ async def child_sweep(source_uri: str, target_uri: str, page: int) -> dict[str, 
 
 
 async def verify_at(n: int, page: int) -> tuple[dict[str, Any], float, float]:
-    with Servers() as servers:
+    with Sandbox(split=True) as servers:
         await asyncio.gather(load(servers.source_uri, n), load(servers.target_uri, n))
         src_rate, tgt_rate = await scan_rate(servers.source_uri), await scan_rate(servers.target_uri)
         result = await asyncio.to_thread(child, "verify", servers.source_uri, servers.target_uri, page)
@@ -178,7 +156,7 @@ async def verify_at(n: int, page: int) -> tuple[dict[str, Any], float, float]:
 async def sweep_at(n: int, page: int, share: float = 0.01) -> dict[str, Any]:
     rng = random.Random(7)
     deleted = set(rng.sample(range(n), int(n * share)))
-    with Servers() as servers:
+    with Sandbox(split=True) as servers:
         await asyncio.gather(load(servers.source_uri, n, skip=deleted), load(servers.target_uri, n))
         result = await asyncio.to_thread(child, "sweep", servers.source_uri, servers.target_uri, page)
     result["expected_deletes"] = len(deleted)

@@ -378,3 +378,50 @@ async def test_a_ledger_error_at_start_is_retried(harness: Harness, target: Asyn
     task = harness.start(app)
     await wait_for(lambda: _true(app.status.applied_seq == 0), 10, what="applied after a failed first read")
     assert not task.done() and (await _doc(target, 1)) == {"_id": 1}
+
+
+# --- a full load's first versions go as inserts -------------------------------------------------
+
+
+def _recording(app: Any) -> list[str]:
+    """Route the applier's bulk writes through the real collection, noting each request's kind."""
+    kinds: list[str] = []
+
+    async def rule(inner: Any, requests: list[Any], ordered: bool) -> Any:
+        kinds.extend(type(r).__name__ for r in requests)
+        return await inner.bulk_write(requests, ordered=ordered)
+
+    app.coll = ProxyCollection(app.coll, rule)
+    return kinds
+
+
+async def test_a_full_loads_first_versions_are_inserts_and_a_duplicate_upserts_the_batchs_version(
+    harness: Harness, target: AsyncMongoClient[Any],
+) -> None:
+    # Documents 1 and 3 are on the target already, in older versions (an earlier life wrote them): their inserts
+    # meet a duplicate key and must then write the batch's version, never keep the target's.
+    await target.app.c.insert_many([{"_id": 1, "v": "old"}, {"_id": 3, "v": "old"}])
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(i, {"_id": i, "v": f"new{i}"}) for i in (1, 2, 3)])
+    app = harness.applier(NS, epoch)
+    app.inserts_first = lambda: True
+    kinds = _recording(app)
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 0), 15)
+    assert [await _doc(target, i) for i in (1, 2, 3)] == [{"_id": i, "v": f"new{i}"} for i in (1, 2, 3)]
+    assert kinds.count("InsertOne") == 3 and kinds.count("ReplaceOne") == 2, kinds
+    # A later run's newer version of a document inserted by the first run: inserted again, found, upserted.
+    await harness.commit(NS, epoch, [event(2, {"_id": 2, "v": "newer"})])
+    app.wake.set()
+    await wait_for(lambda: _true(app.status.applied_seq == 1), 15)
+    assert await _doc(target, 2) == {"_id": 2, "v": "newer"}
+
+
+async def test_after_the_full_load_writes_are_upserts(harness: Harness, target: AsyncMongoClient[Any]) -> None:
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(i, {"_id": i, "v": i}) for i in (1, 2)])
+    app = harness.applier(NS, epoch)  # inserts_first stays False: a tailing namespace's changes are mostly updates
+    kinds = _recording(app)
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 0), 15)
+    assert kinds == ["ReplaceOne", "ReplaceOne"] and await _doc(target, 2) == {"_id": 2, "v": 2}
