@@ -1,6 +1,8 @@
 """Suite 7, the full load: a backfill through the change feed against two references measured in the same run.
 
-For each size, in a fresh sandbox process, the same documents (about 1 KB each) are:
+For each size, in fresh sandbox processes (the source served by one, the target by another, as two servers:
+one single-threaded process serving both would make the reads and the writes take turns), the same documents
+(about 1 KB each) are:
 
 1. inserted straight into the target by unordered `insert_many` batches of 1,000: the target's own
    bulk-insert ceiling (the documents are made by the same function, chunk by chunk);
@@ -12,7 +14,11 @@ For each size, in a fresh sandbox process, the same documents (about 1 KB each) 
    `tailing` (that head applied). Its peak RSS (VmHWM) is read at the end.
 
 Reported under `fullload.*`: documents/s of each, the ratios backfill / ceiling and backfill / single
-stream, and the peak RSS at two sizes (memory must not grow with the size). Quick mode: 20,000 and
+stream, the peak RSS at two sizes (memory must not grow with the size), the daemon's own CPU time per
+document during the backfill (from /proc) beside the single-stream copy client's (this process's CPU time
+while it copies), and the source request units charged per document during the backfill (the sandbox's RU
+accounting: change feed, head tokens, reads) beside the change feed's own minimum (one plain stream reading
+the feed from the beginning in pages of 10,000) and one point read per document. Quick mode: 20,000 and
 100,000 documents; `--full`: 200,000 and 2,000,000. `python bench/fullload.py [--full]` merges its keys into
 bench/results/latest.json without touching the others; `bench/run.py` runs it as suite 7.
 """
@@ -119,8 +125,10 @@ async def _units(source: AsyncMongoClient[Any]) -> float:
 
 
 async def _feed_minimum(source: AsyncMongoClient[Any], n: int) -> float:
-    """The change feed's own minimum, request units per document: the whole collection's feed read once from the
-    beginning by one plain stream in the largest pages (10,000 events), nothing else."""
+    """The change feed's own minimum, request units per document: the collection's feed read from the beginning
+    by one plain stream in the largest pages (10,000 events), nothing else; its first 100,000 events at most
+    (the charge is per document and its size, so a sample of that many is the whole feed's figure)."""
+    n = min(n, 100_000)
     from cosmigrate.mongo import RAW, change_pipeline
     from cosmigrate.sandbox.cosmos import beginning_token
 

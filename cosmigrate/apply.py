@@ -130,18 +130,35 @@ class WriterGate:
                 self._idle.notify_all()
 
 
-@dataclass
 class Op:
-    """The final write for one document key in a run."""
+    """The final write for one document key in a run.
 
-    key: bytes  # raw documentKey, the identity of the document
-    filter: RawBSONDocument
-    doc: RawBSONDocument | None  # None = delete
-    origin_seq: int
-    insert: bool = False
-    """Sent as an insert (a full load's first sight of the document): cheaper than an upsert on the target, and
-    it can never overwrite anything. A duplicate key turns it into this same version's upsert (see
-    `_sort_write_errors`): the document is already there, from an earlier life or an earlier run."""
+    A plain class with slots, and its filter made only when asked: a full load builds one per document, and
+    an insert needs no filter (the other writes and the error paths read it).
+    """
+
+    __slots__ = ("key", "_filter", "doc", "origin_seq", "insert")
+
+    def __init__(self, key: bytes, filter: RawBSONDocument | None, doc: RawBSONDocument | None, origin_seq: int,
+                 insert: bool = False) -> None:
+        self.key = key  # raw documentKey, the identity of the document
+        self._filter = filter
+        self.doc = doc  # None = delete
+        self.origin_seq = origin_seq
+        self.insert = insert
+        """Sent as an insert (a full load's first sight of the document): cheaper than an upsert on the target,
+        and it can never overwrite anything. A duplicate key turns it into this same version's upsert (see
+        `_sort_write_errors`): the document is already there, from an earlier life or an earlier run."""
+
+    @property
+    def filter(self) -> RawBSONDocument:
+        """The documentKey as the write's filter (shard key fields and `_id`)."""
+        if self._filter is None:
+            self._filter = RawBSONDocument(self.key, RAW)
+        return self._filter
+
+    def __repr__(self) -> str:
+        return f"Op(_id={self.show_id()}, seq={self.origin_seq}, {'delete' if self.doc is None else 'write'})"
 
     def request(self) -> ReplaceOne[Any] | DeleteOne | InsertOne[Any]:
         if self.doc is None:
@@ -260,7 +277,7 @@ class Collapser:
         ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
         for ident, (key, full, seq) in latest.items():
             # RawDoc: ReplaceOne's validation asks the document's truthiness, which would decode all of it.
-            ops[ident] = Op(key, RawBSONDocument(key, RAW), RawDoc(full, RAW) if full is not None else None, seq)
+            ops[ident] = Op(key, None, RawDoc(full, RAW) if full is not None else None, seq)
         return ops
 
 
