@@ -200,6 +200,58 @@ def indexes(
         raise typer.Exit(1)
 
 
+@app.command("plan")
+def plan_command(
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
+    namespaces: Annotated[list[str] | None, typer.Argument(help="db.collection ...; every migrated one when left out.",
+                                                           metavar="[NAMESPACE]...", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    source_ru_per_s: Annotated[float | None, typer.Option(
+        "--source-ru-per-s", metavar="N", help="RU/s the full load may spend on each collection (default: the "
+        "provisioned RU/s the account reports).")] = None,
+    workers: Annotated[int, typer.Option(metavar="N", help="Workers (cores) to estimate with.")] = 1,
+    cpu_us_per_doc: Annotated[float | None, typer.Option(
+        "--cpu-us-per-doc", metavar="US", help="CPU microseconds per document of the full load (default: the "
+        "figure measured in bench).")] = None,
+    probe_docs: Annotated[int, typer.Option(metavar="N", help="Feed probe bound: documents per collection.")] = 2000,
+    probe_ru: Annotated[float, typer.Option(metavar="RU", help="Feed probe bound: RU per collection.")] = 4000.0,
+    probe_seconds: Annotated[float, typer.Option(metavar="SECONDS", help="Probe bound: seconds per collection "
+                                                 "(and for the target's probe).")] = 10.0,
+    target_probe_docs: Annotated[int, typer.Option(metavar="N", help="Target probe bound: documents.")] = 5000,
+) -> None:
+    """Say what the migration will take before it starts: sizes, partitions, indexes, source RU, the target's
+    write rate, the full-load time and its limit, AWS counts, advice. Reads only (a scratch collection on the
+    target is removed again). Exit 0 for a plan, 1 when something needs action or is unknown, 2 bad input."""
+    import json
+
+    from cosmigrate.plan.estimate import CPU_US_PER_DOC
+    from cosmigrate.plan.planner import PlanOptions, run_plan
+    from cosmigrate.plan.report import render
+    from cosmigrate.plan.sourceprobe import ProbeBounds
+    from cosmigrate.plan.targetprobe import TargetBounds
+
+    for name, value in (("--workers", workers), ("--probe-docs", probe_docs), ("--probe-ru", probe_ru),
+                        ("--probe-seconds", probe_seconds), ("--target-probe-docs", target_probe_docs),
+                        ("--source-ru-per-s", source_ru_per_s if source_ru_per_s is not None else 1),
+                        ("--cpu-us-per-doc", cpu_us_per_doc if cpu_us_per_doc is not None else 1)):
+        if not value > 0:
+            raise fail(f"{name} must be greater than 0")
+    for ns in namespaces or []:
+        db, dot, coll = ns.partition(".")
+        if not (db and dot and coll):
+            raise fail(f"{ns!r} is not a namespace (db.collection)")
+    cfg = _load(config, files=True)
+    opts = PlanOptions(namespaces or None, source_ru_per_s, workers, cpu_us_per_doc or CPU_US_PER_DOC,
+                       ProbeBounds(probe_docs, probe_ru, probe_seconds), TargetBounds(target_probe_docs, probe_seconds))
+    plan = _run_async(run_plan(cfg, opts))
+    if as_json:
+        typer.echo(json.dumps(plan.as_dict(), indent=1, default=str))
+    else:
+        typer.echo("\n".join(render(plan)))
+    if plan.needs_action:
+        raise typer.Exit(1)
+
+
 @ledger_app.command("init")
 def ledger_init(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
     """Describe the ledger and the batch store, create what is missing, and prove the store takes a write.
