@@ -73,7 +73,7 @@ from cosmigrate.partitions import decode as decode_units
 from cosmigrate.partitions import encode as encode_units
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
-from cosmigrate.timeouts import within
+from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tokens import Range, TokenFormatError, positions
 
 THROTTLED = 16500
@@ -84,6 +84,7 @@ TRANSIENT_SOURCE_CODES = {THROTTLED, EXCEEDED_TIME_LIMIT}
 EXPIRED = 72  # InvalidOptions: "Expired resume token or cursor, reinitialize the change stream cursor"
 FATAL_CODES = {280, 286, 26, 73, EXPIRED}
 TOKEN_REJECTED = "Change feed token format is invalid"
+EXPIRY_NOT_READ = "unknown: the source's indexes are not read yet (TTL)"
 
 
 def is_fatal(exc: OperationFailure) -> bool:
@@ -156,7 +157,8 @@ class CaptureStatus:
     idle_cuts: int = 0
     """Batches cut because the stream was idle at a page boundary (not full, not `max_batch_age_s` old)."""
     expiry: str = ""
-    """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index."""
+    """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index
+    (EXPIRY_NOT_READ until it is read)."""
     started_at: float = field(default_factory=time.time)
     partitions: list[dict[str, str]] = field(default_factory=list)
     """One entry per partition unit (range, state tailing/split/failed, error); empty for a single stream."""
@@ -274,11 +276,28 @@ class NamespaceCapture:
         """Ask for a drain: seal complete pages, commit them, exit."""
         self._stopping.set()
 
+    async def _read_expiry(self) -> None:
+        """Read the collection's expiry (its TTL indexes) beside the watchers, never before them.
+
+        A listIndexes is not routed to one partition, so while a full load keeps the partitions' request
+        units in use it is throttled until every partition has units at once; a watcher that waited for it
+        left its partition unread (measured: a 4-partition backfill took 5x its RU budget's time). Until it
+        is read, status says the expiry is unknown, which blocks readiness."""
+        if self.status.expiry:
+            return
+        self.status.expiry = EXPIRY_NOT_READ
+        try:
+            self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
+        except (Fenced, _Stopped):
+            return
+
     async def run(self) -> None:
         committer = asyncio.create_task(self._committer(), name=f"commit:{self.ns}")
+        expiry = asyncio.create_task(self._read_expiry(), name=f"expiry:{self.ns}")
         try:
             await self._watch_all()
         finally:
+            await cancel_and_wait([expiry])
             await self._queue.put(None)
             await committer
             if self.status.state == "running":
@@ -428,11 +447,6 @@ class NamespaceCapture:
                 return
         else:
             buf.base_token = unit.token
-        if not self.status.expiry:
-            try:
-                self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
-            except (Fenced, _Stopped):
-                return
         self.status.state = "running"
         coll = raw_collection(self.source, self.ns)
         age = self.cap.max_batch_age_s

@@ -16,6 +16,7 @@ from bson.codec_options import CodecOptions
 from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 
+from cosmigrate.capture import EXPIRY_NOT_READ
 from cosmigrate.partitions import decode
 from cosmigrate.sandbox import Sandbox
 from tests.helpers import (
@@ -279,7 +280,8 @@ async def test_a_ttl_collection_says_its_expiry_is_not_mirrored(tmp_path: Path, 
     async with Running(_config(tmp_path, sandbox)) as run:
         await run.writer("start")
         await wait_for(lambda: assert_converged(source, target, ["app.t", "app.plain"]), 30, what="copy")
-        await wait_for(lambda: _async(bool(run.daemon.captures["app.t"].status.expiry)), 30, what="expiry read")
+        await wait_for(lambda: _async(all(run.daemon.captures[ns].status.expiry != EXPIRY_NOT_READ
+                                          for ns in ("app.t", "app.plain"))), 30, what="expiry read")
         st = await run.status()
         assert "not mirrored" in run.ns_status(st, "app.t")["expiry"] and run.ns_status(st, "app.plain")["expiry"] == ""
         assert any("app.t" in r and "expiry" in r for r in st["not_ready_reasons"]) and not st["ready_for_cutover"]
