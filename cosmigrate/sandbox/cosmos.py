@@ -204,6 +204,8 @@ class CosmosSource(MongoServer):
         self.store.partitions = lambda ns: self.faults.partitions_of(ns)
         self.throttled: dict[int, int] = {}
         """Throttled answers by error code (16500, 50), for tests."""
+        self.feed_events = 0
+        """Change events served by every change stream so far (a probe's documents bound is checked on it)."""
         self.last_request: dict[int, dict[str, Any]] = {}
         """Per connection, what `getLastRequestStatistics` answers: the previous request's name and charge."""
 
@@ -429,6 +431,7 @@ class CosmosSource(MongoServer):
             reply["children"] = [list(left), list(right)]
         reply["requestUnits"] = self.units.snapshot()
         reply["throttled"] = {str(code): n for code, n in self.throttled.items()}
+        reply["feedEvents"] = Int64(self.feed_events)
         return reply
 
     # --- Cosmos's own commands ------------------------------------------------------------
@@ -718,6 +721,7 @@ class CosmosSource(MongoServer):
             pid = cursor.pid if cursor.pid is not None else feed.partition_of(key).pid
             cursor.spent[pid] = cursor.spent.get(pid, 0.0) + read_cost(len(raw))
             out.append(RawBSONDocument(raw))
+        self.feed_events += len(out)
         return out
 
     def _charge_feed(self, cursor: ChangeStreamCursor) -> None:
