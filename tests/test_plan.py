@@ -5,7 +5,6 @@ and its one-line reasons for what it cannot know."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -30,3 +29,118 @@ async def test_the_plan_estimates_a_throttled_full_load_and_its_request_units(sa
     assert 0.75 <= m["time_ratio"] <= 1.25, (m["estimated_s"], m["measured_s"])
     assert 0.8 <= m["ru_ratio"] <= 1.2, (m["estimated_ru"], m["charged_ru"])
     assert m["leftover_scratch"] == []
+
+
+async def _plan_text(config: Path, *args: str) -> tuple[int, list[str], str]:
+    """`cosmigrate plan` (text) in its own process: (exit code, stdout lines, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cosmigrate", "plan", "--config", str(config), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=child_env())
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode().splitlines(), err.decode()
+
+
+def _config(tmp_path: Path, sandbox: Sandbox, **target: str) -> Path:
+    cfg = make_config(tmp_path, sandbox.source_uri, target.get("uri", sandbox.target_uri), "file+sqlite")
+    cfg.capture.include = [f"{NS_DB}.{NS_COLL}"]
+    return write_config(cfg, tmp_path / "cosmigrate.toml")
+
+
+async def test_the_probes_stay_within_their_stated_bounds(tmp_path: Path, sandbox: Sandbox,
+                                                         source: AsyncMongoClient) -> None:
+    await load(source, 5000, 4)
+    sandbox.source.faults.ru_per_s = 1000  # throttled: the probe must wait inside its time bound, not beyond
+    config = _config(tmp_path, sandbox)
+    before = await counters(source)
+    code, plan, err, seconds = await run_plan(config, "--probe-docs", "600", "--probe-ru", "500",
+                                              "--probe-seconds", "4", "--target-probe-docs", "800")
+    after = await counters(source)
+    probe = plan["collections"][0]["probe"]
+    # From the sandbox's own counters: every change event it served and every feed RU it charged.
+    assert 0 < after["events"] - before["events"] <= 600
+    assert 0 < after["feed"] - before["feed"] <= 500
+    assert abs((after["feed"] - before["feed"]) - probe["ru"]) < 1.0, "the probe's RU is what the sandbox charged"
+    assert probe["seconds"] <= 4 + 0.5
+    assert seconds < 4 + 4 + 10, "the source probe (4 s) and the target probe (4 s) bound the plan's time"
+    assert plan["target"]["docs"] <= 800 and plan["target"]["seconds"] <= 4 + 0.5
+    assert _scratch(sandbox) == []
+    assert code == 0, (plan.get("lacks"), err[-500:])
+
+
+def _scratch(sandbox: Sandbox) -> list[str]:
+    """The scratch collections on the sandbox's target, read from its storage."""
+    return sorted(sandbox.target.store.databases.get(SCRATCH_DB, {}))
+
+
+async def test_a_plan_killed_during_its_target_probe_leaves_a_scratch_collection_the_next_plan_removes(
+        tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    await load(source, 500, 4)
+    config = _config(tmp_path, sandbox)
+    sandbox.target.faults.slow_write_ms = 400  # every probe write waits: the kill lands inside the probe
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cosmigrate", "plan", "--config", str(config), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, env=child_env())
+    try:
+        left = await wait_for(lambda: _async(_scratch(sandbox)), 30, interval=0.02, what="the scratch collection")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    assert _scratch(sandbox) == left, "SIGKILL leaves the scratch collection behind (the case under test)"
+    # Discovery never takes it for a collection to migrate, even on a cluster that is read as a source.
+    from cosmigrate.mongo import list_namespaces, target_client
+
+    client = target_client(sandbox.target_uri, sandbox.target_ca_file)
+    try:
+        assert not [ns for ns in await list_namespaces(client, ["*"], []) if ns.startswith(SCRATCH_DB)]
+    finally:
+        await client.close()
+    sandbox.target.faults.slow_write_ms = 0
+    code, plan, err, _ = await run_plan(config)
+    assert plan["scratch_leftovers_removed"] == left, err[-500:]
+    assert _scratch(sandbox) == []
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+async def test_what_the_plan_cannot_know_is_one_line_each_and_the_rest_is_still_printed(
+        tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    await load(source, 300, 4)
+    sandbox.source.faults.ru_per_s = 100_000
+    # An unreachable target: its rate is unknown, the source's part is still there.
+    closed = make_config(tmp_path, sandbox.source_uri, "mongodb://127.0.0.1:9/?tls=false", "file+sqlite")
+    closed.target.allow_insecure_tls = True
+    closed.capture.include = [f"{NS_DB}.{NS_COLL}"]
+    code, lines, err = await _plan_text(write_config(closed, tmp_path / "closed.toml"))
+    assert code == 1 and "Traceback" not in err
+    assert [line for line in lines if line.startswith("unknown: target: unreachable")], lines
+    assert any(line.startswith(f"{NS_DB}.{NS_COLL}: 300 documents") for line in lines), lines
+    assert any("RU probe: 300 documents" in line for line in lines), lines
+    # collStats and GetChangeStreamTokens refused: one line each; the probe cannot run without the custom action.
+    sandbox.source.faults.refuse_collstats = True
+    sandbox.source.faults.refuse_head_tokens = True
+    config = _config(tmp_path, sandbox)
+    code, lines, err = await _plan_text(config)
+    unknown = [line for line in lines if line.startswith("unknown: ")]
+    assert code == 1 and "Traceback" not in err
+    assert any("documents and bytes unknown: collStats failed (Unauthorized" in line and "grant" in line
+               for line in unknown), unknown
+    assert any("RU per document unknown" in line and "GetChangeStreamTokens" in line for line in unknown), unknown
+    assert any("physical partitions unknown" in line for line in unknown), unknown
+    assert any(line.startswith("estimated full-load time: unknown") for line in lines), lines
+    assert any(line.startswith("target write rate:") for line in lines), "the target's part is still measured"
+    # A throttled source: the probe reads nothing within its time bound and says so; nothing is guessed.
+    sandbox.source.faults.refuse_collstats = sandbox.source.faults.refuse_head_tokens = False
+    sandbox.source.faults.ru_per_s = 5
+    await source[NS_DB][NS_COLL].find({}, batch_size=1000).to_list()  # every document read: the partitions in debt
+    code, plan, err, _ = await run_plan(config, "--probe-seconds", "2")
+    assert code == 1
+    coll = plan["collections"][0]
+    assert coll["probe"]["docs"] == 0 and coll["probe"]["ru_per_doc"] is None and coll["ru_full_load"] is None
+    assert any("throttled" in line for line in plan["lacks"]), plan["lacks"]
+    assert plan["estimate"]["ru_total"] is None and "source RU budget" in plan["estimate"]["unknown"]
+    # Bad input: one line, exit 2, never a traceback.
+    for args in (["--workers", "0"], ["nodot"], ["--probe-seconds", "-1"]):
+        code, lines, err = await _plan_text(config, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)

@@ -10,11 +10,13 @@ only), see `cosmigrate.planrecord`.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
+from cosmigrate.budget import SourceBudget
 from cosmigrate.config import Config
 from cosmigrate.indexes import IndexReport, read_indexes
 from cosmigrate.indexplan import target_major
@@ -32,8 +34,10 @@ from cosmigrate.plan.estimate import (
 from cosmigrate.plan.sourceprobe import FeedProbe, ProbeBounds, collection_stats, probe_feed, provisioned_ru
 from cosmigrate.plan.targetprobe import TargetBounds, TargetProbe, probe_target, remove_leftovers
 from cosmigrate.redact import redact
+from cosmigrate.timeouts import within
 
 CONNECT_TIMEOUT_MS = 5_000
+T = TypeVar("T")
 
 
 @dataclass
@@ -154,39 +158,59 @@ async def _reachable(client: Any) -> str:
         return _why(exc)
 
 
+async def _read(opts: PlanOptions, fn: Callable[[], Awaitable[T]]) -> T:
+    """A metadata read of the source, its throttling waited out (bounded by the probe's seconds: then
+    TimeoutError, which the caller reports as throttled, never as a value)."""
+    return await within(SourceBudget().run(fn), opts.source_bounds.seconds)
+
+
+def _throttled(what: str, opts: PlanOptions) -> str:
+    return f"{what}: the source stayed throttled for {opts.source_bounds.seconds:g} s"
+
+
 async def collection_plan(source: Any, cfg: Config, ns: str, opts: PlanOptions, major: int | None) -> CollectionPlan:
-    """Sizes, partitions, RU/s, the RU probe and the indexes of one collection; a refusal is a `lacks` line."""
+    """Sizes, RU/s, indexes, then the RU probe (it spends request units: the reads before it are not throttled
+    by it) and partitions, of one collection; a refusal is a `lacks` line."""
     c = CollectionPlan(ns)
     try:
-        c.documents, c.bytes = await collection_stats(source, ns)
+        c.documents, c.bytes = await _read(opts, lambda: collection_stats(source, ns))
+    except TimeoutError:
+        c.lacks.append(_throttled(f"{ns}: documents and bytes unknown: collStats", opts))
     except PyMongoError as exc:
         c.lacks.append(f"{ns}: documents and bytes unknown: collStats failed ({_why(exc)})"
                        + ("; grant the user collStats (read on the database)" if _refused(exc) else ""))
-    try:
-        c.partitions = len(await change_stream_tokens(source, ns))
-    except (PyMongoError, ValueError) as exc:
-        c.lacks.append(f"{ns}: physical partitions unknown: GetChangeStreamTokens failed ({_why(exc)})"
-                       + ("; the full load needs this custom action: grant it" if isinstance(exc, PyMongoError)
-                          and _refused(exc) else ""))
     if opts.source_ru_per_s:
         c.ru_per_s, c.ru_per_s_from = opts.source_ru_per_s, "--source-ru-per-s"
     else:
         try:
-            c.ru_per_s = await provisioned_ru(source, ns)
-        except PyMongoError:
+            c.ru_per_s = await _read(opts, lambda: provisioned_ru(source, ns))
+        except (PyMongoError, TimeoutError):
             c.ru_per_s = None
         c.ru_per_s_from = "provisioned (GetCollection / GetDatabase)" if c.ru_per_s else ""
         if c.ru_per_s is None:
             c.lacks.append(f"{ns}: source RU budget unknown: the account reports no provisioned RU/s for the "
                            "collection or its database (serverless, or the custom action is refused); give "
                            "--source-ru-per-s")
-    if opts.probes:
-        c.probe = await _feed_probe(cfg, ns, opts, c)
     if opts.indexes and major is not None:
         try:
-            c.indexes = await read_indexes(source, [ns], major)
+            c.indexes = await _read(opts, lambda: read_indexes(source, [ns], major))
+        except TimeoutError:
+            c.lacks.append(_throttled(f"{ns}: indexes unknown: listIndexes or the unique check", opts))
         except PyMongoError as exc:
             c.lacks.append(f"{ns}: indexes unknown: listIndexes or the unique check failed ({_why(exc)})")
+    if opts.probes:
+        c.probe = await _feed_probe(cfg, ns, opts, c)
+    if c.probe is not None and c.probe.partitions:
+        c.partitions = c.probe.partitions  # the probe's own GetChangeStreamTokens: no request outside its bounds
+    else:
+        try:
+            c.partitions = len(await _read(opts, lambda: change_stream_tokens(source, ns)))
+        except TimeoutError:
+            c.lacks.append(_throttled(f"{ns}: physical partitions unknown: GetChangeStreamTokens", opts))
+        except (PyMongoError, ValueError) as exc:
+            c.lacks.append(f"{ns}: physical partitions unknown: GetChangeStreamTokens failed ({_why(exc)})"
+                           + ("; the full load needs this custom action: grant it" if isinstance(exc, PyMongoError)
+                              and _refused(exc) else ""))
     return c
 
 

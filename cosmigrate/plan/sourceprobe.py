@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from bson.int64 import Int64
 from bson.raw_bson import RawBSONDocument
@@ -36,6 +37,7 @@ MAX_PAGE = 1000
 SAMPLES = 200
 """Documents kept (raw) from the probe: the target probe writes documents shaped like these."""
 EMPTY_WAIT_S = (0.05, 1.0)
+T = TypeVar("T")
 
 
 @dataclass
@@ -136,12 +138,15 @@ class _Run:
         self.charges_known = True
 
     async def send(self, cmd: dict[str, Any]) -> Any:
+        return await self.request(lambda: self.db.command(cmd, codec_options=RAW))
+
+    async def request(self, fn: Callable[[], Awaitable[T]]) -> T:
         """One request and its charge; throttling is waited out inside the time bound (then TimeoutError)."""
         while True:
             if Mono.now() >= self.deadline:
                 raise TimeoutError
             try:
-                reply = await self.db.command(cmd, codec_options=RAW)
+                reply = await fn()
             except OperationFailure as exc:
                 if exc.code not in (THROTTLED, EXCEEDED_TIME_LIMIT):
                     raise
@@ -165,15 +170,7 @@ class _Run:
         await asyncio.sleep(min(seconds, left))
 
     async def tokens(self, start: Timestamp | None) -> list[bytes]:
-        before = self.result.ru
-        out = await change_stream_tokens(self.client, self.ns, start)
-        self.result.requests += 1
-        if self.charges_known:
-            try:
-                self.result.ru += await _charge(self.db)
-            except ChargeUnknown:
-                self.result.ru = before
-        return out
+        return await self.request(lambda: change_stream_tokens(self.client, self.ns, start))
 
     def page_size(self, docs_left: int, ru_left: float) -> int:
         seen = self.result.ru / self.result.docs if self.result.docs and self.charges_known else None
