@@ -81,15 +81,16 @@ async def measure(sb: Any, n: int, ru_per_s: float, partitions: int = PARTITIONS
         await source.admin.command({"cosmigrateSandbox": 1, "faults": {"ru_per_s": ru_per_s}})
         cfg = bench_config(sb, "file+sqlite")
         cfg.capture.include = [f"{NS_DB}.{NS_COLL}"]
+        cfg.log.level = "info"  # the journal line of plan vs actual is read back
         config = Path(cfg.control.socket).parent / "cosmigrate.toml"
         config.write_text(to_toml(cfg))
+        await prepare(cfg)
         before = await counters(source)
-        code, plan, err, plan_s = await run_plan(config)
+        code, plan, err, plan_s = await run_plan(config, "--record")
         after = await counters(source)
         if not plan:
             raise RuntimeError(f"cosmigrate plan printed no plan (exit {code}): {err[-500:]}")
         leftovers = await target["cosmigrate_plan"].list_collection_names()
-        await prepare(cfg)
         from cosmigrate.ledger import open_ledger
 
         ledger = open_ledger(cfg)
@@ -100,6 +101,9 @@ async def measure(sb: Any, n: int, ru_per_s: float, partitions: int = PARTITIONS
             start_cpu = cpu_s(daemon.proc.pid)
             doc = await wait_backfilled(cfg, f"{NS_DB}.{NS_COLL}", interval_s=0.02)
             end_units, end_cpu = await counters(source), cpu_s(daemon.proc.pid)
+            journal = Path(cfg.control.socket).parent / "daemon.log"
+            line = await _journal_line(journal)
+            status_plan = (await daemon.status())["plan"]
         copied = await target[NS_DB][NS_COLL].estimated_document_count()
     finally:
         await source.close()
@@ -110,6 +114,7 @@ async def measure(sb: Any, n: int, ru_per_s: float, partitions: int = PARTITIONS
     coll = plan["collections"][0]
     return {
         "exit_code": code, "plan": plan, "leftover_scratch": leftovers, "copied": copied,
+        "journal_line": line, "status_plan": status_plan,
         "plan_seconds": plan_s, "probe_feed_ru": after["feed"] - before["feed"],
         "probe_feed_events": after["events"] - before["events"],
         "estimated_s": est["seconds"], "measured_s": measured_s, "limit": est["limit"],
@@ -118,6 +123,17 @@ async def measure(sb: Any, n: int, ru_per_s: float, partitions: int = PARTITIONS
         "ru_ratio": est["ru_total"] / charged if est["ru_total"] and charged else None,
         "cpu_us_per_doc": (end_cpu - start_cpu) * 1e6 / n,
     }
+
+
+async def _journal_line(path: Path, limit_s: float = 30.0) -> dict[str, Any]:
+    """The daemon's "full load done" journal line (plan vs actual), once it is written."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for raw in (await asyncio.to_thread(path.read_text, errors="replace")).splitlines():
+            if '"full load done' in raw:
+                return dict(json.loads(raw))
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"no plan-vs-actual journal line in {path}")
 
 
 async def run_plan_bench(full: bool = False) -> dict[str, Any]:

@@ -218,10 +218,13 @@ def plan_command(
     probe_seconds: Annotated[float, typer.Option(metavar="SECONDS", help="Probe bound: seconds per collection "
                                                  "(and for the target's probe).")] = 10.0,
     target_probe_docs: Annotated[int, typer.Option(metavar="N", help="Target probe bound: documents.")] = 5000,
+    record: Annotated[bool, typer.Option("--record", help="Store this plan in the ledger as the one the migration "
+                                         "starts with (status compares the run with it).")] = False,
 ) -> None:
     """Say what the migration will take before it starts: sizes, partitions, indexes, source RU, the target's
     write rate, the full-load time and its limit, AWS counts, advice. Reads only (a scratch collection on the
-    target is removed again). Exit 0 for a plan, 1 when something needs action or is unknown, 2 bad input."""
+    target is removed again; `--record` stores the plan in the ledger). Exit 0 for a plan, 1 when something
+    needs action or is unknown, 2 bad input."""
     import json
 
     from cosmigrate.plan.estimate import CPU_US_PER_DOC
@@ -248,6 +251,15 @@ def plan_command(
         typer.echo(json.dumps(plan.as_dict(), indent=1, default=str))
     else:
         typer.echo("\n".join(render(plan)))
+    if record:
+        from cosmigrate.ledger import LedgerError
+        from cosmigrate.planrecord import record_plan
+
+        try:
+            _run_async(record_plan(cfg, plan))
+        except LedgerError as exc:
+            raise fail(f"--record: the plan is not stored: {exc}", code=1) from None
+        typer.echo(f"plan stored in the ledger ({cfg.ledger.url}): status compares the migration with it", err=True)
     if plan.needs_action:
         raise typer.Exit(1)
 

@@ -35,6 +35,7 @@ from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
 from cosmigrate.metrics import Metrics, carry_over
 from cosmigrate.mongo import discover_namespaces, list_namespaces, matches_patterns, source_client, target_client
+from cosmigrate.planrecord import plan_loop
 from cosmigrate.progress import progress_loop
 from cosmigrate.proof import Proof
 from cosmigrate.redact import redact
@@ -99,6 +100,8 @@ class Daemon:
         self.job = job
         """A control request to run and then stop (`cosmigrate verify` / `cutover` without a running daemon)."""
         self.job_result: dict[str, Any] | None = None
+        self.plan_record: dict[str, Any] = {}
+        """The full-load estimate this migration started with (`cosmigrate.planrecord`); {} until loaded."""
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -216,7 +219,8 @@ class Daemon:
                           asyncio.create_task(self._report(), name="sd-status"),
                           asyncio.create_task(sampler.run(), name="head-sampler"),
                           asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress"),
-                          asyncio.create_task(backfill_loop(self), name="backfill")]
+                          asyncio.create_task(backfill_loop(self), name="backfill"),
+                          asyncio.create_task(plan_loop(self), name="plan")]
             if self.cfg.metrics.cloudwatch:
                 background.append(asyncio.create_task(self.metrics.emf_loop(
                     self.cfg.metrics.cloudwatch_interval_s, self.cfg.metrics.cloudwatch_namespace), name="emf"))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cosmigrate import __version__
 from cosmigrate.backfill import BACKFILL, DROPPED, totals
 from cosmigrate.mongo import matches_patterns
+from cosmigrate.planrecord import plan_status
 
 if TYPE_CHECKING:
     from cosmigrate.daemon import Daemon
@@ -36,7 +37,7 @@ NAMESPACE_FIELDS = (
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
-    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover", "backfill",
+    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover", "backfill", "plan",
 )
 STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
 PHASES = ("backfill", "dropped", "capturing", "catching up", "in sync", "failed", "fenced", "stopped")
@@ -230,6 +231,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         "namespaces": namespaces,
         "cutover": cutover,
         "backfill": totals(namespaces),
+        "plan": plan_status(daemon, {n["namespace"]: n["applied_events"] for n in namespaces}),
     }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from pymongo import AsyncMongoClient
 
 from bench.plan import NS_COLL, NS_DB, counters, load, measure, run_plan
+from cosmigrate.ledger import open_ledger
 from cosmigrate.mongo import SCRATCH_DB
 from cosmigrate.sandbox import Sandbox
 from tests.helpers import child_env, make_config, wait_for, write_config
@@ -29,6 +30,12 @@ async def test_the_plan_estimates_a_throttled_full_load_and_its_request_units(sa
     assert 0.75 <= m["time_ratio"] <= 1.25, (m["estimated_s"], m["measured_s"])
     assert 0.8 <= m["ru_ratio"] <= 1.2, (m["estimated_ru"], m["charged_ru"])
     assert m["leftover_scratch"] == []
+    # Plan vs actual: status and the journal line at the end of the backfill, from the plan it started with.
+    status, line = m["status_plan"], m["journal_line"]
+    assert status["made_by"] == "cosmigrate plan" and status["estimated_full_load_s"] == round(m["estimated_s"], 1)
+    assert status["elapsed_full_load_s"] is not None and abs(status["elapsed_full_load_s"] - m["measured_s"]) < 1.5
+    assert status["estimated_ru"] == round(m["estimated_ru"]) and status["ru_spent"] is None
+    assert line["estimated_s"] == status["estimated_full_load_s"] and line["elapsed_s"] is not None
 
 
 async def _plan_text(config: Path, *args: str) -> tuple[int, list[str], str]:
@@ -144,3 +151,40 @@ async def test_what_the_plan_cannot_know_is_one_line_each_and_the_rest_is_still_
     for args in (["--workers", "0"], ["nodot"], ["--probe-seconds", "-1"]):
         code, lines, err = await _plan_text(config, *args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+
+
+async def test_a_first_start_without_a_recorded_plan_records_the_estimate_without_probes(
+        tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    from cosmigrate.control import ControlError, request
+    from cosmigrate.planrecord import KEY, KIND
+    from tests.helpers import prepare_backends
+    from tests.test_capture_processes import Child
+
+    await load(source, 300, 4)
+    config = _config(tmp_path, sandbox)
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    await prepare_backends(cfg)
+    child = await Child.start(config)
+    try:
+        async def planned() -> dict | None:
+            try:
+                reply = await request(str(tmp_path / "control.sock"), {"cmd": "status"})
+            except ControlError:
+                return None  # not listening yet
+            plan = reply["status"]["plan"]
+            return plan if plan["made_by"] else None
+
+        plan = await wait_for(planned, 60, what="the first start's plan in status")
+    finally:
+        await child.finish(signal.SIGTERM)
+    assert plan["made_by"] == "daemon first start (no probes)"
+    # Without the probes the RU per document and the target's rate are unknown: a lower bound, never a guess.
+    assert plan["estimate_complete"] is False and plan["estimated_ru"] is None and plan["ru_at_plan_rate"] is None
+    assert set(plan["unknown"]) == {"source RU budget", "target write rate"} and plan["limit"] == "workers' CPU"
+    assert _scratch(sandbox) == [], "no target probe at a daemon's start"
+    ledger = open_ledger(cfg)
+    try:
+        item = await ledger.get_progress("", KIND, KEY)
+    finally:
+        await ledger.close()
+    assert item is not None and item.doc()["made_by"] == plan["made_by"]
