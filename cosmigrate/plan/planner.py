@@ -186,14 +186,15 @@ async def collection_plan(source: Any, cfg: Config, ns: str, opts: PlanOptions, 
             c.ru_per_s = await _read(opts, lambda: provisioned_ru(source, ns))
         except (PyMongoError, TimeoutError):
             c.ru_per_s = None
-        c.ru_per_s_from = "provisioned (GetCollection / GetDatabase)" if c.ru_per_s else ""
+        c.ru_per_s_from = "provisioned, read with GetCollection" if c.ru_per_s else ""
         if c.ru_per_s is None:
             c.lacks.append(f"{ns}: source RU budget unknown: the account reports no provisioned RU/s for the "
                            "collection or its database (serverless, or the custom action is refused); give "
                            "--source-ru-per-s")
     if opts.indexes and major is not None:
         try:
-            c.indexes = await _read(opts, lambda: read_indexes(source, [ns], major))
+            known = {ns: c.documents} if c.documents is not None else None
+            c.indexes = await _read(opts, lambda: read_indexes(source, [ns], major, documents_known=known))
         except TimeoutError:
             c.lacks.append(_throttled(f"{ns}: indexes unknown: listIndexes or the unique check", opts))
         except PyMongoError as exc:
