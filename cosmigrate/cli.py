@@ -217,7 +217,7 @@ def plan_command(
     probe_ru: Annotated[float, typer.Option(metavar="RU", help="Feed probe bound: RU per collection.")] = 4000.0,
     probe_seconds: Annotated[float, typer.Option(metavar="SECONDS", help="Probe bound: seconds per collection "
                                                  "(and for the target's probe).")] = 10.0,
-    target_probe_docs: Annotated[int, typer.Option(metavar="N", help="Target probe bound: documents.")] = 5000,
+    target_probe_docs: Annotated[int, typer.Option(metavar="N", help="Target probe bound: documents.")] = 20_000,
     record: Annotated[bool, typer.Option("--record", help="Store this plan in the ledger as the one the migration "
                                          "starts with (status compares the run with it).")] = False,
 ) -> None:

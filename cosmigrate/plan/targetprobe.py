@@ -30,13 +30,13 @@ from cosmigrate.timeouts import within
 
 SCRATCH_PREFIX = "plan_scratch_"
 SYNTHETIC_BYTES = 1024
-CHUNKS_PER_WRITER = 4
+WRITES_PER_WRITER = 2
 """At least this many writes per concurrent writer, so the rate is not one write's latency."""
 
 
 @dataclass
 class TargetBounds:
-    docs: int = 5000
+    docs: int = 20_000
     seconds: float = 5.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -99,22 +99,30 @@ async def probe_target(target: Any, samples: list[bytes], avg_size: int | None, 
     result = TargetProbe(bounds, shaped_like=shaped)
     coll = target[SCRATCH_DB].get_collection(f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:12]}", codec_options=RAW)
     concurrency = max(1, concurrency)
-    chunk = max(1, min(max_ops_per_write, bounds.docs // (concurrency * CHUNKS_PER_WRITER) or 1))
+    chunk = max(1, min(max_ops_per_write, bounds.docs // (concurrency * WRITES_PER_WRITER) or 1))
+    # Built before the clock starts: the probe times the target, not its own encoding.
+    writes: list[list[ReplaceOne[Any]]] = [
+        [ReplaceOne({"_id": i}, rekey(docs[i % len(docs)], i), upsert=True)
+         for i in range(start, min(bounds.docs, start + chunk))] for start in range(0, bounds.docs, chunk)]
     gate = asyncio.Semaphore(concurrency)
 
-    async def write(start: int, n: int) -> None:
+    async def write(ops: list[ReplaceOne[Any]]) -> None:
         async with gate:
-            ops: list[ReplaceOne[Any]] = [ReplaceOne({"_id": i}, rekey(docs[i % len(docs)], i), upsert=True) for i in range(start, start + n)]
             await coll.bulk_write(ops, ordered=False)
-            result.docs += n
+            result.docs += len(ops)
 
     async def all_writes() -> None:
         async with asyncio.TaskGroup() as group:
-            for start in range(0, bounds.docs, chunk):
-                group.create_task(write(start, min(chunk, bounds.docs - start)))
+            for ops in writes:
+                group.create_task(write(ops))
 
-    started = Mono.now()
     try:
+        try:
+            await within(coll.insert_one(rekey(docs[0], -1)), bounds.seconds)  # creates the collection, untimed
+        except TimeoutError:
+            result.stopped_by = "seconds"  # not even one write: the rate stays unknown
+            return result
+        started = Mono.now()
         try:
             await within(all_writes(), bounds.seconds)
             result.stopped_by = "documents"
