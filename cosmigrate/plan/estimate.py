@@ -17,10 +17,10 @@ from typing import Any
 
 from cosmigrate.backfill import ESTIMATE_REFRESH_S as PROGRESS_REFRESH_S
 
-CPU_US_PER_DOC = 28.0
-"""CPU microseconds the daemon spends per document of a full load (capture, batch, store, ledger, apply), measured
-by bench/fullload.py against the sandbox (docs/design.md: "about 28 us"; bench/plan.py reports
-`plan.cpu_us_per_doc` from the daemon's own CPU time). Override with `cosmigrate plan --cpu-us-per-doc`."""
+CPU_US_PER_DOC = 32.0
+"""CPU microseconds the daemon spends per document of a full load (capture, batch, store, ledger, apply): the
+daemon's user + system time over a 100,000-document backfill, `plan.cpu_us_per_doc` of bench/plan.py (31.2 and
+32.6 us on the 2-core development machine, 2026-12-07). Override with `cosmigrate plan --cpu-us-per-doc`."""
 SOURCE, TARGET, CPU = "source RU budget", "target write rate", "workers' CPU"
 LIMITS = (SOURCE, TARGET, CPU)
 
