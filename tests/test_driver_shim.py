@@ -28,6 +28,11 @@ def test_the_driver_still_refuses_wire_8_where_the_shim_looks() -> None:
     assert "max_wire_version" in checked and "is_server_type_known" in checked
     assert "self._init_incompatible_err()" in inspect.getsource(TopologyDescription.__init__)
     assert "common.MIN_SUPPORTED_WIRE_VERSION" not in inspect.getsource(TopologyDescription.check_compatible)
+    # The mark: the client's `_monitor_class` option, kept when the settings are rebuilt after an SRV lookup.
+    client_init = inspect.getsource(AsyncMongoClient.__init__)
+    assert 'kwargs.pop("_monitor_class"' in client_init and '"monitor_class": monitor_class' in client_init
+    rebuilt = inspect.getsource(AsyncMongoClient._init_based_on_options)
+    assert 'monitor_class=self._resolve_srv_info["monitor_class"]' in rebuilt
 
 
 async def test_the_source_client_carries_the_mark_into_its_topology() -> None:
