@@ -44,7 +44,6 @@ from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
-from cosmigrate.indexes import expiry_or_unknown
 from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
@@ -75,6 +74,7 @@ from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
 from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tokens import Range, TokenFormatError, positions
+from cosmigrate.ttl import read_ttl_indexes
 
 THROTTLED = 16500
 # With server-side retry on, Cosmos answers a throttled request with ExceededTimeLimit after a while: retry it too.
@@ -84,7 +84,6 @@ TRANSIENT_SOURCE_CODES = {THROTTLED, EXCEEDED_TIME_LIMIT}
 EXPIRED = 72  # InvalidOptions: "Expired resume token or cursor, reinitialize the change stream cursor"
 FATAL_CODES = {280, 286, 26, 73, EXPIRED}
 TOKEN_REJECTED = "Change feed token format is invalid"
-EXPIRY_NOT_READ = "unknown: the source's indexes are not read yet (TTL)"
 
 
 def is_fatal(exc: OperationFailure) -> bool:
@@ -156,9 +155,10 @@ class CaptureStatus:
     """Empty pages that came back faster than max_await_ms (a throttled stream); each one backs off."""
     idle_cuts: int = 0
     """Batches cut because the stream was idle at a page boundary (not full, not `max_batch_age_s` old)."""
-    expiry: str = ""
-    """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index
-    (EXPIRY_NOT_READ until it is read)."""
+    ttl_indexes: list[dict[str, Any]] | None = None
+    """The source collection's TTL indexes, read at start (None: not yet); status judges them (`cosmigrate.ttl`)."""
+    ttl_unknown: str = ""
+    """Why those indexes could not be read ("" when they were)."""
     started_at: float = field(default_factory=time.time)
     partitions: list[dict[str, str]] = field(default_factory=list)
     """One entry per partition unit (range, state tailing/split/failed, error); empty for a single stream."""
@@ -277,17 +277,18 @@ class NamespaceCapture:
         self._stopping.set()
 
     async def _read_expiry(self) -> None:
-        """Read the collection's expiry (its TTL indexes) beside the watchers, never before them.
+        """Read the collection's TTL indexes beside the watchers, never before them.
 
         A listIndexes is not routed to one partition, so while a full load keeps the partitions' request
         units in use it is throttled until every partition has units at once; a watcher that waited for it
-        left its partition unread (measured: a 4-partition backfill took 5x its RU budget's time). Until it
-        is read, status says the expiry is unknown, which blocks readiness."""
-        if self.status.expiry:
+        left its partition unread (measured: a 4-partition backfill took 5x its RU budget's time,
+        bench/plan.py). Until they are read (`ttl_indexes` None) status says the expiry is unknown, which
+        blocks readiness."""
+        if self.status.ttl_indexes is not None:
             return
-        self.status.expiry = EXPIRY_NOT_READ
         try:
-            self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
+            self.status.ttl_indexes, self.status.ttl_unknown = await self._retrying(
+                lambda: read_ttl_indexes(self.source, self.ns))
         except (Fenced, _Stopped):
             return
 

@@ -194,7 +194,7 @@ async def collection_plan(source: Any, cfg: Config, ns: str, opts: PlanOptions, 
     if opts.indexes and major is not None:
         try:
             known = {ns: c.documents} if c.documents is not None else None
-            c.indexes = await _read(opts, lambda: read_indexes(source, [ns], major, documents_known=known))
+            c.indexes = await _read(opts, lambda: read_indexes(source, [ns], major, cfg, documents_known=known))
         except TimeoutError:
             c.lacks.append(_throttled(f"{ns}: indexes unknown: listIndexes or the unique check", opts))
         except PyMongoError as exc:

@@ -44,7 +44,8 @@ def _collection(c: CollectionPlan) -> list[str]:
             continue
         stage = "" if r.action != "build" else f" ({BEFORE if r.target and r.target.get('unique') else AFTER})"
         text = r.line().replace(f"{r.ns} ", "", 1)
-        lines.append(f"  index {text}{stage}" + (f"; TTL decision: {ttl.decision(r)}" if r.ttl else ""))
+        shown = r.ttl and not r.decision  # a `_ts` TTL's line already names its [ttl] decision
+        lines.append(f"  index {text}{stage}" + (f"; TTL decision: {ttl.decision(r)}" if shown else ""))
     return lines
 
 
