@@ -118,6 +118,18 @@ def backfill_line(load: dict[str, Any]) -> Text | None:
                 f"{load['rate_docs_per_s']:,.0f}/s, eta {'unknown' if eta is None else _duration(eta)}", style="cyan")
 
 
+def plan_line(plan: dict[str, Any]) -> Text | None:
+    """The plan the migration started with next to the elapsed full load (shown while a backfill runs)."""
+    if not plan or not plan.get("made_by"):
+        return None
+    est, elapsed = plan.get("estimated_full_load_s"), plan.get("elapsed_full_load_s")
+    shown = "unknown" if est is None else ("at least " if not plan.get("estimate_complete") else "") + _duration(est)
+    limit = f" ({plan['limit']})" if plan.get("limit") else ""
+    ru = plan.get("estimated_ru")
+    return Text(f"plan: full load {shown}{limit}, elapsed {'-' if elapsed is None else _duration(elapsed)}; "
+                f"source RU {'unknown' if ru is None else _count(ru)}", style="dim")
+
+
 def _contact(n: dict[str, Any], now: str, threshold: float) -> Text:
     return Text(_when(n["last_capture_contact"], now))
 
@@ -180,6 +192,9 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
     loading = backfill_line(status.get("backfill") or {})
     if loading is not None:
         parts.append(loading)
+        planned = plan_line(status.get("plan") or {})
+        if planned is not None:
+            parts.append(planned)
     parts.append(table)
     if not namespaces:
         parts.append(Text("no namespace is being captured yet", style="dim"))

@@ -188,3 +188,16 @@ async def test_a_first_start_without_a_recorded_plan_records_the_estimate_withou
     finally:
         await ledger.close()
     assert item is not None and item.doc()["made_by"] == plan["made_by"]
+
+
+def test_the_status_table_shows_the_plan_next_to_the_elapsed_load() -> None:
+    from cosmigrate.statusview import plan_line
+
+    assert plan_line({}) is None
+    full = {"made_by": "cosmigrate plan", "estimated_full_load_s": 600.0, "estimate_complete": True,
+            "limit": "source RU budget", "elapsed_full_load_s": 130.0, "estimated_ru": 1_200_000}
+    line = plan_line(full)
+    assert line is not None and line.plain == ("plan: full load 10m (source RU budget), elapsed 2m; "
+                                               "source RU 1,200,000")
+    bound = plan_line({**full, "estimate_complete": False, "limit": "workers' CPU", "estimated_ru": None})
+    assert bound is not None and "at least 10m" in bound.plain and "source RU unknown" in bound.plain
