@@ -114,7 +114,7 @@ async def measure(sb: Any, n: int, ru_per_s: float, partitions: int = PARTITIONS
     coll = plan["collections"][0]
     return {
         "exit_code": code, "plan": plan, "leftover_scratch": leftovers, "copied": copied,
-        "journal_line": line, "status_plan": status_plan,
+        "journal_line": line, "status_plan": status_plan, "workdir": str(config.parent),
         "plan_seconds": plan_s, "probe_feed_ru": after["feed"] - before["feed"],
         "probe_feed_events": after["events"] - before["events"],
         "estimated_s": est["seconds"], "measured_s": measured_s, "limit": est["limit"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ RU_PER_S = float(os.environ.get("COSMIGRATE_PLAN_RU_PER_S", "2000"))
 
 async def test_the_plan_estimates_a_throttled_full_load_and_its_request_units(sandbox: Sandbox) -> None:
     m = await measure(sandbox, DOCS, RU_PER_S, partitions=4)
+    shutil.rmtree(m["workdir"], ignore_errors=True)  # bench's own temporary directory (config, ledger, batches)
     assert m["copied"] == DOCS
     assert m["exit_code"] == 0, m["plan"]["lacks"]
     assert m["limit"] == "source RU budget"
