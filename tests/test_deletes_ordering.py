@@ -152,9 +152,10 @@ async def test_the_final_sweep_compares_ids_so_a_stale_and_a_missing_document_do
     """Issue 23, 2 (third bullet). After a verification pass and a sweep, the target gains a document the source
     does not hold (stale) and loses one it does (missing), in the same range: the counts stay equal.
 
-    Before the fix the final sweep counted (equal), the recheck had nothing in the batch log to compare, and the
-    report said equal: true with the stale document still on the target. Now the final sweep merges `_id`s: the
-    stale one is deleted, the missing one is handed to verification, and the cutover ends with exit 6.
+    Before the fix the final sweep counted (equal) and deleted nothing, and the recheck had nothing in the batch
+    log to compare: the report said equal: true with a stale document on the target and a missing one. Now the
+    final sweep merges `_id`s: the stale one is deleted, the missing one is handed to verification, and the
+    cutover ends with exit 6.
     """
     await source.app.users.insert_many([{"_id": i, "v": 1} for i in range(20)])
     cfg = config(tmp_path, sandbox)
@@ -167,6 +168,9 @@ async def test_the_final_sweep_compares_ids_so_a_stale_and_a_missing_document_do
         await wait_for(lambda: _true(bool(verifier.state.finished_at or verifier.state.last_finished_at)), 30,
                        what="a verification pass")
         await _settled(run)
+        committed = run.daemon.captures[NS].status.committed_seq
+        await wait_for(lambda: _true(verifier.state.recheck_seq >= committed), 30,
+                       what="every batch re-checked (the batch log names none of the documents changed below)")
         await target.app.users.insert_one({"_id": 5.5, "v": 1})  # stale: the source does not hold it
         await target.app.users.delete_one({"_id": 6})  # missing: the source holds it
         result = await proof.run_cutover()
