@@ -109,9 +109,9 @@ class Proof:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)
             return fresh.caught_up_at
 
-        def caught_up_mono() -> Mono:
+        def caught_up() -> Mono | None:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)
-            return Mono(fresh.caught_up_t)
+            return Mono(fresh.caught_up_t) if fresh.caught_up_t else None
 
         async def sample() -> None:
             if sampler is not None:
@@ -119,8 +119,8 @@ class Proof:
 
         link = self.links[ns] = NamespaceLink(
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
-            caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head,
-            latest_head_at=lambda: Mono(fresh.last_sample_at), caught_up_mono=caught_up_mono,
+            caught_up=caught_up, caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head,
+            latest_head_at=lambda: Mono(fresh.last_sample_at) if fresh.last_sample_at else None,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
         )
         self.deletes.attach(link, app)

@@ -113,7 +113,7 @@ class _Pipeline:
 
     def __init__(self, then: Callable[[], Awaitable[None]]) -> None:
         self.then = then
-        self.at = Mono(0.0)
+        self.at: Mono | None = None
         self.samples = 0
         self.deletes = 0
 
@@ -124,7 +124,7 @@ class _Pipeline:
         self.at = Mono.now()
 
     def link(self) -> NamespaceLink:
-        return NamespaceLink("db.c", 1, caught_up_mono=lambda: self.at, sample=self.sample,
+        return NamespaceLink("db.c", 1, caught_up=lambda: self.at, sample=self.sample,
                              deletes_applied=lambda: self.deletes)
 
 
@@ -290,7 +290,7 @@ async def test_the_sweep_keeps_to_its_share_of_the_source_and_waits_out_throttli
     await target.db.c.insert_many([{"_id": i} for i in range(600)])  # every odd _id is gone from the source
     sandbox.source.faults.throttle_rate = 0.3
     sandbox.source.faults.retry_after_ms = 5
-    link = NamespaceLink("db.c", 1, caught_up_mono=Mono.now)
+    link = NamespaceLink("db.c", 1, caught_up=Mono.now)
     src, tgt = raw_collection(source, "db.c"), raw_collection(target, "db.c")
     budget = SourceBudget(share=0.2)
     sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 40, budget)

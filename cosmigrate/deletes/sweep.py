@@ -188,7 +188,8 @@ class DeleteSweep:
         s.started_at, s.position, s.running = Wall.now(), Position(), True
         s.head = self.link.latest_head()
         # The head and its moment are read together (no await between): the pass claims exactly that sample.
-        self._reach = self.link.latest_head_at() if s.head is not None else Mono.now()
+        at = self.link.latest_head_at()
+        self._reach = at if s.head is not None and at is not None else Mono.now()
         self.started_mono = Mono.now()
         s.scanned = s.deleted = s.source_reads = s.counted_ranges = s.merged_ranges = s.missing = 0
         self.missing = []
@@ -253,7 +254,7 @@ class DeleteSweep:
             self.log.info("a resumed delete sweep pass waits for apply to reach a head sampled now",
                           number=self.state.number)
         waited = Mono.now()
-        while not await self.link.wait_reached(self._reach, self.catch_up_s):
+        while not await self.link.wait_caught_up_to(self._reach, self.catch_up_s):
             self.log.info("delete sweep waits for apply to reach the head it started at",
                           waited_s=round(waited.elapsed(), 1))
 
@@ -274,11 +275,12 @@ class DeleteSweep:
                 pending.popleft()
                 await self._advance(page)
                 continue
-            ready = self.link.caught_up_mono() >= counted_at
+            at = self.link.caught_up()
+            ready = at is not None and at >= counted_at
             if not ready and not everything:
                 return
             if not ready:
-                ready = await self.link.wait_reached(counted_at, self.catch_up_s)
+                ready = await self.link.wait_caught_up_to(counted_at, self.catch_up_s)
             pending.popleft()
             differs = True
             if ready:
