@@ -71,6 +71,7 @@ SAVE_EVERY_S = 1.0  # progress goes to the ledger at most this often mid-pass (a
 MERGE_RUN = 16  # ranges merged directly once counting stopped paying off (doubled per failed probe)
 MAX_MERGE_RUN = 1024
 PROBE = 3  # consecutive counted ranges that differed before merging directly
+WAIT_SAID_EVERY_S = 60.0  # how often a pass still waiting for apply says so in the log
 MAX_MISSING = 10_000  # source-only `_id`s a final sweep keeps for verification (beyond it, only counted)
 TIMES = ("started_at", "last_started_at", "last_finished_at")  # Wall in memory, seconds since the epoch in the ledger
 
@@ -253,10 +254,12 @@ class DeleteSweep:
             self._reach = Mono.now()
             self.log.info("a resumed delete sweep pass waits for apply to reach a head sampled now",
                           number=self.state.number)
-        waited = Mono.now()
+        waited, said = Mono.now(), None
         while not await self.link.wait_caught_up_to(self._reach, self.catch_up_s):
-            self.log.info("delete sweep waits for apply to reach the head it started at",
-                          waited_s=round(waited.elapsed(), 1))
+            if said is None or said.elapsed() >= WAIT_SAID_EVERY_S:  # a stopped writer can keep it here for hours
+                said = Mono.now()
+                self.log.info("delete sweep waits for apply to reach the head it started at",
+                              waited_s=round(waited.elapsed(), 1))
 
     async def _count(self, coll: Any, page: Page, budget: SourceBudget) -> int:
         db = coll.database
