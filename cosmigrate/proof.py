@@ -122,6 +122,7 @@ class Proof:
             caught_up=caught_up, caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head,
             latest_head_at=lambda: Mono(fresh.last_sample_at) if fresh.last_sample_at else None,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
+            expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
         )
         self.deletes.attach(link, app)
         self.verification.attach(link)

@@ -7,7 +7,10 @@
   `cosmigrate.deletes.lookup` inside its round.
 - Tier 3, the sweep (`deletes.enabled`): one task per namespace runs a pass
   when none has completed yet, and afterwards whenever the source head moved
-  since the last pass started and `deletes.interval_s` passed.
+  since the last pass started and `deletes.interval_s` passed. A namespace
+  whose source expires documents (TTL, `cosmigrate.ttl`) gets a pass every
+  `deletes.interval_s` whether its head moved or not: expiry deletes
+  documents without moving the head.
 
 Readiness: deletes are *reconciled* for a namespace when a sweep pass that
 started after the tier became active has completed and its head covers the
@@ -16,11 +19,14 @@ head too) since the moment the pass claims. There is no allowance in time:
 a delete one second after a pass started is not swept by it, and "ready"
 would then be said while the target still holds the document. With the
 preview on, deletes after that first pass arrive in the feed. With neither,
-deletes are never reconciled and status says so.
+deletes are never reconciled and status says so. A namespace that expires
+documents is reconciled only by a pass that this process started less than
+`apply.cutover_threshold_seconds` ago (expiry is not in the feed, preview or
+not, and moves no head), on top of the rules above.
 
-Times: the schedule's interval and the preview's start are monotonic
-(`Mono`, this process only); the pass's stored times are wall times (`Wall`),
-shown in status.
+Times: the schedule's interval, the expiry rule's age and the preview's
+start are monotonic (`Mono`, this process only); the pass's stored times are
+wall times (`Wall`), shown in status.
 """
 
 from __future__ import annotations
@@ -137,7 +143,7 @@ class Deletes:
             return False  # no head sampled yet: a pass could not say up to where it reconciles
         if not self._counts(sweep):
             return True
-        if _covers(s.last_head, head):
+        if _covers(s.last_head, head) and not sweep.link.expires():
             return False
         if sweep.ns in self._kicked:
             self._kicked.discard(sweep.ns)
@@ -151,18 +157,32 @@ class Deletes:
         So that status right after the applications stopped writing can say "reconciled" without waiting
         for `deletes.interval_s`; bounded, a pass that takes longer simply shows as not reconciled yet.
         """
+        asked = Mono.now()
         stale = [ns for ns, sw in self.sweeps.items() if ns in self._tasks and not sw.state.running
-                 and sw.state.completed and not _covers(sw.state.last_head, sw.link.latest_head())]
+                 and sw.state.completed and (not _covers(sw.state.last_head, sw.link.latest_head()) or self._expired(sw))]
         if not stale:
             return
         self._kicked.update(stale)
 
+        def covered(sweep: DeleteSweep) -> bool:
+            if sweep.link.expires():
+                started = sweep.last_started_mono
+                return started is not None and started >= asked  # a pass begun after the question
+            return _covers(sweep.state.last_head, sweep.link.latest_head())
+
         async def settled(sweep: DeleteSweep) -> None:
             async with sweep.completed:
-                await sweep.completed.wait_for(lambda: _covers(sweep.state.last_head, sweep.link.latest_head()))
+                await sweep.completed.wait_for(lambda: covered(sweep))
 
         with contextlib.suppress(TimeoutError):
             await within(asyncio.gather(*(settled(self.sweeps[ns]) for ns in stale)), limit_s)
+
+    def _expired(self, sweep: DeleteSweep) -> bool:
+        """The source expires documents and the last pass started too long ago (or in another process) to vouch
+        for the documents that expired since (the same allowance as the lag)."""
+        started = sweep.last_started_mono
+        return sweep.link.expires() and (started is None
+                                         or started.elapsed() >= self.cfg.apply.cutover_threshold_seconds)
 
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]
@@ -213,12 +233,20 @@ class Deletes:
         """Whether deletes of `ns` are reconciled (see the module docstring), and why not."""
         sweep = self.sweeps.get(ns)
         if sweep is None:
+            link = self.links.get(ns)
+            if link is not None and link.expires():
+                return False, ("the source expires documents (TTL), which no change event shows, and deletes.enabled "
+                               "is false: expired documents stay on the target")
             if self.preview:
                 return True, ""
             return False, "no delete tier: the account has no delete preview and deletes.enabled is false"
         s = sweep.state
         if not self._counts(sweep):
             return False, "no delete sweep has completed yet"
+        if self._expired(sweep):
+            started = sweep.last_started_mono
+            return False, ("the source expires documents (TTL) and the last sweep started "
+                           + (f"{started.elapsed():.0f}s ago" if started is not None else "before this process"))
         if self.preview:
             return True, ""
         head = sweep.link.latest_head()
