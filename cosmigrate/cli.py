@@ -204,7 +204,7 @@ def indexes(
 def plan_command(
     config: ConfigOpt = Path(DEFAULT_CONFIG),
     namespaces: Annotated[list[str] | None, typer.Argument(help="db.collection ...; every migrated one when left out.",
-                                                           metavar="[NAMESPACE]...", show_default=False)] = None,
+                                                           metavar="NAMESPACE", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     source_ru_per_s: Annotated[float | None, typer.Option(
         "--source-ru-per-s", metavar="N", help="RU/s the full load may spend on each collection (default: the "
