@@ -159,7 +159,13 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
     head.append("  gap ")
     head.append(f"{status['gap_in_seconds']:.1f}s", style=_lag_style(status["gap_in_seconds"], threshold))
     head.append(f" (ready under {threshold:g}s)  ")
-    head.append("READY FOR CUTOVER" if ready else "not ready", style="bold green" if ready else "yellow")
+    cutover = str(status.get("cutover") or "")
+    if cutover == "cutover complete":  # done, not "not ready": the applications own the target now
+        head.append("CUTOVER COMPLETE", style="bold cyan")
+    else:
+        head.append("READY FOR CUTOVER" if ready else "not ready", style="bold green" if ready else "yellow")
+        if cutover.startswith(("cutover running", "cutover stopped")):
+            head.append(f"  {printable(cutover)}", style="cyan")
     if status.get("insecure_target_tls"):
         head.append("  target TLS off or unverified (target.allow_insecure_tls)", style="bold red")
 
@@ -192,7 +198,10 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
             if n.get("last_error_at"):
                 line.append(Text(f" ({_when(n['last_error_at'], now)})", style="dim"))
             parts.append(line)
-    if not ready:
+    if cutover == "cutover complete":
+        parts.append(plain("the applications use the target now; the writer stays stopped (`ctl writer start "
+                           "--force` overrides)", "dim"))
+    elif not ready:
         parts.append(plain("why not: " + "; ".join(status["not_ready_reasons"]), "dim"))
     return Group(*parts)
 
