@@ -222,6 +222,83 @@ def ledger_init(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
         raise fail(str(exc), code=1) from None
 
 
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (scripts).")]
+
+
+def _purge(config: Path, ns: str | None, yes: bool) -> None:
+    """`ledger reset` / `drop-cluster`: count, refuse while held, confirm, re-check, remove, journal."""
+    import getpass
+
+    from cosmigrate.ledger import LedgerError, open_ledger
+    from cosmigrate.ledgeradmin import describe, holder
+    from cosmigrate.logs import configure_logging, get_logger
+    from cosmigrate.terminal import printable
+
+    cfg = _load(config, secrets=False)
+    what = f"namespace {printable(ns)}" if ns is not None else "every namespace"
+
+    async def step(dry_run: bool) -> tuple[str, dict[str, int]]:
+        ledger = open_ledger(cfg)
+        try:
+            held = await holder(cfg, ledger, ns)
+            return held, ({} if held else await ledger.purge(ns, dry_run=dry_run))
+        finally:
+            await ledger.close()
+
+    try:
+        held, counts = _run_async(step(dry_run=True))
+        if held:
+            raise fail(f"refusing to remove the ledger items of {what}: {held}", code=1)
+        if not any(counts.values()):
+            raise fail(f"the ledger {cfg.ledger.url} has no items for {what} of cluster {cfg.cluster_name}", code=1)
+        after = ("the next start claims it anew and copies it again from the beginning (the target collection is "
+                 "not touched: drop it first for a clean copy)") if ns is not None else (
+                 "the next start begins a new migration of the cluster from the beginning (writer stopped; the "
+                 "target and the batch objects are not touched)")
+        typer.echo(f"This removes from {cfg.ledger.url}, cluster {cfg.cluster_name}, {what}: {describe(counts)}. "
+                   f"Then {after}.", err=True)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise fail("not confirmed: run it in a terminal, or give --yes", code=1)
+            if not typer.confirm("Remove them?", err=True):
+                raise fail("not confirmed: nothing removed", code=1)
+        held, counts = _run_async(step(dry_run=False))  # again: a daemon may have started meanwhile
+        if held:
+            raise fail(f"refusing to remove the ledger items of {what}: {held}", code=1)
+    except LedgerError as exc:
+        raise fail(str(exc), code=1) from None
+    configure_logging(cfg.log.level, cfg.log.format)
+    log = get_logger(component="ledger")
+    log.warning("ledger namespace reset" if ns is not None else "ledger cluster dropped", namespace=ns or "",
+                by=getpass.getuser(), ledger=cfg.ledger.url, **counts)
+    typer.echo(f"removed {describe(counts)} of {what}")
+
+
+@ledger_app.command("reset")
+def ledger_reset(
+    namespace: Annotated[str, typer.Argument(help="db.collection whose ledger items to remove.", metavar="NAMESPACE")],
+    yes: YesOpt = False, config: ConfigOpt = Path(DEFAULT_CONFIG),
+) -> None:
+    """Remove one namespace's ledger items (meta, batches, progress) so that the next start copies it again.
+
+    Refused while a daemon may hold it (the cluster lock, a daemon answering on the socket, a recent update by
+    its owner). Asks first unless --yes; the removal is logged. Needs dynamodb:DeleteItem (not in the
+    instance role).
+    """
+    if not namespace or "." not in namespace:
+        raise fail(f"NAMESPACE: expected db.collection, got {namespace!r}")
+    _purge(config, namespace, yes)
+
+
+@ledger_app.command("drop-cluster")
+def ledger_drop_cluster(yes: YesOpt = False, config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+    """Remove every ledger item of the config's cluster: namespaces, batches, progress, the writer switch.
+
+    Refused while a daemon may hold any of it. Asks first unless --yes; the removal is logged.
+    """
+    _purge(config, None, yes)
+
+
 @batches_app.command("list")
 def batches_list(
     namespace: Annotated[str | None, typer.Argument(help="db.collection; all namespaces when left out.",
