@@ -133,15 +133,19 @@ def check_config(config: ConfigOpt = Path(DEFAULT_CONFIG), env_file: EnvFileOpt 
 
 @app.command()
 def preflight(config: ConfigOpt = Path(DEFAULT_CONFIG), env_file: EnvFileOpt = None) -> None:
-    """Check the set-up before migrating: source, target, store, ledger, control socket. Exit 1 on any FAIL."""
-    from cosmigrate.preflight import Preflight
+    """Check the set-up before migrating: source, target, store, ledger, control socket. Exit 1 on any FAIL.
+
+    A check that depends on a failed one says SKIP and why; each piece of advice is given once.
+    """
+    from cosmigrate.preflight import Preflight, lines
 
     cfg = _load(config, files=True, env_file=env_file)
     checks = _run_async(Preflight(cfg).run())
-    for check in checks:
-        typer.echo(check.line())
-    failed = [c for c in checks if not c.ok]
-    typer.echo(f"{len(checks) - len(failed)} ok, {len(failed)} failed")
+    for line in lines(checks):
+        typer.echo(line)
+    failed = [c for c in checks if c.failed]
+    skipped = sum(c.skipped for c in checks)
+    typer.echo(f"{sum(c.ok for c in checks)} ok, {len(failed)} failed" + (f", {skipped} skipped" if skipped else ""))
     if failed:
         raise typer.Exit(1)
 
