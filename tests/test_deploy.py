@@ -289,9 +289,10 @@ def test_user_data_installs_a_pinned_release_and_starts_only_a_valid_config() ->
 
 def test_security_groups_egress_only_to_the_source_https_and_the_documentdb_group() -> None:
     core = _template("core-resources.yaml")
-    egress = core["Resources"]["MigrationSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    rules = core["Resources"]["MigrationSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    egress = [r["Fn::If"][1] if "Fn::If" in r else r for r in rules]  # the source's rules exist per given range
     assert {(r["FromPort"] if isinstance(r["FromPort"], int) else r["FromPort"]["Ref"]) for r in egress} == {443, "SourcePort"}
-    assert all(isinstance(r["CidrIp"], dict) for r in egress)  # parameters, never a literal 0.0.0.0/0
+    assert all(isinstance(r.get("CidrIp", r.get("DestinationPrefixListId")), dict) for r in egress)  # never a literal
     docdb = _template("documentdb.yaml")
     rule = docdb["Resources"]["MigrationToCluster"]["Properties"]
     assert rule["FromPort"] == 27017 and rule["DestinationSecurityGroupId"] == {"Ref": "ClusterSecurityGroup"}
@@ -372,3 +373,49 @@ def test_the_secret_shapes_the_templates_create_are_the_ones_the_code_reads(tmp_
     path.write_text(path.read_text().replace(source, placeholder))
     with pytest.raises(ConfigError, match="source.uri"):
         load_config(path, env={})
+
+
+def test_first_creation_waits_for_the_release_and_a_failed_install_fails_the_stack() -> None:
+    core = _template("core-resources.yaml")
+    instance = core["Resources"]["MigrationInstance"]
+    assert instance["CreationPolicy"]["ResourceSignal"]["Count"] == 1
+    script = instance["Properties"]["UserData"]["Fn::Base64"]["Fn::Sub"][0]
+    trap = script.index("trap ")
+    assert "cfn-signal -e \"$rc\"" in script[trap:] and "--resource MigrationInstance" in script, script
+    assert script.index("aws-cfn-bootstrap") < trap < script.index("python3.11"), "signal set before any real step"
+    assert "set -euo pipefail" in script[:trap]
+    # The default release location is this stack's bucket: the script waits for the object, bounded.
+    loop = script[script.index("for attempt in"):script.index("done", script.index("for attempt in"))]
+    assert "aws s3 cp" in loop and "sleep" in loop and "exit 1" in loop, loop
+    timeout = instance["CreationPolicy"]["ResourceSignal"]["Timeout"]
+    assert timeout.startswith("PT") and int(timeout[2:-1]) * 60 > 180 * 10, "the signal outwaits the release wait"
+    assert "sort -V" in script and "1.300071.0" in script, "the agent's version is checked for its journald input"
+    readme = (DEPLOY.parent / "README.md").read_text()
+    assert "waits up to 30 minutes" in readme and "CREATE_FAILED" in readme
+
+
+def test_the_source_takes_several_ranges_or_a_prefix_list() -> None:
+    core = _template("core-resources.yaml")
+    params = core["Parameters"]
+    assert params["SourceCidr"]["Type"] == "CommaDelimitedList" and "SourcePrefixListId" in params
+    rules = core["Resources"]["MigrationSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    source = [r["Fn::If"][1] for r in rules if "Fn::If" in r]
+    assert sum("CidrIp" in r for r in source) >= 4 and sum("DestinationPrefixListId" in r for r in source) == 1
+    assert "SourceIsGiven" in core["Rules"]
+
+
+def test_the_emf_log_is_where_the_cloudwatch_agent_can_read_it() -> None:
+    import json
+
+    unit = _unit_settings(DEPLOY / "systemd" / "cosmigrate-emf.service")
+    assert unit.get("DynamicUser", ["no"]) == ["no"], "a dynamic user's logs sit under /var/log/private (0700)"
+    assert unit["User"] == ["cosmigrate"], "a static user the installer creates"
+    assert "SupplementaryGroups" in unit and "systemd-journal" in unit["SupplementaryGroups"][0]
+    assert unit["LogsDirectory"] == ["cosmigrate"] and int(unit["LogsDirectoryMode"][0], 8) & 0o005 == 0o005
+    assert int(unit["UMask"][0], 8) & 0o004 == 0, "emf.log readable by others (the cwagent user)"
+    path = unit["StandardOutput"][0].removeprefix("append:")
+    agent = json.loads((DEPLOY / "cloudwatch" / "amazon-cloudwatch-agent.json").read_text())
+    files = [f["file_path"] for f in agent["logs"]["logs_collected"]["files"]["collect_list"]]
+    assert path in files and path.startswith("/var/log/cosmigrate/"), (path, files)
+    assert "useradd" in (DEPLOY / "systemd" / "install.sh").read_text()
+    assert "su cosmigrate cosmigrate" in (DEPLOY / "cloudwatch" / "cosmigrate.logrotate").read_text()
