@@ -419,3 +419,35 @@ def test_the_emf_log_is_where_the_cloudwatch_agent_can_read_it() -> None:
     assert path in files and path.startswith("/var/log/cosmigrate/"), (path, files)
     assert "useradd" in (DEPLOY / "systemd" / "install.sh").read_text()
     assert "su cosmigrate cosmigrate" in (DEPLOY / "cloudwatch" / "cosmigrate.logrotate").read_text()
+
+
+def test_the_installer_skeleton_fails_check_config_until_every_placeholder_is_set(tmp_path: Path) -> None:
+    env = dict(os.environ, COSMIGRATE_ROOT=str(tmp_path))
+    subprocess.run(["bash", str(DEPLOY / "systemd" / "install.sh"), "--skip-venv"], check=True, env=env,
+                   capture_output=True, timeout=60)
+    config = tmp_path / "etc" / "cosmigrate" / "cosmigrate.toml"
+    secrets = {"COSMIGRATE_SOURCE_URI": "mongodb://u:p@127.0.0.1:10255/?ssl=false&replicaSet=globaldb&retrywrites=false",
+               "COSMIGRATE_TARGET_URI": "mongodb://u:p@127.0.0.1:27017/?tls=true&retryWrites=false"}
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cosmigrate", "check-config", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ, **secrets))
+
+    result = check()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    named = lines[0].split(": still")[0]
+    for key in ("cluster_name", "store.url", "ledger.url", "aws.region"):
+        assert key in named, lines[0]
+    assert "CHANGE-ME placeholder" in lines[0] and "target.tls_ca_file" in lines[0], lines[0]
+    # The stack's UserData fills in each one: afterwards no placeholder is left (the CA bundle is still missing).
+    core = _template("core-resources.yaml")
+    script = core["Resources"]["MigrationInstance"]["Properties"]["UserData"]["Fn::Base64"]["Fn::Sub"][0]
+    sed = next(line.strip() for line in script.splitlines() if "CHANGE-ME-bucket" in line)
+    for name, value in (("ChangeBatchBucket", "bkt"), ("BatchPrefix", "cosmigrate"), ("LedgerTable", "tbl"),
+                        ("ClusterName", "prod"), ("AWS::Region", "eu-west-1")):
+        sed = sed.replace("${" + name + "}", value)
+    subprocess.run(["bash", "-c", sed.replace('"$config"', str(config))], check=True, timeout=60)
+    assert not [line for line in config.read_text().splitlines() if "CHANGE-ME" in line and not line.startswith("#")]
+    result = check()
+    assert result.returncode == 2 and "placeholder" not in result.stderr and "tls_ca_file" in result.stderr, result.stderr
