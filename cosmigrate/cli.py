@@ -152,7 +152,7 @@ def preflight(config: ConfigOpt = Path(DEFAULT_CONFIG), env_file: EnvFileOpt = N
 
 @app.command()
 def indexes(
-    config: ConfigOpt,
+    config: ConfigOpt = Path(DEFAULT_CONFIG),
     namespaces: Annotated[list[str] | None, typer.Argument(help="db.collection ...; every migrated one when left out.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reports as JSON.")] = False,
     max_candidates: Annotated[int, typer.Option(help="Bound of the unique check: documents read per unique index.")] = 10_000,
@@ -307,33 +307,48 @@ def ledger_drop_cluster(yes: YesOpt = False, config: ConfigOpt = Path(DEFAULT_CO
 def batches_list(
     namespace: Annotated[str | None, typer.Argument(help="db.collection; all namespaces when left out.",
                                                     metavar="NAMESPACE", show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=0, metavar="N",
+                                              help="Only the latest N batches of each namespace.")] = None,
     config: ConfigOpt = Path(DEFAULT_CONFIG),
 ) -> None:
-    """List committed batches: seq, events, bytes, capture time, applied or not."""
+    """List committed batches: seq, events, bytes, capture time, applied or not; a summary per namespace on stderr."""
     from cosmigrate.ledger import LedgerError, open_ledger
     from cosmigrate.terminal import printable
 
     cfg = _load(config, secrets=False)
 
-    async def listing() -> list[str]:
+    async def listing() -> tuple[list[str], list[str]]:
         ledger = open_ledger(cfg)
         try:
-            names = [namespace] if namespace else [m.ns for m in await ledger.list_namespaces()]
+            if namespace:
+                found = await ledger.get_namespace(namespace)
+                metas = [found] if found is not None else []
+            else:
+                metas = await ledger.list_namespaces()
             lines = [f"{'namespace':<32} {'seq':>8} {'events':>8} {'bytes':>10}  {'captured_at (UTC)':<26} applied"]
-            for ns in names:
-                for b in await ledger.list_batches(ns):
+            summary = []
+            for meta in metas:
+                start = 0 if limit is None else max(0, meta.next_seq - limit)
+                batches = await ledger.list_batches(meta.ns, start) if limit != 0 else []
+                for b in batches:
                     when = dt.datetime.fromtimestamp(b.captured_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-                    lines.append(f"{printable(ns):<32} {b.seq:>8} {b.events:>8} {b.bytes:>10}  {when:<26} "
+                    lines.append(f"{printable(meta.ns):<32} {b.seq:>8} {b.events:>8} {b.bytes:>10}  {when:<26} "
                                  f"{'yes' if b.applied_at else 'no'}")
-            return lines
+                pending = max(0, meta.next_seq - 1 - meta.applied_seq)
+                shown = f", the latest {len(batches)} shown" if limit is not None else ""
+                summary.append(f"{printable(meta.ns)}: {meta.next_seq} batches committed ({meta.captured_events} "
+                               f"events), {meta.applied_seq + 1} applied ({meta.applied_events} events), {pending} "
+                               f"pending{shown}")
+            return lines, summary or [f"no batches{f' for {printable(namespace)}' if namespace else ''}"]
         finally:
             await ledger.close()
 
     try:
-        lines = _run_async(listing())
+        lines, summary = _run_async(listing())
     except LedgerError as exc:
         raise fail(str(exc), code=1) from None
     typer.echo("\n".join(lines))
+    typer.echo("\n".join(summary), err=True)  # stdout stays the table alone, for scripts
 
 
 @batches_app.command("dump")

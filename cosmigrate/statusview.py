@@ -115,7 +115,7 @@ def backfill_line(load: dict[str, Any]) -> Text | None:
     eta = load.get("eta_s")
     return Text(f"backfill: {count} namespace{'s' if count != 1 else ''}, {_count(load['docs_copied'])} of "
                 f"{_count(load['docs_estimated'])} documents ({load['percent']:g}%), "
-                f"{load['rate_docs_per_s']:,.0f}/s, eta {'unknown' if eta is None else _duration(eta)}", style="cyan")
+                f"{load['rate_docs_per_s']:,.0f}/s over 60 s, eta {'unknown' if eta is None else _duration(eta)}", style="cyan")
 
 
 def _contact(n: dict[str, Any], now: str, threshold: float) -> Text:
@@ -141,7 +141,7 @@ COLUMNS: list[tuple[str, str, Cell]] = [
     ("applied", "right", _applied),
     ("seen", "right", _contact),
     ("deferred", "right", _deferred),
-    ("events/s", "right", _eps),
+    ("ev/s 60s", "right", _eps),  # the applier's rate over the last minute (NamespaceApplier status.throughput)
 ]
 
 
