@@ -177,3 +177,29 @@ def test_a_completed_cutover_has_its_own_exit_code_and_header() -> None:
     Console(file=out, width=80, color_system=None).print(render({**status, "namespaces": []}))
     text = out.getvalue()
     assert "CUTOVER COMPLETE" in text and "not ready" not in text and "why not" not in text, text
+
+
+async def test_ctrl_c_on_a_cutover_run_in_process_stops_it_resumably_and_still_writes_the_report(
+        tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient) -> None:
+    from tests.helpers import prepare_backends, write_config
+
+    cfg = config(tmp_path, sandbox)
+    cfg.capture.head_sample_interval_s = 0.3
+    cfg.cutover.quiesce_s = 30.0  # the step Ctrl+C meets
+    cfg.cutover.precheck_timeout_s = 120
+    await source.app.d.insert_many([{"_id": i} for i in range(50)])
+    await prepare_backends(cfg)
+    ledger = open_ledger(cfg)
+    await ledger.set_writer("started", "test", 0.0)
+    await ledger.close()
+    path = write_config(cfg, tmp_path / "c.toml")
+    report = tmp_path / "cutover.json"
+    client = await Client.start("cutover", "--report", str(report), env={"COSMIGRATE_CONFIG": str(path)})
+    await wait_for(lambda: client.said('"step": "quiesce"'), 90, what="the in-process cutover in its quiesce step")
+    client.proc.send_signal(signal.SIGINT)
+    assert await client.finish(90) == 1
+    last = client.err[-1]
+    assert "interrupted at step quiesce" in last and "resume" in last, client.err[-5:]
+    written = json.loads(report.read_text())
+    assert written["outcome"] == "interrupted" and written["step"] == "quiesce", written
+    assert (await _stored_cutover(cfg))["step"] == "quiesce"
