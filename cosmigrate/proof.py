@@ -25,6 +25,7 @@ from pymongo.errors import PyMongoError
 
 from cosmigrate.apply import NamespaceApplier
 from cosmigrate.capture import NamespaceCapture
+from cosmigrate.clock import Mono
 from cosmigrate.cutover.machine import COMPLETE, EXIT_ERROR, Cutover, Result
 from cosmigrate.deletes.service import Deletes
 from cosmigrate.freshness import Freshness
@@ -115,13 +116,18 @@ class Proof:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)
             return fresh.caught_up_at
 
+        def caught_up() -> Mono | None:
+            fresh.update(cap.status.committed_seq, app.status.applied_seq)
+            return Mono(fresh.caught_up_t) if fresh.caught_up_t else None
+
         async def sample() -> None:
             if sampler is not None:
                 await sampler.sample(ns, fresh)
 
         link = self.links[ns] = NamespaceLink(
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
-            caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head, latest_head_at=lambda: fresh.last_sample_at,
+            caught_up=caught_up, caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head,
+            latest_head_at=lambda: Mono(fresh.last_sample_at) if fresh.last_sample_at else None,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
             expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
         )
@@ -276,7 +282,7 @@ class Proof:
     def reasons(self, namespaces: list[str], now: float) -> list[str]:
         out: list[str] = []
         if self.deletes is not None:
-            out += self.deletes.reasons(namespaces, now)
+            out += self.deletes.reasons(namespaces)
         if self.verification is not None:
             out += self.verification.reasons(namespaces)
         return out
