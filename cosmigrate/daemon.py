@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import pymongo
 from pymongo.errors import PyMongoError
 
 from cosmigrate import __version__
@@ -26,6 +27,7 @@ from cosmigrate.capture import NamespaceCapture
 from cosmigrate.config import Config
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.drivererrors import FIRST_CONTACT_S, first_contact_error
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.indexplan import IndexBuilder
@@ -126,17 +128,19 @@ class Daemon:
         await require_supported(SOURCE, self.cfg.source.uri)  # UnsupportedVersion: one line, exit 2
         self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000)
         try:
-            await self.source.admin.command("ping")
+            with pymongo.timeout(FIRST_CONTACT_S):  # a wrong URI is said in seconds, not after the selection timeout
+                await self.source.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(SOURCE, exc)
-            raise StartupError(f"source {redact(self.cfg.source.uri)} did not answer: {redact(str(exc))}") from None
+            raise StartupError(first_contact_error(SOURCE, self.cfg.source.uri, exc)) from None
         await require_supported(TARGET, self.cfg.target.uri, self.cfg.target.tls_ca_file)
         self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=30_000)
         try:
-            await self.target.admin.command("ping")
+            with pymongo.timeout(FIRST_CONTACT_S):
+                await self.target.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(TARGET, exc)
-            raise StartupError(f"target {redact(self.cfg.target.uri)} did not answer: {redact(str(exc))}") from None
+            raise StartupError(first_contact_error(TARGET, self.cfg.target.uri, exc)) from None
         control = await self.ledger.get_control()
         if control.writer == "started":
             self.gate.start()

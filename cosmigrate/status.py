@@ -40,7 +40,8 @@ NAMESPACE_FIELDS = (
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
-    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover", "backfill", "plan",
+    "ready_for_cutover", "not_ready_reasons", "needs_operator", "insecure_target_tls", "namespaces", "cutover", "backfill",
+    "plan",
 )
 STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
 PHASES = ("backfill", "dropped", "capturing", "catching up", "in sync", "failed", "fenced", "stopped")
@@ -195,29 +196,36 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         namespaces[-1]["indexes"] = builder.summary() if builder is not None else ""
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
+    operator = []  # the reasons only an operator clears (a cutover fails on them at once, never waits)
     if writer != "started":
-        reasons.append("writer is stopped (run `cosmigrate ctl writer start`)")
-    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced", "stopped", "starting")]
-    if unhealthy:
-        reasons.append(f"namespaces not healthy: {', '.join(unhealthy)}")
+        operator.append("writer is stopped (run `cosmigrate ctl writer start`)")
+    failed = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced")]
+    if failed:
+        operator.append(f"namespaces not healthy: {', '.join(failed)} failed (see last_error; `cosmigrate ctl retry "
+                        "NAMESPACE` once fixed)")
     refused = [f"{ns} ({why})" for ns, why in sorted(daemon.not_captured.items()) if matches_patterns(ns, include, exclude)]
     if refused:  # they exist on the source and nothing migrates them: never ready while there are any
         more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
-        reasons.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
+        operator.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
     deferred = sum(n["deferred"] for n in namespaces)
     if deferred:
         lasting = [f"{n['namespace']}: {n['deferred_reason']}" for n in namespaces if n["deferred_reason"]]
-        reasons.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
-    if expiry:
-        reasons.append(f"source expiry (TTL) needs a decision, or is not known: {'; '.join(expiry)}")
+        operator.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
+    if expiry:  # a `[ttl]` decision in the config: only the operator makes it
+        operator.append(f"source expiry (TTL) needs a decision, or is not known: {'; '.join(expiry)}")
+    reasons += operator
+    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("stopped", "starting")]
+    if unhealthy:
+        reasons.append(f"namespaces not healthy yet (starting): {', '.join(unhealthy)}")
     in_backfill = [f"{n['namespace']} ({n['percent']:g}%)" for n in namespaces if n["load_phase"] == BACKFILL]
     if in_backfill:
         reasons.append("backfill not complete (the head sampled at its start is not applied yet): "
                        f"{', '.join(in_backfill)}")
     dropped = [n["namespace"] for n in namespaces if n["load_phase"] == DROPPED]
     if dropped:
-        reasons.append(f"collections dropped at the source during their backfill (incomplete on the target; exclude "
+        operator.append(f"collections dropped at the source during their backfill (incomplete on the target; exclude "
                        f"them with capture.exclude and drop them on the target): {', '.join(dropped)}")
+        reasons.append(operator[-1])
     if stale:
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
@@ -244,6 +252,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         "cutover_threshold_seconds": threshold,
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
+        "needs_operator": operator,
         "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
         "cutover": cutover,
