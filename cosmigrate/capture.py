@@ -645,6 +645,7 @@ class NamespaceCapture:
                 await self._fence(exc)
             except SeqConflict as exc:
                 await self._fail(f"ledger sequence conflict: {exc}")
+                self._dead = True  # every later seq would conflict too: write nothing more (one error, not one per batch)
             except UnitsError as exc:
                 await self._fail(str(exc))
             finally:

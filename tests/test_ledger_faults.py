@@ -6,6 +6,7 @@ raw botocore exception, nor as a SeqConflict for a write that went through.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import stat
@@ -18,11 +19,22 @@ import pytest
 from botocore.exceptions import ClientError
 
 from cosmigrate.config import Config
+from cosmigrate.daemon import Daemon
 from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, LedgerUnavailable, SeqConflict, open_ledger
 from cosmigrate.ledger.dynamodb import RETRY_TRIES, DynamoLedger
 from cosmigrate.ledger.sqlite import SqliteLedger
+from cosmigrate.sandbox import Sandbox
+from cosmigrate.timeouts import within
 from tests.flakyhttp import FlakyHttpProxy
-from tests.helpers import make_config, prepare_backends
+from tests.helpers import (
+    Workload,
+    check_committed,
+    make_config,
+    prepare_backends,
+    read_committed,
+    source_docs,
+    wait_for,
+)
 
 T = TypeVar("T")
 NS = "db.c"
@@ -291,3 +303,54 @@ async def test_an_old_sqlite_ledger_gains_the_first_discovery_marker(tmp_path: P
         assert (control.writer, control.changed_by, control.changed_at) == ("started", "ops", 5.0)
     finally:
         await ledger.close()
+
+
+# --- lost answers under a running daemon ------------------------------------------------
+
+LOST_ANSWER_ROUNDS = int(os.environ.get("COSMIGRATE_LOST_ANSWER_ROUNDS", "1"))
+"""Rounds of the daemon test below (a soak: `COSMIGRATE_LOST_ANSWER_ROUNDS=30`); one round by default."""
+
+
+async def _captured_without_failure(cfg: Config, daemon: Daemon, source: Any, namespaces: list[str]) -> bool:
+    """True once every namespace holds every source document; a failed namespace fails the test at once."""
+    for ns, cap in daemon.captures.items():
+        if cap.status.state in ("failed", "fenced"):
+            pytest.fail(f"{ns}: capture {cap.status.state}: {cap.status.last_error}")
+    expected = await source_docs(source, namespaces)
+    committed = await read_committed(cfg)
+    for ns in namespaces:
+        assert ns in committed, f"{ns} not captured yet"
+        check_committed(committed[ns], expected[ns])
+    return True
+
+
+@pytest.mark.parametrize("round_", range(LOST_ANSWER_ROUNDS))
+async def test_lost_dynamodb_answers_never_stop_a_namespace(
+    round_: int, tmp_path: Path, moto_endpoint: str, sandbox: Sandbox, source: Any
+) -> None:
+    """Issue 23, part 6: 10% of DynamoDB answers dropped after the request reached the table.
+
+    Several namespaces commit at once (and their appliers mark batches applied) through the
+    proxy; a lost answer makes the ledger re-send the write. No namespace may stop with a
+    sequence conflict, and the ledger must end exact (gap-free seqs, next_seq = batches).
+    """
+    namespaces = ["app.a", "app.b", "app.c", "app.d"]
+    proxy = await FlakyHttpProxy(moto_endpoint, fail_rate=0.1, seed=100 + round_, modes=("lost",)).start()
+    try:
+        cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "s3+dynamodb", moto_endpoint,
+                          max_batch_events=5)
+        await prepare_backends(cfg)  # set-up goes straight to moto
+        cfg.aws.endpoint_url = proxy.url
+        daemon = Daemon(cfg)
+        task = asyncio.create_task(daemon.serve())
+        try:
+            workload = Workload(source, namespaces, keys_per_ns=60, seed=round_)
+            await workload.run(320, pace_s=0.005)  # paced: the writes spread over many small batches
+            await wait_for(lambda: _captured_without_failure(cfg, daemon, source, namespaces), 180,
+                           what="capture through lost answers")
+        finally:
+            daemon.request_stop()
+            await within(task, 60)
+        assert proxy.failures["lost"] > 10, proxy.failures
+    finally:
+        await proxy.stop()
