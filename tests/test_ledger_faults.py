@@ -7,11 +7,14 @@ raw botocore exception, nor as a SeqConflict for a write that went through.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import sqlite3
 import stat
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -354,3 +357,74 @@ async def test_lost_dynamodb_answers_never_stop_a_namespace(
         assert proxy.failures["lost"] > 10, proxy.failures
     finally:
         await proxy.stop()
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size_kib: int) -> Iterator[Path]:
+    """A tmpfs of `size_kib` mounted at `path` (root only: the test is skipped elsewhere)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(path: Path) -> Path:
+    """Write a file until the file system answers ENOSPC; removing it frees the space."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _big_record(seq: int) -> BatchRecord:
+    rec = record(seq)
+    rec.key += "/" + "k" * 3000  # a batch row larger than a page: the write needs new space
+    return rec
+
+
+@pytest.mark.parametrize("full", ["disk", "file"])
+async def test_a_full_sqlite_ledger_fails_a_commit_cleanly_and_the_next_one_works(tmp_path: Path, full: str) -> None:
+    """Issue 23, part 5: a write that meets a full disk (tmpfs) or a full file (`max_page_count`) is rolled
+    back and surfaces as a LedgerError that says so; once there is room, the same commit goes through."""
+    with contextlib.ExitStack() as stack:
+        where = stack.enter_context(_small_disk(tmp_path / "disk", 512)) if full == "disk" else tmp_path
+        path = where / "ledger.db"
+        ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
+        try:
+            await ledger.init()
+            epoch = (await ledger.claim(NS, "me")).epoch
+            await ledger.commit_batch(NS, epoch, _big_record(0), b"t0")
+            if full == "disk":
+                filler = _fill(where)
+            else:
+                await ledger._run(lambda c: c.execute(f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}"))
+            for _ in range(3):  # again and again: each attempt leaves the connection usable
+                with pytest.raises(LedgerError, match="database or disk is full") as info:
+                    await ledger.commit_batch(NS, epoch, _big_record(1), b"t1")
+                assert not isinstance(info.value, LedgerUnavailable)
+                assert not await ledger._run(lambda c: c.in_transaction)
+                meta = await ledger.get_namespace(NS)  # reads still work, and show nothing of the failed write
+                assert meta is not None and (meta.next_seq, meta.resume_token) == (1, b"t0")
+            if full == "disk":
+                filler.unlink()
+            else:
+                await ledger._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+            await ledger.commit_batch(NS, epoch, _big_record(1), b"t1")
+            await ledger.mark_applied(NS, epoch, -1, 1, 20, time.time())
+            meta = await ledger.get_namespace(NS)
+            assert meta is not None
+            assert (meta.next_seq, meta.resume_token, meta.captured_events, meta.applied_seq) == (2, b"t1", 20, 1)
+            assert [b.seq for b in await ledger.list_batches(NS)] == [0, 1]
+        finally:
+            await ledger.close()
