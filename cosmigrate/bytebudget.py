@@ -45,6 +45,9 @@ class ByteBudget:
         self._root: ByteBudget = parent._root if parent is not None else self
         self._wake = asyncio.Event()
         """The root's: set (and replaced) whenever bytes or reservations change at any level."""
+        self._closed = False
+        self.held_at_close = 0
+        """What `close` gave back for it: 0 after a clean drain (every byte was accounted for)."""
         self._waiters: deque[object] = deque()
         """The root's: fetches waiting, in arrival order (a stream that asks again at once never starves them)."""
 
@@ -96,6 +99,8 @@ class ByteBudget:
 
     def fetched(self, reservation: int, nbytes: int) -> None:
         """The page arrived: it holds `nbytes` from now on, in place of its reservation."""
+        if self._closed:
+            return
         self.in_flight -= 1
         for level in self._levels():
             level.reserved -= reservation
@@ -110,6 +115,8 @@ class ByteBudget:
 
     def cancel(self, reservation: int) -> None:
         """The fetch failed: nothing arrived."""
+        if self._closed:
+            return
         self.in_flight -= 1
         for level in self._levels():
             level.reserved -= reservation
@@ -117,10 +124,23 @@ class ByteBudget:
 
     def release(self, nbytes: int) -> None:
         """Bytes no longer held (their batch is in the store, or they were dropped)."""
-        if nbytes <= 0:
+        if nbytes <= 0 or self._closed:
             return
         for level in self._levels():
             level.used -= nbytes
+        self._notify()
+
+    def close(self) -> None:
+        """The namespace's capture ended (drained, or cancelled with batches still queued): give back to the
+        parents whatever it still held or reserved, so a stopped namespace never shrinks the daemon's budget."""
+        if self._closed:
+            return
+        self.held_at_close = self.used + self.reserved
+        for level in self._levels()[1:]:
+            level.used -= self.used
+            level.reserved -= self.reserved
+        self.used = self.reserved = self.in_flight = 0
+        self._closed = True
         self._notify()
 
     def wake(self) -> None:

@@ -299,12 +299,15 @@ class NamespaceCapture:
     async def run(self) -> None:
         committer = asyncio.create_task(self._committer(), name=f"commit:{self.ns}")
         try:
-            await self._watch_all()
+            try:
+                await self._watch_all()
+            finally:
+                await self._queue.put(None)
+                await committer
+                if self.status.state == "running":
+                    self.status.state = "stopped"
         finally:
-            await self._queue.put(None)
-            await committer
-            if self.status.state == "running":
-                self.status.state = "stopped"
+            self.budget.close()
 
     async def _watch_all(self) -> None:
         """One watcher per partition unit while the namespace runs, or the single whole-collection watcher."""
