@@ -43,6 +43,9 @@ class NamespaceLink:
     sample: Callable[[], Awaitable[None]] = field(default=_no_sample)
     """Sample the head now (so that caught_up_at can move past a moment just passed)."""
     add_head: Callable[[float, list[bytes]], None] = lambda at, tokens: None
+    expires: Callable[[], bool] = lambda: False
+    """The source deletes documents by time (a TTL index, or indexes not known): expiry moves no head, so a
+    sweep pass is due on its interval alone, and only a recent pass reconciles (`cosmigrate.deletes.service`)."""
     deletes_applied: Callable[[], int] = lambda: 0
     """Deletes the applier sent from the feed (preview events, lookup misses gone at the source), counted before
     sending: a delete between the sweep's source and target counts would balance a stale document out."""

@@ -116,6 +116,7 @@ class Proof:
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
             caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head, latest_head_at=lambda: fresh.last_sample_at,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
+            expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
         )
         self.deletes.attach(link, app)
         self.verification.attach(link)
