@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 import bson  # noqa: E402
 from pymongo import AsyncMongoClient  # noqa: E402
 
-from bench.harness import Daemon, Sandbox, bench_config, prepare  # noqa: E402
+from bench.harness import Daemon, Sandbox, bench_config, prepare, wait_backfilled  # noqa: E402
 from cosmigrate.sandbox.requestunits import REQUEST_RU, read_cost  # noqa: E402
 
 NS_DB, NS_COLL = "load", "docs"
@@ -96,23 +96,8 @@ async def _backfill(sb: Sandbox, n: int) -> tuple[float, float, float]:
     await ledger.close()
     async with Daemon(cfg) as daemon:
         cpu0 = daemon.cpu_s()
-        # Read the phase from the ledger, not through `ctl status` (which samples heads and waits for them):
-        # the backfill's own clock is its stored start (unit created, head sampled) and completion.
-        from cosmigrate.backfill import KEY, KIND
-
-        ledger = open_ledger(cfg)
-        try:
-            while True:
-                item = await ledger.get_progress(f"{NS_DB}.{NS_COLL}", KIND, KEY)
-                doc = item.doc() if item is not None else {}
-                if doc.get("phase") == "tailing":
-                    cpu = daemon.cpu_s() - cpu0
-                    break
-                if doc.get("phase") == "dropped":
-                    raise RuntimeError("the bench collection was dropped")
-                await asyncio.sleep(0.05)
-        finally:
-            await ledger.close()
+        doc = await wait_backfilled(cfg, f"{NS_DB}.{NS_COLL}")
+        cpu = daemon.cpu_s() - cpu0
         seconds = float(doc["completed_at"]) - float(doc["started_at"])
         rss = daemon.peak_rss_mb()
     return n / seconds, rss, cpu / n * 1e6

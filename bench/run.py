@@ -24,6 +24,7 @@ from bench.driver import run_driver  # noqa: E402
 from bench.fullload import run_fullload  # noqa: E402
 from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
+from bench.plan import run_plan_bench  # noqa: E402
 from bench.requestunits import run_requestunits  # noqa: E402
 from bench.verify import run_verify_bench  # noqa: E402
 
@@ -50,9 +51,15 @@ TARGETS = [
     ("fullload.capture_partitions_vs_single_stream", ">=", 1.0,
      "capture documents/s of one 4-partition collection, per partition vs one whole-collection stream"),
     ("fullload.ratio_vs_target_ceiling", ">=", 0.8, "backfill documents/s vs the target's bulk-insert ceiling (same documents)"),
-    ("fullload.ratio_vs_single_stream", ">=", 2.0, "backfill vs a plain single-stream copy (find in _id order + insert_many)"),
+    ("fullload.ratio_vs_single_stream", ">=", 1.5, "backfill vs a plain single-stream copy (find in _id order + insert_many)"),
+    ("fullload.daemon_cpu_us_per_doc", "<=", 10.0,
+     "daemon CPU time per document during the backfill (the copy client's: `fullload.single_stream_cpu_us_per_doc`)"),
+    ("fullload.ru_ratio_vs_feed_minimum", "<=", 1.2,
+     "source request units per document of the backfill vs the change feed's own minimum (sandbox RU accounting)"),
     ("fullload.peak_rss_mb_large", "<", 512, "daemon peak RSS during the backfill at the large size"),
     ("fullload.peak_rss_mb_small", "<", 512, "daemon peak RSS at the small size (independent of size)"),
+    ("plan.time_ratio", "within", (0.75, 1.25), "`cosmigrate plan`'s full-load time / the measured one (4 partitions, RU-throttled)"),
+    ("plan.ru_ratio", "within", (0.8, 1.2), "`cosmigrate plan`'s source RU / the RU the sandbox charged for the full load"),
 ]
 
 
@@ -68,9 +75,11 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores {cpu}, Python {platform.python_version()}, {platform.system()}"
 
 
-def verdict(value: Any, op: str, goal: float) -> str:
+def verdict(value: Any, op: str, goal: Any) -> str:
     if value is None:
         return "not measured"
+    if op == "within":
+        return "met" if goal[0] <= value <= goal[1] else "**missed**"
     ok = {">=": value >= goal, "<=": value <= goal, "<": value < goal}[op]
     return "met" if ok else "**missed**"
 
@@ -87,7 +96,8 @@ def table(r: dict[str, Any]) -> str:
              "range after it (min-max).", "",
              "| metric | value | target | verdict | what |", "| --- | --- | --- | --- | --- |"]
     for key, op, goal, what in TARGETS:
-        lines.append(f"| `{key}` | {shown(r, key)} | {op} {goal:g} | {verdict(r.get(key), op, goal)} | {what} |")
+        goal_text = f"{goal[0]:g}..{goal[1]:g}" if op == "within" else f"{op} {goal:g}"
+        lines.append(f"| `{key}` | {shown(r, key)} | {goal_text} | {verdict(r.get(key), op, goal)} | {what} |")
     share = r.get("catchup.distinct_key_share")
     lines.append(f"| `catchup.writes_per_event` | {r.get('catchup.writes_per_event')} | <= 1.3 x `catchup.distinct_key_share` "
                  f"({share}) | {verdict(r.get('catchup.writes_per_event'), '<=', 1.3 * share if share else 0)} "
@@ -102,8 +112,8 @@ def table(r: dict[str, Any]) -> str:
                 "pipeline.ratio_vs_bson_reference", "soak.minutes", "soak.rate_achieved", "soak.sighups",
                 "soak.rss_mb_at_first_sixth", "soak.rss_mb_at_end", "soak.fds_min_max", "soak.tasks_min_max",
                 "soak.lag_p50_s", "soak.lag_max_s", "driver.native_events_per_s", "driver.motor_events_per_s",
-                "driver.ratio_native_vs_motor", "driver.pinned_pymongo", "driver.newest_pymongo",
-                "driver.pinned_cpu_us_per_event", "driver.newest_cpu_us_per_event", "driver.pinned_vs_newest_ratio",
+                "driver.ratio_native_vs_motor", "driver.pymongo", "driver.native_cpu_us_per_event",
+                "driver.motor_cpu_us_per_event",
                 "ru.per_document_captured", "ru.per_document_applied",
                 "ru.capture_ratio_vs_point_reads", "ru.point_read_reference", "ru.idle_per_s",
                 "verify.docs", "verify.docs_per_s", "verify.reference_scan_per_s",
@@ -112,7 +122,14 @@ def table(r: dict[str, Any]) -> str:
                 "fullload.target_insert_ceiling_docs_per_s", "fullload.single_stream_copy_docs_per_s",
                 "fullload.ratio_vs_target_ceiling_small", "fullload.ratio_vs_single_stream_small",
                 "fullload.capture_docs", "fullload.capture_single_stream_docs_per_s",
-                "fullload.capture_partitioned_docs_per_s"):
+                "fullload.capture_partitioned_docs_per_s", "fullload.single_stream_cpu_us_per_doc",
+                "fullload.daemon_cpu_us_per_doc_small",
+                "fullload.source_ru_per_doc", "fullload.feed_minimum_ru_per_doc", "fullload.point_read_ru_per_doc",
+                "live.apply_drain_s", "live.apply_drain_s_polled", "live.apply_ratio_vs_target_ceiling_polled",
+                "sandbox_memory.source_overhead_bytes_per_doc", "sandbox_memory.target_overhead_bytes_per_doc",
+                "plan.docs", "plan.estimated_s", "plan.measured_s",
+                "plan.limit", "plan.estimated_ru", "plan.charged_ru", "plan.cpu_us_per_doc", "plan.probe_seconds",
+                "plan.probe_feed_ru", "plan.probe_feed_events"):
         lines.append(f"| `{key}` | {shown(r, key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -262,6 +279,7 @@ def main() -> None:
         ("suite 7: the full load", lambda: asyncio.run(run_fullload(full=not q))),
         ("suite 8: full load, capture per partition",
          lambda: asyncio.run(run_capture_partitions(30_000 if q else 100_000))),
+        ("suite 9: the plan against the run", lambda: asyncio.run(run_plan_bench(full=not q))),
     ]
     combined, per_run, r["failed_suites"] = run_suites(suites, args.repeats)
     r.update(combined)
