@@ -129,7 +129,9 @@ async def child_sweep(source_uri: str, target_uri: str, page: int) -> dict[str, 
 
     source: AsyncMongoClient[Any] = mongo_client(source_uri)
     target: AsyncMongoClient[Any] = mongo_client(target_uri)
-    link = NamespaceLink(NS, 1, caught_up_at=time.time)
+    from cosmigrate.clock import Mono
+
+    link = NamespaceLink(NS, 1, caught_up_at=time.time, caught_up=Mono.now)  # frozen sides: always caught up
     src, tgt = raw_collection(source, NS), raw_collection(target, NS)
     budget = SourceBudget()
     sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), page, budget)
