@@ -49,6 +49,7 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, 
 
 from cosmigrate.backoff import Backoff
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
+from cosmigrate.clock import Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.identity import identity
@@ -180,10 +181,12 @@ class ApplyStatus:
     state: str = "idle"
     applied_seq: int = -1
     written_seq: int = -1
+    positioned: bool = False
+    """Whether applied_seq/written_seq were read from the ledger (until then -1 means "not known yet")."""
     deferred: int = 0
     deferred_reason: str = ""
     """Why writes are deferred when the cause is known to be lasting (a Cosmos/DocumentDB unique-index mismatch)."""
-    last_error_at: float = 0.0
+    last_error_at: Wall | None = None
     last_error: str = LastError()  # type: ignore[assignment]
     """The latest error; cleared by the next round that succeeds."""
     cycles_broken: int = 0
@@ -441,6 +444,7 @@ class NamespaceApplier:
             self._become_fenced(f"{self.ns}: taken over before apply started (epoch {meta.epoch if meta else '?'}, mine {self.epoch})")
             return
         self.status.applied_seq = self.status.written_seq = meta.applied_seq if meta else -1
+        self.status.positioned = True
         self.status.state = "running"
         self.status.last_error = ""
         backoff.reset()

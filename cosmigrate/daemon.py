@@ -23,6 +23,7 @@ from cosmigrate import __version__
 from cosmigrate.apply import NamespaceApplier, WriterGate
 from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, backfill_loop
 from cosmigrate.capture import NamespaceCapture
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
@@ -73,7 +74,7 @@ class Daemon:
         """Each namespace's index plan, run in its own task (`cosmigrate.indexplan`)."""
         self._index_tasks: dict[str, asyncio.Task[None]] = {}
         self.not_captured: dict[str, str] = {}  # namespaces that exist but cannot be captured, and why
-        self.started_at = time.time()
+        self.started_at = Wall.now()
         self.sampler: HeadSampler | None = None
         self.unwatched: list[str] = []
         """Source namespaces the last `ctl status` listed that no capture watched yet (they block readiness)."""
@@ -160,7 +161,7 @@ class Daemon:
         if cmd == "ping":
             return {"ok": True}
         if cmd == "status":
-            asked = time.monotonic()  # the clock freshness compares samples on
+            asked = Mono.now()  # the clock freshness compares samples on
             await self.certify()
             return {"ok": True, "status": await build_status(self, fresh_after=asked)}
         if cmd == "metrics":

@@ -4,20 +4,34 @@ They never reach into capture or apply themselves: the daemon hands them this
 small view (the owner's epoch, how far capture and apply are, the latest
 moment that is both captured and applied, a way to sample the head now), and
 the applier's ordered path for writes (`cosmigrate.deletes.ordered`).
+
+Times are `Mono` (this process's monotonic clock: what freshness compares)
+except where a field says otherwise. `written_seq` means something only once
+the applier has read its position from the ledger (`positioned`): before that
+it is -1, which is "not known yet", never "nothing written" (a cutover resumed
+after a restart used to take it for the latter and re-check nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from cosmigrate.clock import Mono
 from cosmigrate.tokens import Positions
+
+
+class ApplierNotReady(Exception):
+    """The applier did not read its position from the ledger in time: its written_seq is not known."""
 
 
 def _never() -> float:
     return 0.0
+
+
+def _no_mono() -> Mono | None:
+    return None
 
 
 def _none() -> Positions | None:
@@ -34,39 +48,66 @@ class NamespaceLink:
     epoch: int
     committed_seq: Callable[[], int] = lambda: -1
     written_seq: Callable[[], int] = lambda: -1
+    positioned: Callable[[], bool] = lambda: True
+    """Whether the applier has read its position from the ledger (until then written_seq() is -1: unknown)."""
+    caught_up: Callable[[], Mono | None] = _no_mono
+    """The latest sampled moment whose head is captured and applied (None: none yet)."""
     caught_up_at: Callable[[], float] = _never
-    """The latest sampled moment whose head is captured and applied (0: none yet)."""
+    """The same moment on the wall clock, in seconds (0: none yet). Only the delete sweep still compares this one
+    (cosmigrate/deletes/ moves to the typed clocks on its own branch); everything else uses `caught_up`."""
     latest_head: Callable[[], Positions | None] = _none
     """The latest successfully sampled head, or None."""
     latest_head_at: Callable[[], float] = _never
-    """When that head was sampled (the local clock before the request)."""
+    """When that head was sampled, in seconds of the monotonic clock (0: never). Only the delete sweep reads it."""
     sample: Callable[[], Awaitable[None]] = field(default=_no_sample)
-    """Sample the head now (so that caught_up_at can move past a moment just passed)."""
-    add_head: Callable[[float, list[bytes]], None] = lambda at, tokens: None
+    """Sample the head now (so that caught_up can move past a moment just passed)."""
+    add_head: Callable[[Mono, list[bytes]], None] = lambda at, tokens: None
+    """Record a head sampled elsewhere (cutover's quiesced heads), so that catching up to it can be awaited."""
     deletes_applied: Callable[[], int] = lambda: 0
     """Deletes the applier sent from the feed (preview events, lookup misses gone at the source), counted before
     sending: a delete between the sweep's source and target counts would balance a stale document out."""
-    """Record a head sampled elsewhere (cutover's quiesced heads), so that catching up to it can be awaited."""
 
     async def wait_written(self, seq: int, limit_s: float) -> bool:
         """Wait until the applier has written every batch up to `seq` (bounded)."""
-        deadline = time.monotonic() + limit_s
+        deadline = Mono.now() + limit_s
         while True:
-            if self.written_seq() >= seq:
+            if self.positioned() and self.written_seq() >= seq:
                 return True
-            if time.monotonic() >= deadline:
+            if Mono.now() >= deadline:
                 return False
             await asyncio.sleep(0.05)
 
-    async def wait_caught_up(self, after: float, limit_s: float) -> bool:
+    async def written_when_positioned(self, limit_s: float) -> int:
+        """The applier's written_seq, once it is known (waits for the applier to read the ledger, bounded).
+
+        Raises ApplierNotReady after `limit_s`: a caller must never take the -1 of an applier that is still
+        starting (waiting for its unique indexes) for "nothing to do"."""
+        deadline = Mono.now() + limit_s
+        while not self.positioned():
+            if Mono.now() >= deadline:
+                raise ApplierNotReady(f"{self.ns}: the applier has not read its position from the ledger after "
+                                      f"{limit_s:g}s (it starts once the target's unique indexes exist; see the "
+                                      "namespace's indexes in status)")
+            await asyncio.sleep(0.05)
+        return self.written_seq()
+
+    async def wait_caught_up_to(self, after: Mono, limit_s: float) -> bool:
         """Wait until everything written at the source before `after` is applied (head samples say so)."""
-        deadline = time.monotonic() + limit_s
-        sampled = 0.0
-        while self.caught_up_at() < after:
-            if time.monotonic() >= deadline:
+        return await self._sampling_until(lambda: (at := self.caught_up()) is not None and at >= after, limit_s)
+
+    async def wait_caught_up(self, after: float, limit_s: float) -> bool:
+        """The delete sweep's form of `wait_caught_up_to`: `after` in seconds, compared with `caught_up_at`."""
+        return await self._sampling_until(lambda: self.caught_up_at() >= after, limit_s)
+
+    async def _sampling_until(self, done: Callable[[], bool], limit_s: float) -> bool:
+        """Poll `done`, sampling the head at most every half second (so that catch-up can move), bounded."""
+        deadline = Mono.now() + limit_s
+        sampled: Mono | None = None
+        while not done():
+            if Mono.now() >= deadline:
                 return False
-            if time.time() - sampled > 0.5:
-                sampled = time.time()
+            if sampled is None or sampled.elapsed() > 0.5:
+                sampled = Mono.now()
                 await self.sample()
             await asyncio.sleep(0.05)
         return True

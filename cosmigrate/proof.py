@@ -16,12 +16,12 @@ client going away; a second request while one runs just reports on it.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cosmigrate.apply import NamespaceApplier
 from cosmigrate.capture import NamespaceCapture
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.cutover.machine import COMPLETE, EXIT_ERROR, Cutover, Result
 from cosmigrate.deletes.service import Deletes
 from cosmigrate.freshness import Freshness
@@ -75,7 +75,7 @@ class Proof:
         from cosmigrate.status import build_status
 
         await self.daemon.certify()
-        status = await build_status(self.daemon, fresh_after=time.time() - 2 * self.cfg.capture.head_sample_interval_s,
+        status = await build_status(self.daemon, fresh_after=Mono.now().minus(2 * self.cfg.capture.head_sample_interval_s),
                                     proof=False)
         return list(status["not_ready_reasons"])
 
@@ -104,9 +104,13 @@ class Proof:
         assert self.deletes is not None and self.verification is not None
         sampler = self.daemon.sampler
 
-        def caught_up_at() -> float:
+        def caught_up() -> Mono | None:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)
-            return fresh.caught_up_at
+            return fresh.caught_up_t
+
+        def caught_up_at() -> float:  # the delete sweep's wall-clock form (cosmigrate/deletes/)
+            fresh.update(cap.status.committed_seq, app.status.applied_seq)
+            return fresh.caught_up_at.s if fresh.caught_up_at is not None else 0.0
 
         async def sample() -> None:
             if sampler is not None:
@@ -114,7 +118,9 @@ class Proof:
 
         link = self.links[ns] = NamespaceLink(
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
-            caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head, latest_head_at=lambda: fresh.last_sample_at,
+            positioned=lambda: app.status.positioned, caught_up=caught_up, caught_up_at=caught_up_at,
+            latest_head=lambda: fresh.latest_head,
+            latest_head_at=lambda: fresh.last_sample_at.s if fresh.last_sample_at is not None else 0.0,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
         )
         self.deletes.attach(link, app)
@@ -188,7 +194,7 @@ class Proof:
     async def run_verify(self, limit: int) -> Result:
         assert self.verification is not None
         await self.discovered.wait()
-        started = time.time()
+        started = Wall.now()
         await self.verification.one_pass(sorted(self.links))
         report = await self.verification.report(started, limit, sorted(self.links))
         if report["equal"]:
@@ -246,10 +252,10 @@ class Proof:
         out["last_verify_pass"] = iso(out["last_verify_pass"])
         return out
 
-    def reasons(self, namespaces: list[str], now: float) -> list[str]:
+    def reasons(self, namespaces: list[str], now: Wall) -> list[str]:
         out: list[str] = []
         if self.deletes is not None:
-            out += self.deletes.reasons(namespaces, now)
+            out += self.deletes.reasons(namespaces, now.s)  # cosmigrate/deletes/ still takes wall seconds
         if self.verification is not None:
             out += self.verification.reasons(namespaces)
         return out

@@ -13,12 +13,11 @@ freshness and blocks readiness, with a reason that says what to grant.
 
 from __future__ import annotations
 
-import datetime as dt
-import time
 from typing import TYPE_CHECKING, Any
 
 from cosmigrate import __version__
 from cosmigrate.backfill import BACKFILL, DROPPED, totals
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.mongo import matches_patterns
 
 if TYPE_CHECKING:
@@ -67,19 +66,17 @@ def phase(state: str, freshness: str, load_phase: str = "") -> str:
     return "in sync" if freshness == "current" else "catching up"
 
 
-def _latest_error(*candidates: tuple[str, float]) -> tuple[str, float]:
-    """The most recent non-empty (error, when) pair; ("", 0.0) when every part is healthy."""
+def _latest_error(*candidates: tuple[str, Wall | None]) -> tuple[str, Wall | None]:
+    """The most recent non-empty (error, when) pair; ("", None) when every part is healthy."""
     found = [c for c in candidates if c[0]]
-    return max(found, key=lambda c: c[1]) if found else ("", 0.0)
+    return max(found, key=lambda c: c[1] or Wall(0.0)) if found else ("", None)
 
 
-def _iso(ts: float) -> str | None:
-    if not ts:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _iso(ts: Wall | None) -> str | None:
+    return None if ts is None or not ts.s else ts.iso()
 
 
-async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: bool = True) -> dict[str, Any]:
+async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: bool = True) -> dict[str, Any]:
     """Assemble the status object from the ledger, the head samples and the in-memory tasks.
 
     `fresh_after`: a namespace shows lag 0 only when it reached a head sampled at or after this
@@ -90,10 +87,10 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
     resolves those itself).
     """
     assert daemon.ledger is not None
-    now = time.time()
-    mono = time.monotonic()
+    now = Wall.now()
+    mono = Mono.now()
     if fresh_after is None:
-        fresh_after = mono - max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0)
+        fresh_after = mono.minus(max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0))
     writer = "started" if daemon.gate.started else "stopped"
     threshold = daemon.cfg.apply.cutover_threshold_seconds
     include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
@@ -123,7 +120,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
             caught_up_at = fresh.caught_up_at
         else:
             since = cap.status.started_at if cap else daemon.started_at
-            lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", 0.0
+            lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", None
         if freshness != "current":
             stale.append(f"{meta.ns} ({freshness})")
         states = [s for s in (cap.status.state if cap else None, app.status.state if app else None) if s]
@@ -140,9 +137,9 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         else:
             state = "running"
         error, error_at = _latest_error(
-            (meta.last_error if meta.state == "failed" else "", meta.updated_at),
-            (cap.status.last_error, cap.status.last_error_at) if cap else ("", 0.0),
-            (app.status.last_error, app.status.last_error_at) if app else ("", 0.0),
+            (meta.last_error if meta.state == "failed" else "", Wall(meta.updated_at)),  # wall seconds in the ledger
+            (cap.status.last_error, cap.status.last_error_at) if cap else ("", None),
+            (app.status.last_error, app.status.last_error_at) if app else ("", None),
         )
         namespaces.append({
             "namespace": meta.ns,

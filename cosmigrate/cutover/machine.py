@@ -38,7 +38,6 @@ cutover; the machine goes back to `quiesce` and exits 3.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,6 +47,7 @@ from bson.binary import Binary
 from pymongo.errors import OperationFailure, PyMongoError
 
 from cosmigrate.apply import WriterGate
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.deletes.service import Deletes
@@ -55,11 +55,10 @@ from cosmigrate.indexplan import enable_ttl
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import change_stream_tokens
-from cosmigrate.nslink import NamespaceLink
+from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
 from cosmigrate.tokens import TokenFormatError, positions
-from cosmigrate.verify.report import iso
 from cosmigrate.verify.service import Verification
 
 KIND, KEY = "cutover", "state"
@@ -150,13 +149,14 @@ class Cutover:
         if self.state.get("step") == COMPLETE:
             return Result(EXIT_OK, "cutover is already complete", self.state.get("report"))
         if not self.state:
-            self.state = {"step": STEPS[0].name, "started_at": time.time()}
+            self.state = {"step": STEPS[0].name, "started_at": Wall.now().s}  # wall seconds in the ledger
             await self._save()
         await self.host.wait_discovered()
         names = [s.name for s in STEPS]
         try:
             for step in STEPS[names.index(self.state["step"]):]:
                 self.step = step.name
+                self.host.crash.hit(f"cutover_before_{step.name}")  # stored step = this one, its work not begun
                 self.log.info("cutover step", step=step.name, what=step.says)
                 await step.run(self)
                 self.host.crash.hit(f"cutover_{step.name}")
@@ -166,10 +166,10 @@ class Cutover:
         except CutoverStop as stop:
             self.log.warning("cutover stopped", step=self.step, exit_code=stop.code, reason=str(stop))
             return Result(stop.code, str(stop), self.state.get("report"))
-        self.state["finished_at"] = time.time()
+        self.state["finished_at"] = Wall.now().s
         await self._save()
         await self.host.gate.stop()
-        await self.ledger.set_writer("stopped", "cutover", time.time())
+        await self.ledger.set_writer("stopped", "cutover", Wall.now().s)
         self.log.info("cutover complete")
         return Result(EXIT_OK, "cutover complete: the target equals the source", self.state.get("report"))
 
@@ -217,12 +217,12 @@ class Cutover:
     # --- steps ---------------------------------------------------------------------------------
 
     async def precheck(self) -> None:
-        deadline = time.monotonic() + self.cfg.cutover.precheck_timeout_s
+        deadline = Mono.now() + self.cfg.cutover.precheck_timeout_s
         while True:
             reasons = await self.host.readiness()
             if not reasons:
                 return
-            if time.monotonic() >= deadline:
+            if Mono.now() >= deadline:
                 raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(reasons))
             await asyncio.sleep(0.5)
 
@@ -235,20 +235,23 @@ class Cutover:
             raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
                                             "applications' writes to Cosmos DB, then run cutover again")
         self.state["heads"] = {ns: [Binary(t) for t in tokens] for ns, tokens in second.items()}
-        self.state["heads_at"] = time.time()
+        self.state["heads_at"] = Wall.now().s
 
     async def apply(self) -> None:
         heads = self._stored_heads()
         for ns in self.namespaces:
             link = self.host.links[ns]
-            at = time.time()
+            # The monotonic clock, the one freshness orders its samples on: a wall-clock head here once sat in
+            # the samples as the newest moment for good, so status said `current` and lag 0 after the cutover
+            # stopped (exit 3 or 6), whatever the target missed.
+            at = Mono.now()
             link.add_head(at, heads.get(ns) or (await self._heads())[ns])
-            progress, since = (link.committed_seq(), link.written_seq()), time.monotonic()
-            while not await link.wait_caught_up(at, 5.0):
+            progress, since = (link.committed_seq(), link.written_seq()), Mono.now()
+            while not await link.wait_caught_up_to(at, 5.0):
                 now = (link.committed_seq(), link.written_seq())
                 if now != progress:
-                    progress, since = now, time.monotonic()
-                elif time.monotonic() - since > STALL_S:
+                    progress, since = now, Mono.now()
+                elif since.elapsed() > STALL_S:
                     writer = "started" if self.host.gate.started else "stopped (run `cosmigrate ctl writer start`)"
                     raise CutoverStop(EXIT_ERROR, f"{ns} does not reach the quiesced head: capture and apply made no "
                                                   f"progress for {STALL_S:.0f}s (writer {writer})")
@@ -269,8 +272,11 @@ class Cutover:
         if verification is None:
             return
         await verification.stop()
-        left = await verification.recheck_until_clean(self.namespaces, self.cfg.cutover.recheck_rounds)
-        self.state["verification"] = await verification.report(float(self.state.get("started_at", 0.0)),
+        try:
+            left = await verification.recheck_until_clean(self.namespaces, self.cfg.cutover.recheck_rounds)
+        except ApplierNotReady as exc:
+            raise CutoverStop(EXIT_ERROR, f"cannot re-check yet: {exc}; run cutover again") from None
+        self.state["verification"] = await verification.report(Wall(float(self.state.get("started_at", 0.0))),
                                                                self.cfg.verify.max_mismatches, self.namespaces)
         if left:
             await self._save()
@@ -328,8 +334,8 @@ class Cutover:
         await self._still_quiet()
 
     async def report(self) -> None:
-        now = time.time()
-        started = float(self.state.get("started_at", now))
+        now = Wall.now()
+        started = Wall(float(self.state.get("started_at", now.s)))
         verification = self.state.get("verification") or {}
         by_ns = {n["namespace"]: n for n in verification.get("namespaces", [])}
         namespaces = []
@@ -356,7 +362,7 @@ class Cutover:
             })
         equal = bool(verification.get("equal"))
         self.state["report"] = {
-            "cluster_name": self.cfg.cluster_name, "started_at": iso(started), "finished_at": iso(now),
+            "cluster_name": self.cfg.cluster_name, "started_at": started.iso(), "finished_at": now.iso(),
             "duration_s": round(now - started, 3), "equal": equal,
             "verdict": verification.get("verdict", "not verified"),
             "namespaces": namespaces,

@@ -38,6 +38,7 @@ from bson.raw_bson import RawBSONDocument
 
 from cosmigrate.batchfile import BatchCodec, CorruptBatch
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Mono
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.idorder import IdDoc, Page, Position, id_value, split_batch, walk
 from cosmigrate.ledger import Ledger
@@ -51,6 +52,7 @@ KIND = "verify"
 MAX_KEPT_MISMATCHES = 10_000
 RECHECK_CHUNK = 500
 BATCHES_PER_RECHECK = 16
+POSITION_WAIT_S = 600.0  # how long a cutover's re-check waits for a starting applier (unique index builds)
 
 
 async def _listed(docs: list[bytes]) -> AsyncIterator[bytes]:
@@ -174,7 +176,7 @@ class NamespaceVerifier:
         if s.finished_at:
             s.last_number, s.last_started_at, s.last_finished_at = s.number, s.started_at, s.finished_at
             s.last_docs, s.last_equal = s.docs, s.equal
-        applied = self.link.written_seq()
+        applied = await self._written()
         s.number += 1
         s.started_at, s.start_seq, s.position = time.time(), applied, Position()
         s.ranges = s.docs = s.equal = 0
@@ -239,7 +241,7 @@ class NamespaceVerifier:
         """Compare one range, confirm its suspects, store its result and the pass's new position."""
         s = self.state
         docs = await target_docs
-        read_at = time.time()
+        read_at = Mono.now()
         target = _listed(docs) if docs is not None else target_range(self.target, page, self.page_size)
         result = await compare_range(page.docs, target)
         confirmed = await self._confirm(result, read_at)
@@ -258,12 +260,12 @@ class NamespaceVerifier:
         await self._save_state()
         self.crash.hit("verify_range")
 
-    async def _confirm(self, result: RangeResult, read_at: float) -> list[Mismatch]:
+    async def _confirm(self, result: RangeResult, read_at: Mono) -> list[Mismatch]:
         """Suspects compared again once apply has caught up past the read: what remains are mismatches."""
         if not result.mismatches:
             return []
         if not self.frozen:
-            await self.link.wait_caught_up(read_at, self.catch_up_s)
+            await self.link.wait_caught_up_to(read_at, self.catch_up_s)
         return await self._recheck_ids([m.id for m in result.mismatches])
 
     async def _recheck_ids(self, ids: list[IdDoc]) -> list[Mismatch]:
@@ -293,7 +295,7 @@ class NamespaceVerifier:
         """Re-check the documents of applied batches after `recheck_seq` (up to `upto_seq`); returns documents re-checked."""
         if self.ledger is None or self.store is None or self.state.number == 0:
             return 0
-        upto = self.link.written_seq() if upto_seq is None else upto_seq
+        upto = await self._written() if upto_seq is None else upto_seq
         checked = 0
         while self.state.recheck_seq < upto:
             records = await self.ledger.list_batches(self.ns, self.state.recheck_seq + 1,
@@ -314,7 +316,7 @@ class NamespaceVerifier:
                     key, _ = event_parts(raw)
                     ids[bson.encode({"_id": RawBSONDocument(key, RAW)["_id"]}, codec_options=RAW)] = None
             if not self.frozen:
-                await self.link.wait_caught_up(time.time(), self.catch_up_s)
+                await self.link.wait_caught_up_to(Mono.now(), self.catch_up_s)
             id_list = list(ids)
             for i in range(0, len(id_list), RECHECK_CHUNK):
                 await self.recheck(id_list[i:i + RECHECK_CHUNK])
@@ -322,6 +324,13 @@ class NamespaceVerifier:
             self.state.recheck_seq = records[-1].seq
             await self._save_state()
         return checked
+
+    async def _written(self) -> int:
+        """The applier's written_seq once it is known: after a restart the applier starts only when the target's
+        unique indexes exist, and its -1 until then is "unknown", not "nothing applied" (a resumed cutover took
+        it for the latter and re-checked nothing). A cutover (frozen) waits long; background work briefly and
+        then retries later (ApplierNotReady)."""
+        return await self.link.written_when_positioned(POSITION_WAIT_S if self.frozen else self.catch_up_s)
 
     # --- status ---------------------------------------------------------------------------
 

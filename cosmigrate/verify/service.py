@@ -23,11 +23,12 @@ from pymongo.errors import PyMongoError
 
 from cosmigrate.backoff import Backoff
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.ledger import Fenced, Ledger, LedgerError
 from cosmigrate.logs import get_logger
-from cosmigrate.nslink import NamespaceLink
+from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError
 from cosmigrate.timeouts import cancel_and_wait, check_cancelled
@@ -113,7 +114,7 @@ class Verification:
                 return True
             except Fenced:
                 return False
-            except (PyMongoError, LedgerError, StoreError) as exc:
+            except (PyMongoError, LedgerError, StoreError, ApplierNotReady) as exc:
                 self.log.warning(f"verification {what} failed; will retry", namespace=ns, error=redact(str(exc))[:300])
             except Exception as exc:  # a bug must not kill the daemon silently
                 self.log.exception(f"verification {what} crashed; will retry", namespace=ns, error=redact(repr(exc))[:300])
@@ -192,11 +193,11 @@ class Verification:
                 break
         return left
 
-    async def report(self, started_at: float, limit: int, namespaces: Iterable[str] | None = None) -> dict[str, Any]:
+    async def report(self, started_at: Wall, limit: int, namespaces: Iterable[str] | None = None) -> dict[str, Any]:
         names = sorted(namespaces if namespaces is not None else self.verifiers)
         notes = await collection_notes(self.source, names)
         return report.build(self.cfg.cluster_name, {ns: self.verifiers[ns] for ns in names}, limit, started_at,
-                            time.time(), notes)
+                            Wall.now(), notes)
 
     # --- status ----------------------------------------------------------------------------
 
