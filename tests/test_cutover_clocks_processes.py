@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pymongo import AsyncMongoClient
 
+from cosmigrate.config import Config
 from cosmigrate.control import ControlError, request
 from cosmigrate.sandbox import Sandbox
 from tests.helpers import assert_converged, prepare_backends, wait_for, write_config
@@ -43,13 +44,18 @@ async def _settled(config: Path, source: AsyncMongoClient, target: AsyncMongoCli
     return bool(n and n["pending_batches"] == 0 and await assert_converged(source, target, [NS]))
 
 
+async def _configured(tmp_path: Path, sandbox: Sandbox, threshold_s: float = 10.0) -> tuple[Config, Path]:
+    cfg = _config(tmp_path, sandbox)
+    cfg.apply.cutover_threshold_seconds = threshold_s
+    config = write_config(cfg, tmp_path / "cosmigrate.toml")
+    await prepare_backends(cfg)
+    return cfg, config
+
+
 async def test_a_cutover_stopped_after_apply_leaves_lag_measuring(
     tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
 ) -> None:
-    cfg = _config(tmp_path, sandbox)
-    cfg.apply.cutover_threshold_seconds = 2.0
-    config = write_config(cfg, tmp_path / "cosmigrate.toml")
-    await prepare_backends(cfg)
+    cfg, config = await _configured(tmp_path, sandbox, threshold_s=2.0)
     await source.app.users.insert_many([{"_id": i, "v": i} for i in range(200)])
     child = await Child.start(config)
     try:
@@ -82,9 +88,7 @@ async def test_a_cutover_stopped_after_apply_leaves_lag_measuring(
 async def test_a_cutover_resumed_at_recheck_rechecks_what_changed_while_the_applier_starts(
     tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
 ) -> None:
-    cfg = _config(tmp_path, sandbox)
-    config = write_config(cfg, tmp_path / "cosmigrate.toml")
-    await prepare_backends(cfg)
+    cfg, config = await _configured(tmp_path, sandbox)
     await source.app.users.create_index("u", unique=True, name="u_1")  # Cosmos: unique only on an empty collection
     await source.app.users.insert_many([{"_id": i, "v": i, "u": i} for i in range(300)])
     child = await Child.start(config, COSMIGRATE_CRASH_POINTS="cutover_before_recheck=1")
