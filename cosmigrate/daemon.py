@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import socket
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -186,7 +185,7 @@ class Daemon:
             assert self.ledger is not None
             by = str(request.get("by", "ctl"))[:100]
             state = "started" if action == "start" else "stopped"
-            await self.ledger.set_writer(state, by, time.time())
+            await self.ledger.set_writer(state, by, Wall.now().s)  # wall seconds in the ledger
             if action == "start":
                 self.gate.start()
             else:
@@ -279,8 +278,8 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             for ns, fresh in targets.items():
                 group.create_task(self.sampler.sample(ns, fresh))
-        deadline = time.monotonic() + self.cfg.capture.max_await_ms / 1000 + 1.0
-        while time.monotonic() < deadline:
+        deadline = Mono.now() + self.cfg.capture.max_await_ms / 1000 + 1.0
+        while Mono.now() < deadline:
             behind = False
             for ns, fresh in targets.items():
                 cap, app = self.captures.get(ns), self.appliers.get(ns)
@@ -326,7 +325,7 @@ class Daemon:
         assert self.ledger is not None
         if await self.ledger.get_first_discovery():
             return False
-        mine = time.time()
+        mine = Wall.now().s  # wall seconds in the ledger
         return await self.ledger.set_first_discovery(mine) == mine
 
     async def _discovery(self) -> None:
