@@ -247,9 +247,10 @@ class Proof:
         if self.verification is not None:
             out.update(self.verification.fields(ns))
         else:
-            out.update(documents_verified=0, mismatches=0, last_verify_pass=0.0)
-        out["deletes_reconciled_at"] = iso(out["deletes_reconciled_at"])
-        out["last_verify_pass"] = iso(out["last_verify_pass"])
+            out.update(documents_verified=0, mismatches=0, last_verify_pass=None)
+        out["deletes_reconciled_at"] = iso(out["deletes_reconciled_at"])  # wall seconds (cosmigrate/deletes/)
+        last: Wall | None = out["last_verify_pass"]
+        out["last_verify_pass"] = last.iso() if last is not None else None
         return out
 
     def reasons(self, namespaces: list[str], now: Wall) -> list[str]:

@@ -43,11 +43,11 @@ def build(cluster: str, verifiers: Mapping[str, NamespaceVerifier], limit: int, 
     for ns in sorted(verifiers):
         v = verifiers[ns]
         s = v.state
-        complete = bool(s.finished_at)
+        complete = s.finished_at is not None
         total += v.mismatch_count
         namespaces.append({
             "namespace": ns, "source_documents": s.docs, "verified": s.equal, "mismatches": v.mismatch_count,
-            "pass": s.number, "complete": complete, "finished_at": iso(s.finished_at),
+            "pass": s.number, "complete": complete, "finished_at": s.finished_at.iso() if s.finished_at is not None else None,
             **({"note": notes[ns]} if ns in notes else {}),
         })
         for m in v.mismatches.values():

@@ -15,7 +15,6 @@ namespace with no completed pass yet.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -135,7 +134,7 @@ class Verification:
                 async with self._locks[ns]:
                     s = v.state
                     if s.running or s.needs_full_pass or not s.number or \
-                            time.time() - s.started_at >= self.cfg.verify.interval_s:
+                            s.started_at is None or Wall.now() - s.started_at >= self.cfg.verify.interval_s:
                         await v.run_pass(max_ranges=8)  # in slices, so a one-off pass can take the lock between
                     else:
                         await v.recheck_log()
@@ -183,7 +182,7 @@ class Verification:
                 async with self._locks[ns]:
                     v.frozen, v.budget.share = True, 1.0
                     try:
-                        if v.state.needs_full_pass or not v.state.finished_at:
+                        if v.state.needs_full_pass or v.state.finished_at is None:
                             await v.run_pass()
                         await v.recheck_log()
                         left += await v.recheck_mismatches()
@@ -204,7 +203,7 @@ class Verification:
     def fields(self, ns: str) -> dict[str, Any]:
         v = self.verifiers.get(ns)
         if v is None:
-            return {"documents_verified": 0, "mismatches": 0, "last_verify_pass": 0.0}
+            return {"documents_verified": 0, "mismatches": 0, "last_verify_pass": None}
         return v.fields()
 
     def reasons(self, namespaces: list[str]) -> list[str]:
@@ -215,7 +214,8 @@ class Verification:
             out.append(f"verification found documents that differ: {', '.join(bad)}")
         if self.cfg.verify.enabled:
             unverified = [ns for ns in namespaces if ns in self.verifiers
-                          and not (self.verifiers[ns].state.finished_at or self.verifiers[ns].state.last_finished_at)]
+                          and self.verifiers[ns].state.finished_at is None
+                          and self.verifiers[ns].state.last_finished_at is None]
             if unverified:
                 out.append(f"no verification pass has completed yet: {', '.join(unverified)}")
         return out
