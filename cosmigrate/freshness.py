@@ -114,8 +114,8 @@ class Freshness:
         self.latest_head = head
         sample = HeadSample(at, head, Wall.now() if wall is None else wall)
         self.latest_is_caught_up = False
-        if not self._waiting:
-            self._resolve(sample)
+        if not self._waiting and (seq := self._first_reaching(sample.head)) is not None:
+            sample.seq = self._at_least_last(seq)
         if sample.seq is None:
             self._waiting.append(sample)
         else:
@@ -180,22 +180,23 @@ class Freshness:
         first mark (the stored resume position, seq = last committed) then resolves it after a restart.
         """
         barrier = HeadSample(Mono(0.0), dict(head), Wall(0.0))
-        self._resolve(barrier)
+        barrier.seq = self._first_reaching(barrier.head)
         self.barriers.append(barrier)
         return barrier
 
-    def _resolve(self, sample: HeadSample) -> None:
-        """The first recorded mark that reaches the head, by bisection (positions only move forward)."""
-        if not self._marks or not reached(self._marks[-1][0], sample.head):
-            return
+    def _first_reaching(self, head: Positions) -> int | None:
+        """The seq of the first recorded mark that reaches `head`, by bisection (positions only move forward;
+        where they did not, a later mark that does reach it is found: never one that does not)."""
+        if not self._marks or not reached(self._marks[-1][0], head):
+            return None
         lo, hi = 0, len(self._marks) - 1  # marks[hi] reaches the head
         while lo < hi:
             mid = (lo + hi) // 2
-            if reached(self._marks[mid][0], sample.head):
+            if reached(self._marks[mid][0], head):
                 hi = mid
             else:
                 lo = mid + 1
-        sample.seq = self._at_least_last(self._marks[hi][1])
+        return self._marks[hi][1]
 
     def update(self, committed_seq: int, applied_seq: int) -> None:
         """Advance captured_at / caught_up_at from the ledger's committed and applied seqs."""
