@@ -44,7 +44,6 @@ from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
-from cosmigrate.indexes import expiry_or_unknown
 from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
@@ -75,6 +74,7 @@ from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
 from cosmigrate.timeouts import within
 from cosmigrate.tokens import Range, TokenFormatError, positions
+from cosmigrate.ttl import read_ttl_indexes
 
 THROTTLED = 16500
 # With server-side retry on, Cosmos answers a throttled request with ExceededTimeLimit after a while: retry it too.
@@ -155,8 +155,10 @@ class CaptureStatus:
     """Empty pages that came back faster than max_await_ms (a throttled stream); each one backs off."""
     idle_cuts: int = 0
     """Batches cut because the stream was idle at a page boundary (not full, not `max_batch_age_s` old)."""
-    expiry: str = ""
-    """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index."""
+    ttl_indexes: list[dict[str, Any]] | None = None
+    """The source collection's TTL indexes, read at start (None: not yet); status judges them (`cosmigrate.ttl`)."""
+    ttl_unknown: str = ""
+    """Why those indexes could not be read ("" when they were)."""
     started_at: Wall = field(default_factory=Wall.now)
     partitions: list[dict[str, str]] = field(default_factory=list)
     """One entry per partition unit (range, state tailing/split/failed, error); empty for a single stream."""
@@ -428,9 +430,10 @@ class NamespaceCapture:
                 return
         else:
             buf.base_token = unit.token
-        if not self.status.expiry:
+        if self.status.ttl_indexes is None:
             try:
-                self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
+                self.status.ttl_indexes, self.status.ttl_unknown = await self._retrying(
+                    lambda: read_ttl_indexes(self.source, self.ns))
             except (Fenced, _Stopped):
                 return
         self.status.state = "running"

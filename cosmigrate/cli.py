@@ -181,7 +181,7 @@ def indexes(
             for p in planned:
                 typer.echo(plan_line(p))
             typer.echo(f"{len(planned)} indexes planned, {sum(p.stage == NEVER for p in planned)} never built")
-        if any(p.stage == NEVER or p.state.startswith("failed") for p in planned):
+        if any(p.needs_action for p in planned):
             raise typer.Exit(1)
         return
     try:

@@ -15,6 +15,7 @@ string are dropped when they would quote a piece of the password.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -146,6 +147,50 @@ class MetricsConfig:
     cloudwatch_namespace: str = "cosmigrate"
 
 
+@dataclass(frozen=True)
+class TtlDecision:
+    """The operator's choice for a namespace whose source expires documents by `_ts` (DocumentDB cannot).
+
+    `none`: the target keeps documents without expiry. `field`: the target expires them by a date field the
+    application writes (`path`), `seconds` after its value: a DocumentDB TTL index built without its expiry
+    during the migration and given `expireAfterSeconds` at cutover, like every other TTL index."""
+
+    kind: str
+    """`none` or `field`."""
+    path: str = ""
+    seconds: int = 0
+
+    def text(self) -> str:
+        """The decision as written in `[ttl]`."""
+        return "none" if self.kind == "none" else f"field:{self.path}:{self.seconds}"
+
+
+TTL_FORMS = '"none" or "field:<date field>:<expireAfterSeconds>"'
+MAX_EXPIRE_AFTER = 2_147_483_647  # MongoDB's and DocumentDB's bound of expireAfterSeconds
+
+
+def parse_ttl_decision(ns: str, value: Any) -> TtlDecision:
+    """One `[ttl]` entry, or a ConfigError naming it (namespace `db.collection`, value in one of TTL_FORMS)."""
+    key = f"[ttl] {json.dumps(ns)}"
+    db, dot, coll = ns.partition(".")
+    if not (db and dot and coll):
+        raise ConfigError(f"{key}: the key must be a namespace db.collection (quoted: \"app.sessions\" = \"none\")")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected {TTL_FORMS}, got {value!r}")
+    if value == "none":
+        return TtlDecision("none")
+    kind, _, rest = value.partition(":")
+    path, _, seconds = rest.rpartition(":")
+    if kind != "field" or not path or not seconds:
+        raise ConfigError(f"{key}: expected {TTL_FORMS}, got {value!r}")
+    if path.startswith("$") or path == "_id" or path == "_ts" or "" in path.split(".") or "\0" in path:
+        raise ConfigError(f"{key}: {path!r} is not a date field the documents hold (not _id, _ts, or starting with $)")
+    if not seconds.isdigit() or int(seconds) > MAX_EXPIRE_AFTER:
+        raise ConfigError(f"{key}: expireAfterSeconds must be a whole number from 0 to {MAX_EXPIRE_AFTER}, "
+                          f"got {seconds!r}")
+    return TtlDecision("field", path, int(seconds))
+
+
 @dataclass
 class Config:
     cluster_name: str = ""
@@ -163,9 +208,11 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ttl: dict[str, TtlDecision] = field(default_factory=dict)
+    """`[ttl]`: namespace -> the decision for its `_ts` expiry (`cosmigrate.ttl`); no environment override."""
 
 
-_SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "cluster_name"}
+_SECTIONS = {f.name: f.type for f in fields(Config) if f.name not in ("cluster_name", "ttl")}
 _LEGACY_ENV = {
     "SOURCE_URI": ("source", "uri"),
     "CLUSTER_NAME": (None, "cluster_name"),
@@ -259,12 +306,16 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     for name, value in raw.items():
         if name == "cluster_name":
             cfg.cluster_name = _coerce("cluster_name", value, "", False)
+        elif name == "ttl":
+            if not isinstance(value, dict):
+                raise ConfigError("ttl: expected a [ttl] table of \"db.collection\" = decision")
+            cfg.ttl = {ns: parse_ttl_decision(ns, v) for ns, v in value.items()}
         elif name in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name}: expected a [{name}] table")
             _apply(getattr(cfg, name), name, value, from_env=False)
         else:
-            raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)})")
+            raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)}, ttl)")
     check_env_names(env, _env_references(raw))
     _apply_env(cfg, env)
     if secrets:
@@ -758,4 +809,7 @@ def to_toml(cfg: Config) -> str:
         obj = getattr(cfg, section)
         for f in fields(obj):
             lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+    if cfg.ttl:
+        lines.append("\n[ttl]")
+        lines.extend(f"{_toml_value(ns)} = {_toml_value(d.text())}" for ns, d in cfg.ttl.items())
     return "\n".join(lines) + "\n"

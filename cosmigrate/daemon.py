@@ -43,6 +43,7 @@ from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
 from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tls import connection_tls
+from cosmigrate.ttl import read_ttl_indexes
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 
 
@@ -345,6 +346,7 @@ class Daemon:
                         except (PyMongoError, LedgerError, BackfillError) as exc:
                             refused[ns] = redact(f"could not start: {exc}")[:300]
                 self._not_captured(refused)
+                await self._refresh_ttl()
                 if self.proof is not None:
                     self.proof.first_round_done()
             except (PyMongoError, LedgerError) as exc:
@@ -360,6 +362,18 @@ class Daemon:
                 self._reload.clear()
                 await self._apply_reload()
 
+    async def _refresh_ttl(self) -> None:
+        """Each discovery round, the TTL indexes of every captured namespace read again: one created at the
+        source after capture started must reach status (its `_ts` expiry needs a decision; its sweep a
+        schedule). A transient error keeps what was read last; the next round tries again."""
+        for ns, cap in list(self.captures.items()):
+            if cap.status.ttl_indexes is None:
+                continue  # the watcher reads them itself before it runs
+            try:
+                cap.status.ttl_indexes, cap.status.ttl_unknown = await read_ttl_indexes(self.source, ns)
+            except PyMongoError:
+                continue
+
     def _not_captured(self, refused: dict[str, str]) -> None:
         """Remember the namespaces that exist but are not captured (status lists them, readiness waits), and
         log each one once per reason; they are tried again every discovery round."""
@@ -369,7 +383,9 @@ class Daemon:
         self.not_captured = refused
 
     async def _apply_reload(self) -> None:
-        """SIGHUP: take the new include/exclude patterns and log level; everything else needs a restart."""
+        """SIGHUP: take the new include/exclude patterns, the `[ttl]` decisions and the log level; everything else
+        needs a restart. A decision takes effect in status at once; a `field` decision's index is built by the
+        cutover's `ttl` step if the namespace's index plan was read before it."""
         from cosmigrate.config import ConfigError, load_config
         from cosmigrate.logs import configure_logging
 
@@ -383,6 +399,7 @@ class Daemon:
             return
         self.cfg.capture.include, self.cfg.capture.exclude = new.capture.include, new.capture.exclude
         self.cfg.log.level = new.log.level
+        self.cfg.ttl = new.ttl
         configure_logging(new.log.level, self.cfg.log.format)
         dropped = [ns for ns in self.captures if not matches_patterns(ns, new.capture.include, new.capture.exclude)]
         for ns in dropped:
@@ -404,7 +421,7 @@ class Daemon:
             if self.proof is not None:
                 await self.proof.detach(ns)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
-                      level=new.log.level, stopped=dropped)
+                      level=new.log.level, ttl={ns: d.text() for ns, d in new.ttl.items()}, stopped=dropped)
 
     async def _report(self) -> None:
         """Refresh systemd's STATUS= line (what `systemctl status cosmigrate` shows)."""
@@ -482,7 +499,7 @@ class Daemon:
         self.backfills[ns] = backfill
         builder = self.builders.get(ns) if previous else None
         if builder is None:
-            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target)
+            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target, self.cfg)
             self._index_tasks[ns] = asyncio.create_task(builder.run(), name=f"indexes:{ns}")
         if backfill.phase != BACKFILL:
             builder.backfill_done.set()

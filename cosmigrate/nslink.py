@@ -63,6 +63,9 @@ class NamespaceLink:
     """Sample the head now (so that caught_up can move past a moment just passed)."""
     add_head: Callable[[Mono, list[bytes]], None] = lambda at, tokens: None
     """Record a head sampled elsewhere (cutover's quiesced heads), so that catching up to it can be awaited."""
+    expires: Callable[[], bool] = lambda: False
+    """The source deletes documents by time (a TTL index, or indexes not known): expiry moves no head, so a
+    sweep pass is due on its interval alone, and only a recent pass reconciles (`cosmigrate.deletes.service`)."""
     deletes_applied: Callable[[], int] = lambda: 0
     """Deletes the applier sent from the feed (preview events, lookup misses gone at the source), counted before
     sending: a delete between the sweep's source and target counts would balance a stale document out."""

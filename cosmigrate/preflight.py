@@ -99,9 +99,9 @@ class Preflight:
                                      "those documents at the source (or drop the index) before the migration; "
                                      "`cosmigrate indexes` lists them")
                     await self._step("source TTL", self._ttl,
-                                     "expiry deletes never reach the change feed: on DocumentDB use an expiry date "
-                                     "field with a TTL index enabled at cutover; until deletes are reconciled, "
-                                     "expired documents stay on the target (`cosmigrate indexes` says per index)")
+                                     "DocumentDB cannot expire by _ts: decide per namespace in the config's [ttl] "
+                                     "table, \"db.coll\" = \"field:<date field>:<expireAfterSeconds>\" (a TTL "
+                                     "index enabled at cutover) or \"db.coll\" = \"none\" (no expiry on the target)")
             await self._step("target TLS", self._target_tls,
                              "use tls=true and target.tls_ca_file = /etc/cosmigrate/global-bundle.pem (the DocumentDB "
                              "CA bundle), without tlsInsecure / tlsAllowInvalidCertificates / tlsAllowInvalidHostnames")
@@ -187,7 +187,7 @@ class Preflight:
     async def _indexes(self) -> Check:
         info = await self.target.admin.command("buildInfo")
         major = int(str(info.get("version", "5")).split(".")[0])
-        self.index_reports = reports = await read_indexes(self.source, self.namespaces, major)
+        self.index_reports = reports = await read_indexes(self.source, self.namespaces, major, self.cfg)
         problems = [f"{r.ns} {r.name} ({r.reason})" for r in reports if r.action == "cannot build" and not r.ttl]
         if problems:
             return Check("target index compatibility", False,
@@ -210,8 +210,13 @@ class Preflight:
 
     async def _ttl(self) -> Check:
         ttl = [r for r in self.index_reports or [] if r.ttl]
+        undecided = [r for r in ttl if r.ttl == "_ts" and not r.decided]
+        if undecided:
+            return Check("source TTL", False, "; ".join(f"{r.ns} {r.name}: {r.reason}" for r in undecided[:5]))
         if ttl:
-            return Check("source TTL", False, "; ".join(f"{r.ns} {r.name}: {r.reason}" for r in ttl[:5]))
+            return Check("source TTL", True, "; ".join(
+                f"{r.ns} {r.name}: " + (f"[ttl] decision {r.decision}" if r.decided else "enabled at cutover")
+                for r in ttl[:5]) + "; the delete sweep removes expired documents until cutover")
         return Check("source TTL", True, "no collection expires documents at the source")
 
     async def _retry_writes(self) -> Check:

@@ -122,6 +122,7 @@ class Proof:
             latest_head=lambda: fresh.latest_head,
             latest_head_at=lambda: fresh.last_sample_at.s if fresh.last_sample_at is not None else 0.0,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
+            expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
         )
         self.deletes.attach(link, app)
         self.verification.attach(link)

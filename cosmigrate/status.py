@@ -19,14 +19,17 @@ from cosmigrate import __version__
 from cosmigrate.backfill import BACKFILL, DROPPED, totals
 from cosmigrate.clock import Mono, Wall
 from cosmigrate.mongo import matches_patterns
+from cosmigrate.ttl import ttl_state
 
 if TYPE_CHECKING:
+    from cosmigrate.capture import NamespaceCapture
+    from cosmigrate.config import Config
     from cosmigrate.daemon import Daemon
 
 NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
     "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
-    "deferred_reason", "expiry", "partitions", "throughput_eps", "last_error", "last_error_at", "phase",
+    "deferred_reason", "expiry", "ttl_decision", "partitions", "throughput_eps", "last_error", "last_error_at", "phase",
     # deletes, verification (cosmigrate.proof)
     "deletes_tier", "deletes_reconciled_at", "deletes_applied", "sweep_progress", "documents_verified", "mismatches",
     "last_verify_pass",
@@ -66,6 +69,17 @@ def phase(state: str, freshness: str, load_phase: str = "") -> str:
     return "in sync" if freshness == "current" else "catching up"
 
 
+def _expiry(ns: str, cap: NamespaceCapture | None, cfg: Config, blocking: list[str]) -> dict[str, str]:
+    """The namespace's `expiry` and `ttl_decision` fields (`cosmigrate.ttl`); a `_ts` TTL without a decision, or
+    indexes that could not be read, add to `blocking`. Not read yet: the namespace is still `starting`."""
+    if cap is None or cap.status.ttl_indexes is None:
+        return {"expiry": "", "ttl_decision": ""}
+    state = ttl_state(ns, cap.status.ttl_indexes, cfg, cap.status.ttl_unknown)
+    if state.blocking:
+        blocking.append(state.blocking)
+    return {"expiry": state.describe(), "ttl_decision": state.decision_text}
+
+
 def _latest_error(*candidates: tuple[str, Wall | None]) -> tuple[str, Wall | None]:
     """The most recent non-empty (error, when) pair; ("", None) when every part is healthy."""
     found = [c for c in candidates if c[0]]
@@ -96,6 +110,7 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
     namespaces: list[dict[str, Any]] = []
     stale: list[str] = []
+    expiry: list[str] = []
     for meta in await daemon.ledger.list_namespaces():
         if not matches_patterns(meta.ns, include, exclude):
             continue  # excluded (SIGHUP or config): not part of the migration any more
@@ -157,7 +172,7 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
             "empty_pages": cap.status.empty_pages if cap else 0,
             "deferred": app.status.deferred if app else 0,
             "deferred_reason": app.status.deferred_reason if app and app.status.deferred else "",
-            "expiry": cap.status.expiry if cap else "",
+            **_expiry(meta.ns, cap, daemon.cfg, expiry),
             "partitions": list(cap.status.partitions) if cap else [],
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": error,
@@ -185,10 +200,8 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     if deferred:
         lasting = [f"{n['namespace']}: {n['deferred_reason']}" for n in namespaces if n["deferred_reason"]]
         reasons.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
-    expiring = [n["namespace"] for n in namespaces if n["expiry"]]
-    if expiring:
-        reasons.append(f"source expiry (TTL) is not mirrored, or not known, on: {', '.join(expiring)} "
-                       "(expired documents stay on the target; see each namespace's expiry)")
+    if expiry:
+        reasons.append(f"source expiry (TTL) needs a decision, or is not known: {'; '.join(expiry)}")
     in_backfill = [f"{n['namespace']} ({n['percent']:g}%)" for n in namespaces if n["load_phase"] == BACKFILL]
     if in_backfill:
         reasons.append("backfill not complete (the head sampled at its start is not applied yet): "

@@ -186,6 +186,9 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
     for n in namespaces:
         if n.get("backfill_reason"):
             parts.append(Text(f"{printable(n['namespace'])}: {printable(n['backfill_reason'])}", style="red"))
+        if n.get("expiry"):  # the source's TTL and the decision for it (`cosmigrate.ttl`)
+            blocks = n.get("ttl_decision") in ("undecided", "unknown")
+            parts.append(plain(f"{n['namespace']}: expiry: {n['expiry']}", "yellow" if blocks else "dim"))
         if n["last_error"]:
             line = Text(f"{printable(n['namespace'])}: ", style="red")
             line.append(Text(printable(n["last_error"])))

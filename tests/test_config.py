@@ -54,6 +54,12 @@ CASES = [
     ("unset secret variable", GOOD.replace(f"mongodb://master:{SECRET}@docdb.example:27017/?tls=true", "env:COSMIGRATE_TEST_UNSET_VAR"), "target.uri"),
     ("credential outside systemd", GOOD.replace(f"mongodb://master:{SECRET}@docdb.example:27017/?tls=true", "credential:target-uri"), "target.uri"),
     ("not TOML", "cluster_name = \n[[[", "not valid TOML"),
+    ("ttl not a table", GOOD.replace('cluster_name = "prod"', 'cluster_name = "prod"\nttl = "none"'), "[ttl]"),
+    ("ttl key unquoted", GOOD + '\n[ttl]\napp.sessions = "none"\n', '[ttl] "app"'),
+    ("ttl bad form", GOOD + '\n[ttl]\n"app.sessions" = "expire"\n', '[ttl] "app.sessions"'),
+    ("ttl bad seconds", GOOD + '\n[ttl]\n"app.sessions" = "field:expiresAt:soon"\n', "expireAfterSeconds"),
+    ("ttl on _ts again", GOOD + '\n[ttl]\n"app.sessions" = "field:_ts:60"\n', "not a date field"),
+    ("ttl not a string", GOOD + '\n[ttl]\n"app.sessions" = 3600\n', '[ttl] "app.sessions"'),
 ]
 
 

@@ -12,6 +12,7 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 
 from cosmigrate.budget import SourceBudget
+from cosmigrate.config import TtlDecision
 from cosmigrate.deletes.ordered import OrderedDeletes
 from cosmigrate.deletes.sweep import DeleteSweep
 from cosmigrate.idorder import encode_id
@@ -82,7 +83,12 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         assert await target.app.users.count_documents({"_id": {"$in": [21, 22, "s24"]}}) == 3
         sandbox.source.faults.ttl_custom_path = True  # an account with EnableTtlOnCustomPath
         await source.app.users.create_index("expires", expireAfterSeconds=60)  # built on the target by cutover
-        await source.app.users.create_index("_ts", expireAfterSeconds=60)  # cannot be: reported
+        await source.app.users.create_index("_ts", expireAfterSeconds=60)  # cannot be: needs a decision
+        run.daemon.cfg.cutover.precheck_timeout_s = 2.0
+        result = await proof.run_cutover()  # created after capture started: the precheck reads it again
+        run.daemon.cfg.cutover.precheck_timeout_s = 30.0
+        assert result.code == 5 and "expires by _ts" in result.message and '"app.users" = "none"' in result.message
+        run.daemon.cfg.ttl = {"app.users": TtlDecision("none")}  # what a reload of [ttl] does
         result = await proof.run_cutover()
         assert result.code == 0, result.message
         await assert_converged(source, target, NS)
@@ -93,6 +99,7 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         assert by_ns["app.users"]["verified"] == by_ns["app.users"]["documents"]
         indexes = by_ns["app.users"]["indexes"]
         assert indexes["built"] == ["expires_1"] and [i["index"] for i in indexes["not_built"]] == ["_ts_1"]
+        assert by_ns["app.users"]["ttl_decision"] == "none"
         ttl = [ix async for ix in await target.app.users.list_indexes() if ix["name"] == "expires_1"]
         assert ttl and ttl[0]["expireAfterSeconds"] == 60
         status = await run.status()

@@ -150,7 +150,7 @@ def test_the_emf_forwarder_unit_verifies_and_is_hardened(tmp_path: Path) -> None
 # --- pinned releases ------------------------------------------------------------------------------------------------
 
 
-def _fake_release(tmp_path: Path, marker: str) -> tuple[Path, str]:
+def _fake_release(tmp_path: Path, marker: str, wheel: bytes = b"not used with --skip-venv") -> tuple[Path, str]:
     import hashlib
     import tarfile
 
@@ -158,7 +158,7 @@ def _fake_release(tmp_path: Path, marker: str) -> tuple[Path, str]:
     root.mkdir(parents=True)
     (root / "VERSION").write_text("9.9.9\n")
     (root / "requirements.lock").write_text("")
-    (root / "cosmigrate-9.9.9-py3-none-any.whl").write_bytes(b"not used with --skip-venv")
+    (root / "cosmigrate-9.9.9-py3-none-any.whl").write_bytes(wheel)
     for name in ("cosmigrate.service", "cosmigrate-emf.service"):
         (root / name).write_text((DEPLOY / "systemd" / name).read_text() + f"# {marker}\n")
     for name in ("amazon-cloudwatch-agent.json", "cosmigrate.logrotate"):

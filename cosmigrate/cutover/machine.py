@@ -17,12 +17,14 @@ The steps, in order (`STEPS`):
    with the report when documents still differ).
 6. `finalize`: the source's indexes the target lacks are built, TTL indexes
    included (they could not be live while the source still expired
-   documents); `_ts` expiry cannot be rebuilt and is reported.
+   documents); `_ts` expiry cannot be rebuilt and is reported with its
+   `[ttl]` decision (`cosmigrate.ttl`).
 7. `ttl`: every TTL index the target got during the migration was built
    without its expiry (`cosmigrate.indexplan`); its `expireAfterSeconds`
    is set now, read back first so a second run changes nothing.
 8. `report`: a JSON report (per namespace: documents, verified, deletes,
-   duration, the heads it stopped at) is stored and printed. Exit 0.
+   duration, the heads it stopped at, the source's expiry and the `[ttl]`
+   decision for it) is stored and printed. Exit 0.
 
 Then status says `cutover complete`, the writer is stopped and refuses to
 start again without `--force`; the sweep and verification stop (the target
@@ -59,6 +61,7 @@ from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
 from cosmigrate.tokens import TokenFormatError, positions
+from cosmigrate.ttl import read_ttl_indexes, ttl_state
 from cosmigrate.verify.service import Verification
 
 KIND, KEY = "cutover", "state"
@@ -219,12 +222,26 @@ class Cutover:
     async def precheck(self) -> None:
         deadline = Mono.now() + self.cfg.cutover.precheck_timeout_s
         while True:
-            reasons = await self.host.readiness()
+            reasons = await self.host.readiness() or await self._expiry_undecided()
             if not reasons:
                 return
             if Mono.now() >= deadline:
                 raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(reasons))
             await asyncio.sleep(0.5)
+
+    async def _expiry_undecided(self) -> list[str]:
+        """The source's TTL indexes read now (status read them when capture started; one may have been created
+        since): a `_ts` TTL without a `[ttl]` decision stops the cutover like any readiness condition."""
+        out: list[str] = []
+        for ns in self.namespaces:
+            try:
+                indexes, unknown = await read_ttl_indexes(self.host.source, ns)
+            except PyMongoError as exc:
+                indexes, unknown = [], f"the source's indexes could not be read: {redact(str(exc))[:120]}"
+            blocking = ttl_state(ns, indexes, self.cfg, unknown).blocking
+            if blocking:
+                out.append(f"source expiry (TTL) needs a decision, or is not known: {blocking}")
+        return out
 
     async def quiesce(self) -> None:
         first = await self._heads()
@@ -297,15 +314,16 @@ class Cutover:
             built: list[str] = []
             not_built: list[dict[str, str]] = []
             existing = {ix["name"]: ix async for ix in await self.host.target[db][coll].list_indexes()}
-            async for ix in await self.host.source[db][coll].list_indexes():
-                spec = dict(ix)
+            specs = [dict(ix) async for ix in await self.host.source[db][coll].list_indexes()]
+            decision = ttl_state(ns, specs, self.cfg).decision_text
+            for spec in specs:
                 name = spec.get("name", "")
                 if name == "_id_" or name in existing:
                     continue
                 keys = dict(spec["key"])
                 if "expireAfterSeconds" in spec and list(keys) == ["_ts"]:
-                    not_built.append({"index": name, "reason": "expiry by _ts cannot be rebuilt on DocumentDB: add an "
-                                      "expiry date field and a TTL index on it"})
+                    not_built.append({"index": name, "reason": "expiry by _ts cannot be rebuilt on DocumentDB",
+                                      "ttl_decision": decision})
                     continue
                 why = unsupported_index(spec, target_major)
                 if why:
@@ -327,7 +345,7 @@ class Cutover:
         out: dict[str, Any] = {}
         for ns in self.namespaces:
             try:
-                out[ns] = await enable_ttl(self.host.source, self.host.target, ns)
+                out[ns] = await enable_ttl(self.host.source, self.host.target, ns, self.cfg)
             except PyMongoError as exc:
                 raise CutoverStop(EXIT_ERROR, f"cannot enable the TTL indexes of {ns}: {redact(str(exc))[:200]}") from None
         self.state["ttl"] = out
@@ -349,6 +367,7 @@ class Cutover:
                 except TokenFormatError:
                     heads.append({"range": "?", "lsn": None})
             v = by_ns.get(ns, {})
+            expiry = ttl_state(ns, [dict(ix) async for ix in await self.host.source[db][coll].list_indexes()], self.cfg)
             deletes = self.host.deletes.fields(ns)["deletes_applied"] if self.host.deletes else 0
             # Proven equal: the last full pass covered every document then; every change since went through the
             # batch log and was re-checked (inserts and updates) or swept (deletes), with the source quiet.
@@ -359,6 +378,7 @@ class Cutover:
                 "final_sweep_deletes": (self.state.get("deleted") or {}).get(ns, 0),
                 "indexes": (self.state.get("finalize") or {}).get(ns, {}), "heads": heads,
                 "ttl": (self.state.get("ttl") or {}).get(ns, []),
+                **expiry.as_dict(),
             })
         equal = bool(verification.get("equal"))
         self.state["report"] = {

@@ -7,14 +7,20 @@
   `cosmigrate.deletes.lookup` inside its round.
 - Tier 3, the sweep (`deletes.enabled`): one task per namespace runs a pass
   when none has completed yet, and afterwards whenever the source head moved
-  since the last pass started and `deletes.interval_s` passed.
+  since the last pass started and `deletes.interval_s` passed. A namespace
+  whose source expires documents (TTL, `cosmigrate.ttl`) gets a pass every
+  `deletes.interval_s` whether its head moved or not: expiry deletes
+  documents without moving the head.
 
 Readiness: deletes are *reconciled* for a namespace when a sweep pass that
 started after the tier became active has completed, and since that pass
 started either the source head has not moved or less than
 `apply.cutover_threshold_seconds` went by (the same allowance as the lag).
 With the preview on, deletes after that first pass arrive in the feed. With
-neither, deletes are never reconciled and status says so.
+neither, deletes are never reconciled and status says so. A namespace that
+expires documents is reconciled only by a pass that started less than
+`apply.cutover_threshold_seconds` ago (expiry is not in the feed, preview or
+not, and moves no head), on top of the rules above.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pymongo.errors import PyMongoError
 from cosmigrate.apply import NamespaceApplier, WriteAborted
 from cosmigrate.backoff import Backoff
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Wall
 from cosmigrate.config import Config
 from cosmigrate.deletes.lookup import LookupMisses
 from cosmigrate.deletes.ordered import OrderedDeletes
@@ -122,7 +129,7 @@ class Deletes:
             return False  # no head sampled yet: a pass could not say up to where it reconciles
         if not s.last_finished_at or s.last_started_at < self.preview_since:
             return True
-        if head == s.last_head:
+        if head == s.last_head and not sweep.link.expires():
             return False
         if sweep.ns in self._kicked:
             self._kicked.discard(sweep.ns)
@@ -135,18 +142,30 @@ class Deletes:
         So that status right after the applications stopped writing can say "reconciled" without waiting
         for `deletes.interval_s`; bounded, a pass that takes longer simply shows as not reconciled yet.
         """
+        asked = Wall.now()
         stale = [ns for ns, sw in self.sweeps.items() if ns in self._tasks and not sw.state.running
-                 and sw.state.last_finished_at and sw.link.latest_head() != sw.state.last_head]
+                 and sw.state.last_finished_at and (sw.link.latest_head() != sw.state.last_head or self._expired(sw, asked))]
         if not stale:
             return
         self._kicked.update(stale)
 
+        def covered(sweep: DeleteSweep) -> bool:
+            if sweep.link.expires():
+                return Wall(sweep.state.last_started_at) >= asked  # a pass begun after the question
+            return sweep.link.latest_head() == sweep.state.last_head
+
         async def settled(sweep: DeleteSweep) -> None:
             async with sweep.completed:
-                await sweep.completed.wait_for(lambda: sweep.link.latest_head() == sweep.state.last_head)
+                await sweep.completed.wait_for(lambda: covered(sweep))
 
         with contextlib.suppress(TimeoutError):
             await within(asyncio.gather(*(settled(self.sweeps[ns]) for ns in stale)), limit_s)
+
+    def _expired(self, sweep: DeleteSweep, now: Wall) -> bool:
+        """The source expires documents and the last pass started too long ago to vouch for the documents that
+        expired since (the same allowance as the lag)."""
+        age = now - Wall(sweep.state.last_started_at)
+        return sweep.link.expires() and age >= self.cfg.apply.cutover_threshold_seconds
 
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]
@@ -192,12 +211,19 @@ class Deletes:
         """Whether deletes of `ns` are reconciled (see the module docstring), and why not."""
         sweep = self.sweeps.get(ns)
         if sweep is None:
+            link = self.links.get(ns)
+            if link is not None and link.expires():
+                return False, ("the source expires documents (TTL), which no change event shows, and deletes.enabled "
+                               "is false: expired documents stay on the target")
             if self.preview:
                 return True, ""
             return False, "no delete tier: the account has no delete preview and deletes.enabled is false"
         s = sweep.state
         if not s.last_finished_at or s.last_started_at < self.preview_since:
             return False, "no delete sweep has completed yet"
+        if self._expired(sweep, Wall(now)):
+            return False, (f"the source expires documents (TTL) and the last sweep started "
+                           f"{now - s.last_started_at:.0f}s ago")
         if self.preview:
             return True, ""
         head = sweep.link.latest_head()

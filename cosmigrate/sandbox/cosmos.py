@@ -355,7 +355,7 @@ class CosmosSource(MongoServer):
 
     async def before_command(self, name: str, body: dict[str, Any]) -> None:
         await super().before_command(name, body)
-        self.store.expire(time.time() + self.faults.ttl_clock_advance_s)
+        self.store.expire(time.time() + self.faults.ttl_clock_advance_s, self.faults.ttl_lazy_delete)
         if self.faults.chance(self.faults.throttle_rate):
             await self._throttle()
         ns = self._ns_of(name, body)

@@ -66,6 +66,9 @@ class Faults:
     """The EnableTtlOnCustomPath capability: TTL indexes on a date field instead of only on `_ts`."""
     ttl_clock_advance_s: float = 0.0
     """TTL expiry runs this many seconds ahead of the wall clock (tests make documents expire without waiting)."""
+    ttl_lazy_delete: bool = False
+    """Expired documents vanish from every read at once but their delete is deferred (Cosmos deletes expired
+    documents in the background, when request units allow): expiry does not move the head."""
     partitions: int = 1
     """Physical partitions of each source collection created from now on (each with its own LSN log and an even
     share of `ru_per_s` for its change-stream reads)."""

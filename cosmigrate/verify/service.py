@@ -50,8 +50,9 @@ async def collection_notes(source: Any, namespaces: Iterable[str]) -> dict[str, 
                 if "expireAfterSeconds" in ix:
                     keys = ",".join(ix["key"].keys())
                     if keys == "_ts":
-                        why.append("expires by _ts at the source (TTL): DocumentDB cannot rebuild that index; add an "
-                                   "expiry date field and a TTL index on it after cutover")
+                        why.append("expires by _ts at the source (TTL): DocumentDB cannot rebuild that index (the "
+                                   "[ttl] decision for it is in status and the cutover report); expired documents "
+                                   "are removed from the target by the delete sweep")
                     else:
                         why.append(f"TTL index on {keys} at the source: expired documents are removed from the target "
                                    "by the delete sweep until cutover builds the index there")
