@@ -92,7 +92,7 @@ def test_an_unreached_backfill_head_costs_a_few_checks_per_batch_and_sample(coun
     ranges = _ranges()
     fresh = Freshness()
     seq = _backfill(fresh, ranges, 0, SAMPLES // 2)
-    assert fresh.caught_up_t is None and fresh.lag(now=Mono(float(SAMPLES))) > 0
+    assert fresh.caught_up_t is None and fresh.lag(now=Mono(float(SAMPLES)), since=Mono(0.0)) == SAMPLES
     first_half = calls.n
     seq = _backfill(fresh, ranges, SAMPLES // 2, SAMPLES // 2)  # twice the samples and marks: ~2x work, not 4x
     assert calls.n <= 2.2 * first_half + 10, (first_half, calls.n)
