@@ -26,10 +26,6 @@ class ApplierNotReady(Exception):
     """The applier did not read its position from the ledger in time: its written_seq is not known."""
 
 
-def _never() -> float:
-    return 0.0
-
-
 def _no_mono() -> Mono | None:
     return None
 
@@ -52,13 +48,11 @@ class NamespaceLink:
     """Whether the applier has read its position from the ledger (until then written_seq() is -1: unknown)."""
     caught_up: Callable[[], Mono | None] = _no_mono
     """The latest sampled moment whose head is captured and applied (None: none yet)."""
-    caught_up_at: Callable[[], float] = _never
-    """The same moment on the wall clock, in seconds (0: none yet). Only the delete sweep still compares this one
-    (cosmigrate/deletes/ moves to the typed clocks on its own branch); everything else uses `caught_up`."""
     latest_head: Callable[[], Positions | None] = _none
     """The latest successfully sampled head, or None."""
-    latest_head_at: Callable[[], float] = _never
-    """When that head was sampled, in seconds of the monotonic clock (0: never). Only the delete sweep reads it."""
+    latest_head_at: Callable[[], Mono | None] = _no_mono
+    """When that head was sampled, on the monotonic clock before the request (None: never). The delete sweep reads
+    it with `latest_head`: a pass claims that head, and waits until `caught_up` reaches this moment."""
     sample: Callable[[], Awaitable[None]] = field(default=_no_sample)
     """Sample the head now (so that caught_up can move past a moment just passed)."""
     add_head: Callable[[Mono, list[bytes]], None] = lambda at, tokens: None
@@ -95,12 +89,13 @@ class NamespaceLink:
         return self.written_seq()
 
     async def wait_caught_up_to(self, after: Mono, limit_s: float) -> bool:
-        """Wait until everything written at the source before `after` is applied (head samples say so)."""
-        return await self._sampling_until(lambda: (at := self.caught_up()) is not None and at >= after, limit_s)
+        """Wait until everything written at the source before `after` is applied (head samples say so).
 
-    async def wait_caught_up(self, after: float, limit_s: float) -> bool:
-        """The delete sweep's form of `wait_caught_up_to`: `after` in seconds, compared with `caught_up_at`."""
-        return await self._sampling_until(lambda: self.caught_up_at() >= after, limit_s)
+        Heads only move forward: a sample taken at or after `after` that is captured and applied covers every
+        source write before it. Before the first catch-up `caught_up` is None: this waits, it never reads
+        "nothing yet" as "reached".
+        """
+        return await self._sampling_until(lambda: (at := self.caught_up()) is not None and at >= after, limit_s)
 
     async def _sampling_until(self, done: Callable[[], bool], limit_s: float) -> bool:
         """Poll `done`, sampling the head at most every half second (so that catch-up can move), bounded."""

@@ -108,19 +108,15 @@ class Proof:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)
             return fresh.caught_up_t
 
-        def caught_up_at() -> float:  # the delete sweep's wall-clock form (cosmigrate/deletes/)
-            fresh.update(cap.status.committed_seq, app.status.applied_seq)
-            return fresh.caught_up_at.s if fresh.caught_up_at is not None else 0.0
-
         async def sample() -> None:
             if sampler is not None:
                 await sampler.sample(ns, fresh)
 
         link = self.links[ns] = NamespaceLink(
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
-            positioned=lambda: app.status.positioned, caught_up=caught_up, caught_up_at=caught_up_at,
+            positioned=lambda: app.status.positioned, caught_up=caught_up,
             latest_head=lambda: fresh.latest_head,
-            latest_head_at=lambda: fresh.last_sample_at.s if fresh.last_sample_at is not None else 0.0,
+            latest_head_at=lambda: fresh.last_sample_at,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
             expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
         )
@@ -249,15 +245,15 @@ class Proof:
             out.update(self.verification.fields(ns))
         else:
             out.update(documents_verified=0, mismatches=0, last_verify_pass=None)
-        out["deletes_reconciled_at"] = iso(out["deletes_reconciled_at"])  # wall seconds (cosmigrate/deletes/)
+        out["deletes_reconciled_at"] = iso(out["deletes_reconciled_at"])  # wall seconds (cosmigrate/deletes/ fields)
         last: Wall | None = out["last_verify_pass"]
         out["last_verify_pass"] = last.iso() if last is not None else None
         return out
 
-    def reasons(self, namespaces: list[str], now: Wall) -> list[str]:
+    def reasons(self, namespaces: list[str]) -> list[str]:
         out: list[str] = []
         if self.deletes is not None:
-            out += self.deletes.reasons(namespaces, now.s)  # cosmigrate/deletes/ still takes wall seconds
+            out += self.deletes.reasons(namespaces)
         if self.verification is not None:
             out += self.verification.reasons(namespaces)
         return out

@@ -223,7 +223,7 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         reasons.append("no namespace is being captured yet")
     cutover = daemon.proof.cutover_status() if daemon.proof is not None else "not started"
     if proof and daemon.proof is not None:
-        reasons += daemon.proof.reasons([n["namespace"] for n in namespaces], now)
+        reasons += daemon.proof.reasons([n["namespace"] for n in namespaces])
         if cutover == "cutover complete":
             reasons.append("cutover complete: the applications use the target now")
     return {

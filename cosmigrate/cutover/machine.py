@@ -10,7 +10,9 @@ The steps, in order (`STEPS`):
    still being written" (exit 3). The second sample is stored.
 3. `apply`: capture and apply up to the stored heads.
 4. `sweep`: a final delete sweep of every namespace, over everything, with
-   the source quiet (counts are exact, no catch-up waits).
+   the source quiet, comparing `_id`s in every range (equal counts would let
+   a stale and a missing document cancel out); the `_id`s the target lacks
+   go to verification, so the recheck reports them.
 5. `recheck`: verification brought to a clean state: a full pass where none
    completed, documents changed since re-checked from the batch log, every
    mismatch compared again, up to `cutover.recheck_rounds` rounds (exit 6
@@ -281,6 +283,9 @@ class Cutover:
             await deletes.stop()
             for ns in self.namespaces:
                 counts[ns] = counts.get(ns, 0) + await deletes.final_sweep(ns)
+                missing = deletes.final_missing(ns)
+                if missing and self.host.verification is not None:
+                    await self.host.verification.suspect(ns, missing)
         self.state["deleted"] = counts
         await self._still_quiet()
 

@@ -25,6 +25,7 @@ from cosmigrate.budget import SourceBudget
 from cosmigrate.clock import Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.idorder import IdDoc
 from cosmigrate.ledger import Fenced, Ledger, LedgerError
 from cosmigrate.logs import get_logger
 from cosmigrate.nslink import ApplierNotReady, NamespaceLink
@@ -192,6 +193,16 @@ class Verification:
             if not left:
                 break
         return left
+
+    async def suspect(self, ns: str, ids: list[IdDoc]) -> int:
+        """Compare these documents now and record what differs; returns how many do.
+
+        The cutover's final delete sweep hands over the `_id`s the target lacks: a verifier whose full pass
+        completed earlier would otherwise never look at them again (nothing in the batch log names them).
+        """
+        await self._load(ns)
+        async with self._locks[ns]:
+            return await self.verifiers[ns].recheck(ids)
 
     async def report(self, started_at: Wall, limit: int, namespaces: Iterable[str] | None = None) -> dict[str, Any]:
         names = sorted(namespaces if namespaces is not None else self.verifiers)
