@@ -97,6 +97,15 @@ async def estimate_count(source: Any, ns: str) -> int | None:
         return None
 
 
+def _secs(t: Wall | None) -> float:
+    """A stored wall time: seconds since the epoch, 0 for none."""
+    return t.s if t is not None else 0.0
+
+
+def _wall(value: object) -> Wall | None:
+    return Wall(float(value)) if isinstance(value, int | float) and value else None
+
+
 @dataclass
 class NamespaceBackfill:
     """One namespace's phase and progress; the stored item is the truth, this object its live view."""
@@ -104,10 +113,10 @@ class NamespaceBackfill:
     ns: str
     phase: str = TAILING
     head: Positions = field(default_factory=dict)
-    started_at: Wall = Wall(0.0)
-    completed_at: Wall = Wall(0.0)
+    started_at: Wall | None = None
+    completed_at: Wall | None = None
     estimated: int | None = None
-    estimated_at: Wall = Wall(0.0)
+    estimated_at: Wall | None = None
     reason: str = ""
     barrier: HeadSample | None = None
     exists_checked: Mono | None = None
@@ -116,18 +125,17 @@ class NamespaceBackfill:
 
     def data(self) -> bytes:
         """The stored item: wall times as seconds since the epoch."""
-        return bson.encode({"phase": self.phase, "head": encode_head(self.head), "started_at": self.started_at.s,
-                            "completed_at": self.completed_at.s, "estimated": self.estimated,
-                            "estimated_at": self.estimated_at.s, "reason": self.reason})
+        return bson.encode({"phase": self.phase, "head": encode_head(self.head), "started_at": _secs(self.started_at),
+                            "completed_at": _secs(self.completed_at), "estimated": self.estimated,
+                            "estimated_at": _secs(self.estimated_at), "reason": self.reason})
 
     @classmethod
     def from_doc(cls, ns: str, doc: dict[str, Any]) -> NamespaceBackfill:
         est = doc.get("estimated")
         return cls(ns, phase=str(doc.get("phase", TAILING)), head=decode_head(doc.get("head")),
-                   started_at=Wall(float(doc.get("started_at", 0.0))),
-                   completed_at=Wall(float(doc.get("completed_at", 0.0))),
+                   started_at=_wall(doc.get("started_at")), completed_at=_wall(doc.get("completed_at")),
                    estimated=int(est) if est is not None else None,
-                   estimated_at=Wall(float(doc.get("estimated_at", 0.0))),
+                   estimated_at=_wall(doc.get("estimated_at")),
                    reason=str(doc.get("reason", "")))
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -189,7 +197,7 @@ class NamespaceBackfill:
         self.phase, self.completed_at = TAILING, Wall.now()
         await ledger.put_progress(self.ns, KIND, KEY, self.data(), epoch=epoch)
         get_logger(namespace=self.ns).info("backfill complete: the head sampled at its start is applied; tailing",
-                                           seconds=round(self.completed_at - self.started_at, 1))
+                                           seconds=round(self.completed_at - self.started_at, 1) if self.started_at else None)
 
     async def dropped(self, ledger: Ledger, epoch: int) -> None:
         self.phase, self.completed_at = DROPPED, Wall.now()
@@ -202,7 +210,7 @@ class NamespaceBackfill:
 
     async def refresh_estimate(self, source: Any, ledger: Ledger, epoch: int) -> bool:
         """Re-read the count every ESTIMATE_REFRESH_S; False when the collection no longer exists."""
-        if Wall.now() - self.estimated_at < ESTIMATE_REFRESH_S:  # the stored time: the next process goes on
+        if self.estimated_at is not None and Wall.now() - self.estimated_at < ESTIMATE_REFRESH_S:  # the stored time: the next process goes on
             return True
         try:
             count = await estimate_count(source, self.ns)

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ class CaptureConfig:
     max_batch_age_s: float = 1.0
     min_batch_age_s: float = 0.1
     max_unflushed_bytes: int = 64 * 1024 * 1024
+    max_unflushed_bytes_total: int = 256 * 1024 * 1024
     discovery_interval_s: float = 60.0
     deletes_preview: bool = False
     max_await_ms: int = 500
@@ -257,13 +258,40 @@ def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:
     raise ConfigError(f"{key}: expected a string, got {value!r}")
 
 
+def _unknown(key: str, name: str, known: Iterable[str]) -> ConfigError:
+    """An unknown key, with the likely intended one when a known key is a letter or two away."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{close[0]}? " if close else ""
+    return ConfigError(f"{key}: unknown key ({hint}known: {', '.join(sorted(known))})")
+
+
 def _apply(section_obj: Any, section: str, values: Mapping[str, Any], from_env: bool) -> None:
     known = {f.name for f in fields(section_obj)}
     for name, value in values.items():
         key = f"{section}.{name}"
         if name not in known:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise _unknown(key, name, known)
         setattr(section_obj, name, _coerce(key, value, getattr(section_obj, name), from_env))
+
+
+PLACEHOLDER = "CHANGE-ME"
+"""What the installer's skeleton holds where a manual install must put its own value."""
+MUST_SET = ("cluster_name", "source.uri", "target.uri", "target.tls_ca_file", "store.url", "ledger.url", "aws.region")
+"""The keys a manual install sets (the installer's skeleton has a placeholder or a reference for each)."""
+
+
+def _refuse_placeholders(cfg: Config) -> None:
+    """A value still holding the skeleton's CHANGE-ME (after the environment's overrides) is refused, naming the
+    key, however valid it looks: `check-config` must not pass a skeleton nobody edited."""
+    found = [("cluster_name", cfg.cluster_name)] + [
+        (f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))
+        for section in _SECTIONS for f in fields(getattr(cfg, section))]
+    keys = [key for key, value in found if isinstance(value, str) and PLACEHOLDER in value]
+    if keys:
+        raise ConfigError(f"{', '.join(keys)}: still the installer's {PLACEHOLDER} placeholder; set "
+                          f"{'it' if len(keys) == 1 else 'them'} (a manual install sets {', '.join(MUST_SET)})")
 
 
 DEFAULT_CONFIG_PATH = "/etc/cosmigrate/cosmigrate.toml"
@@ -315,9 +343,10 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
                 raise ConfigError(f"{name}: expected a [{name}] table")
             _apply(getattr(cfg, name), name, value, from_env=False)
         else:
-            raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)}, ttl)")
+            raise _unknown(name, name, ["cluster_name", *_SECTIONS, "ttl"])
     check_env_names(env, _env_references(raw))
     _apply_env(cfg, env)
+    _refuse_placeholders(cfg)
     if secrets:
         resolve_secrets(cfg, env)
     _resolve_region(cfg, env)
@@ -720,13 +749,16 @@ def validate(cfg: Config, uris: bool = True) -> None:
     })
     if cfg.capture.start_at not in ("now", "beginning"):
         raise ConfigError(f"capture.start_at: must be \"now\" or \"beginning\" (got {cfg.capture.start_at!r})")
-    for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_await_ms"):
+    for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_unflushed_bytes_total",
+                "max_await_ms"):
         if getattr(cfg.capture, key) < 1:
             raise ConfigError(f"capture.{key}: must be at least 1")
     if cfg.capture.max_batch_events > 100_000:
         raise ConfigError("capture.max_batch_events: at most 100000 (DocumentDB's write batch limit)")
     if cfg.capture.max_unflushed_bytes < cfg.capture.max_batch_bytes:
         raise ConfigError("capture.max_unflushed_bytes: must be at least capture.max_batch_bytes")
+    if cfg.capture.max_unflushed_bytes_total < cfg.capture.max_unflushed_bytes:
+        raise ConfigError("capture.max_unflushed_bytes_total: must be at least capture.max_unflushed_bytes")
     for key in ("pool_size", "max_batches_per_round", "collapse_max_bytes", "max_ops_per_write", "max_bytes_per_write",
                 "write_concurrency"):
         if getattr(cfg.apply, key) < 1:

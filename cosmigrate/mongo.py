@@ -64,6 +64,9 @@ RAW_DOCS: CodecOptions[RawBSONDocument] = RAW.with_options(document_class=RawDoc
 
 _CLIENT_CODEC = {"document_class": RawBSONDocument, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
 SYSTEM_DATABASES = frozenset({"admin", "local", "config"})
+SCRATCH_DB = "cosmigrate_plan"
+"""The target database of `cosmigrate plan`'s scratch collection: never discovered, migrated or verified."""
+SKIPPED_DATABASES = SYSTEM_DATABASES | {SCRATCH_DB}
 
 CAPTURE_OPS = ["insert", "update", "replace"]
 CAPTURE_FIELDS = {"_id": 1, "fullDocument": 1, "ns": 1, "documentKey": 1}
@@ -203,6 +206,26 @@ def page_drained(stream: Any) -> bool:
         return False
 
 
+def page_events(stream: Any) -> int | None:
+    """How many events are left in the change stream's current page; None when PyMongo's internals are not
+    the expected ones (see `page_drained`)."""
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    try:
+        return len(data) if data is not None else None
+    except TypeError:
+        return None
+
+
+def page_bytes(stream: Any) -> int | None:
+    """Raw bytes of the events still in the change stream's current page (the driver holds them); None when
+    PyMongo's internals are not the expected ones (see `page_drained`)."""
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    try:
+        return sum(len(doc.raw) for doc in data) if data is not None else None
+    except (TypeError, AttributeError):
+        return None
+
+
 def matches_patterns(ns: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """`db.*`-style include/exclude patterns; exclude wins."""
     return any(fnmatch.fnmatchcase(ns, p) for p in include) and not any(fnmatch.fnmatchcase(ns, p) for p in exclude)
@@ -226,7 +249,7 @@ async def discover_namespaces(
     out: list[str] = []
     refused: dict[str, str] = {}
     for db in await client.list_database_names():
-        if db in SYSTEM_DATABASES:
+        if db in SKIPPED_DATABASES:
             continue
         try:
             database = client[db]
