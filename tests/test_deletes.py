@@ -392,3 +392,31 @@ async def test_a_delete_applied_between_the_two_counts_does_not_hide_a_stale_doc
     await sweep.run_pass()
     assert [d["_id"] async for d in target.db.c.find({"_id": 5})] == []
     assert await source.db.c.count_documents({}) == await target.db.c.count_documents({})
+
+
+async def test_the_cutover_sweeps_deletes_when_background_sweeps_are_off(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """`deletes.enabled = false`, no delete preview, and a full verification pass completed before the deletes.
+
+    The deletes are in no batch log, so the recheck step never looks at them, and the final sweep is the only
+    part of the cutover that can find them. It once ran only where background sweeps ran: the report said
+    `equal` with every document verified while the target still held the documents the source had deleted.
+    """
+    await source.app.users.insert_many([{"_id": i, "v": 1} for i in range(60)])
+    cfg = config(tmp_path, sandbox)
+    cfg.deletes.enabled = False
+    async with Running(cfg) as run:
+        await run.writer("start")
+        await wait_for(lambda: assert_converged(source, target, ["app.users"]), 30, what="initial copy")
+        proof = run.daemon.proof
+        assert proof is not None and proof.verification is not None
+        await proof.verification.one_pass(["app.users"])  # every document equal, then
+        await source.app.users.delete_many({"_id": {"$in": [3, 41]}})
+        result = await proof.run_cutover()
+        assert result.code == 0, result.message
+        assert result.report is not None and result.report["equal"], result.report
+        assert await target.app.users.count_documents({"_id": {"$in": [3, 41]}}) == 0, "stale on the target"
+        await assert_converged(source, target, ["app.users"])
+        by_ns = {n["namespace"]: n for n in result.report["namespaces"]}
+        assert by_ns["app.users"]["final_sweep_deletes"] == 2
