@@ -169,3 +169,25 @@ async def ceiling(target_uri: str, n: int = 30_000, ca_file: str = "") -> float:
     await client.drop_database("ceiling")
     await client.close()
     return rate
+
+
+async def wait_backfilled(cfg: Config, ns: str, interval_s: float = 0.05) -> dict[str, Any]:
+    """Wait until the ledger says `ns`'s backfill is over; its stored item (`started_at`, `completed_at`, ...).
+
+    Read from the ledger, not through `ctl status` (which samples heads and waits for them): the backfill's
+    own clock is its stored start (unit created, head sampled) and completion."""
+    from cosmigrate.backfill import KEY, KIND
+    from cosmigrate.ledger import open_ledger
+
+    ledger = open_ledger(cfg)
+    try:
+        while True:
+            item = await ledger.get_progress(ns, KIND, KEY)
+            doc = item.doc() if item is not None else {}
+            if doc.get("phase") == "tailing":
+                return dict(doc)
+            if doc.get("phase") == "dropped":
+                raise RuntimeError(f"{ns} was dropped during its backfill")
+            await asyncio.sleep(interval_s)
+    finally:
+        await ledger.close()

@@ -72,7 +72,7 @@ from cosmigrate.partitions import decode as decode_units
 from cosmigrate.partitions import encode as encode_units
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
-from cosmigrate.timeouts import within
+from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tokens import Range, TokenFormatError, positions
 from cosmigrate.ttl import read_ttl_indexes
 
@@ -276,11 +276,29 @@ class NamespaceCapture:
         """Ask for a drain: seal complete pages, commit them, exit."""
         self._stopping.set()
 
+    async def _read_expiry(self) -> None:
+        """Read the collection's TTL indexes beside the watchers, never before them.
+
+        A listIndexes is not routed to one partition, so while a full load keeps the partitions' request
+        units in use it is throttled until every partition has units at once; a watcher that waited for it
+        left its partition unread (measured: a 4-partition backfill took 5x its RU budget's time,
+        bench/plan.py). Until they are read (`ttl_indexes` None) status says the expiry is unknown, which
+        blocks readiness."""
+        if self.status.ttl_indexes is not None:
+            return
+        try:
+            self.status.ttl_indexes, self.status.ttl_unknown = await self._retrying(
+                lambda: read_ttl_indexes(self.source, self.ns))
+        except (Fenced, _Stopped):
+            return
+
     async def run(self) -> None:
         committer = asyncio.create_task(self._committer(), name=f"commit:{self.ns}")
+        expiry = asyncio.create_task(self._read_expiry(), name=f"expiry:{self.ns}")
         try:
             await self._watch_all()
         finally:
+            await cancel_and_wait([expiry])
             await self._queue.put(None)
             await committer
             if self.status.state == "running":
@@ -430,12 +448,6 @@ class NamespaceCapture:
                 return
         else:
             buf.base_token = unit.token
-        if self.status.ttl_indexes is None:
-            try:
-                self.status.ttl_indexes, self.status.ttl_unknown = await self._retrying(
-                    lambda: read_ttl_indexes(self.source, self.ns))
-            except (Fenced, _Stopped):
-                return
         self.status.state = "running"
         coll = raw_collection(self.source, self.ns)
         age = self.cap.max_batch_age_s

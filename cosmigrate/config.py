@@ -19,7 +19,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -257,13 +257,40 @@ def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:
     raise ConfigError(f"{key}: expected a string, got {value!r}")
 
 
+def _unknown(key: str, name: str, known: Iterable[str]) -> ConfigError:
+    """An unknown key, with the likely intended one when a known key is a letter or two away."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{close[0]}? " if close else ""
+    return ConfigError(f"{key}: unknown key ({hint}known: {', '.join(sorted(known))})")
+
+
 def _apply(section_obj: Any, section: str, values: Mapping[str, Any], from_env: bool) -> None:
     known = {f.name for f in fields(section_obj)}
     for name, value in values.items():
         key = f"{section}.{name}"
         if name not in known:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise _unknown(key, name, known)
         setattr(section_obj, name, _coerce(key, value, getattr(section_obj, name), from_env))
+
+
+PLACEHOLDER = "CHANGE-ME"
+"""What the installer's skeleton holds where a manual install must put its own value."""
+MUST_SET = ("cluster_name", "source.uri", "target.uri", "target.tls_ca_file", "store.url", "ledger.url", "aws.region")
+"""The keys a manual install sets (the installer's skeleton has a placeholder or a reference for each)."""
+
+
+def _refuse_placeholders(cfg: Config) -> None:
+    """A value still holding the skeleton's CHANGE-ME (after the environment's overrides) is refused, naming the
+    key, however valid it looks: `check-config` must not pass a skeleton nobody edited."""
+    found = [("cluster_name", cfg.cluster_name)] + [
+        (f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))
+        for section in _SECTIONS for f in fields(getattr(cfg, section))]
+    keys = [key for key, value in found if isinstance(value, str) and PLACEHOLDER in value]
+    if keys:
+        raise ConfigError(f"{', '.join(keys)}: still the installer's {PLACEHOLDER} placeholder; set "
+                          f"{'it' if len(keys) == 1 else 'them'} (a manual install sets {', '.join(MUST_SET)})")
 
 
 DEFAULT_CONFIG_PATH = "/etc/cosmigrate/cosmigrate.toml"
@@ -315,9 +342,10 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
                 raise ConfigError(f"{name}: expected a [{name}] table")
             _apply(getattr(cfg, name), name, value, from_env=False)
         else:
-            raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)}, ttl)")
+            raise _unknown(name, name, ["cluster_name", *_SECTIONS, "ttl"])
     check_env_names(env, _env_references(raw))
     _apply_env(cfg, env)
+    _refuse_placeholders(cfg)
     if secrets:
         resolve_secrets(cfg, env)
     _resolve_region(cfg, env)

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import pymongo
 from pymongo.errors import PyMongoError
 
 from cosmigrate import __version__
@@ -26,6 +27,7 @@ from cosmigrate.capture import NamespaceCapture
 from cosmigrate.config import Config
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.drivererrors import FIRST_CONTACT_S, first_contact_error
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.indexplan import IndexBuilder
@@ -35,6 +37,7 @@ from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
 from cosmigrate.metrics import Metrics, carry_over
 from cosmigrate.mongo import discover_namespaces, list_namespaces, matches_patterns, source_client, target_client
+from cosmigrate.planrecord import plan_loop
 from cosmigrate.progress import progress_loop
 from cosmigrate.proof import Proof
 from cosmigrate.redact import redact
@@ -100,6 +103,8 @@ class Daemon:
         self.job = job
         """A control request to run and then stop (`cosmigrate verify` / `cutover` without a running daemon)."""
         self.job_result: dict[str, Any] | None = None
+        self.plan_record: dict[str, Any] = {}
+        """The full-load estimate this migration started with (`cosmigrate.planrecord`); {} until loaded."""
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -123,17 +128,19 @@ class Daemon:
         await require_supported(SOURCE, self.cfg.source.uri)  # UnsupportedVersion: one line, exit 2
         self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000)
         try:
-            await self.source.admin.command("ping")
+            with pymongo.timeout(FIRST_CONTACT_S):  # a wrong URI is said in seconds, not after the selection timeout
+                await self.source.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(SOURCE, exc)
-            raise StartupError(f"source {redact(self.cfg.source.uri)} did not answer: {redact(str(exc))}") from None
+            raise StartupError(first_contact_error(SOURCE, self.cfg.source.uri, exc)) from None
         await require_supported(TARGET, self.cfg.target.uri, self.cfg.target.tls_ca_file)
         self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=30_000)
         try:
-            await self.target.admin.command("ping")
+            with pymongo.timeout(FIRST_CONTACT_S):
+                await self.target.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(TARGET, exc)
-            raise StartupError(f"target {redact(self.cfg.target.uri)} did not answer: {redact(str(exc))}") from None
+            raise StartupError(first_contact_error(TARGET, self.cfg.target.uri, exc)) from None
         control = await self.ledger.get_control()
         if control.writer == "started":
             self.gate.start()
@@ -217,7 +224,8 @@ class Daemon:
                           asyncio.create_task(self._report(), name="sd-status"),
                           asyncio.create_task(sampler.run(), name="head-sampler"),
                           asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress"),
-                          asyncio.create_task(backfill_loop(self), name="backfill")]
+                          asyncio.create_task(backfill_loop(self), name="backfill"),
+                          asyncio.create_task(plan_loop(self), name="plan")]
             if self.cfg.metrics.cloudwatch:
                 background.append(asyncio.create_task(self.metrics.emf_loop(
                     self.cfg.metrics.cloudwatch_interval_s, self.cfg.metrics.cloudwatch_namespace), name="emf"))

@@ -259,13 +259,16 @@ async def unique_violations(
 
 async def read_indexes(
     source: Any, namespaces: list[str], target_major: int, cfg: Config, *, check_unique: bool = True,
-    max_candidates: int = MAX_CANDIDATES,
+    max_candidates: int = MAX_CANDIDATES, documents_known: dict[str, int] | None = None,
 ) -> list[IndexReport]:
-    """Every index of every namespace, translated, with the unique check where asked and a `_ts` TTL's decision."""
+    """Every index of every namespace, translated, with the unique check where asked and a `_ts` TTL's decision.
+
+    `documents_known`: counts the caller already read (collStats), so the check's cost line needs no `count`
+    (Cosmos charges a count by the documents it counts)."""
     out: list[IndexReport] = []
     for ns in namespaces:
         coll = raw_collection(source, ns)
-        documents: int | None = None
+        documents: int | None = (documents_known or {}).get(ns)
         specs = [spec async for spec in await coll.list_indexes()]
         decision = ttl_state(ns, specs, cfg).decision_text
         for spec in specs:

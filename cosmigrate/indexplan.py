@@ -171,15 +171,17 @@ class IndexBuilder:
         self.target = target
         self.cfg = cfg
         self.plan: list[PlannedIndex] = []
+        self.planned = False
+        """The plan was read (it may be empty: a collection with only `_id` has nothing to build)."""
         self.unique_ready = asyncio.Event()
         self.backfill_done = asyncio.Event()
         self.log = get_logger(namespace=ns)
         self.error = ""
 
     def summary(self) -> str:
-        if self.error and not self.plan:
+        if self.error and not self.planned:
             return f"plan not read yet: {self.error}"
-        text = summary(self.plan) if self.plan else "planning"
+        text = summary(self.plan) if self.plan else "none to build (only _id)" if self.planned else "planning"
         return f"{text}; {self.error}" if self.error else text
 
     async def run(self) -> None:
@@ -202,6 +204,7 @@ class IndexBuilder:
             try:
                 self.plan = await read_plan(self.source, self.target, self.ns, await target_major(self.target),
                                             self.cfg)
+                self.planned = True
                 self.error = ""
                 break
             except PyMongoError as exc:

@@ -64,6 +64,9 @@ RAW_DOCS: CodecOptions[RawBSONDocument] = RAW.with_options(document_class=RawDoc
 
 _CLIENT_CODEC = {"document_class": RawBSONDocument, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
 SYSTEM_DATABASES = frozenset({"admin", "local", "config"})
+SCRATCH_DB = "cosmigrate_plan"
+"""The target database of `cosmigrate plan`'s scratch collection: never discovered, migrated or verified."""
+SKIPPED_DATABASES = SYSTEM_DATABASES | {SCRATCH_DB}
 
 CAPTURE_OPS = ["insert", "update", "replace"]
 CAPTURE_FIELDS = {"_id": 1, "fullDocument": 1, "ns": 1, "documentKey": 1}
@@ -226,7 +229,7 @@ async def discover_namespaces(
     out: list[str] = []
     refused: dict[str, str] = {}
     for db in await client.list_database_names():
-        if db in SYSTEM_DATABASES:
+        if db in SKIPPED_DATABASES:
             continue
         try:
             database = client[db]

@@ -16,9 +16,12 @@ client going away; a second request while one runs just reports on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+
+from pymongo.errors import PyMongoError
 
 from cosmigrate.apply import NamespaceApplier
 from cosmigrate.capture import NamespaceCapture
@@ -52,6 +55,9 @@ class Proof:
         self.machine: Cutover | None = None
         self.jobs: dict[str, asyncio.Task[Result]] = {}
         self.results: dict[str, Result] = {}
+        self.verify_scope: list[str] = []
+        self.verify_estimate: int | None = None
+        """The source's estimated document count over the namespaces a one-off pass reads (its ETA)."""
         self.log = get_logger(component="proof")
 
     # --- CutoverHost ------------------------------------------------------------------------
@@ -72,13 +78,14 @@ class Proof:
     def gate(self) -> Any:
         return self.daemon.gate
 
-    async def readiness(self) -> list[str]:
+    async def readiness(self) -> tuple[list[str], list[str]]:
         from cosmigrate.status import build_status
 
         await self.daemon.certify()
         status = await build_status(self.daemon, fresh_after=time.time() - 2 * self.cfg.capture.head_sample_interval_s,
                                     proof=False)
-        return list(status["not_ready_reasons"])
+        operator = list(status["needs_operator"])
+        return operator, [r for r in status["not_ready_reasons"] if r not in operator]
 
     async def wait_discovered(self) -> None:
         await self.discovered.wait()
@@ -193,9 +200,16 @@ class Proof:
             self.verification.resume()
 
     async def run_verify(self, limit: int) -> Result:
+        from cosmigrate.backfill import estimate_count
+
         assert self.verification is not None
         await self.discovered.wait()
         started = time.time()
+        self.verify_scope = sorted(self.links)
+        self.verify_estimate = None
+        with contextlib.suppress(PyMongoError):  # the ETA is advisory: a count the source refuses only loses it
+            counts = [await estimate_count(self.source, ns) for ns in self.verify_scope]
+            self.verify_estimate = None if None in counts else sum(c or 0 for c in counts)
         await self.verification.one_pass(sorted(self.links))
         report = await self.verification.report(started, limit, sorted(self.links))
         if report["equal"]:
@@ -207,7 +221,12 @@ class Proof:
         result = self.results.get(name)
         out: dict[str, Any] = {"running": task is not None and not task.done()}
         if name == "cutover":
-            out["step"] = self.cutover_step
+            out["step"] = self.machine.step if out["running"] and self.machine else self.cutover_step
+            out["waiting_for"] = self.machine.waiting if out["running"] and self.machine else ""
+        elif self.verification is not None:  # the pass's progress, for the client's rate and ETA
+            verifiers = [self.verification.verifiers[ns] for ns in self.verify_scope if ns in self.verification.verifiers]
+            out["docs_checked"] = sum(v.state.docs for v in verifiers)
+            out["docs_estimated"] = self.verify_estimate
         if result is not None and not out["running"]:
             out["result"] = {"exit_code": result.code, "message": result.message, "report": result.report}
         return out
@@ -216,8 +235,15 @@ class Proof:
         """The control requests `verify` and `cutover` ({"action": "start" | "status"})."""
         cmd = str(request.get("cmd"))
         action = request.get("action", "start")
+        if action == "cancel" and cmd == "cutover":
+            running = "cutover" in self.jobs and not self.jobs["cutover"].done()
+            if not running or self.machine is None:
+                return {"ok": False, "error": f"no cutover is running (status: {self.cutover_status()})"}
+            self.machine.cancel(str(request.get("by", "ctl"))[:100])
+            self.log.warning("cutover cancel requested", by=self.machine.cancel_by, step=self.machine.step)
+            return {"ok": True, cmd: self.job_reply(cmd)}
         if action not in ("start", "status"):
-            return {"ok": False, "error": f'{cmd} needs "action": "start" or "status"'}
+            return {"ok": False, "error": f'{cmd} needs "action": "start" or "status" (cutover: or "cancel")'}
         if action == "start":
             if cmd == "cutover":
                 self.start_job("cutover", self.run_cutover)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cosmigrate import __version__
 from cosmigrate.backfill import BACKFILL, DROPPED, totals
 from cosmigrate.mongo import matches_patterns
+from cosmigrate.planrecord import plan_status
 from cosmigrate.ttl import ttl_state
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ NAMESPACE_FIELDS = (
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
-    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover", "backfill",
+    "ready_for_cutover", "not_ready_reasons", "needs_operator", "insecure_target_tls", "namespaces", "cutover", "backfill",
+    "plan",
 )
 STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
 PHASES = ("backfill", "dropped", "capturing", "catching up", "in sync", "failed", "fenced", "stopped")
@@ -72,9 +74,13 @@ def phase(state: str, freshness: str, load_phase: str = "") -> str:
 
 def _expiry(ns: str, cap: NamespaceCapture | None, cfg: Config, blocking: list[str]) -> dict[str, str]:
     """The namespace's `expiry` and `ttl_decision` fields (`cosmigrate.ttl`); a `_ts` TTL without a decision, or
-    indexes that could not be read, add to `blocking`. Not read yet: the namespace is still `starting`."""
-    if cap is None or cap.status.ttl_indexes is None:
+    indexes that could not be read, add to `blocking`. Not read yet (capture reads them beside its watchers):
+    unknown, and blocking too."""
+    if cap is None:
         return {"expiry": "", "ttl_decision": ""}
+    if cap.status.ttl_indexes is None:
+        blocking.append(f"{ns}: expiry unknown (the source's indexes are not read yet)")
+        return {"expiry": "unknown: the source's indexes are not read yet", "ttl_decision": "unknown"}
     state = ttl_state(ns, cap.status.ttl_indexes, cfg, cap.status.ttl_unknown)
     if state.blocking:
         blocking.append(state.blocking)
@@ -190,29 +196,36 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         namespaces[-1]["indexes"] = builder.summary() if builder is not None else ""
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
+    operator = []  # the reasons only an operator clears (a cutover fails on them at once, never waits)
     if writer != "started":
-        reasons.append("writer is stopped (run `cosmigrate ctl writer start`)")
-    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced", "stopped", "starting")]
-    if unhealthy:
-        reasons.append(f"namespaces not healthy: {', '.join(unhealthy)}")
+        operator.append("writer is stopped (run `cosmigrate ctl writer start`)")
+    failed = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced")]
+    if failed:
+        operator.append(f"namespaces not healthy: {', '.join(failed)} failed (see last_error; `cosmigrate ctl retry "
+                        "NAMESPACE` once fixed)")
     refused = [f"{ns} ({why})" for ns, why in sorted(daemon.not_captured.items()) if matches_patterns(ns, include, exclude)]
     if refused:  # they exist on the source and nothing migrates them: never ready while there are any
         more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
-        reasons.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
+        operator.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
     deferred = sum(n["deferred"] for n in namespaces)
     if deferred:
         lasting = [f"{n['namespace']}: {n['deferred_reason']}" for n in namespaces if n["deferred_reason"]]
-        reasons.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
-    if expiry:
-        reasons.append(f"source expiry (TTL) needs a decision, or is not known: {'; '.join(expiry)}")
+        operator.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
+    if expiry:  # a `[ttl]` decision in the config: only the operator makes it
+        operator.append(f"source expiry (TTL) needs a decision, or is not known: {'; '.join(expiry)}")
+    reasons += operator
+    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("stopped", "starting")]
+    if unhealthy:
+        reasons.append(f"namespaces not healthy yet (starting): {', '.join(unhealthy)}")
     in_backfill = [f"{n['namespace']} ({n['percent']:g}%)" for n in namespaces if n["load_phase"] == BACKFILL]
     if in_backfill:
         reasons.append("backfill not complete (the head sampled at its start is not applied yet): "
                        f"{', '.join(in_backfill)}")
     dropped = [n["namespace"] for n in namespaces if n["load_phase"] == DROPPED]
     if dropped:
-        reasons.append(f"collections dropped at the source during their backfill (incomplete on the target; exclude "
+        operator.append(f"collections dropped at the source during their backfill (incomplete on the target; exclude "
                        f"them with capture.exclude and drop them on the target): {', '.join(dropped)}")
+        reasons.append(operator[-1])
     if stale:
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
@@ -239,10 +252,12 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         "cutover_threshold_seconds": threshold,
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
+        "needs_operator": operator,
         "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
         "cutover": cutover,
         "backfill": totals(namespaces),
+        "plan": plan_status(daemon, {n["namespace"]: n["applied_events"] for n in namespaces}),
     }
 
 

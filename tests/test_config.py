@@ -122,3 +122,13 @@ def test_environment_overrides_and_old_recipe_names(tmp_path: Path) -> None:
     assert cfg.capture.deletes_preview is True
     with pytest.raises(ConfigError, match="capture.max_batch_events"):
         load_config(path, env={"COSMIGRATE_CAPTURE_MAX_BATCH_EVENTS": "many"})
+
+
+def test_a_mistyped_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('cluster_name = "c"\n[capture]\nmax_batch_event = 10\n')
+    with pytest.raises(ConfigError, match=r"capture.max_batch_event: unknown key \(did you mean capture.max_batch_events\?"):
+        load_config(path, env={}, secrets=False)
+    path.write_text('cluster_name = "c"\n[ledgr]\nurl = "sqlite:///tmp/x.db"\n')
+    with pytest.raises(ConfigError, match=r"ledgr: unknown key \(did you mean ledger\?"):
+        load_config(path, env={}, secrets=False)

@@ -279,8 +279,8 @@ async def test_a_ttl_collection_says_its_expiry_needs_a_decision(tmp_path: Path,
     async with Running(_config(tmp_path, sandbox)) as run:
         await run.writer("start")
         await wait_for(lambda: assert_converged(source, target, ["app.t", "app.plain"]), 30, what="copy")
-        await wait_for(lambda: _async(run.daemon.captures["app.t"].status.ttl_indexes is not None), 30,
-                       what="expiry read")
+        await wait_for(lambda: _async(all(run.daemon.captures[ns].status.ttl_indexes is not None
+                                          for ns in ("app.t", "app.plain"))), 30, what="expiry read")
         st = await run.status()
         assert "undecided" in run.ns_status(st, "app.t")["expiry"] and run.ns_status(st, "app.plain")["expiry"] == ""
         assert any("app.t" in r and "expires by _ts" in r for r in st["not_ready_reasons"]) and not st["ready_for_cutover"]

@@ -3,8 +3,11 @@
 The steps, in order (`STEPS`):
 
 1. `precheck`: the readiness conditions (writer started, every namespace
-   healthy, nothing deferred, caught up to a recent head), waited for up to
-   `cutover.precheck_timeout_s`; each failing one is named (exit 5).
+   healthy, nothing deferred, caught up to a recent head). Those only an
+   operator clears (writer stopped, a failed namespace, a deferred write)
+   fail at once; the rest are waited for, up to
+   `cutover.precheck_timeout_s`, and `waiting` names them for the client;
+   each failing one is named (exit 5).
 2. `quiesce`: the applications have stopped writing. Every namespace's head
    is sampled twice, `cutover.quiesce_s` apart; if one moved, "the source is
    still being written" (exit 3). The second sample is stored.
@@ -31,6 +34,13 @@ The steps, in order (`STEPS`):
 Then status says `cutover complete`, the writer is stopped and refuses to
 start again without `--force`; the sweep and verification stop (the target
 belongs to the applications now). The source is never written.
+
+Every ending that is not `complete` returns a report too (`outcome`
+stopped or cancelled, the step, the exit code and why), so `--report`
+always leaves a file. `ctl cutover --cancel` stops a run at its next step
+boundary (or while precheck or apply waits), recorded under `cancelled`
+(exit 7). The report's `started_at` is this run's start;
+`first_started_at` is when the cutover first began.
 
 Resumable: the step is stored (compare-and-set on the ledger's cluster item)
 after each step's work; a kill or a restart continues at the stored step,
@@ -69,8 +79,9 @@ from cosmigrate.verify.service import Verification
 
 KIND, KEY = "cutover", "state"
 COMPLETE = "complete"
-EXIT_OK, EXIT_ERROR, EXIT_WRITTEN, EXIT_NOT_READY, EXIT_DIFFERENT = 0, 1, 3, 5, 6
+EXIT_OK, EXIT_ERROR, EXIT_WRITTEN, EXIT_NOT_READY, EXIT_DIFFERENT, EXIT_CANCELLED = 0, 1, 3, 5, 6, 7
 STALL_S = 120.0  # apply making no progress this long fails the `apply` step
+WAITING_LOG_S = 5.0  # how often precheck says what it still waits for
 
 
 class CutoverStop(Exception):
@@ -79,6 +90,10 @@ class CutoverStop(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class CutoverCancelled(CutoverStop):
+    """`ctl cutover --cancel`: the run stopped at a step boundary; the stored step is where the next run starts."""
 
 
 class CutoverHost(Protocol):
@@ -102,8 +117,9 @@ class CutoverHost(Protocol):
     @property
     def gate(self) -> WriterGate: ...
 
-    async def readiness(self) -> list[str]:
-        """The readiness reasons that the cutover itself does not resolve (empty: ready)."""
+    async def readiness(self) -> tuple[list[str], list[str]]:
+        """The readiness reasons that the cutover itself does not resolve, as (needs the operator, clears by
+        itself); both empty: ready."""
 
     async def wait_discovered(self) -> None:
         """Returns once the first namespace discovery round attached every namespace."""
@@ -132,6 +148,10 @@ class Cutover:
         self.state: dict[str, Any] = {}
         self.version = 0
         self.step = ""
+        self.waiting = ""
+        """What precheck waits for right now ("" when it waits for nothing): the client prints it."""
+        self.cancel_by = ""
+        """Who asked to cancel (`ctl cutover --cancel`); the run stops at the next step boundary."""
         self.log = get_logger(component="cutover")
 
     # --- ledger -----------------------------------------------------------------------------
@@ -150,18 +170,46 @@ class Cutover:
 
     # --- the machine ---------------------------------------------------------------------------
 
+    def cancel(self, by: str) -> None:
+        """Stop at the next step boundary (or while precheck waits); the run records who and where."""
+        self.cancel_by = by or "ctl"
+
+    async def _check_cancel(self) -> None:
+        if not self.cancel_by:
+            return
+        self.state["cancelled"] = {"by": self.cancel_by, "at": time.time(), "step": self.step}
+        await self._save()
+        self.log.warning("cutover cancelled", step=self.step, by=self.cancel_by)
+        raise CutoverCancelled(EXIT_CANCELLED, f"cutover cancelled by {self.cancel_by} before the {self.step} step; "
+                                               "run it again to resume from there")
+
+    def _stopped_report(self, stop: CutoverStop, started: float) -> dict[str, Any]:
+        """The report of a run that did not complete: where it stopped and why (the `--report` file gets it too)."""
+        now = time.time()
+        return {
+            "cluster_name": self.cfg.cluster_name, "outcome": "cancelled" if isinstance(stop, CutoverCancelled)
+            else "stopped", "step": self.step, "exit_code": stop.code, "message": str(stop),
+            "started_at": iso(started), "finished_at": iso(now), "duration_s": round(now - started, 3),
+            "first_started_at": iso(float(self.state.get("started_at", started))), "equal": False,
+            "verification": self.state.get("verification"),
+        }
+
     async def run(self) -> Result:
+        started = time.time()  # this run's start: the report's started_at (a resumed cutover keeps its first start)
         await self.load()
         if self.state.get("step") == COMPLETE:
             return Result(EXIT_OK, "cutover is already complete", self.state.get("report"))
         if not self.state:
-            self.state = {"step": STEPS[0].name, "started_at": time.time()}
-            await self._save()
+            self.state = {"step": STEPS[0].name, "started_at": started}
+        self.state["run_started_at"] = started
+        self.state.pop("cancelled", None)
+        await self._save()
         await self.host.wait_discovered()
         names = [s.name for s in STEPS]
         try:
             for step in STEPS[names.index(self.state["step"]):]:
                 self.step = step.name
+                await self._check_cancel()
                 self.log.info("cutover step", step=step.name, what=step.says)
                 await step.run(self)
                 self.host.crash.hit(f"cutover_{step.name}")
@@ -170,7 +218,9 @@ class Cutover:
                 await self._save()
         except CutoverStop as stop:
             self.log.warning("cutover stopped", step=self.step, exit_code=stop.code, reason=str(stop))
-            return Result(stop.code, str(stop), self.state.get("report"))
+            return Result(stop.code, str(stop), self._stopped_report(stop, started))
+        finally:
+            self.waiting = ""
         self.state["finished_at"] = time.time()
         await self._save()
         await self.host.gate.stop()
@@ -222,13 +272,26 @@ class Cutover:
     # --- steps ---------------------------------------------------------------------------------
 
     async def precheck(self) -> None:
+        """Conditions that need the operator (writer stopped, a failed namespace, a deferred write) fail at once;
+        those that clear by themselves (lag, a head not sampled yet) are waited for, and `waiting` says which."""
         deadline = time.monotonic() + self.cfg.cutover.precheck_timeout_s
+        logged = 0.0
         while True:
-            reasons = await self.host.readiness() or await self._expiry_undecided()
-            if not reasons:
+            operator, transient = await self.host.readiness()
+            if not operator and not transient:
+                operator = await self._expiry_undecided()  # a `[ttl]` decision: only the operator makes it
+            if operator:
+                raise CutoverStop(EXIT_NOT_READY, "not ready for cutover (needs you): " + "; ".join(operator + transient))
+            if not transient:
+                self.waiting = ""
                 return
             if time.monotonic() >= deadline:
-                raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(reasons))
+                raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(transient))
+            self.waiting = "; ".join(transient)
+            if time.monotonic() - logged >= WAITING_LOG_S:
+                logged = time.monotonic()
+                self.log.info("cutover precheck waiting", waiting_for=self.waiting[:500])
+            await self._check_cancel()
             await asyncio.sleep(0.5)
 
     async def _expiry_undecided(self) -> list[str]:
@@ -264,6 +327,10 @@ class Cutover:
             link.add_head(at, heads.get(ns) or (await self._heads())[ns])
             progress, since = (link.committed_seq(), link.written_seq()), time.monotonic()
             while not await link.wait_caught_up(at, 5.0):
+                if not self.host.gate.started:  # only an operator starts it again: fail now, not after STALL_S
+                    raise CutoverStop(EXIT_NOT_READY, f"{ns} cannot reach the quiesced head: the writer is stopped "
+                                                      "(run `cosmigrate ctl writer start`, then cutover again)")
+                await self._check_cancel()
                 now = (link.committed_seq(), link.written_seq())
                 if now != progress:
                     progress, since = now, time.monotonic()
@@ -352,7 +419,7 @@ class Cutover:
 
     async def report(self) -> None:
         now = time.time()
-        started = float(self.state.get("started_at", now))
+        started = float(self.state.get("run_started_at", self.state.get("started_at", now)))
         verification = self.state.get("verification") or {}
         by_ns = {n["namespace"]: n for n in verification.get("namespaces", [])}
         namespaces = []
@@ -381,8 +448,9 @@ class Cutover:
             })
         equal = bool(verification.get("equal"))
         self.state["report"] = {
-            "cluster_name": self.cfg.cluster_name, "started_at": iso(started), "finished_at": iso(now),
-            "duration_s": round(now - started, 3), "equal": equal,
+            "cluster_name": self.cfg.cluster_name, "outcome": "complete", "started_at": iso(started),
+            "finished_at": iso(now), "duration_s": round(now - started, 3),
+            "first_started_at": iso(float(self.state.get("started_at", started))), "equal": equal,
             "verdict": verification.get("verdict", "not verified"),
             "namespaces": namespaces,
             "not_comparable_as_is": verification.get("not_comparable_as_is", []),

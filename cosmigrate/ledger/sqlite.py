@@ -429,6 +429,23 @@ class SqliteLedger:
 
         await self._run(run)
 
+    async def purge(self, ns: str | None, *, dry_run: bool = False) -> dict[str, int]:
+        where, args = ("cluster=? AND ns=?", (self.cluster, ns)) if ns is not None else ("cluster=?", (self.cluster,))
+        tables = ("batches", "progress", "namespaces") + (("control",) if ns is None else ())
+
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            def body() -> dict[str, int]:
+                counts: dict[str, int] = {}
+                for table in tables:  # one transaction: all or nothing
+                    counts[table] = int(conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", args).fetchone()[0])
+                    if not dry_run:
+                        conn.execute(f"DELETE FROM {table} WHERE {where}", args)
+                return counts
+
+            return self._tx(conn, body)
+
+        return await self._run(run)
+
     async def close(self) -> None:
         def shut(conn: sqlite3.Connection) -> None:
             conn.close()

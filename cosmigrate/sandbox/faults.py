@@ -44,6 +44,8 @@ class Faults:
     """Refuse GetChangeStreamTokens with Unauthorized (13), as a key without the permission would."""
     no_head_tokens: bool = False
     """Answer GetChangeStreamTokens with CommandNotFound, as an old account would."""
+    refuse_collstats: bool = False
+    """Refuse collStats with Unauthorized (13), as a user without the clusterMonitor-like read would be."""
     head_throttle_rate: float = 0.0
     """Share of GetChangeStreamTokens calls answered with 16500 (on top of throttle_rate)."""
     token_kind: int = 0

@@ -115,7 +115,9 @@ install -d -m 0700 "$ROOT/etc/cosmigrate/credentials"
 CONFIG="$ROOT/etc/cosmigrate/cosmigrate.toml"
 if [ ! -e "$CONFIG" ]; then
   cat > "$CONFIG" <<'TOML'
-# cosmigrate configuration. Every key and its default: see the README.
+# cosmigrate configuration. Every key and its default: see the README. check-config refuses every CHANGE-ME
+# left: set cluster_name, store.url, ledger.url, aws.region here, the connection strings in cosmigrate.env
+# (or Secrets Manager ARNs as source.uri / target.uri), and download target.tls_ca_file.
 cluster_name = "CHANGE-ME"            # e.g. the Cosmos DB account name
 
 [source]
@@ -130,6 +132,9 @@ url = "s3://CHANGE-ME-bucket/cosmigrate"   # the ChangeBatchBucket output of cor
 
 [ledger]
 url = "dynamodb://CHANGE-ME-table"         # the LedgerTable output of core-resources.yaml
+
+[aws]
+region = "CHANGE-ME"                      # the stack's region, e.g. eu-west-1
 
 [capture]
 start_at = "beginning"                 # the full load through the change feed; "now" if you copy by other means
