@@ -22,6 +22,8 @@ from cosmigrate.control import request
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
+# moto with DynamoDB requests isolated (moto's own server undoes concurrent writes when a transaction is cancelled).
+MOTO_SERVER = Path(__file__).resolve().parent.parent / "tests" / "motoserver.py"
 
 
 def free_port() -> int:
@@ -48,7 +50,7 @@ class Sandbox:
 class Moto:
     def __enter__(self) -> Moto:
         port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        self.proc = subprocess.Popen([sys.executable, str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30

@@ -93,6 +93,7 @@ class CaptureConfig:
     max_batch_age_s: float = 1.0
     min_batch_age_s: float = 0.1
     max_unflushed_bytes: int = 64 * 1024 * 1024
+    max_unflushed_bytes_total: int = 256 * 1024 * 1024
     discovery_interval_s: float = 60.0
     deletes_preview: bool = False
     max_await_ms: int = 500
@@ -748,13 +749,16 @@ def validate(cfg: Config, uris: bool = True) -> None:
     })
     if cfg.capture.start_at not in ("now", "beginning"):
         raise ConfigError(f"capture.start_at: must be \"now\" or \"beginning\" (got {cfg.capture.start_at!r})")
-    for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_await_ms"):
+    for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_unflushed_bytes_total",
+                "max_await_ms"):
         if getattr(cfg.capture, key) < 1:
             raise ConfigError(f"capture.{key}: must be at least 1")
     if cfg.capture.max_batch_events > 100_000:
         raise ConfigError("capture.max_batch_events: at most 100000 (DocumentDB's write batch limit)")
     if cfg.capture.max_unflushed_bytes < cfg.capture.max_batch_bytes:
         raise ConfigError("capture.max_unflushed_bytes: must be at least capture.max_batch_bytes")
+    if cfg.capture.max_unflushed_bytes_total < cfg.capture.max_unflushed_bytes:
+        raise ConfigError("capture.max_unflushed_bytes_total: must be at least capture.max_unflushed_bytes")
     for key in ("pool_size", "max_batches_per_round", "collapse_max_bytes", "max_ops_per_write", "max_bytes_per_write",
                 "write_concurrency"):
         if getattr(cfg.apply, key) < 1:

@@ -23,6 +23,7 @@ from pymongo.errors import PyMongoError
 from cosmigrate import __version__
 from cosmigrate.apply import NamespaceApplier, WriterGate
 from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, backfill_loop
+from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.config import Config
 from cosmigrate.control import ControlError, ControlServer
@@ -72,6 +73,8 @@ class Daemon:
         self.appliers: dict[str, NamespaceApplier] = {}
         self.freshness: dict[str, Freshness] = {}
         self.backfills: dict[str, NamespaceBackfill] = {}
+        self.read_budget = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+        """Bytes read but not yet in the store, over every namespace (each has its own share under it)."""
         """Each namespace's full-load phase (backfill / tailing / dropped), stored in the ledger."""
         self.builders: dict[str, IndexBuilder] = {}
         """Each namespace's index plan, run in its own task (`cosmigrate.indexplan`)."""
@@ -495,7 +498,7 @@ class Daemon:
             ns, self.ledger, self.source, meta.epoch, from_beginning=(start_at or self.cfg.capture.start_at) == "beginning",
             has_position=meta.resume_token is not None, freshness=fresh)
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
-                               start_at=start_at, freshness=fresh)
+                               start_at=start_at, freshness=fresh, budget=self.read_budget)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
                                epoch=meta.epoch)
         cap.on_commit = app.wake.set

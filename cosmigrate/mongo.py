@@ -206,6 +206,26 @@ def page_drained(stream: Any) -> bool:
         return False
 
 
+def page_events(stream: Any) -> int | None:
+    """How many events are left in the change stream's current page; None when PyMongo's internals are not
+    the expected ones (see `page_drained`)."""
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    try:
+        return len(data) if data is not None else None
+    except TypeError:
+        return None
+
+
+def page_bytes(stream: Any) -> int | None:
+    """Raw bytes of the events still in the change stream's current page (the driver holds them); None when
+    PyMongo's internals are not the expected ones (see `page_drained`)."""
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    try:
+        return sum(len(doc.raw) for doc in data) if data is not None else None
+    except (TypeError, AttributeError):
+        return None
+
+
 def matches_patterns(ns: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """`db.*`-style include/exclude patterns; exclude wins."""
     return any(fnmatch.fnmatchcase(ns, p) for p in include) and not any(fnmatch.fnmatchcase(ns, p) for p in exclude)
