@@ -16,7 +16,10 @@ namespace fetches one page at a time (the guess is unknown, and eight
 concurrent first pages could hold eight pages). A fetch that does not fit
 waits for the committer to release bytes; one that would never fit (a page
 larger than the limit) goes through once the level holds nothing, alone, so
-an oversized page never deadlocks capture. Held bytes thus stay within the
+an oversized page never deadlocks capture. Waiting fetches are served in
+arrival order at each level: a fetch joins the process's queue only once it
+is first in its namespace's and fits there, so a namespace waiting on its own
+full budget (its store slow or failing) never holds up another namespace. Held bytes thus stay within the
 limit plus one page (more only if pages grow beyond every recent one while
 several are in flight).
 """
@@ -49,7 +52,9 @@ class ByteBudget:
         self.held_at_close = 0
         """What `close` gave back for it: 0 after a clean drain (every byte was accounted for)."""
         self._waiters: deque[object] = deque()
-        """The root's: fetches waiting, in arrival order (a stream that asks again at once never starves them)."""
+        """Fetches waiting at this level, in arrival order (a stream that asks again at once never starves them).
+        A parent's holds only fetches its children's limits let through: one child's full limit holds up no
+        other child."""
 
     def child(self, limit: int) -> ByteBudget:
         """A namespace's budget: its bytes count here too."""
@@ -58,15 +63,29 @@ class ByteBudget:
     def _levels(self) -> list[ByteBudget]:
         return [self] if self.parent is None else [self, *self.parent._levels()]
 
-    def _fits(self, need: int | None) -> bool:
+    def _room_at(self, level: ByteBudget, need: int | None) -> bool:
         if need is None:
             if self.in_flight:
                 return False  # the page size is unknown yet: one fetch at a time
             need = 0
-        for level in self._levels():
-            held = level.used + level.reserved
-            if held and held + need > level.limit:
-                return False  # an empty level lets any page through, alone
+        held = level.used + level.reserved
+        return not held or held + need <= level.limit  # an empty level lets any page through, alone
+
+    def _fits(self, need: int | None) -> bool:
+        return all(self._room_at(level, need) for level in self._levels())
+
+    def _admitted(self, me: object, need: int | None) -> bool:
+        """May `me` fetch now? It queues at each level from its own up, and reaches a parent's queue only while it
+        is first at the level below and fits there; held back at one level, it leaves the queues above."""
+        levels = self._levels()
+        for i, level in enumerate(levels):
+            if me not in level._waiters:
+                level._waiters.append(me)
+            if level._waiters[0] is not me or not self._room_at(level, need):
+                for above in levels[i + 1:]:
+                    if me in above._waiters:
+                        above._waiters.remove(me)
+                return False
         return True
 
     def expect(self, last_page: int | None) -> int | None:
@@ -75,21 +94,22 @@ class ByteBudget:
 
     def has_room(self, last_page: int | None = None) -> bool:
         """Would a fetch start now?"""
-        return not self._root._waiters and self._fits(self.expect(last_page))
+        return not any(level._waiters for level in self._levels()) and self._fits(self.expect(last_page))
 
     async def reserve(self, last_page: int | None = None, give_up: Callable[[], bool] = lambda: False) -> int | None:
         """Wait for room for one page; the reservation to hand to `fetched` (or `cancel`), or None once
         `give_up()` is true (checked at every change and at `wake`). Fetches are served in arrival order."""
         root = self._root
         me = object()
-        root._waiters.append(me)
         try:
-            while root._waiters[0] is not me or not self._fits(self.expect(last_page)):
+            while not self._admitted(me, self.expect(last_page)):
                 if give_up():
                     return None
                 await root._wake.wait()
         finally:
-            root._waiters.remove(me)
+            for level in self._levels():
+                if me in level._waiters:
+                    level._waiters.remove(me)
             self._notify()  # the next in line may fit too
         need = self.expect(last_page) or 0
         for level in self._levels():

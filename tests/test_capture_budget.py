@@ -179,3 +179,69 @@ async def test_a_page_larger_than_the_limit_still_goes_through_alone(tmp_path: P
     budget = seen["caps"]["app.big"].budget
     assert budget.largest_page > batch
     assert process.peak <= batch + budget.largest_page
+
+
+class StalledStore:
+    """The real local store; the puts of one namespace's batches hang until `resume` (a put retried for ever,
+    e.g. a prefix the bucket refuses)."""
+
+    def __init__(self, inner: Any, stalled: str) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.stalled = "/" + stalled.replace(".", "/") + "/"
+        self.resume = asyncio.Event()
+
+    async def put(self, key: str, data: bytes) -> None:
+        if self.stalled in key:
+            await self.resume.wait()
+        await self.inner.put(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_namespace_whose_budget_is_full_never_stops_another_reading(tmp_path: Path, sandbox: Sandbox) -> None:
+    """The process budget serves fetches in arrival order; a fetch that waits on its own namespace's full budget
+    must not hold up the other namespaces' fetches behind it (before: every other namespace stopped reading
+    until that namespace's committer gave bytes back, i.e. for ever when its store puts fail)."""
+    limit = 256 * 1024
+    cfg = _config(tmp_path, sandbox, limit=limit, total=64 * limit, batch=64 * 1024)
+    cfg.capture.max_batch_age_s = 0.3
+    await prepare_backends(cfg)
+    await _fill(sandbox, ["app.stuck"], 6000)
+    await _fill(sandbox, ["app.live"], 1)
+    process = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+    source = source_client(sandbox.source_uri)
+    ledger = open_ledger(cfg)
+    store = StalledStore(open_store(cfg), "app.stuck")
+    caps = {ns: NamespaceCapture(ns, await ledger.claim(ns, "test"), source, store, ledger, cfg, budget=process)
+            for ns in ("app.stuck", "app.live")}
+    stuck, live = caps["app.stuck"], caps["app.live"]
+    tasks = [asyncio.create_task(cap.run()) for cap in caps.values()]
+    try:
+        async def stuck_waits() -> bool:
+            # Waiting: in its own queue (now) or the process's (before, when there was only that one).
+            return stuck.budget.used >= limit and bool(stuck.budget._waiters or process._waiters)
+
+        await wait_for(stuck_waits, 30, interval=0.05, what="app.stuck's budget full, a fetch waiting on it")
+        coll = source["app"]["live"]
+        for round_ in range(3):  # each round needs a new page of app.live's stream after app.stuck blocked
+            await coll.insert_many([{"_id": f"r{round_}-{i}"} for i in range(5)])
+            want = 1 + 5 * (round_ + 1)
+
+            async def live_committed(want: int = want) -> bool:
+                return live.status.committed_events >= want
+
+            await wait_for(live_committed, 15, interval=0.05, what=f"app.live's round {round_} committed")
+        assert stuck.status.committed_events == 0
+        store.resume.set()
+        for cap in caps.values():
+            cap.stop()
+        await within(asyncio.gather(*tasks), 30)
+        assert process.used == process.reserved == 0
+    finally:
+        store.resume.set()
+        await cancel_and_wait(tasks)
+        await store.close()
+        await ledger.close()
+        await source.close()
