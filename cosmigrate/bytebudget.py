@@ -31,6 +31,16 @@ from collections import deque
 from collections.abc import Callable
 
 
+class _Waiter:
+    """One fetch waiting for room."""
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        self.queued = 0
+        """In the queues of this many levels, from its namespace's up."""
+
+
 class ByteBudget:
     def __init__(self, limit: int, parent: ByteBudget | None = None) -> None:
         self.limit = limit
@@ -51,7 +61,7 @@ class ByteBudget:
         self._closed = False
         self.held_at_close = 0
         """What `close` gave back for it: 0 after a clean drain (every byte was accounted for)."""
-        self._waiters: deque[object] = deque()
+        self._waiters: deque[_Waiter] = deque()
         """Fetches waiting at this level, in arrival order (a stream that asks again at once never starves them).
         A parent's holds only fetches its children's limits let through: one child's full limit holds up no
         other child."""
@@ -74,17 +84,19 @@ class ByteBudget:
     def _fits(self, need: int | None) -> bool:
         return all(self._room_at(level, need) for level in self._levels())
 
-    def _admitted(self, me: object, need: int | None) -> bool:
+    def _admitted(self, me: _Waiter, need: int | None) -> bool:
         """May `me` fetch now? It queues at each level from its own up, and reaches a parent's queue only while it
-        is first at the level below and fits there; held back at one level, it leaves the queues above."""
+        is first at the level below and fits there; held back at one level, it leaves the queues above.
+        O(1) for a fetch that waits where it waited before (every waiter checks again at every change)."""
         levels = self._levels()
         for i, level in enumerate(levels):
-            if me not in level._waiters:
+            if me.queued <= i:
                 level._waiters.append(me)
+                me.queued = i + 1
             if level._waiters[0] is not me or not self._room_at(level, need):
-                for above in levels[i + 1:]:
-                    if me in above._waiters:
-                        above._waiters.remove(me)
+                for above in levels[i + 1:me.queued]:
+                    above._waiters.remove(me)
+                me.queued = min(me.queued, i + 1)
                 return False
         return True
 
@@ -100,16 +112,15 @@ class ByteBudget:
         """Wait for room for one page; the reservation to hand to `fetched` (or `cancel`), or None once
         `give_up()` is true (checked at every change and at `wake`). Fetches are served in arrival order."""
         root = self._root
-        me = object()
+        me = _Waiter()
         try:
             while not self._admitted(me, self.expect(last_page)):
                 if give_up():
                     return None
                 await root._wake.wait()
         finally:
-            for level in self._levels():
-                if me in level._waiters:
-                    level._waiters.remove(me)
+            for level in self._levels()[:me.queued]:
+                level._waiters.remove(me)
             self._notify()  # the next in line may fit too
         need = self.expect(last_page) or 0
         for level in self._levels():
