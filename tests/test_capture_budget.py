@@ -22,6 +22,7 @@ from bson.raw_bson import RawBSONDocument
 from cosmigrate import capture
 from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.capture import NamespaceCapture
+from cosmigrate.clock import Mono
 from cosmigrate.config import Config
 from cosmigrate.freshness import Freshness
 from cosmigrate.ledger import open_ledger
@@ -268,7 +269,7 @@ async def _seconds_to_head(tmp_path: Path, sandbox: Sandbox, partitions: int, do
                            budget=ByteBudget(cfg.capture.max_unflushed_bytes_total))
 
     async def to_head() -> float:
-        fresh.add_sample(time.monotonic(), await change_stream_tokens(source, ns))
+        fresh.add_sample(Mono.now(), await change_stream_tokens(source, ns))
         started = time.monotonic()
         reached = fresh.captured_at
 
