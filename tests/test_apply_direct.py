@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson import Decimal128, Int64
 from pymongo import AsyncMongoClient
 
 from cosmigrate.apply import WriterGate
@@ -425,3 +426,39 @@ async def test_after_the_full_load_writes_are_upserts(harness: Harness, target: 
     harness.start(app)
     await wait_for(lambda: _true(app.status.applied_seq == 0), 15)
     assert kinds == ["ReplaceOne", "ReplaceOne"] and await _doc(target, 2) == {"_id": 2, "v": 2}
+
+
+async def test_a_full_load_insert_refused_by_a_secondary_unique_index_is_deferred_never_taken_as_there(
+    harness: Harness, target: AsyncMongoClient[Any],
+) -> None:
+    # E11000 on `u`, not on `_id`: document 1 is NOT on the target. Were that duplicate read as "the document is
+    # already there", 1 would be skipped and applied_seq would pass it; it must wait until 2 lets go of u=1.
+    await target.app.c.create_index("u", unique=True)
+    await target.app.c.insert_one({"_id": 2, "u": 1})
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(1, {"_id": 1, "u": 1})])
+    app = harness.applier(NS, epoch)
+    app.inserts_first = lambda: True
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.deferred == 1), 15, what="the insert deferred by the u index")
+    assert app.status.applied_seq == -1 and await _doc(target, 1) is None
+    await harness.commit(NS, epoch, [event(2, {"_id": 2, "u": 2})])
+    app.wake.set()
+    await wait_for(lambda: _true(app.status.applied_seq == 1), 15, what="both applied once 2 moved")
+    assert [await _doc(target, i) for i in (1, 2)] == [{"_id": 1, "u": 1}, {"_id": 2, "u": 2}]
+
+
+async def test_a_full_load_collapses_numerically_equal_ids_of_other_types_to_the_latest_version(
+    harness: Harness, target: AsyncMongoClient[Any],
+) -> None:
+    # Int32 7 on the target (an earlier life); the feed then shows the same document keyed as Int64 7 and 7.0:
+    # one target document, the last version wins, whichever key form the insert and its upsert carry.
+    await target.app.c.insert_one({"_id": 7, "v": "old"})
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(Int64(7), {"_id": Int64(7), "v": "a"})])
+    await harness.commit(NS, epoch, [event(7.0, {"_id": 7.0, "v": "b"}), event(Decimal128("7"), {"_id": 7, "v": "c"})])
+    app = harness.applier(NS, epoch)
+    app.inserts_first = lambda: True
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 1), 15)
+    assert [d async for d in target.app.c.find({}, {"_id": 0})] == [{"v": "c"}]
