@@ -219,6 +219,11 @@ class Cutover:
                 await step.run(self)
                 self.host.crash.hit(f"cutover_{step.name}")
                 following = names.index(step.name) + 1
+                if following == len(names):
+                    # The writer stops before `complete` is stored: a kill between the two must never leave a
+                    # completed cutover whose writer the next daemon starts again (over the applications' target).
+                    await self.host.gate.stop()
+                    await self.ledger.set_writer("stopped", "cutover", Wall.now().s)
                 self.state["step"] = names[following] if following < len(names) else COMPLETE
                 await self._save()
         except CutoverStop as stop:
@@ -226,10 +231,9 @@ class Cutover:
             return Result(stop.code, str(stop), self._stopped_report(stop, started))
         finally:
             self.waiting = ""
+        self.host.crash.hit("cutover_complete")  # `complete` stored, the run not finished
         self.state["finished_at"] = Wall.now().s
         await self._save()
-        await self.host.gate.stop()
-        await self.ledger.set_writer("stopped", "cutover", Wall.now().s)
         self.log.info("cutover complete")
         return Result(EXIT_OK, "cutover complete: the target equals the source", self.state.get("report"))
 
