@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 from pathlib import Path
@@ -45,3 +44,48 @@ async def test_a_kill_right_after_complete_is_stored_leaves_the_writer_stopped(
     assert code == -signal.SIGKILL, err[-2000:]
     assert await _stored_step(cfg) == "complete"
     assert await _writer_state(cfg) == "stopped", "a completed cutover whose writer a restart would start again"
+
+
+async def _cutover_job(run: Running, action: str = "status") -> dict:
+    reply = await run.daemon.handle_control({"cmd": "cutover", "action": action})
+    assert reply["ok"], reply
+    return dict(reply["cutover"])
+
+
+async def test_a_collection_created_during_the_cutover_stops_it_as_still_written(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    cfg = _config(tmp_path, sandbox)
+    cfg.capture.discovery_interval_s = 300.0  # discovery's next round comes long after this cutover
+    cfg.cutover.quiesce_s = 3.0
+    await source.app.users.insert_many([{"_id": i, "v": i} for i in range(50)])
+    async with Running(cfg) as run:
+        await run.writer("start")
+
+        async def ready() -> bool:
+            return bool((await run.status())["ready_for_cutover"])
+
+        await wait_for(ready, 60, what="ready for cutover")
+        await _cutover_job(run, "start")
+
+        async def quiescing() -> bool:
+            return (await _cutover_job(run))["step"] == "quiesce"
+
+        await wait_for(quiescing, 60, interval=0.05, what="the cutover in its quiesce step")
+        await source.app.late.insert_many([{"_id": i} for i in range(5)])  # an application still writing
+
+        async def ended() -> dict | None:
+            job = await _cutover_job(run)
+            return None if job["running"] else job["result"]
+
+        result = await wait_for(ended, 120, what="the cutover's end")
+        assert await target.app.late.count_documents({}) == 0
+        assert result["exit_code"] == EXIT_WRITTEN, json.dumps(result)[:2000]
+        assert "app.late" in result["message"], result["message"]
+        assert await _stored_step(cfg) == "precheck", "the new collection needs capture and catch-up first"
+        # The applications stopped: run again, its precheck waits for the new collection, and it completes.
+        await _cutover_job(run, "start")
+        result = await wait_for(ended, 120, what="the second cutover's end")
+        assert result["exit_code"] == 0, json.dumps(result)[:2000]
+        assert {n["namespace"] for n in result["report"]["namespaces"]} == {"app.users", "app.late"}
+        assert await target.app.late.count_documents({}) == 5

@@ -10,7 +10,9 @@ The steps, in order (`STEPS`):
    each failing one is named (exit 5).
 2. `quiesce`: the applications have stopped writing. Every namespace's head
    is sampled twice, `cutover.quiesce_s` apart; if one moved, "the source is
-   still being written" (exit 3). The second sample is stored.
+   still being written" (exit 3). The second sample is stored. A collection
+   the source holds that has no head here (created since the precheck) is a
+   write too: back to `precheck`, which waits for it to be captured.
 3. `apply`: capture and apply up to the heads sampled again now (at or past
    the stored ones; if they moved, the step's end says so, exit 3).
 4. `sweep`: a final delete sweep of every namespace, over everything, with
@@ -32,7 +34,7 @@ The steps, in order (`STEPS`):
    duration, the heads it stopped at, the source's expiry and the `[ttl]`
    decision for it) is stored and printed. Exit 0.
 
-Then status says `cutover complete`, the writer is stopped and refuses to
+Then status says `cutover complete`, the writer is stopped (before `complete` is stored) and refuses to
 start again without `--force`; the sweep and verification stop (the target
 belongs to the applications now). The source is never written.
 
@@ -53,7 +55,7 @@ cutover; the machine goes back to `quiesce` and exits 3.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,7 +71,7 @@ from cosmigrate.deletes.service import Deletes
 from cosmigrate.indexplan import enable_ttl
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import change_stream_tokens
+from cosmigrate.mongo import change_stream_tokens, list_namespaces
 from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
@@ -277,6 +279,25 @@ class Cutover:
             await self._save()
             raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
                                             "applications' writes to Cosmos DB, then run cutover again")
+        await self._none_created(self._stored_heads())
+
+    async def _none_created(self, known: Iterable[str]) -> None:
+        """A collection the source holds that this cutover samples no head of: created after the precheck (the
+        applications still write), and not captured until discovery's next round. The heads alone never see it,
+        and the report would say equal without it: back to `precheck`, which waits until it is captured and
+        caught up."""
+        try:
+            names = await list_namespaces(self.host.source, self.cfg.capture.include, self.cfg.capture.exclude)
+        except PyMongoError as exc:
+            raise CutoverStop(EXIT_ERROR, f"cannot list the source's collections: {redact(str(exc))[:200]}") from None
+        created = sorted(set(names) - set(known))
+        if created:
+            self.state["step"] = STEPS[0].name
+            await self._save()
+            raise CutoverStop(EXIT_WRITTEN, f"the source is still being written (collections created during the "
+                                            f"cutover: {', '.join(created[:10])}): stop the applications' writes to "
+                                            "Cosmos DB, then run cutover again (its precheck waits for them to be "
+                                            "captured)")
 
     # --- steps ---------------------------------------------------------------------------------
 
@@ -325,6 +346,7 @@ class Cutover:
         if moved:
             raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
                                             "applications' writes to Cosmos DB, then run cutover again")
+        await self._none_created(second)
         self.state["heads"] = {ns: [Binary(t) for t in tokens] for ns, tokens in second.items()}
         self.state["heads_at"] = Wall.now().s
 
