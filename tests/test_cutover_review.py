@@ -89,3 +89,36 @@ async def test_a_collection_created_during_the_cutover_stops_it_as_still_written
         assert result["exit_code"] == 0, json.dumps(result)[:2000]
         assert {n["namespace"] for n in result["report"]["namespaces"]} == {"app.users", "app.late"}
         assert await target.app.late.count_documents({}) == 5
+
+
+async def test_a_cutover_resumed_at_sweep_with_the_writer_stopped_ends_at_once_instead_of_hanging(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """The final sweep deletes through the writer. Resumed at `sweep` (the precheck, which checks the writer, is
+    behind it) with the writer stopped, a document to delete held the step for ever, deaf to `--cancel`."""
+    from tests.test_capture_processes import Child
+    from tests.test_cutover_clocks_processes import _configured, _cutover_killed_before, _settled
+    from tests.test_cutover_processes import _status, ctl
+
+    cfg, config = await _configured(tmp_path, sandbox)
+    await source.app.users.insert_many([{"_id": i, "v": i} for i in range(100)])
+    child = await Child.start(config, COSMIGRATE_CRASH_POINTS="cutover_before_sweep=1")
+    try:
+        await wait_for(lambda: _status(config), 60, what="the daemon's control socket")
+        assert (await ctl(config, "writer", "start"))[0] == 0
+        await wait_for(lambda: _settled(config, source, target), 90, interval=0.5, what="convergence")
+        await _cutover_killed_before(cfg, config, child, "sweep")
+    finally:
+        if child.proc.returncode is None:
+            await child.finish(signal.SIGKILL)
+    await target.app.users.insert_one({"_id": "stale", "v": 0})  # the source deleted it: the sweep must delete it
+    child = await Child.start(config)
+    try:
+        await wait_for(lambda: _status(config), 60, what="the daemon's control socket")
+        assert (await ctl(config, "writer", "stop"))[0] == 0
+        code, _, err = await ctl(config, "cutover")  # ctl's own limit: 120 s
+        assert code != 0 and "writer" in err, err[-2000:]
+        assert await _stored_step(cfg) == "sweep"
+        assert await target.app.users.count_documents({"_id": "stale"}) == 1
+    finally:
+        assert await child.finish(signal.SIGTERM) == 0, child.stderr[-5:]

@@ -15,7 +15,8 @@ The steps, in order (`STEPS`):
    write too: back to `precheck`, which waits for it to be captured.
 3. `apply`: capture and apply up to the heads sampled again now (at or past
    the stored ones; if they moved, the step's end says so, exit 3).
-4. `sweep`: a final delete sweep of every namespace, over everything, with
+4. `sweep` (needs the writer started: its deletes go through it; stopped, the
+   step fails at once, exit 5): a final delete sweep of every namespace, over everything, with
    the source quiet, comparing `_id`s in every range (equal counts would let
    a stale and a missing document cancel out); the `_id`s the target lacks
    go to verification, so the recheck reports them.
@@ -41,7 +42,7 @@ belongs to the applications now). The source is never written.
 Every ending that is not `complete` returns a report too (`outcome`
 stopped or cancelled, the step, the exit code and why), so `--report`
 always leaves a file. `ctl cutover --cancel` stops a run at its next step
-boundary (or while precheck or apply waits), recorded under `cancelled`
+boundary (or while precheck, apply or the sweep waits), recorded under `cancelled`
 (exit 7). The report's `started_at` is this run's start;
 `first_started_at` is when the cutover first began.
 
@@ -57,7 +58,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import bson
 from bson.binary import Binary
@@ -75,6 +76,7 @@ from cosmigrate.mongo import change_stream_tokens, list_namespaces
 from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
+from cosmigrate.timeouts import cancel_and_wait
 from cosmigrate.tokens import TokenFormatError, positions
 from cosmigrate.ttl import read_ttl_indexes, ttl_state
 from cosmigrate.verify.service import Verification
@@ -84,6 +86,7 @@ COMPLETE = "complete"
 EXIT_OK, EXIT_ERROR, EXIT_WRITTEN, EXIT_NOT_READY, EXIT_DIFFERENT, EXIT_CANCELLED = 0, 1, 3, 5, 6, 7
 STALL_S = 120.0  # apply making no progress this long fails the `apply` step
 WAITING_LOG_S = 5.0  # how often precheck says what it still waits for
+T = TypeVar("T")
 
 
 class CutoverStop(Exception):
@@ -376,13 +379,30 @@ class Cutover:
                                                   f"progress for {STALL_S:.0f}s (writer {writer})")
         await self._still_quiet()
 
+    async def _through_the_writer(self, work: Awaitable[T]) -> T:
+        """Work that writes through the writer (the final sweep's deletes): a stopped writer holds it for ever, deaf
+        to `--cancel` (the precheck that checks the writer is behind a resumed step). Either ends the step; its
+        work is cancelled (a sweep pass is: `Deletes.stop`) and runs again from its start next time."""
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                if not self.host.gate.started:  # only an operator starts it again: fail now
+                    raise CutoverStop(EXIT_NOT_READY, f"the {self.step} step writes to the target through the writer, "
+                                                      "which is stopped (run `cosmigrate ctl writer start`, then "
+                                                      "cutover again)")
+                await self._check_cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            return task.result()
+        finally:
+            await cancel_and_wait([task])
+
     async def sweep(self) -> None:
         deletes = self.host.deletes
         counts: dict[str, int] = dict(self.state.get("deleted") or {})
         if deletes is not None:
             await deletes.stop()
             for ns in self.namespaces:
-                counts[ns] = counts.get(ns, 0) + await deletes.final_sweep(ns)
+                counts[ns] = counts.get(ns, 0) + await self._through_the_writer(deletes.final_sweep(ns))
                 missing = deletes.final_missing(ns)
                 if missing and self.host.verification is not None:
                     await self.host.verification.suspect(ns, missing)
