@@ -4,6 +4,7 @@
    would apply the source's changes over the target the applications now own, without `--force`.
 2. A collection the applications create during the cutover (after its precheck, before discovery's next
    round) must stop it as "still being written", never end in `equal: true` without it.
+3. A cutover resumed at `sweep` with the writer stopped must end at once, not hang in the writer's gate.
 """
 
 from __future__ import annotations
