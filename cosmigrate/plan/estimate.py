@@ -17,10 +17,11 @@ from typing import Any
 
 from cosmigrate.backfill import ESTIMATE_REFRESH_S as PROGRESS_REFRESH_S
 
-CPU_US_PER_DOC = 32.0
+CPU_US_PER_DOC = 18.0
 """CPU microseconds the daemon spends per document of a full load (capture, batch, store, ledger, apply): the
-daemon's user + system time over a 100,000-document backfill, `plan.cpu_us_per_doc` of bench/plan.py (31.2 and
-32.6 us on the 2-core development machine, 2026-12-07). Override with `cosmigrate plan --cpu-us-per-doc`."""
+daemon's user + system time over a 100,000-document backfill, `fullload.daemon_cpu_us_per_doc` of bench/fullload.py
+(17.9 us median of 3 runs, 17.6 us at 2M documents, on the 2-core development machine, 2026-12-07, after the full
+load's inserts and whole-page reads; 31-33 us before them). Override with `cosmigrate plan --cpu-us-per-doc`."""
 SOURCE, TARGET, CPU = "source RU budget", "target write rate", "workers' CPU"
 LIMITS = (SOURCE, TARGET, CPU)
 
