@@ -370,6 +370,16 @@ def control_socket(path: str | os.PathLike[str] | None, env: Mapping[str, str] |
     return env.get("COSMIGRATE_CONTROL_SOCKET") or socket
 
 
+def worker_socket(path: str, worker: str) -> str:
+    """A worker's own control socket: `control.sock` becomes `control.<worker>.sock` (unchanged without a name)."""
+    if not worker:
+        return path
+    head, _, tail = path.rpartition("/")
+    stem, dot, ext = tail.rpartition(".")
+    name = f"{stem}.{worker}.{ext}" if dot and stem else f"{tail}.{worker}"
+    return f"{head}/{name}" if head or path.startswith("/") else name
+
+
 def _profile_region() -> str:
     """The region of the AWS profile (~/.aws/config), read the way botocore reads it."""
     import botocore.session

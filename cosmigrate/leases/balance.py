@@ -56,7 +56,7 @@ class Plan:
 
 
 def plan(leases: list[LeaseRecord], seen: Observations, live: set[str], me: str, lease_s: float, now: Mono,
-         wanted: set[str] | None = None) -> Plan:
+         wanted: set[str] | None = None, dead: set[str] = frozenset()) -> Plan:  # type: ignore[assignment]
     """This round's takes toward an even share `ceil(units / live workers)`.
 
     Free and expired leases are taken first, up to the share; a lease free for a whole
@@ -64,14 +64,15 @@ def plan(leases: list[LeaseRecord], seen: Observations, live: set[str], me: str,
     judged dead) is taken past the share, so no unit stays ownerless. Only when
     nothing is free, one lease is stolen from the busiest worker if it holds at least
     two more than this one: the spread settles with no worker two above another, and
-    then nothing moves.
+    then nothing moves. `dead`: owners known to be dead without waiting (this worker holds the flock of
+    their worker name on this host), whose leases count as expired at once.
     """
     units = [rec for rec in leases if wanted is None or rec.unit in wanted]
     workers = live | {me}
     share = math.ceil(len(units) / len(workers)) if units else 0
 
     def expired(rec: LeaseRecord) -> bool:
-        return not rec.free and rec.owner != me and seen.unchanged_for(rec.unit, now) >= lease_s
+        return not rec.free and rec.owner != me and (rec.owner in dead or seen.unchanged_for(rec.unit, now) >= lease_s)
 
     mine = sum(1 for rec in units if rec.owner == me and not rec.free)
     expired_ones = sorted((rec for rec in units if expired(rec)), key=lambda r: r.unit)

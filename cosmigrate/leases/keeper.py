@@ -40,13 +40,15 @@ class UnitEvents(Protocol):
 
 class LeaseKeeper:
     def __init__(self, table: LeaseTable, cfg: LeasesConfig, write_bound_s: float, events: UnitEvents,
-                 log: Any, wanted: Callable[[str], bool] = lambda unit: True) -> None:
+                 log: Any, wanted: Callable[[str], bool] = lambda unit: True, exclusive_name: bool = False) -> None:
         self.table = table
         self.cfg = cfg
         self.bound_s = write_bound_s
         self.events = events
         self.log = log
         self.wanted = wanted
+        self.exclusive_name = exclusive_name
+        """This worker holds the flock of its worker name on this host: an earlier process of that name is dead."""
         self.me = table.me
         self.held: dict[str, Held] = {}
         self.leases: dict[str, LeaseRecord] = {}
@@ -181,12 +183,21 @@ class LeaseKeeper:
             for unit in moved:
                 await self._lose(unit, f"taken by worker {self.leases[unit].owner or '(released)'}")
             wanted = {u for u in self.leases if self.wanted(u)}
-            todo = plan(leases, self.lease_seen, self.live(now), self.me.id, self.cfg.lease_s, now, wanted)
+            todo = plan(leases, self.lease_seen, self.live(now), self.me.id, self.cfg.lease_s, now, wanted,
+                        self._dead(leases))
             for rec in todo.take:
                 await self._take(rec, now, stolen=False)
             if todo.steal is not None:
                 await self._take(todo.steal, now, stolen=True)
             await self._forget_silent(now)
+
+    def _dead(self, leases: list[LeaseRecord]) -> set[str]:
+        """Owners that are earlier processes of this worker's own name on this host: dead, since this one holds
+        the name's flock (a restart after a crash takes its units back without waiting for expiry)."""
+        if not self.exclusive_name:
+            return set()
+        return {r.owner for r in leases if r.owner and r.owner != self.me.id and not r.free
+                and r.host == self.me.host and r.name == self.me.name}
 
     async def _take(self, rec: LeaseRecord, seen_at: Mono, *, stolen: bool) -> None:
         sent = Mono.now()
@@ -200,6 +211,8 @@ class LeaseKeeper:
             write_after = sent + (0.0 if rec.clean else self.bound_s)
         elif not rec.owner:
             write_after = sent  # never owned: no worker ever sent a write for it
+        elif rec.owner in self._dead([rec]):  # dead: what it sent before dying is done or aborted within the bound
+            write_after = sent + self.bound_s
         else:  # expired or stolen: its holder may send writes until `since + lease_s`, landing within the bound
             write_after = since + self.cfg.lease_s + self.bound_s
         held = Held(mine, renewed_at=sent, write_after=max(write_after, sent), lease_s=self.cfg.lease_s,
