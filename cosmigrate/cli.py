@@ -100,14 +100,27 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
+WorkerOpt = Annotated[str, typer.Option(
+    "--worker", envvar="COSMIGRATE_WORKER", metavar="NAME",
+    help="This worker's name on its host (daemon.worker): its own lock file and control socket "
+         "(control.<NAME>.sock), so several workers of one cluster share the host.")]
+
+
 @app.command()
-def run(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+def run(config: ConfigOpt = Path(DEFAULT_CONFIG), worker: WorkerOpt = "") -> None:
     """Run the migration daemon: discover namespaces, capture their change streams (and apply them)."""
+    from cosmigrate.config import ConfigError, validate
     from cosmigrate.daemon import Daemon, StartupError
     from cosmigrate.logs import configure_logging
     from cosmigrate.versions import UnsupportedVersion
 
     cfg = _load(config, files=True)
+    if worker:
+        cfg.daemon.worker = worker
+        try:
+            validate(cfg, uris=False)
+        except ConfigError as exc:
+            raise fail(f"--worker: {exc}") from None
     configure_logging(cfg.log.level, cfg.log.format)
     try:
         code = _run_async(Daemon(cfg, config_path=str(config)).serve())

@@ -132,6 +132,8 @@ class MongoServer:
         self.host = host
         self.port = 0
         self.commands = 0
+        self.writes_delayed = 0
+        """Write commands the slow-write fault held (tests wait for one to be in flight)."""
         self._server: asyncio.Server | None = None
         self._cursors: dict[int, Any] = {}
         self._conn_ids = itertools.count(1)
@@ -704,6 +706,7 @@ class MongoServer:
         if not self.faults.slow_write_ms:
             return
         delay = self.faults.slow_write_ms / 1000
+        self.writes_delayed += 1
         limit = req.body.get("maxTimeMS")
         if isinstance(limit, (int, float)) and limit > 0:
             left = req.received_at + limit / 1000 - time.monotonic()
