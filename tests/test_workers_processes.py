@@ -181,3 +181,45 @@ async def test_a_write_frozen_mid_flight_never_lands_over_the_new_owners(
             assert await b.finish(signal.SIGTERM) == 0, b.stderr[-5:]
     lost = [e for e in a.events() if e.get("event") == "unit lost"]
     assert lost and lost[0]["unit"] == ns, [e.get("event") for e in a.events()][-20:]
+
+
+async def test_run_workers_supervises_and_restarts_its_children(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient
+) -> None:
+    """`cosmigrate run --workers 2`: two children share the units, a killed child is started again and the units
+    move back, SIGTERM stops both (each drains and hands over) and the supervisor exits 0."""
+    partitions = {"app.p": 1, "app.q": 1}
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    config = write_config(cfg, tmp_path / "cosmigrate.toml")
+    await prepare_backends(cfg)
+    for ns in partitions:
+        await source.app.create_collection(ns.partition(".")[2])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cosmigrate", "run", "--config", str(config), "--workers", "2",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        socks = [worker_socket(cfg.control.socket, n) for n in ("w1", "w2")]
+
+        async def both_hold_one() -> dict:
+            st = await status(socks[0])
+            held = held_by(st)
+            assert len(held) == 2 and all(len(u) == 1 for u in held.values()), held
+            return st
+
+        st = await wait_for(both_hold_one, 90, interval=1.0, what="two workers holding one unit each")
+        w2 = next(w for w in st["workers"] if w["name"] == "w2")
+        os.kill(w2["pid"], signal.SIGKILL)
+
+        async def restarted() -> bool:
+            now = await both_hold_one()
+            assert all(w["pid"] != w2["pid"] for w in now["workers"] if w["name"] == "w2")
+            return True
+
+        await wait_for(restarted, 90, interval=1.0, what="w2 started again and holding a unit")
+        await source.app.p.insert_one({"_id": 1})
+        await writer_start(socks[0])
+        await wait_for(lambda: assert_converged(source, target, list(partitions)), 60, what="convergence")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 90) == 0
