@@ -149,8 +149,10 @@ class Daemon:
             self.gate.start()
         self.proof = Proof(self)
         await self.proof.start()
+        if self.lock is not None:
+            self.worker = WorkerId(self.owner, name=self.cfg.daemon.worker, slot=str(self.lock.path.resolve()))
         self.keeper = LeaseKeeper(LeaseTable(self.ledger, self.worker), self.cfg.leases, self.cfg.apply.write_bound_s,
-                                  self, self.log, wanted=self._wanted, exclusive_name=self.lock is not None)
+                                  self, self.log, wanted=self._wanted)
         try:
             await self.keeper.join()
         except LedgerError as exc:

@@ -157,7 +157,15 @@ async def test_two_workers_never_both_commit_for_one_namespace(tmp_path: Path, s
             lost = {e["unit"] for e in first.events() if e.get("event") == "unit lost"}
             return bool(moved()) and moved() <= lost
 
-        await wait_for(shared, 90, what="the second worker to take namespaces over from the first")
+        try:
+            await wait_for(shared, 90, what="the second worker to take namespaces over from the first")
+        except AssertionError:
+            for name, child in (("first", first), ("second", second)):
+                for e in child.events():
+                    if "unit" in e.get("event", "") or e.get("level") in ("warning", "error"):
+                        print(name, {k: str(v)[:160] for k, v in e.items() if k not in ("cluster", "timestamp")})
+                print(name, child.stderr[-5:])
+            raise
         await asyncio.sleep(3 * cfg.leases.balance_s)  # settled: nothing more moves
     finally:
         stop.set()

@@ -40,15 +40,13 @@ class UnitEvents(Protocol):
 
 class LeaseKeeper:
     def __init__(self, table: LeaseTable, cfg: LeasesConfig, write_bound_s: float, events: UnitEvents,
-                 log: Any, wanted: Callable[[str], bool] = lambda unit: True, exclusive_name: bool = False) -> None:
+                 log: Any, wanted: Callable[[str], bool] = lambda unit: True) -> None:
         self.table = table
         self.cfg = cfg
         self.bound_s = write_bound_s
         self.events = events
         self.log = log
         self.wanted = wanted
-        self.exclusive_name = exclusive_name
-        """This worker holds the flock of its worker name on this host: an earlier process of that name is dead."""
         self.me = table.me
         self.held: dict[str, Held] = {}
         self.leases: dict[str, LeaseRecord] = {}
@@ -192,12 +190,12 @@ class LeaseKeeper:
             await self._forget_silent(now)
 
     def _dead(self, leases: list[LeaseRecord]) -> set[str]:
-        """Owners that are earlier processes of this worker's own name on this host: dead, since this one holds
-        the name's flock (a restart after a crash takes its units back without waiting for expiry)."""
-        if not self.exclusive_name:
+        """Owners that held this worker's lock file on this host before it: dead, since this one holds the
+        lock now (a restart after a crash takes its units back without waiting for their leases to expire)."""
+        if not self.me.slot:
             return set()
         return {r.owner for r in leases if r.owner and r.owner != self.me.id and not r.free
-                and r.host == self.me.host and r.name == self.me.name}
+                and r.host == self.me.host and r.slot == self.me.slot}
 
     async def _take(self, rec: LeaseRecord, seen_at: Mono, *, stolen: bool) -> None:
         sent = Mono.now()

@@ -34,6 +34,9 @@ class WorkerId:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     name: str = ""
+    slot: str = ""
+    """The lock file this worker holds ("" without one): a lease held under the same slot on the same host
+    belongs to a dead process (the lock dies with its holder)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class LeaseRecord:
     state: str = HELD
     name: str = ""
     """The holder's worker name on its host (`daemon.worker`)."""
+    slot: str = ""
+    """The holder's lock file (`WorkerId.slot`)."""
     start_at: str = ""
     """How the unit's capture starts when it has no stored position: "" (the config's) or "beginning"."""
     parent: str = ""
@@ -63,14 +68,15 @@ class LeaseRecord:
 
     def data(self) -> bytes:
         return bson.encode({"owner": self.owner, "host": self.host, "pid": self.pid, "state": self.state,
-                            "name": self.name, "start_at": self.start_at, "parent": self.parent, "children": list(self.children),
+                            "name": self.name, "slot": self.slot, "start_at": self.start_at, "parent": self.parent, "children": list(self.children),
                             "clean": self.clean})
 
     @classmethod
     def parse(cls, item: Progress) -> LeaseRecord:
         d: dict[str, Any] = item.doc()
         return cls(item.key, item.version, str(d.get("owner", "")), str(d.get("host", "")), int(d.get("pid", 0)),
-                   str(d.get("state", HELD)), str(d.get("name", "")), str(d.get("start_at", "")), str(d.get("parent", "")),
+                   str(d.get("state", HELD)), str(d.get("name", "")), str(d.get("slot", "")),
+                   str(d.get("start_at", "")), str(d.get("parent", "")),
                    tuple(str(c) for c in d.get("children", ())), bool(d.get("clean", False)))
 
 
@@ -152,7 +158,7 @@ class LeaseTable:
     async def take(self, rec: LeaseRecord) -> LeaseRecord:
         """Take `rec` at the counter it was read at (free, expired or stolen); raises ProgressConflict."""
         mine = LeaseRecord(rec.unit, rec.version + 1, self.me.id, self.me.host, self.me.pid, HELD, self.me.name,
-                           rec.start_at, rec.parent, rec.children)
+                           self.me.slot, rec.start_at, rec.parent, rec.children)
         await self.ledger.put_progress("", LEASE, rec.unit, mine.data(), epoch=None, expect_version=rec.version)
         return mine
 
@@ -160,11 +166,11 @@ class LeaseTable:
         """Move the counter on, only if nobody else moved it since this worker's last write."""
         await self.ledger.put_progress("", LEASE, rec.unit, rec.data(), epoch=None, expect_version=rec.version)
         return LeaseRecord(rec.unit, rec.version + 1, rec.owner, rec.host, rec.pid, rec.state, rec.name,
-                           rec.start_at, rec.parent, rec.children)
+                           rec.slot, rec.start_at, rec.parent, rec.children)
 
     async def release(self, rec: LeaseRecord, clean: bool) -> None:
         """Hand the lease over (after the unit drained): the next balance round of any worker takes it."""
-        free = LeaseRecord(rec.unit, rec.version + 1, "", rec.host, rec.pid, RELEASED, rec.name, rec.start_at,
+        free = LeaseRecord(rec.unit, rec.version + 1, "", rec.host, rec.pid, RELEASED, rec.name, rec.slot, rec.start_at,
                            rec.parent, rec.children, clean)
         await self.ledger.put_progress("", LEASE, rec.unit, free.data(), epoch=None, expect_version=rec.version)
 
