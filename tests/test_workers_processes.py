@@ -212,7 +212,9 @@ async def test_run_workers_supervises_and_restarts_its_children(
 
         async def restarted() -> bool:
             now = await both_hold_one()
-            assert all(w["pid"] != w2["pid"] for w in now["workers"] if w["name"] == "w2")
+            alive = [w for w in now["workers"] if w["name"] == "w2" and w["alive"]]
+            assert [w["pid"] for w in alive if w["pid"] != w2["pid"]] and all(w["units"] for w in alive
+                                                                            if w["pid"] != w2["pid"]), alive
             return True
 
         await wait_for(restarted, 90, interval=1.0, what="w2 started again and holding a unit")
