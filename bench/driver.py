@@ -5,12 +5,13 @@ Each reads N change events from the sandbox source's change stream (from the
 beginning, raw BSON) and writes them to the target as unordered ReplaceOne
 bulk writes of 1,000. Same run, same servers, alternating order.
 
-Pinned vs newest: pyproject pins pymongo>=4.16,<4.18 so that Cosmos DB 4.2
-accounts (wire version 8) are accepted; 4.18 and later require wire 9. To
-show the pin costs no speed, `driver_child.py` runs the same loop in a
+Pinned vs newest: pyproject pins one exact PyMongo, the newest when it was
+chosen (4.20.1; Cosmos DB 4.2 is accepted through the source client's shim,
+README "Compatibility"). `driver_child.py` runs the same loop in a
 subprocess under this venv's interpreter (the pinned PyMongo) and under
 `.venv-bench-newest` (a throwaway venv with the newest PyMongo from PyPI,
-created or upgraded here), alternating, and the medians are compared.
+created or upgraded here), alternating, and the medians are compared: a ratio
+below 1 says a newer release is out and the pin costs speed again.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def newest_python() -> str | None:
     return str(python)
 
 
-def child_run(python: str, source_uri: str, target_uri: str, n: int, out: str) -> dict[str, Any]:
+def child_run(python: str, source_uri: str, target_uri: str, n: int, out: str, ca_file: str = "") -> dict[str, Any]:
     """One timed run of the loop in `python` (a fresh process: only the loop itself is timed)."""
     token = base64.b64encode(bytes(beginning_token()["_data"])).decode()
     result = subprocess.run([python, str(CHILD), source_uri, target_uri, str(n), out,
-                             json.dumps(change_pipeline(False)), token],
+                             json.dumps(change_pipeline(False)), token, ca_file],
                             check=True, capture_output=True, text=True, timeout=600, cwd="/")
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -132,7 +133,7 @@ def compare_pinned_newest(sb: Sandbox, n: int, repeats: int) -> dict[str, Any]:
     for r in range(max(repeats, 5)):
         for name in (("pinned", "newest") if r % 2 == 0 else ("newest", "pinned")):
             got = child_run(sys.executable if name == "pinned" else newest, sb.source_uri, sb.target_uri, n,
-                            f"{name}{r}")
+                            f"{name}{r}", sb.target_ca_file)
             rates[name].append(got["events_per_s"])
             cpu[name].append(got["cpu_us_per_event"])
             out[f"driver.{name}_pymongo"] = got["pymongo"]

@@ -24,10 +24,12 @@ from pymongo import AsyncMongoClient, ReplaceOne
 
 
 async def main(source_uri: str, target_uri: str, n: int, out: str, pipeline: list[Any],
-               token_data: bytes) -> tuple[float, float]:
+               token_data: bytes, ca_file: str = "") -> tuple[float, float]:
     raw: CodecOptions[RawBSONDocument] = CodecOptions(document_class=RawBSONDocument)
     src: AsyncMongoClient[Any] = AsyncMongoClient(source_uri, retryWrites=False)
-    dst: AsyncMongoClient[Any] = AsyncMongoClient(target_uri, retryWrites=False)
+    # The sandbox's target serves TLS with a CA of its own (its file is the 7th argument).
+    dst: AsyncMongoClient[Any] = AsyncMongoClient(target_uri, retryWrites=False,
+                                                  **({"tlsCAFile": ca_file} if ca_file else {}))
     try:
         coll = src.bench.get_collection("events", codec_options=raw)
         target = dst.bench.get_collection(out, codec_options=raw)
@@ -59,5 +61,7 @@ async def main(source_uri: str, target_uri: str, n: int, out: str, pipeline: lis
 
 if __name__ == "__main__":
     source_uri, target_uri, n, out, pipeline, token = sys.argv[1:7]
-    rate, cpu = asyncio.run(main(source_uri, target_uri, int(n), out, json.loads(pipeline), base64.b64decode(token)))
+    ca_file = sys.argv[7] if len(sys.argv) > 7 else ""
+    rate, cpu = asyncio.run(main(source_uri, target_uri, int(n), out, json.loads(pipeline), base64.b64decode(token),
+                                 ca_file))
     print(json.dumps({"pymongo": pymongo.__version__, "events_per_s": rate, "cpu_us_per_event": cpu}))

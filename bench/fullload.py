@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from pymongo import AsyncMongoClient  # noqa: E402
 
-from bench.harness import Daemon, Sandbox, bench_config, prepare  # noqa: E402
+from bench.harness import Daemon, Sandbox, bench_config, prepare, wait_backfilled  # noqa: E402
 
 NS_DB, NS_COLL = "load", "docs"
 PARTITIONS = 4  # the setting: a collection of four physical partitions, read one stream each
@@ -81,22 +81,7 @@ async def _backfill(sb: Sandbox, n: int) -> tuple[float, float]:
     await ledger.set_writer("started", "bench", time.time())
     await ledger.close()
     async with Daemon(cfg) as daemon:
-        # Read the phase from the ledger, not through `ctl status` (which samples heads and waits for them):
-        # the backfill's own clock is its stored start (unit created, head sampled) and completion.
-        from cosmigrate.backfill import KEY, KIND
-
-        ledger = open_ledger(cfg)
-        try:
-            while True:
-                item = await ledger.get_progress(f"{NS_DB}.{NS_COLL}", KIND, KEY)
-                doc = item.doc() if item is not None else {}
-                if doc.get("phase") == "tailing":
-                    break
-                if doc.get("phase") == "dropped":
-                    raise RuntimeError("the bench collection was dropped")
-                await asyncio.sleep(0.05)
-        finally:
-            await ledger.close()
+        doc = await wait_backfilled(cfg, f"{NS_DB}.{NS_COLL}")
         seconds = float(doc["completed_at"]) - float(doc["started_at"])
         rss = daemon.peak_rss_mb()
     return n / seconds, rss

@@ -22,6 +22,8 @@ from cosmigrate.control import request
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
+# moto with DynamoDB requests isolated (moto's own server undoes concurrent writes when a transaction is cancelled).
+MOTO_SERVER = Path(__file__).resolve().parent.parent / "tests" / "motoserver.py"
 
 
 def free_port() -> int:
@@ -48,7 +50,7 @@ class Sandbox:
 class Moto:
     def __enter__(self) -> Moto:
         port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        self.proc = subprocess.Popen([sys.executable, str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -169,3 +171,25 @@ async def ceiling(target_uri: str, n: int = 30_000, ca_file: str = "") -> float:
     await client.drop_database("ceiling")
     await client.close()
     return rate
+
+
+async def wait_backfilled(cfg: Config, ns: str, interval_s: float = 0.05) -> dict[str, Any]:
+    """Wait until the ledger says `ns`'s backfill is over; its stored item (`started_at`, `completed_at`, ...).
+
+    Read from the ledger, not through `ctl status` (which samples heads and waits for them): the backfill's
+    own clock is its stored start (unit created, head sampled) and completion."""
+    from cosmigrate.backfill import KEY, KIND
+    from cosmigrate.ledger import open_ledger
+
+    ledger = open_ledger(cfg)
+    try:
+        while True:
+            item = await ledger.get_progress(ns, KIND, KEY)
+            doc = item.doc() if item is not None else {}
+            if doc.get("phase") == "tailing":
+                return dict(doc)
+            if doc.get("phase") == "dropped":
+                raise RuntimeError(f"{ns} was dropped during its backfill")
+            await asyncio.sleep(interval_s)
+    finally:
+        await ledger.close()

@@ -24,6 +24,7 @@ from bench.driver import run_driver  # noqa: E402
 from bench.fullload import merge_results, run_fullload  # noqa: E402
 from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
+from bench.plan import run_plan_bench  # noqa: E402
 from bench.requestunits import run_requestunits  # noqa: E402
 from bench.verify import run_verify_bench  # noqa: E402
 
@@ -53,6 +54,8 @@ TARGETS = [
     ("fullload.ratio_vs_single_stream", ">=", 2.0, "backfill vs a plain single-stream copy (find in _id order + insert_many)"),
     ("fullload.peak_rss_mb_large", "<", 512, "daemon peak RSS during the backfill at the large size"),
     ("fullload.peak_rss_mb_small", "<", 512, "daemon peak RSS at the small size (independent of size)"),
+    ("plan.time_ratio", "within", (0.75, 1.25), "`cosmigrate plan`'s full-load time / the measured one (4 partitions, RU-throttled)"),
+    ("plan.ru_ratio", "within", (0.8, 1.2), "`cosmigrate plan`'s source RU / the RU the sandbox charged for the full load"),
 ]
 
 
@@ -68,9 +71,11 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores {cpu}, Python {platform.python_version()}, {platform.system()}"
 
 
-def verdict(value: Any, op: str, goal: float) -> str:
+def verdict(value: Any, op: str, goal: Any) -> str:
     if value is None:
         return "not measured"
+    if op == "within":
+        return "met" if goal[0] <= value <= goal[1] else "**missed**"
     ok = {">=": value >= goal, "<=": value <= goal, "<": value < goal}[op]
     return "met" if ok else "**missed**"
 
@@ -78,7 +83,8 @@ def verdict(value: Any, op: str, goal: float) -> str:
 def table(r: dict[str, Any]) -> str:
     lines = ["| metric | value | target | verdict | what |", "| --- | --- | --- | --- | --- |"]
     for key, op, goal, what in TARGETS:
-        lines.append(f"| `{key}` | {r.get(key)} | {op} {goal:g} | {verdict(r.get(key), op, goal)} | {what} |")
+        shown = f"{goal[0]:g}..{goal[1]:g}" if op == "within" else f"{op} {goal:g}"
+        lines.append(f"| `{key}` | {r.get(key)} | {shown} | {verdict(r.get(key), op, goal)} | {what} |")
     share = r.get("catchup.distinct_key_share")
     lines.append(f"| `catchup.writes_per_event` | {r.get('catchup.writes_per_event')} | <= 1.3 x `catchup.distinct_key_share` "
                  f"({share}) | {verdict(r.get('catchup.writes_per_event'), '<=', 1.3 * share if share else 0)} "
@@ -103,7 +109,9 @@ def table(r: dict[str, Any]) -> str:
                 "fullload.target_insert_ceiling_docs_per_s", "fullload.single_stream_copy_docs_per_s",
                 "fullload.ratio_vs_target_ceiling_small", "fullload.ratio_vs_single_stream_small",
                 "fullload.capture_docs", "fullload.capture_single_stream_docs_per_s",
-                "fullload.capture_partitioned_docs_per_s"):
+                "fullload.capture_partitioned_docs_per_s", "plan.docs", "plan.estimated_s", "plan.measured_s",
+                "plan.limit", "plan.estimated_ru", "plan.charged_ru", "plan.cpu_us_per_doc", "plan.probe_seconds",
+                "plan.probe_feed_ru", "plan.probe_feed_events"):
         lines.append(f"| `{key}` | {r.get(key)} |")
     lines += ["", "| live run | rate set | achieved | lag p50 | lag p99 | lag max | max gap_in_seconds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -182,6 +190,7 @@ def main() -> None:
         ("suite 7: the full load", lambda: asyncio.run(run_fullload(full=not q))),
         ("suite 8: full load, capture per partition",
          lambda: asyncio.run(run_capture_partitions(30_000 if q else 100_000))),
+        ("suite 9: the plan against the run", lambda: asyncio.run(run_plan_bench(full=not q))),
     ]
     r["failed_suites"] = []
     for name, run in suites:

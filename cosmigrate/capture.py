@@ -41,10 +41,10 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from cosmigrate.backoff import Backoff, retry_after_s
 from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
+from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
-from cosmigrate.indexes import expiry_or_unknown
 from cosmigrate.lasterror import LastError
 from cosmigrate.ledger import BatchRecord, Fenced, Ledger, LedgerError, NamespaceMeta, SeqConflict
 from cosmigrate.logs import get_logger
@@ -53,7 +53,9 @@ from cosmigrate.mongo import (
     change_stream_tokens,
     event_token,
     open_change_stream,
+    page_bytes,
     page_drained,
+    page_events,
     raw_collection,
 )
 from cosmigrate.partitions import (
@@ -73,8 +75,9 @@ from cosmigrate.partitions import decode as decode_units
 from cosmigrate.partitions import encode as encode_units
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
-from cosmigrate.timeouts import within
+from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tokens import Range, TokenFormatError, positions
+from cosmigrate.ttl import read_ttl_indexes
 
 THROTTLED = 16500
 # With server-side retry on, Cosmos answers a throttled request with ExceededTimeLimit after a while: retry it too.
@@ -114,6 +117,8 @@ class SealedBatch:
     """The partition range it was read from (None: the whole-collection stream)."""
     seq: int = -1
     """The namespace's next seq when it was sealed: arrival order at the committer's queue."""
+    held: int = 0
+    """Bytes of it still counted in the read budget (given back once it is in the store)."""
 
 
 @dataclass
@@ -155,8 +160,10 @@ class CaptureStatus:
     """Empty pages that came back faster than max_await_ms (a throttled stream); each one backs off."""
     idle_cuts: int = 0
     """Batches cut because the stream was idle at a page boundary (not full, not `max_batch_age_s` old)."""
-    expiry: str = ""
-    """Why this collection's source expiry (TTL) is not mirrored, read at start; "" without a TTL index."""
+    ttl_indexes: list[dict[str, Any]] | None = None
+    """The source collection's TTL indexes, read at start (None: not yet); status judges them (`cosmigrate.ttl`)."""
+    ttl_unknown: str = ""
+    """Why those indexes could not be read ("" when they were)."""
     started_at: float = field(default_factory=time.time)
     partitions: list[dict[str, str]] = field(default_factory=list)
     """One entry per partition unit (range, state tailing/split/failed, error); empty for a single stream."""
@@ -164,6 +171,18 @@ class CaptureStatus:
     @property
     def partition_failed(self) -> bool:
         return any(p["state"] == FAILED for p in self.partitions)
+
+
+@dataclass
+class _Page:
+    """The watcher's share of the read budget for the driver's current page."""
+
+    reservation: int | None = None
+    """Room reserved for the next fetch, until it answered."""
+    left: int = 0
+    """Bytes of the fetched page that the driver still holds (not yet in the buffer)."""
+    last: int | None = None
+    """The size of the stream's previous page, what its next fetch reserves (None: none yet)."""
 
 
 @dataclass
@@ -237,7 +256,7 @@ class NamespaceCapture:
     def __init__(
         self, ns: str, meta: NamespaceMeta, source: AsyncMongoClient[Any], store: BatchStore, ledger: Ledger,
         cfg: Config, crash: CrashPoints | None = None, *, start_at: str | None = None,
-        freshness: Freshness | None = None,
+        freshness: Freshness | None = None, budget: ByteBudget | None = None,
     ) -> None:
         self.ns = ns
         self.meta = meta
@@ -250,6 +269,8 @@ class NamespaceCapture:
         self.ledger = ledger
         self.cfg = cfg
         self.cap = cfg.capture
+        self.budget = budget.child(self.cap.max_unflushed_bytes) if budget else ByteBudget(self.cap.max_unflushed_bytes)
+        """Bytes this namespace read and does not have in the store yet (under the daemon's, for every namespace)."""
         self.crash = crash or CrashPoints()
         self.codec = BatchCodec()
         self.prefix = store_prefix(cfg.store.url)
@@ -262,7 +283,6 @@ class NamespaceCapture:
         self._read: dict[Range, Any] = {}
         """Per-partition mode: each unit's latest position handed to the committer (freshness)."""
         self._tg: asyncio.TaskGroup | None = None
-        self._room = asyncio.Condition()
         self._stopping = asyncio.Event()
         self._dead = False  # fenced or failed: never write again
         self.on_commit: Any = None  # called after each commit (wakes the namespace's applier)
@@ -272,17 +292,42 @@ class NamespaceCapture:
 
     def stop(self) -> None:
         """Ask for a drain: seal complete pages, commit them, exit."""
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
         self._stopping.set()
+        self.budget.wake()  # a watcher waiting for room sees the stop
+
+    async def _read_expiry(self) -> None:
+        """Read the collection's TTL indexes beside the watchers, never before them.
+
+        A listIndexes is not routed to one partition, so while a full load keeps the partitions' request
+        units in use it is throttled until every partition has units at once; a watcher that waited for it
+        left its partition unread (measured: a 4-partition backfill took 5x its RU budget's time,
+        bench/plan.py). Until they are read (`ttl_indexes` None) status says the expiry is unknown, which
+        blocks readiness."""
+        if self.status.ttl_indexes is not None:
+            return
+        try:
+            self.status.ttl_indexes, self.status.ttl_unknown = await self._retrying(
+                lambda: read_ttl_indexes(self.source, self.ns))
+        except (Fenced, _Stopped):
+            return
 
     async def run(self) -> None:
         committer = asyncio.create_task(self._committer(), name=f"commit:{self.ns}")
+        expiry = asyncio.create_task(self._read_expiry(), name=f"expiry:{self.ns}")
         try:
-            await self._watch_all()
+            try:
+                await self._watch_all()
+            finally:
+                await cancel_and_wait([expiry])
+                await self._queue.put(None)
+                await committer
+                if self.status.state == "running":
+                    self.status.state = "stopped"
         finally:
-            await self._queue.put(None)
-            await committer
-            if self.status.state == "running":
-                self.status.state = "stopped"
+            self.budget.close()
 
     async def _watch_all(self) -> None:
         """One watcher per partition unit while the namespace runs, or the single whole-collection watcher."""
@@ -415,8 +460,14 @@ class NamespaceCapture:
 
     async def _watcher(self, unit: Unit | None) -> None:
         """Read one change stream: the whole collection (`unit` None) or one partition unit's."""
-        backoff = Backoff()
         buf = _Buffer()
+        try:
+            await self._watch(unit, buf)
+        finally:
+            self.budget.release(buf.nbytes)  # events never sealed: dropped, read again after a restart
+
+    async def _watch(self, unit: Unit | None, buf: _Buffer) -> None:
+        backoff = Backoff()
         where = unit.range if unit is not None else None
         if unit is None:
             try:
@@ -428,11 +479,6 @@ class NamespaceCapture:
                 return
         else:
             buf.base_token = unit.token
-        if not self.status.expiry:
-            try:
-                self.status.expiry = await self._retrying(lambda: expiry_or_unknown(self.source, self.ns))
-            except (Fenced, _Stopped):
-                return
         self.status.state = "running"
         coll = raw_collection(self.source, self.ns)
         age = self.cap.max_batch_age_s
@@ -440,19 +486,23 @@ class NamespaceCapture:
             self.freshness.mark(buf.base_token, self._next_seq - 1)
         empty = Backoff(base=0.05, cap=max(0.05, self.cap.max_await_ms / 1000))
         fast_s = self.cap.max_await_ms / 2000
+        page = _Page()
         while not self._stopping.is_set() and not self._dead:
             try:
-                async with await open_change_stream(
+                # Opening answers the first page (the aggregate's): room for it first, as for every getMore.
+                if not await self._room_for_a_page(buf, where, page):
+                    break
+                async with await self._fetching(page, None, lambda: open_change_stream(
                     coll, RawBSONDocument(buf.base_token if not buf.boundaries else buf.boundaries[-1][1]),
                     deletes_preview=self.cap.deletes_preview, max_await_ms=self.cap.max_await_ms,
-                ) as stream:
+                )) as stream:
                     buf.page_token = None
-                    room = self.cap.max_unflushed_bytes
                     while not self._stopping.is_set() and not self._dead:
-                        if self.status.unflushed_bytes + buf.nbytes > room:
-                            await self._wait_for_room(buf)
+                        asks = not page_events(stream)  # this call may ask for a page (None: cannot tell)
+                        if asks and not await self._room_for_a_page(buf, where, page):
+                            break
                         asked = time.monotonic()
-                        change = await stream.try_next()
+                        change = await self._fetching(page, stream if asks else None, stream.try_next)
                         now = time.time()
                         self.status.last_contact = now
                         backoff.reset()
@@ -473,6 +523,7 @@ class NamespaceCapture:
                         else:
                             empty.reset()
                             raw = bytes(change.raw)
+                            page.left -= len(raw)  # moved from the driver's page to the buffer: still counted
                             buf.add(raw, event_token(raw), now)
                             self.status.events_read += 1
                             if page_drained(stream):
@@ -484,6 +535,7 @@ class NamespaceCapture:
                         elif self._idle_at_boundary(buf):
                             await self._idle_cut(buf, where)
             except OperationFailure as exc:
+                self._drop_page(page)
                 buf.mark_boundary()
                 if exc.code in TRANSIENT_SOURCE_CODES:
                     self.status.throttled += 1
@@ -503,12 +555,62 @@ class NamespaceCapture:
                 self.log.warning("change stream error; reopening", error=redact(str(exc)), code=exc.code)
                 await self._sleep(backoff.next_delay())
             except (ConnectionFailure, PyMongoError) as exc:
+                self._drop_page(page)
                 buf.mark_boundary()
                 self._source_error(f"source connection lost: {exc}")
                 self.log.warning("source connection lost; reopening", error=redact(str(exc)))
                 await self._sleep(backoff.next_delay())
+            finally:
+                self._drop_page(page)
         # Drain: commit the complete pages; the rest is re-read after a restart.
         await self._seal(buf, mid_page_ok=False, everything=True, unit=where)
+
+    async def _room_for_a_page(self, buf: _Buffer, unit: Range | None, page: _Page) -> bool:
+        """Wait until the read budget has room for the next page (False: stopping instead).
+
+        While it waits, the buffer's complete pages are sealed once it is `max_batch_age_s` old, as they would
+        be if it read on: the committer can then give their bytes back, so watchers that all wait on a full
+        budget never hold it for ever.
+        """
+        def stopping() -> bool:
+            return self._stopping.is_set() or self._dead
+
+        if buf.events and not self.budget.has_room(page.last):
+            try:
+                page.reservation = await within(self.budget.reserve(page.last, stopping),
+                                                max(0.0, self.cap.max_batch_age_s - (time.time() - buf.first_at)))
+            except TimeoutError:
+                await self._seal(buf, mid_page_ok=False, everything=True, unit=unit)
+            else:
+                return page.reservation is not None
+        page.reservation = await self.budget.reserve(page.last, stopping)
+        return page.reservation is not None
+
+    async def _fetching(self, page: _Page, stream: Any, fetch: Any) -> Any:
+        """Run `fetch` (open the stream, or a `try_next` that asks for a page) and count what the driver then holds."""
+        reservation, page.reservation = page.reservation, None
+        if reservation is None:
+            return await fetch()  # the page being read: nothing new
+        try:
+            result = await fetch()
+        except BaseException:
+            self.budget.cancel(reservation)
+            raise
+        held = page_bytes(stream if stream is not None else result) or 0
+        if stream is not None and result is not None:
+            held += len(result.raw)
+        self._drop_page(page)
+        page.left = page.last = held
+        self.budget.fetched(reservation, held)
+        return result
+
+    def _drop_page(self, page: _Page) -> None:
+        """The stream is closed (or a new page replaces this one): what the driver held of it is gone."""
+        if page.reservation is not None:
+            self.budget.cancel(page.reservation)
+            page.reservation = None
+        self.budget.release(page.left)
+        page.left = 0
 
     async def _after_unit_error(self, unit: Unit, exc: OperationFailure) -> bool:
         """A partition stream failed: a split (its range is no longer a partition) hands the split to the
@@ -576,7 +678,7 @@ class NamespaceCapture:
             events, nbytes, token = taken
             # The seq and the hand-over happen with no await between them: the queue's order is the seq order,
             # whichever watcher seals next.
-            sealed = SealedBatch(events, nbytes, token, buf.first_at, buf.last_at, unit, self._next_seq)
+            sealed = SealedBatch(events, nbytes, token, buf.first_at, buf.last_at, unit, self._next_seq, held=nbytes)
             self._next_seq += 1
             self._mark(unit, token, sealed.seq)
             self.status.unflushed_bytes += nbytes
@@ -585,16 +687,6 @@ class NamespaceCapture:
                 buf.first_at = time.time()
             if not everything:
                 return
-
-    async def _wait_for_room(self, buf: _Buffer) -> None:
-        """Backpressure: stop reading while too much is read but not yet committed."""
-        if self.status.unflushed_bytes + buf.nbytes <= self.cap.max_unflushed_bytes:
-            return
-        async with self._room:
-            await self._room.wait_for(
-                lambda: self._dead or self._stopping.is_set()
-                or self.status.unflushed_bytes + buf.nbytes <= self.cap.max_unflushed_bytes
-            )
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -638,6 +730,7 @@ class NamespaceCapture:
             sealed = item
             if self._dead:
                 self.status.unflushed_bytes -= sealed.nbytes
+                self._release(sealed)
                 continue
             try:
                 await self._commit(sealed)
@@ -645,12 +738,12 @@ class NamespaceCapture:
                 await self._fence(exc)
             except SeqConflict as exc:
                 await self._fail(f"ledger sequence conflict: {exc}")
+                self._dead = True  # every later seq would conflict too: write nothing more (one error, not one per batch)
             except UnitsError as exc:
                 await self._fail(str(exc))
             finally:
                 self.status.unflushed_bytes -= sealed.nbytes
-                async with self._room:
-                    self._room.notify_all()
+                self._release(sealed)
 
     async def _control(self, item: _Split | _UnitFailed) -> None:
         """Splits and failed partitions, in their place among the batches (every earlier batch committed)."""
@@ -749,6 +842,7 @@ class NamespaceCapture:
                 self._store_error(str(exc))
                 self.log.warning("batch store put failed; retrying", seq=sealed.seq, error=redact(str(exc)))
                 await asyncio.sleep(backoff.next_delay())
+        self._release(sealed)  # in the store: the events need not be held any more
         self.crash.hit("after_put")
         record = BatchRecord(
             ns=self.ns, seq=sealed.seq, key=key, events=len(sealed.events), bytes=len(data), raw_bytes=sealed.nbytes,
@@ -785,6 +879,10 @@ class NamespaceCapture:
             self._error_from = self.status.last_error = ""
         self.log.debug("batch committed", seq=sealed.seq, events=len(sealed.events), bytes=len(data))
 
+    def _release(self, sealed: SealedBatch) -> None:
+        self.budget.release(sealed.held)
+        sealed.held = 0
+
     # --- terminal states ----------------------------------------------------------------
 
     async def _fence(self, exc: Exception) -> None:
@@ -795,7 +893,7 @@ class NamespaceCapture:
         self.status.last_error = str(exc)
         self.log.error("namespace taken over by another process; this watcher stops and writes nothing more",
                        error=str(exc))
-        self._stopping.set()
+        self._stop_reading()
 
     async def _fail(self, reason: str) -> None:
         if self._dead:
@@ -809,7 +907,7 @@ class NamespaceCapture:
             await self._fence(exc)
         except LedgerError as exc:
             self.log.warning("could not record the failure in the ledger", error=redact(str(exc)))
-        self._stopping.set()
+        self._stop_reading()
 
 
 class _Stopped(Exception):

@@ -15,10 +15,11 @@ string are dropped when they would quote a piece of the password.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,7 @@ class CaptureConfig:
     max_batch_age_s: float = 1.0
     min_batch_age_s: float = 0.1
     max_unflushed_bytes: int = 64 * 1024 * 1024
+    max_unflushed_bytes_total: int = 256 * 1024 * 1024
     discovery_interval_s: float = 60.0
     deletes_preview: bool = False
     max_await_ms: int = 500
@@ -159,6 +161,50 @@ class MetricsConfig:
     cloudwatch_namespace: str = "cosmigrate"
 
 
+@dataclass(frozen=True)
+class TtlDecision:
+    """The operator's choice for a namespace whose source expires documents by `_ts` (DocumentDB cannot).
+
+    `none`: the target keeps documents without expiry. `field`: the target expires them by a date field the
+    application writes (`path`), `seconds` after its value: a DocumentDB TTL index built without its expiry
+    during the migration and given `expireAfterSeconds` at cutover, like every other TTL index."""
+
+    kind: str
+    """`none` or `field`."""
+    path: str = ""
+    seconds: int = 0
+
+    def text(self) -> str:
+        """The decision as written in `[ttl]`."""
+        return "none" if self.kind == "none" else f"field:{self.path}:{self.seconds}"
+
+
+TTL_FORMS = '"none" or "field:<date field>:<expireAfterSeconds>"'
+MAX_EXPIRE_AFTER = 2_147_483_647  # MongoDB's and DocumentDB's bound of expireAfterSeconds
+
+
+def parse_ttl_decision(ns: str, value: Any) -> TtlDecision:
+    """One `[ttl]` entry, or a ConfigError naming it (namespace `db.collection`, value in one of TTL_FORMS)."""
+    key = f"[ttl] {json.dumps(ns)}"
+    db, dot, coll = ns.partition(".")
+    if not (db and dot and coll):
+        raise ConfigError(f"{key}: the key must be a namespace db.collection (quoted: \"app.sessions\" = \"none\")")
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected {TTL_FORMS}, got {value!r}")
+    if value == "none":
+        return TtlDecision("none")
+    kind, _, rest = value.partition(":")
+    path, _, seconds = rest.rpartition(":")
+    if kind != "field" or not path or not seconds:
+        raise ConfigError(f"{key}: expected {TTL_FORMS}, got {value!r}")
+    if path.startswith("$") or path == "_id" or path == "_ts" or "" in path.split(".") or "\0" in path:
+        raise ConfigError(f"{key}: {path!r} is not a date field the documents hold (not _id, _ts, or starting with $)")
+    if not seconds.isdigit() or int(seconds) > MAX_EXPIRE_AFTER:
+        raise ConfigError(f"{key}: expireAfterSeconds must be a whole number from 0 to {MAX_EXPIRE_AFTER}, "
+                          f"got {seconds!r}")
+    return TtlDecision("field", path, int(seconds))
+
+
 @dataclass
 class Config:
     cluster_name: str = ""
@@ -177,9 +223,11 @@ class Config:
     leases: LeasesConfig = field(default_factory=LeasesConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ttl: dict[str, TtlDecision] = field(default_factory=dict)
+    """`[ttl]`: namespace -> the decision for its `_ts` expiry (`cosmigrate.ttl`); no environment override."""
 
 
-_SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "cluster_name"}
+_SECTIONS = {f.name: f.type for f in fields(Config) if f.name not in ("cluster_name", "ttl")}
 _LEGACY_ENV = {
     "SOURCE_URI": ("source", "uri"),
     "CLUSTER_NAME": (None, "cluster_name"),
@@ -224,13 +272,40 @@ def _coerce(key: str, value: Any, default: Any, from_env: bool) -> Any:
     raise ConfigError(f"{key}: expected a string, got {value!r}")
 
 
+def _unknown(key: str, name: str, known: Iterable[str]) -> ConfigError:
+    """An unknown key, with the likely intended one when a known key is a letter or two away."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{close[0]}? " if close else ""
+    return ConfigError(f"{key}: unknown key ({hint}known: {', '.join(sorted(known))})")
+
+
 def _apply(section_obj: Any, section: str, values: Mapping[str, Any], from_env: bool) -> None:
     known = {f.name for f in fields(section_obj)}
     for name, value in values.items():
         key = f"{section}.{name}"
         if name not in known:
-            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise _unknown(key, name, known)
         setattr(section_obj, name, _coerce(key, value, getattr(section_obj, name), from_env))
+
+
+PLACEHOLDER = "CHANGE-ME"
+"""What the installer's skeleton holds where a manual install must put its own value."""
+MUST_SET = ("cluster_name", "source.uri", "target.uri", "target.tls_ca_file", "store.url", "ledger.url", "aws.region")
+"""The keys a manual install sets (the installer's skeleton has a placeholder or a reference for each)."""
+
+
+def _refuse_placeholders(cfg: Config) -> None:
+    """A value still holding the skeleton's CHANGE-ME (after the environment's overrides) is refused, naming the
+    key, however valid it looks: `check-config` must not pass a skeleton nobody edited."""
+    found = [("cluster_name", cfg.cluster_name)] + [
+        (f"{section}.{f.name}", getattr(getattr(cfg, section), f.name))
+        for section in _SECTIONS for f in fields(getattr(cfg, section))]
+    keys = [key for key, value in found if isinstance(value, str) and PLACEHOLDER in value]
+    if keys:
+        raise ConfigError(f"{', '.join(keys)}: still the installer's {PLACEHOLDER} placeholder; set "
+                          f"{'it' if len(keys) == 1 else 'them'} (a manual install sets {', '.join(MUST_SET)})")
 
 
 DEFAULT_CONFIG_PATH = "/etc/cosmigrate/cosmigrate.toml"
@@ -273,14 +348,19 @@ def load_config(path: str | os.PathLike[str] | None, env: Mapping[str, str] | No
     for name, value in raw.items():
         if name == "cluster_name":
             cfg.cluster_name = _coerce("cluster_name", value, "", False)
+        elif name == "ttl":
+            if not isinstance(value, dict):
+                raise ConfigError("ttl: expected a [ttl] table of \"db.collection\" = decision")
+            cfg.ttl = {ns: parse_ttl_decision(ns, v) for ns, v in value.items()}
         elif name in _SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{name}: expected a [{name}] table")
             _apply(getattr(cfg, name), name, value, from_env=False)
         else:
-            raise ConfigError(f"{name}: unknown key (known: cluster_name, {', '.join(_SECTIONS)})")
+            raise _unknown(name, name, ["cluster_name", *_SECTIONS, "ttl"])
     check_env_names(env, _env_references(raw))
     _apply_env(cfg, env)
+    _refuse_placeholders(cfg)
     if secrets:
         resolve_secrets(cfg, env)
     _resolve_region(cfg, env)
@@ -693,13 +773,16 @@ def validate(cfg: Config, uris: bool = True) -> None:
     })
     if cfg.capture.start_at not in ("now", "beginning"):
         raise ConfigError(f"capture.start_at: must be \"now\" or \"beginning\" (got {cfg.capture.start_at!r})")
-    for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_await_ms"):
+    for key in ("max_batch_events", "max_batch_bytes", "max_unflushed_bytes", "max_unflushed_bytes_total",
+                "max_await_ms"):
         if getattr(cfg.capture, key) < 1:
             raise ConfigError(f"capture.{key}: must be at least 1")
     if cfg.capture.max_batch_events > 100_000:
         raise ConfigError("capture.max_batch_events: at most 100000 (DocumentDB's write batch limit)")
     if cfg.capture.max_unflushed_bytes < cfg.capture.max_batch_bytes:
         raise ConfigError("capture.max_unflushed_bytes: must be at least capture.max_batch_bytes")
+    if cfg.capture.max_unflushed_bytes_total < cfg.capture.max_unflushed_bytes:
+        raise ConfigError("capture.max_unflushed_bytes_total: must be at least capture.max_unflushed_bytes")
     for key in ("pool_size", "max_batches_per_round", "collapse_max_bytes", "max_ops_per_write", "max_bytes_per_write",
                 "write_concurrency"):
         if getattr(cfg.apply, key) < 1:
@@ -793,4 +876,7 @@ def to_toml(cfg: Config) -> str:
         obj = getattr(cfg, section)
         for f in fields(obj):
             lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+    if cfg.ttl:
+        lines.append("\n[ttl]")
+        lines.extend(f"{_toml_value(ns)} = {_toml_value(d.text())}" for ns, d in cfg.ttl.items())
     return "\n".join(lines) + "\n"

@@ -17,16 +17,19 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import pymongo
 from pymongo.errors import PyMongoError
 
 from cosmigrate import __version__
 from cosmigrate.apply import NamespaceApplier, WriterGate
 from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, backfill_loop
+from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.clock import Mono
 from cosmigrate.config import Config, worker_socket
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.drivererrors import FIRST_CONTACT_S, first_contact_error
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.indexplan import IndexBuilder
@@ -38,6 +41,7 @@ from cosmigrate.lock import ClusterLock, LockError
 from cosmigrate.logs import get_logger
 from cosmigrate.metrics import Metrics, carry_over
 from cosmigrate.mongo import discover_namespaces, list_namespaces, matches_patterns, source_client, target_client
+from cosmigrate.planrecord import plan_loop
 from cosmigrate.progress import progress_loop
 from cosmigrate.proof import Proof
 from cosmigrate.redact import redact
@@ -46,6 +50,7 @@ from cosmigrate.status import build_status, one_line
 from cosmigrate.stores import BatchStore, StoreError, open_store
 from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tls import connection_tls
+from cosmigrate.ttl import read_ttl_indexes
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 
 
@@ -79,6 +84,8 @@ class Daemon:
         self.appliers: dict[str, NamespaceApplier] = {}
         self.freshness: dict[str, Freshness] = {}
         self.backfills: dict[str, NamespaceBackfill] = {}
+        self.read_budget = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+        """Bytes read but not yet in the store, over every namespace (each has its own share under it)."""
         """Each namespace's full-load phase (backfill / tailing / dropped), stored in the ledger."""
         self.builders: dict[str, IndexBuilder] = {}
         """Each namespace's index plan, run in its own task (`cosmigrate.indexplan`)."""
@@ -110,6 +117,8 @@ class Daemon:
         self.job = job
         """A control request to run and then stop (`cosmigrate verify` / `cutover` without a running daemon)."""
         self.job_result: dict[str, Any] | None = None
+        self.plan_record: dict[str, Any] = {}
+        """The full-load estimate this migration started with (`cosmigrate.planrecord`); {} until loaded."""
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -133,17 +142,19 @@ class Daemon:
         await require_supported(SOURCE, self.cfg.source.uri)  # UnsupportedVersion: one line, exit 2
         self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000)
         try:
-            await self.source.admin.command("ping")
+            with pymongo.timeout(FIRST_CONTACT_S):  # a wrong URI is said in seconds, not after the selection timeout
+                await self.source.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(SOURCE, exc)
-            raise StartupError(f"source {redact(self.cfg.source.uri)} did not answer: {redact(str(exc))}") from None
+            raise StartupError(first_contact_error(SOURCE, self.cfg.source.uri, exc)) from None
         await require_supported(TARGET, self.cfg.target.uri, self.cfg.target.tls_ca_file)
         self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=30_000)
         try:
-            await self.target.admin.command("ping")
+            with pymongo.timeout(FIRST_CONTACT_S):
+                await self.target.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(TARGET, exc)
-            raise StartupError(f"target {redact(self.cfg.target.uri)} did not answer: {redact(str(exc))}") from None
+            raise StartupError(first_contact_error(TARGET, self.cfg.target.uri, exc)) from None
         control = await self.ledger.get_control()
         if control.writer == "started":
             self.gate.start()
@@ -240,7 +251,8 @@ class Daemon:
                           asyncio.create_task(self._report(), name="sd-status"),
                           asyncio.create_task(sampler.run(), name="head-sampler"),
                           asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress"),
-                          asyncio.create_task(backfill_loop(self), name="backfill")]
+                          asyncio.create_task(backfill_loop(self), name="backfill"),
+                          asyncio.create_task(plan_loop(self), name="plan")]
             if self.cfg.metrics.cloudwatch:
                 background.append(asyncio.create_task(self.metrics.emf_loop(
                     self.cfg.metrics.cloudwatch_interval_s, self.cfg.metrics.cloudwatch_namespace), name="emf"))
@@ -371,6 +383,7 @@ class Daemon:
                 for ns, why in self.start_failures.items():
                     refused.setdefault(ns, why)
                 self._not_captured(refused)
+                await self._refresh_ttl()
                 if self.proof is not None:
                     self.proof.first_round_done()
             except (PyMongoError, LedgerError) as exc:
@@ -386,6 +399,18 @@ class Daemon:
                 self._reload.clear()
                 await self._apply_reload()
 
+    async def _refresh_ttl(self) -> None:
+        """Each discovery round, the TTL indexes of every captured namespace read again: one created at the
+        source after capture started must reach status (its `_ts` expiry needs a decision; its sweep a
+        schedule). A transient error keeps what was read last; the next round tries again."""
+        for ns, cap in list(self.captures.items()):
+            if cap.status.ttl_indexes is None:
+                continue  # the watcher reads them itself before it runs
+            try:
+                cap.status.ttl_indexes, cap.status.ttl_unknown = await read_ttl_indexes(self.source, ns)
+            except PyMongoError:
+                continue
+
     def _not_captured(self, refused: dict[str, str]) -> None:
         """Remember the namespaces that exist but are not captured (status lists them, readiness waits), and
         log each one once per reason; they are tried again every discovery round."""
@@ -395,7 +420,9 @@ class Daemon:
         self.not_captured = refused
 
     async def _apply_reload(self) -> None:
-        """SIGHUP: take the new include/exclude patterns and log level; everything else needs a restart."""
+        """SIGHUP: take the new include/exclude patterns, the `[ttl]` decisions and the log level; everything else
+        needs a restart. A decision takes effect in status at once; a `field` decision's index is built by the
+        cutover's `ttl` step if the namespace's index plan was read before it."""
         from cosmigrate.config import ConfigError, load_config
         from cosmigrate.logs import configure_logging
 
@@ -409,6 +436,7 @@ class Daemon:
             return
         self.cfg.capture.include, self.cfg.capture.exclude = new.capture.include, new.capture.exclude
         self.cfg.log.level = new.log.level
+        self.cfg.ttl = new.ttl
         configure_logging(new.log.level, self.cfg.log.format)
         dropped = [ns for ns in self.captures if not matches_patterns(ns, new.capture.include, new.capture.exclude)]
         await self._stop_units(dropped, fenced=False)
@@ -416,7 +444,7 @@ class Daemon:
             for ns in dropped:
                 await self.keeper.release(ns)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
-                      level=new.log.level, stopped=dropped)
+                      level=new.log.level, ttl={ns: d.text() for ns, d in new.ttl.items()}, stopped=dropped)
 
     async def _stop_units(self, units: list[str], *, fenced: bool) -> None:
         """Stop units and forget them (excluded by a reload, or their lease lost): capture commits what it
@@ -555,7 +583,7 @@ class Daemon:
             ns, self.ledger, self.source, meta.epoch, from_beginning=(start_at or self.cfg.capture.start_at) == "beginning",
             has_position=meta.resume_token is not None, freshness=fresh)
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
-                               start_at=start_at, freshness=fresh)
+                               start_at=start_at, freshness=fresh, budget=self.read_budget)
         held = lease if lease is not None else (previous[1].lease if previous is not None else None)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
                                epoch=meta.epoch, lease=held)
@@ -568,7 +596,7 @@ class Daemon:
         self.backfills[ns] = backfill
         builder = self.builders.get(ns) if previous else None
         if builder is None:
-            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target)
+            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target, self.cfg)
             self._index_tasks[ns] = asyncio.create_task(builder.run(), name=f"indexes:{ns}")
         if backfill.phase != BACKFILL:
             builder.backfill_done.set()

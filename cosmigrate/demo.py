@@ -192,11 +192,16 @@ class Demo:
         started = time.monotonic()
         with Live(console=self.console, refresh_per_second=4, transient=False) as live:
             while time.monotonic() - started < self.duration_s or self.summary.seconds_to_ready is None:
+                if time.monotonic() - started >= self.duration_s:
+                    # The window is over: the application stops writing. Ready needs a delete sweep pass that
+                    # covers the source's latest head, which a source written without pause never holds still for.
+                    stop.set()
                 status = await self._status()
                 if status["ready_for_cutover"] and self.summary.seconds_to_ready is None:
                     self.summary.seconds_to_ready = time.monotonic() - t0
-                line = Text(f"   {workload.writes} application writes, "
-                            f"{time.monotonic() - started:.0f}s of {self.duration_s:.0f}s", style="dim",
+                said = (f"{time.monotonic() - started:.0f}s of {self.duration_s:.0f}s" if not stop.is_set()
+                        else "writes stopped, waiting for ready")
+                line = Text(f"   {workload.writes} application writes, {said}", style="dim",
                             no_wrap=True, overflow="ellipsis")
                 # The empty last line: whatever the demo says next starts on a line of its own, also when
                 # the live display is written to a file or a pipe (rich leaves its last line open there).

@@ -6,15 +6,15 @@ belongs to the full load. What is reported, per source index:
 - `build`: DocumentDB accepts it as translated (`target` is the spec to create);
 - `cannot build`: a kind DocumentDB lacks (wildcard, 2d, hashed, text or
   partial before 5.0, collations before 8.0), with the reason;
-- TTL, per kind (docs/design.md): a TTL on Cosmos's system field
-  `_ts` (the last write; a document's own `ttl` field overrides the seconds)
-  cannot be rebuilt, because `_ts` is not a field of the documents: the user
-  adds an expiry date field and a DocumentDB TTL index on it, enabled at
-  cutover. A TTL on a custom date field (EnableTtlOnCustomPath) is built
-  without its expiry, which is set at cutover (collMod): an expiring target
-  would delete documents the source still serves. Either way the source's
-  expiry deletes never reach the change feed, so until deletes are
-  reconciled the daemon's status says the collection's expiry is not mirrored.
+- TTL, per kind (docs/design.md, `cosmigrate.ttl`): a TTL on Cosmos's system
+  field `_ts` (the last write; a document's own `ttl` field overrides the
+  seconds) cannot be rebuilt, because `_ts` is not a field of the documents:
+  the operator decides once per namespace (`[ttl]`: an expiry on a date field
+  the application writes, or none), and the report shows the decision. A TTL
+  on a custom date field (EnableTtlOnCustomPath) is built without its expiry,
+  which is set at cutover (collMod): an expiring target would delete
+  documents the source still serves. Either way the source's expiry deletes
+  never reach the change feed: the delete sweep reconciles them.
 - unique indexes, checked under DocumentDB's semantics (`unique_violations`):
   Cosmos DB creates unique indexes only on empty collections and does not
   hold values under arrays unique (without EnableUniqueCompoundNestedDocs);
@@ -34,10 +34,10 @@ import bson
 from bson import json_util
 from bson.errors import BSONError
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from cosmigrate.config import Config
 from cosmigrate.mongo import RAW, list_namespaces, raw_collection, source_client, target_client
+from cosmigrate.ttl import UNDECIDED, ttl_state
 
 MAX_CANDIDATES = 10_000
 """Default bound of the unique check: documents holding an array on an index path, read per index."""
@@ -93,16 +93,25 @@ class IndexReport:
     """"", "_ts" or "custom": the TTL kind, when the index is one."""
     unique: UniqueCheck | None = None
     documents: int | None = None
+    decision: str = ""
+    """A `_ts` TTL's `[ttl]` decision (`undecided`, `none`, `field:<path>:<seconds>`); "" for other indexes."""
+
+    @property
+    def decided(self) -> bool:
+        """A `_ts` TTL whose decision is made: nothing left to do, although the index itself is not built."""
+        return self.ttl == "_ts" and self.decision not in ("", UNDECIDED)
 
     @property
     def problem(self) -> bool:
-        return self.action == "cannot build" or bool(self.unique and self.unique.groups) or self.ttl == "_ts"
+        return (self.action == "cannot build" and not self.decided) or bool(self.unique and self.unique.groups)
 
     def line(self) -> str:
         fields = ", ".join(f"{k}: {v}" for k, v in self.key.items())
         text = f"{self.ns} {self.name} {{{fields}}}: {self.action}"
         if self.reason:
             text += f" ({self.reason})"
+        if self.decision:
+            text += f"; [ttl] decision: {self.decision}"
         if self.unique is not None:
             if self.unique.groups:
                 shown = "; ".join("_id " + " and ".join(g) for g in self.unique.groups[:5])
@@ -116,7 +125,8 @@ class IndexReport:
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"namespace": self.ns, "name": self.name, "key": self.key, "action": self.action,
-                               "reason": self.reason, "target": self.target, "ttl": self.ttl}
+                               "reason": self.reason, "target": self.target, "ttl": self.ttl,
+                               "ttl_decision": self.decision}
         if self.unique is not None:
             out["unique_check"] = {"complete": self.unique.complete, "candidates": self.unique.candidates,
                                    "lookups": self.unique.lookups, "violations": self.unique.groups,
@@ -140,8 +150,8 @@ def translate(ns: str, spec: Mapping[str, Any], target_major: int) -> IndexRepor
             return IndexReport(
                 ns, name, key, "cannot build",
                 f"TTL on the system field _ts (expireAfterSeconds={seconds}; a document's own ttl field overrides "
-                "it): _ts is not a field of the documents, so DocumentDB cannot expire by it; add an expiry date "
-                "field to the documents and a DocumentDB TTL index on that field, enabled at cutover", ttl="_ts")
+                "it): _ts is not a field of the documents, so DocumentDB cannot expire by it; decide in [ttl]: an "
+                "expiry on a date field the application writes (enabled at cutover), or none", ttl="_ts")
         return IndexReport(
             ns, name, key, "build",
             f"TTL on {next(iter(key))} (expireAfterSeconds={seconds}): built without expiry; set expireAfterSeconds "
@@ -248,16 +258,23 @@ async def unique_violations(
 
 
 async def read_indexes(
-    source: Any, namespaces: list[str], target_major: int, *, check_unique: bool = True,
-    max_candidates: int = MAX_CANDIDATES,
+    source: Any, namespaces: list[str], target_major: int, cfg: Config, *, check_unique: bool = True,
+    max_candidates: int = MAX_CANDIDATES, documents_known: dict[str, int] | None = None,
 ) -> list[IndexReport]:
-    """Every index of every namespace, translated, with the unique check where asked."""
+    """Every index of every namespace, translated, with the unique check where asked and a `_ts` TTL's decision.
+
+    `documents_known`: counts the caller already read (collStats), so the check's cost line needs no `count`
+    (Cosmos charges a count by the documents it counts)."""
     out: list[IndexReport] = []
     for ns in namespaces:
         coll = raw_collection(source, ns)
-        documents: int | None = None
-        async for spec in await coll.list_indexes():
+        documents: int | None = (documents_known or {}).get(ns)
+        specs = [spec async for spec in await coll.list_indexes()]
+        decision = ttl_state(ns, specs, cfg).decision_text
+        for spec in specs:
             report = translate(ns, spec, target_major)
+            if report.ttl == "_ts":
+                report.decision = decision
             if check_unique and spec.get("unique") and report.name != "_id_":
                 if documents is None:
                     documents = await coll.estimated_document_count()
@@ -266,32 +283,6 @@ async def read_indexes(
                 report.documents = documents
             out.append(report)
     return out
-
-
-async def expiry(source: Any, ns: str) -> str:
-    """What status says about a collection's expiry: "" without a TTL index, else why it is not mirrored."""
-    kinds = []
-    async for spec in await raw_collection(source, ns).list_indexes():
-        if "expireAfterSeconds" in spec:
-            path = next(iter(dict(spec["key"])))
-            kinds.append(f"TTL on {'the system field _ts' if path == '_ts' else path} "
-                         f"(expireAfterSeconds={spec['expireAfterSeconds']})")
-    if not kinds:
-        return ""
-    return (f"not mirrored: the source expires documents by {', '.join(kinds)}; its expiry deletes are not in the "
-            "change feed, so expired documents stay on the target (see `cosmigrate indexes`)")
-
-
-async def expiry_or_unknown(source: Any, ns: str) -> str:
-    """`expiry`, or an "unknown" note when the indexes cannot be read (status then cannot vouch for expiry)."""
-    try:
-        return await expiry(source, ns)
-    except (ConnectionFailure, OperationFailure) as exc:
-        if isinstance(exc, ConnectionFailure) or exc.code in (16500, 50):
-            raise  # transient: the caller retries
-        return f"unknown: the source's indexes could not be read ({type(exc).__name__})"
-    except PyMongoError as exc:
-        return f"unknown: the source's indexes could not be read ({type(exc).__name__})"
 
 
 async def report(
@@ -304,7 +295,7 @@ async def report(
         info = await target.admin.command("buildInfo")
         major = int(str(info.get("version", "5")).split(".")[0])
         names = namespaces or await list_namespaces(source, cfg.capture.include, cfg.capture.exclude)
-        return await read_indexes(source, names, major, check_unique=check_unique, max_candidates=max_candidates)
+        return await read_indexes(source, names, major, cfg, check_unique=check_unique, max_candidates=max_candidates)
     finally:
         await source.close()
         await target.close()

@@ -16,7 +16,11 @@ decides when each one is built and builds it:
 - `never`: what DocumentDB cannot build (wildcard, 2d, hashed, ...) and a TTL
   on Cosmos's system field `_ts`, with the reason and what the user must do.
   Listed in `preflight`, `cosmigrate indexes`, status (`indexes`) and the
-  journal (once per start); never silently dropped.
+  journal (once per start); never silently dropped. A `_ts` TTL carries the
+  operator's `[ttl]` decision (`cosmigrate.ttl`); `field:<path>:<seconds>`
+  adds a TTL index on that date field to the plan (`ttl_<path>`, stage
+  `after backfill`, built without expiry and enabled at cutover like the
+  source's own TTL indexes).
 
 Builds are idempotent and resumable: the state is read back from the target
 (`listIndexes`), never remembered elsewhere, so a restart simply builds what
@@ -38,6 +42,7 @@ from cosmigrate.indexes import translate
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import list_namespaces, raw_collection, source_client, target_client
 from cosmigrate.redact import redact
+from cosmigrate.ttl import UNDECIDED, ttl_state
 
 BEFORE, AFTER, NEVER = "before backfill", "after backfill", "never"
 TRANSIENT_CODES = {16500, 50, 91, 189, 10107, 11600, 11602, 13435, 13436}
@@ -57,11 +62,19 @@ class PlannedIndex:
     reason: str = ""
     state: str = "pending"
     """`pending`, `built`, `ttl enabled`, `failed: <why>` or `cannot build`."""
+    decision: str = ""
+    """A `_ts` TTL's `[ttl]` decision (`undecided`, `none`, `field:<path>:<seconds>`); "" for other indexes."""
+
+    @property
+    def needs_action(self) -> bool:
+        """Never built and nothing decided about it (a decided `_ts` TTL needs nothing more), or refused."""
+        undecided_never = self.stage == NEVER and self.decision in ("", UNDECIDED)
+        return undecided_never or self.state.startswith("failed")
 
     def as_dict(self) -> dict[str, Any]:
         return {"namespace": self.ns, "name": self.name, "key": self.key, "stage": self.stage, "state": self.state,
                 "reason": self.reason, "expire_after_seconds": self.expire_after,
-                "ttl_at_cutover": self.expire_after is not None}
+                "ttl_at_cutover": self.expire_after is not None, "ttl_decision": self.decision}
 
 
 async def target_major(target: Any) -> int:
@@ -72,20 +85,36 @@ async def target_major(target: Any) -> int:
         return 5
 
 
-async def read_plan(source: Any, target: Any, ns: str, major: int) -> list[PlannedIndex]:
-    """The namespace's plan, with each index's state read back from the target."""
+def ttl_index_name(path: str) -> str:
+    """The name of the TTL index a `field:<path>:<seconds>` decision puts on the target."""
+    return f"ttl_{path}"
+
+
+async def read_plan(source: Any, target: Any, ns: str, major: int, cfg: Config) -> list[PlannedIndex]:
+    """The namespace's plan (with the `[ttl]` decision's index), each index's state read back from the target."""
     plan: list[PlannedIndex] = []
-    for spec in await _source_indexes(source, ns):
+    specs = await _source_indexes(source, ns)
+    ttl = ttl_state(ns, specs, cfg)
+    for spec in specs:
         rep = translate(ns, spec, major)
         if rep.action == "implicit":
             continue
         if rep.action == "cannot build":
-            plan.append(PlannedIndex(ns, rep.name, rep.key, NEVER, None, reason=rep.reason, state="cannot build"))
+            decision = ttl.decision_text if rep.ttl == "_ts" else ""
+            reason = f"{rep.reason}; [ttl] decision: {decision}" if decision else rep.reason
+            plan.append(PlannedIndex(ns, rep.name, rep.key, NEVER, None, reason=reason, state="cannot build",
+                                     decision=decision))
             continue
         expire = spec.get("expireAfterSeconds") if rep.ttl == "custom" else None
         stage = BEFORE if spec.get("unique") else AFTER
         plan.append(PlannedIndex(ns, rep.name, rep.key, stage, rep.target, int(expire) if expire is not None else None,
                                  reason=rep.reason))
+    chosen = ttl.field_index
+    if chosen is not None:
+        name = ttl_index_name(chosen.path)
+        plan.append(PlannedIndex(ns, name, {chosen.path: 1}, AFTER, {"key": {chosen.path: 1}, "name": name},
+                                 chosen.seconds, reason=f"in place of the _ts TTL: [ttl] decision {chosen.text()}",
+                                 decision=chosen.text()))
     existing = await _target_indexes(target, ns)
     for p in plan:
         have = existing.get(p.name)
@@ -136,20 +165,23 @@ def summary(plan: list[PlannedIndex]) -> str:
 class IndexBuilder:
     """Runs one namespace's plan in its own task; the applier waits only for `unique_ready`."""
 
-    def __init__(self, ns: str, source: Any, target: Any) -> None:
+    def __init__(self, ns: str, source: Any, target: Any, cfg: Config) -> None:
         self.ns = ns
         self.source = source
         self.target = target
+        self.cfg = cfg
         self.plan: list[PlannedIndex] = []
+        self.planned = False
+        """The plan was read (it may be empty: a collection with only `_id` has nothing to build)."""
         self.unique_ready = asyncio.Event()
         self.backfill_done = asyncio.Event()
         self.log = get_logger(namespace=ns)
         self.error = ""
 
     def summary(self) -> str:
-        if self.error and not self.plan:
+        if self.error and not self.planned:
             return f"plan not read yet: {self.error}"
-        text = summary(self.plan) if self.plan else "planning"
+        text = summary(self.plan) if self.plan else "none to build (only _id)" if self.planned else "planning"
         return f"{text}; {self.error}" if self.error else text
 
     async def run(self) -> None:
@@ -170,7 +202,9 @@ class IndexBuilder:
         backoff = Backoff(cap=30.0)
         while True:
             try:
-                self.plan = await read_plan(self.source, self.target, self.ns, await target_major(self.target))
+                self.plan = await read_plan(self.source, self.target, self.ns, await target_major(self.target),
+                                            self.cfg)
+                self.planned = True
                 self.error = ""
                 break
             except PyMongoError as exc:
@@ -217,20 +251,21 @@ async def create(target: Any, ns: str, spec: dict[str, Any], expire_after: int |
     await target[db].command({"createIndexes": coll, "indexes": [index]})
 
 
-async def enable_ttl(source: Any, target: Any, ns: str) -> list[dict[str, Any]]:
+async def enable_ttl(source: Any, target: Any, ns: str, cfg: Config) -> list[dict[str, Any]]:
     """Cutover: give every custom-path TTL index its expiry on the target (idempotent; read back first).
 
     `collMod` changes expireAfterSeconds in place where the target takes it; otherwise the index is dropped
     and created again with it (the applications are stopped during a cutover, so the moment without the
-    index costs nothing). `_ts` TTLs are reported, never built.
+    index costs nothing). `_ts` TTLs are reported with their `[ttl]` decision, never built; a `field`
+    decision's index is enabled here like the others (created now, with its expiry, if it was not built yet).
     """
     out: list[dict[str, Any]] = []
-    plan = await read_plan(source, target, ns, await target_major(target))
+    plan = await read_plan(source, target, ns, await target_major(target), cfg)
     db, _, coll = ns.partition(".")
     for p in plan:
         if p.stage == NEVER:
-            if p.reason.startswith("TTL on the system field _ts"):
-                out.append({"index": p.name, "ttl": "not built", "reason": p.reason})
+            if p.decision:
+                out.append({"index": p.name, "ttl": "not built", "reason": p.reason, "ttl_decision": p.decision})
             continue
         if p.expire_after is None or p.spec is None or p.state == "ttl enabled":
             continue
@@ -243,14 +278,15 @@ async def enable_ttl(source: Any, target: Any, ns: str) -> list[dict[str, Any]]:
             except OperationFailure:
                 await target[db].command({"dropIndexes": coll, "index": p.name})
                 await create(target, ns, p.spec, p.expire_after)
-        out.append({"index": p.name, "ttl": "enabled", "expire_after_seconds": p.expire_after})
+        out.append({"index": p.name, "ttl": "enabled", "expire_after_seconds": p.expire_after,
+                    **({"ttl_decision": p.decision} if p.decision else {})})
     return out
 
 
-async def plans(source: Any, target: Any, namespaces: list[str]) -> dict[str, list[PlannedIndex]]:
+async def plans(source: Any, target: Any, namespaces: list[str], cfg: Config) -> dict[str, list[PlannedIndex]]:
     """The plan and its status (read back from the target) for every namespace."""
     major = await target_major(target)
-    return {ns: await read_plan(source, target, ns, major) for ns in namespaces}
+    return {ns: await read_plan(source, target, ns, major, cfg) for ns in namespaces}
 
 
 async def plan_report(cfg: Config, namespaces: list[str] | None = None) -> list[PlannedIndex]:
@@ -259,7 +295,7 @@ async def plan_report(cfg: Config, namespaces: list[str] | None = None) -> list[
     target = target_client(cfg.target.uri, cfg.target.tls_ca_file, serverSelectionTimeoutMS=10_000)
     try:
         names = namespaces or await list_namespaces(source, cfg.capture.include, cfg.capture.exclude)
-        return [p for ps in (await plans(source, target, names)).values() for p in ps]
+        return [p for ps in (await plans(source, target, names, cfg)).values() for p in ps]
     finally:
         await source.close()
         await target.close()
@@ -269,7 +305,8 @@ def plan_line(p: PlannedIndex) -> str:
     fields = ", ".join(f"{k}: {v}" for k, v in p.key.items())
     text = f"{p.ns} {p.name} {{{fields}}}: {p.stage}, {p.state}"
     if p.expire_after is not None:
-        text += f" (TTL: built without expiry, expireAfterSeconds={p.expire_after} set at cutover)"
+        why = f"; {p.reason}" if p.decision else ""
+        text += f" (TTL: built without expiry, expireAfterSeconds={p.expire_after} set at cutover{why})"
     elif p.reason:
         text += f" ({p.reason})"
     return text

@@ -19,10 +19,12 @@ from bson.binary import Binary
 from bson.codec_options import CodecOptions, DatetimeConversion
 from bson.raw_bson import RawBSONDocument
 from bson.timestamp import Timestamp
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, common
 from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.monitor import Monitor
 from pymongo.errors import InvalidName
+from pymongo.topology_description import TopologyDescription
 
 # The data path's codec options. DATETIME_AUTO: a BSON datetime outside years 1-9999 is valid BSON (Cosmos
 # stores it), but the default conversion raises InvalidBSON the moment a RawBSONDocument field is read;
@@ -62,6 +64,9 @@ RAW_DOCS: CodecOptions[RawBSONDocument] = RAW.with_options(document_class=RawDoc
 
 _CLIENT_CODEC = {"document_class": RawBSONDocument, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
 SYSTEM_DATABASES = frozenset({"admin", "local", "config"})
+SCRATCH_DB = "cosmigrate_plan"
+"""The target database of `cosmigrate plan`'s scratch collection: never discovered, migrated or verified."""
+SKIPPED_DATABASES = SYSTEM_DATABASES | {SCRATCH_DB}
 
 CAPTURE_OPS = ["insert", "update", "replace"]
 CAPTURE_FIELDS = {"_id": 1, "fullDocument": 1, "ns": 1, "documentKey": 1}
@@ -84,9 +89,74 @@ def beginning_token() -> dict[str, Any]:
     return {"_data": Binary(json.dumps(data, separators=(",", ":")).encode())}
 
 
+# --- Cosmos DB 4.2 (wire version 8) with a driver that requires 9 ---------------------------------------------
+#
+# PyMongo 4.18 raised MIN_SUPPORTED_WIRE_VERSION from 8 (MongoDB 4.2) to 9 (4.4). Cosmos DB for MongoDB accounts on
+# server version 4.2, which many still run, report wire version 8, so the newest driver refuses them at server
+# selection ("reports wire version 8, but this version of PyMongo requires at least 9"). Pinning an older driver
+# instead meant shipping one the release never tested (and one whose C decoder refuses odd-length UUID binaries).
+#
+# The shim lowers the floor to 8 for the source client only. The refusal is computed in one place:
+# `pymongo.topology_description.TopologyDescription._init_incompatible_err`, which compares every known server's
+# `max_wire_version` with the module constant `pymongo.common.MIN_SUPPORTED_WIRE_VERSION`. The shim wraps that
+# method (once, at import): after the driver's own check, a description whose topology settings carry the source
+# client's monitor class (`TopologyDescription._topology_settings.monitor_class`, set through the client's
+# `_monitor_class` option, PyMongo's hook for such customisation; it survives the re-initialisation that follows
+# an SRV lookup) has the error cleared when every known server reports at least wire 8 and none is too new. Every
+# other client, the target's included, keeps the driver's floor; a wire-7 server stays refused.
+#
+# What wire 8 loses with this driver, checked against its source (4.20.1): getMore sends `comment` without asking
+# the wire version (cosmigrate sets none), and a change stream resumes by itself only after network errors or
+# errors labelled ResumableChangeStreamError (4.2 servers label none); capture reopens the stream from its own
+# position after any OperationFailure (cosmigrate.capture), so that loss is covered. tests/test_driver_shim.py
+# fails when a driver upgrade moves or renames what the shim touches, or when the driver stops refusing wire 8
+# (the shim is then obsolete).
+
+SOURCE_MIN_WIRE = 8
+"""The oldest wire version the source client accepts: Cosmos DB for MongoDB 4.2."""
+
+
+class _SourceMonitor(Monitor):
+    """PyMongo's server monitor, unchanged: its class marks a client's topology as the source's (see above)."""
+
+    cosmigrate_min_wire = SOURCE_MIN_WIRE
+
+
+def _install_wire8_shim() -> None:
+    """Wrap TopologyDescription._init_incompatible_err (idempotent); a driver without it fails here, loudly."""
+    original = getattr(TopologyDescription, "_init_incompatible_err", None)
+    if not callable(original):
+        raise RuntimeError("this PyMongo has no TopologyDescription._init_incompatible_err: the Cosmos DB 4.2 shim "
+                           "in cosmigrate/mongo.py needs updating for it")
+    if getattr(original, "cosmigrate_shim", False):
+        return
+
+    def _init_incompatible_err(self: TopologyDescription) -> None:
+        original(self)
+        settings = getattr(self, "_topology_settings", None)
+        floor = getattr(getattr(settings, "monitor_class", None), "cosmigrate_min_wire", None)
+        if floor is None or not self._incompatible_err:
+            return
+        for s in self._server_descriptions.values():
+            if s.is_server_type_known and not (
+                s.max_wire_version >= floor and s.min_wire_version <= common.MAX_SUPPORTED_WIRE_VERSION
+            ):
+                return
+        self._incompatible_err = None
+
+    _init_incompatible_err.cosmigrate_shim = True  # type: ignore[attr-defined]
+    _init_incompatible_err.__wrapped__ = original  # type: ignore[attr-defined]
+    TopologyDescription._init_incompatible_err = _init_incompatible_err  # type: ignore[method-assign]
+
+
+_install_wire8_shim()
+
+
 def source_client(uri: str, **overrides: Any) -> AsyncMongoClient[RawBSONDocument]:
-    """A client for Cosmos DB: no retryable writes, idle connections recycled before Cosmos drops them."""
-    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", **_CLIENT_CODEC}
+    """A client for Cosmos DB: no retryable writes, idle connections recycled before Cosmos drops them, and wire
+    version 8 (Cosmos DB 4.2) accepted (see the shim above)."""
+    opts: dict[str, Any] = {"retryWrites": False, "appname": "cosmigrate", "_monitor_class": _SourceMonitor,
+                            **_CLIENT_CODEC}
     if "maxidletimems" not in uri.lower():
         opts["maxIdleTimeMS"] = 120_000
     opts.update(overrides)
@@ -136,6 +206,26 @@ def page_drained(stream: Any) -> bool:
         return False
 
 
+def page_events(stream: Any) -> int | None:
+    """How many events are left in the change stream's current page; None when PyMongo's internals are not
+    the expected ones (see `page_drained`)."""
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    try:
+        return len(data) if data is not None else None
+    except TypeError:
+        return None
+
+
+def page_bytes(stream: Any) -> int | None:
+    """Raw bytes of the events still in the change stream's current page (the driver holds them); None when
+    PyMongo's internals are not the expected ones (see `page_drained`)."""
+    data = getattr(getattr(stream, "_cursor", None), "_data", None)
+    try:
+        return sum(len(doc.raw) for doc in data) if data is not None else None
+    except (TypeError, AttributeError):
+        return None
+
+
 def matches_patterns(ns: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """`db.*`-style include/exclude patterns; exclude wins."""
     return any(fnmatch.fnmatchcase(ns, p) for p in include) and not any(fnmatch.fnmatchcase(ns, p) for p in exclude)
@@ -159,7 +249,7 @@ async def discover_namespaces(
     out: list[str] = []
     refused: dict[str, str] = {}
     for db in await client.list_database_names():
-        if db in SYSTEM_DATABASES:
+        if db in SKIPPED_DATABASES:
             continue
         try:
             database = client[db]

@@ -13,11 +13,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from cosmigrate.clock import Mono
 from cosmigrate.tokens import Positions
 
 
 def _never() -> float:
     return 0.0
+
+
+def _no_mono() -> Mono | None:
+    return None
 
 
 def _none() -> Positions | None:
@@ -34,19 +39,26 @@ class NamespaceLink:
     epoch: int
     committed_seq: Callable[[], int] = lambda: -1
     written_seq: Callable[[], int] = lambda: -1
+    caught_up: Callable[[], Mono | None] = _no_mono
+    """The latest sampled moment whose head is captured and applied (None: none yet)."""
     caught_up_at: Callable[[], float] = _never
-    """The latest sampled moment whose head is captured and applied (0: none yet)."""
+    """The same moment on the wall clock, in seconds (0: none yet): verification and the cutover still compare
+    this one; the delete sweep uses `caught_up`."""
     latest_head: Callable[[], Positions | None] = _none
     """The latest successfully sampled head, or None."""
-    latest_head_at: Callable[[], float] = _never
-    """When that head was sampled (the local clock before the request)."""
+    latest_head_at: Callable[[], Mono | None] = _no_mono
+    """When that head was sampled, on the monotonic clock before the request (None: never). The delete sweep reads
+    it with `latest_head`: a pass claims that head, and waits until `caught_up` reaches this moment."""
     sample: Callable[[], Awaitable[None]] = field(default=_no_sample)
-    """Sample the head now (so that caught_up_at can move past a moment just passed)."""
+    """Sample the head now (so that caught_up can move past a moment just passed)."""
     add_head: Callable[[float, list[bytes]], None] = lambda at, tokens: None
+    """Record a head sampled elsewhere (cutover's quiesced heads), so that catching up to it can be awaited."""
+    expires: Callable[[], bool] = lambda: False
+    """The source deletes documents by time (a TTL index, or indexes not known): expiry moves no head, so a
+    sweep pass is due on its interval alone, and only a recent pass reconciles (`cosmigrate.deletes.service`)."""
     deletes_applied: Callable[[], int] = lambda: 0
     """Deletes the applier sent from the feed (preview events, lookup misses gone at the source), counted before
     sending: a delete between the sweep's source and target counts would balance a stale document out."""
-    """Record a head sampled elsewhere (cutover's quiesced heads), so that catching up to it can be awaited."""
 
     async def wait_written(self, seq: int, limit_s: float) -> bool:
         """Wait until the applier has written every batch up to `seq` (bounded)."""
@@ -58,15 +70,28 @@ class NamespaceLink:
                 return False
             await asyncio.sleep(0.05)
 
+    async def wait_caught_up_to(self, after: Mono, limit_s: float) -> bool:
+        """Wait until everything written at the source before `after` is applied (head samples say so).
+
+        Heads only move forward: a sample taken at or after `after` that is captured and applied covers every
+        source write before it. Before the first catch-up `caught_up` is None: this waits, it never reads
+        "nothing yet" as "reached".
+        """
+        return await self._sampling_until(lambda: (at := self.caught_up()) is not None and at >= after, limit_s)
+
     async def wait_caught_up(self, after: float, limit_s: float) -> bool:
-        """Wait until everything written at the source before `after` is applied (head samples say so)."""
-        deadline = time.monotonic() + limit_s
-        sampled = 0.0
-        while self.caught_up_at() < after:
-            if time.monotonic() >= deadline:
+        """The wall-clock form of `wait_caught_up_to`: `after` in seconds, compared with `caught_up_at`."""
+        return await self._sampling_until(lambda: self.caught_up_at() >= after, limit_s)
+
+    async def _sampling_until(self, done: Callable[[], bool], limit_s: float) -> bool:
+        """Poll `done`, sampling the head at most every half second (so that catch-up can move), bounded."""
+        deadline = Mono.now() + limit_s
+        sampled: Mono | None = None
+        while not done():
+            if Mono.now() >= deadline:
                 return False
-            if time.time() - sampled > 0.5:
-                sampled = time.time()
+            if sampled is None or sampled.elapsed() > 0.5:
+                sampled = Mono.now()
                 await self.sample()
             await asyncio.sleep(0.05)
         return True

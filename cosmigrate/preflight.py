@@ -1,7 +1,11 @@
 """`cosmigrate preflight`: catch a bad set-up before the migration starts.
 
-Each check prints one line, `ok` or `FAIL`, and for a failure what to do.
-Nothing is changed except a scratch collection on the target and a probe
+Each check prints one line, `ok`, `FAIL` (with what to do, said once even when
+several checks share it) or `SKIP (why)` when a check it depends on failed:
+a check that could not run never says ok. A driver error is one line without
+PyMongo's topology dump (`cosmigrate.drivererrors`), and the TLS line agrees
+with what the connection met. The ledger check also notices a migration of
+this cluster already running. Nothing is changed except a scratch collection on the target and a probe
 object in the batch store, both removed again.
 """
 
@@ -18,10 +22,11 @@ from typing import Any
 from pymongo.errors import PyMongoError
 
 from cosmigrate.config import Config
+from cosmigrate.drivererrors import advice, error_line, is_tls_failure
 from cosmigrate.indexes import IndexReport, read_indexes, unsupported_index  # noqa: F401  (unsupported_index: tests)
 from cosmigrate.ledger import LedgerError, open_ledger
+from cosmigrate.ledgeradmin import holder
 from cosmigrate.mongo import list_namespaces, open_change_stream, raw_collection, source_client, target_client
-from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError, open_store, store_prefix
 from cosmigrate.tls import connection_tls
 from cosmigrate.versions import SOURCE, TARGET, check_server
@@ -33,10 +38,29 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    skipped: bool = False
+    """Not run: a check it depends on failed (`detail` says which); neither ok nor a failure of its own."""
 
-    def line(self) -> str:
+    @property
+    def failed(self) -> bool:
+        return not self.ok and not self.skipped
+
+    def line(self, advice: bool = True) -> str:
+        if self.skipped:
+            return f"SKIP  {self.name}: ({self.detail})"
         text = f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
-        return text + (f" -> {self.fix}" if self.fix and not self.ok else "")
+        return text + (f" -> {self.fix}" if self.fix and self.failed and advice else "")
+
+
+def lines(checks: list[Check]) -> list[str]:
+    """The report: one line per check, each piece of advice once (a later check with the same says "see above")."""
+    out, given = [], set()
+    for check in checks:
+        repeated = check.failed and check.fix in given
+        out.append(check.line(advice=not repeated) + (" -> (see above)" if repeated else ""))
+        if check.failed and check.fix:
+            given.add(check.fix)
+    return out
 
 
 class Preflight:
@@ -47,16 +71,23 @@ class Preflight:
         self.source: Any = None
         self.target: Any = None
         self.index_reports: list[IndexReport] | None = None
+        self.target_error: BaseException | None = None
 
     async def _step(self, name: str, fn: Callable[[], Awaitable[Check]], fix: str) -> bool:
         try:
             check = await fn()
         except (PyMongoError, StoreError, LedgerError, OSError) as exc:
-            check = Check(name, False, redact(str(exc)).splitlines()[0][:300], fix)
+            role = name.split()[0]
+            if name == "target reachable":
+                self.target_error = exc
+            check = Check(name, False, error_line(exc), advice(role, exc) if role in ("source", "target") else "")
         if not check.fix:
             check.fix = fix
         self.checks.append(check)
         return check.ok
+
+    def _skip(self, why: str, *names: str) -> None:
+        self.checks.extend(Check(name, False, why, skipped=True) for name in names)
 
     async def _clients(self) -> bool:
         """Build both clients. The config loader validates what the driver checks here; should the driver
@@ -77,31 +108,44 @@ class Preflight:
         try:
             if not await self._clients():
                 return self.checks
-            if await self._step("source reachable", self._source_reachable,
-                                "check source.uri (host, port 10255, user and password) and the network path to Azure"):
-                await self._step("source namespaces", self._source_namespaces,
-                                 "check capture.include / capture.exclude, or the account is empty")
-                if self.namespaces:
-                    await self._step("source change stream", self._change_stream,
-                                     "the account must support change streams (Cosmos DB for MongoDB, server 4.0+, "
-                                     "RU-based); check the server version and that the user may read the collection")
-            if await self._step("target reachable", self._target_reachable,
-                                "check target.uri, the security group (port 27017 from this instance) and "
-                                "target.tls_ca_file (global-bundle.pem)"):
+            source = await self._step("source reachable", self._source_reachable,
+                                      "check source.uri (host, port 10255, user and password) and the network path "
+                                      "to Azure")
+            if not source:
+                self._skip("source unreachable", "source namespaces", "source change stream")
+            elif await self._step("source namespaces", self._source_namespaces,
+                                  "check capture.include / capture.exclude, or the account is empty"):
+                await self._step("source change stream", self._change_stream,
+                                 "the account must support change streams (Cosmos DB for MongoDB, server 4.0+, "
+                                 "RU-based); check the server version and that the user may read the collection")
+            else:
+                self._skip("no namespace to migrate", "source change stream")
+            target = await self._step("target reachable", self._target_reachable,
+                                      "check target.uri, the security group (port 27017 from this instance) and "
+                                      "target.tls_ca_file (global-bundle.pem)")
+            if target:
                 await self._step("target write permission", self._target_write,
                                  "the target user needs readWrite on the migrated databases")
-                if await self._step("target index compatibility", self._indexes,
-                                    "cosmigrate does not build those indexes (status and the journal list them): "
-                                    "create a supported equivalent on the target, or accept their absence "
-                                    "(`cosmigrate indexes --plan`)") or self.index_reports:
-                    await self._step("unique indexes under DocumentDB semantics", self._unique,
-                                     "Cosmos DB does not hold values inside arrays unique, DocumentDB does: change "
-                                     "those documents at the source (or drop the index) before the migration; "
-                                     "`cosmigrate indexes` lists them")
-                    await self._step("source TTL", self._ttl,
-                                     "expiry deletes never reach the change feed: on DocumentDB use an expiry date "
-                                     "field with a TTL index enabled at cutover; until deletes are reconciled, "
-                                     "expired documents stay on the target (`cosmigrate indexes` says per index)")
+            else:
+                self._skip("target unreachable", "target write permission")
+            index_checks = ("target index compatibility", "unique indexes under DocumentDB semantics", "source TTL")
+            if not (source and target and self.namespaces):
+                self._skip("source unreachable" if not source else "target unreachable" if not target
+                           else "no namespace to migrate", *index_checks)
+            elif await self._step("target index compatibility", self._indexes,
+                                  "cosmigrate does not build those indexes (status and the journal list them): "
+                                  "create a supported equivalent on the target, or accept their absence "
+                                  "(`cosmigrate indexes --plan`)") or self.index_reports:
+                await self._step("unique indexes under DocumentDB semantics", self._unique,
+                                 "Cosmos DB does not hold values inside arrays unique, DocumentDB does: change "
+                                 "those documents at the source (or drop the index) before the migration; "
+                                 "`cosmigrate indexes` lists them")
+                await self._step("source TTL", self._ttl,
+                                 "DocumentDB cannot expire by _ts: decide per namespace in the config's [ttl] "
+                                 "table, \"db.coll\" = \"field:<date field>:<expireAfterSeconds>\" (a TTL "
+                                 "index enabled at cutover) or \"db.coll\" = \"none\" (no expiry on the target)")
+            else:
+                self._skip("the source's indexes could not be read", *index_checks[1:])
             await self._step("target TLS", self._target_tls,
                              "use tls=true and target.tls_ca_file = /etc/cosmigrate/global-bundle.pem (the DocumentDB "
                              "CA bundle), without tlsInsecure / tlsAllowInvalidCertificates / tlsAllowInvalidHostnames")
@@ -111,7 +155,12 @@ class Preflight:
             await self._step("batch store", self._store,
                              "create the bucket (deploy/cloudformation/core-resources.yaml) or directory and "
                              "grant write access")
-            await self._step("ledger", self._ledger, "run `cosmigrate ledger init --config ...`")
+            if await self._step("ledger", self._ledger, "run `cosmigrate ledger init --config ...`"):
+                await self._step("no migration running", self._no_migration,
+                                 "this cluster_name is being migrated now: stop that daemon first, or check a new "
+                                 "set-up under another cluster_name")
+            else:
+                self._skip("ledger unreachable", "no migration running")
             await self._step("control socket", self._socket,
                              "create the directory (systemd's RuntimeDirectory=cosmigrate does) or set control.socket")
         finally:
@@ -160,6 +209,13 @@ class Preflight:
 
     async def _target_tls(self) -> Check:
         tls = connection_tls(self.cfg.target.uri, self.cfg.target.tls_ca_file)
+        if tls.secure and self.target_error is not None:  # the settings say verified; the connection did not agree
+            if is_tls_failure(self.target_error):
+                return Check("target TLS", False, f"the certificate was not verified: {error_line(self.target_error)}",
+                             "set target.tls_ca_file to the DocumentDB CA bundle (/etc/cosmigrate/global-bundle.pem) "
+                             "and use the cluster's endpoint name in target.uri")
+            return Check("target TLS", False, "target unreachable: TLS not proven (configured on, with certificate "
+                                              "verification)", skipped=True)
         if tls.secure:
             trust = self.cfg.target.tls_ca_file or str(self._uri_ca() or "the system's CA certificates")
             return Check("target TLS", True, f"on, certificate and host name verified against {trust}")
@@ -187,7 +243,7 @@ class Preflight:
     async def _indexes(self) -> Check:
         info = await self.target.admin.command("buildInfo")
         major = int(str(info.get("version", "5")).split(".")[0])
-        self.index_reports = reports = await read_indexes(self.source, self.namespaces, major)
+        self.index_reports = reports = await read_indexes(self.source, self.namespaces, major, self.cfg)
         problems = [f"{r.ns} {r.name} ({r.reason})" for r in reports if r.action == "cannot build" and not r.ttl]
         if problems:
             return Check("target index compatibility", False,
@@ -210,8 +266,13 @@ class Preflight:
 
     async def _ttl(self) -> Check:
         ttl = [r for r in self.index_reports or [] if r.ttl]
+        undecided = [r for r in ttl if r.ttl == "_ts" and not r.decided]
+        if undecided:
+            return Check("source TTL", False, "; ".join(f"{r.ns} {r.name}: {r.reason}" for r in undecided[:5]))
         if ttl:
-            return Check("source TTL", False, "; ".join(f"{r.ns} {r.name}: {r.reason}" for r in ttl[:5]))
+            return Check("source TTL", True, "; ".join(
+                f"{r.ns} {r.name}: " + (f"[ttl] decision {r.decision}" if r.decided else "enabled at cutover")
+                for r in ttl[:5]) + "; the delete sweep removes expired documents until cutover")
         return Check("source TTL", True, "no collection expires documents at the source")
 
     async def _retry_writes(self) -> Check:
@@ -239,6 +300,21 @@ class Preflight:
         finally:
             await ledger.close()
         return Check("ledger", True, f"{self.cfg.ledger.url} is reachable with the right key schema")
+
+    async def _no_migration(self) -> Check:
+        ledger = open_ledger(self.cfg)
+        try:
+            held = await holder(self.cfg, ledger, None)
+            recorded = len(await ledger.list_namespaces())
+        finally:
+            await ledger.close()
+        if held:
+            return Check("no migration running", False, f"cluster {self.cfg.cluster_name}: {held}")
+        if recorded:
+            return Check("no migration running", True, f"none now; {recorded} namespaces of cluster "
+                         f"{self.cfg.cluster_name} are recorded from before: `run` resumes them "
+                         "(`cosmigrate ledger drop-cluster` starts over)")
+        return Check("no migration running", True, f"the ledger holds nothing of cluster {self.cfg.cluster_name} yet")
 
     async def _socket(self) -> Check:
         parent = Path(self.cfg.control.socket).parent

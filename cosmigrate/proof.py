@@ -16,12 +16,16 @@ client going away; a second request while one runs just reports on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from pymongo.errors import PyMongoError
+
 from cosmigrate.apply import NamespaceApplier
 from cosmigrate.capture import NamespaceCapture
+from cosmigrate.clock import Mono
 from cosmigrate.cutover.machine import COMPLETE, EXIT_ERROR, Cutover, Result
 from cosmigrate.deletes.service import Deletes
 from cosmigrate.freshness import Freshness
@@ -51,6 +55,9 @@ class Proof:
         self.machine: Cutover | None = None
         self.jobs: dict[str, asyncio.Task[Result]] = {}
         self.results: dict[str, Result] = {}
+        self.verify_scope: list[str] = []
+        self.verify_estimate: int | None = None
+        """The source's estimated document count over the namespaces a one-off pass reads (its ETA)."""
         self.log = get_logger(component="proof")
 
     # --- CutoverHost ------------------------------------------------------------------------
@@ -71,13 +78,14 @@ class Proof:
     def gate(self) -> Any:
         return self.daemon.gate
 
-    async def readiness(self) -> list[str]:
+    async def readiness(self) -> tuple[list[str], list[str]]:
         from cosmigrate.status import build_status
 
         await self.daemon.certify()
         status = await build_status(self.daemon, fresh_after=time.time() - 2 * self.cfg.capture.head_sample_interval_s,
                                     proof=False)
-        return list(status["not_ready_reasons"])
+        operator = list(status["needs_operator"])
+        return operator, [r for r in status["not_ready_reasons"] if r not in operator]
 
     async def wait_discovered(self) -> None:
         await self.discovered.wait()
@@ -108,14 +116,20 @@ class Proof:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)
             return fresh.caught_up_at
 
+        def caught_up() -> Mono | None:
+            fresh.update(cap.status.committed_seq, app.status.applied_seq)
+            return Mono(fresh.caught_up_t) if fresh.caught_up_t else None
+
         async def sample() -> None:
             if sampler is not None:
                 await sampler.sample(ns, fresh)
 
         link = self.links[ns] = NamespaceLink(
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
-            caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head, latest_head_at=lambda: fresh.last_sample_at,
+            caught_up=caught_up, caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head,
+            latest_head_at=lambda: Mono(fresh.last_sample_at) if fresh.last_sample_at else None,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
+            expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
         )
         self.deletes.attach(link, app)
         self.verification.attach(link)
@@ -186,9 +200,16 @@ class Proof:
             self.verification.resume()
 
     async def run_verify(self, limit: int) -> Result:
+        from cosmigrate.backfill import estimate_count
+
         assert self.verification is not None
         await self.discovered.wait()
         started = time.time()
+        self.verify_scope = sorted(self.links)
+        self.verify_estimate = None
+        with contextlib.suppress(PyMongoError):  # the ETA is advisory: a count the source refuses only loses it
+            counts = [await estimate_count(self.source, ns) for ns in self.verify_scope]
+            self.verify_estimate = None if None in counts else sum(c or 0 for c in counts)
         await self.verification.one_pass(sorted(self.links))
         report = await self.verification.report(started, limit, sorted(self.links))
         if report["equal"]:
@@ -200,7 +221,12 @@ class Proof:
         result = self.results.get(name)
         out: dict[str, Any] = {"running": task is not None and not task.done()}
         if name == "cutover":
-            out["step"] = self.cutover_step
+            out["step"] = self.machine.step if out["running"] and self.machine else self.cutover_step
+            out["waiting_for"] = self.machine.waiting if out["running"] and self.machine else ""
+        elif self.verification is not None:  # the pass's progress, for the client's rate and ETA
+            verifiers = [self.verification.verifiers[ns] for ns in self.verify_scope if ns in self.verification.verifiers]
+            out["docs_checked"] = sum(v.state.docs for v in verifiers)
+            out["docs_estimated"] = self.verify_estimate
         if result is not None and not out["running"]:
             out["result"] = {"exit_code": result.code, "message": result.message, "report": result.report}
         return out
@@ -209,8 +235,15 @@ class Proof:
         """The control requests `verify` and `cutover` ({"action": "start" | "status"})."""
         cmd = str(request.get("cmd"))
         action = request.get("action", "start")
+        if action == "cancel" and cmd == "cutover":
+            running = "cutover" in self.jobs and not self.jobs["cutover"].done()
+            if not running or self.machine is None:
+                return {"ok": False, "error": f"no cutover is running (status: {self.cutover_status()})"}
+            self.machine.cancel(str(request.get("by", "ctl"))[:100])
+            self.log.warning("cutover cancel requested", by=self.machine.cancel_by, step=self.machine.step)
+            return {"ok": True, cmd: self.job_reply(cmd)}
         if action not in ("start", "status"):
-            return {"ok": False, "error": f'{cmd} needs "action": "start" or "status"'}
+            return {"ok": False, "error": f'{cmd} needs "action": "start" or "status" (cutover: or "cancel")'}
         if action == "start":
             if cmd == "cutover":
                 self.start_job("cutover", self.run_cutover)
@@ -249,7 +282,7 @@ class Proof:
     def reasons(self, namespaces: list[str], now: float) -> list[str]:
         out: list[str] = []
         if self.deletes is not None:
-            out += self.deletes.reasons(namespaces, now)
+            out += self.deletes.reasons(namespaces)
         if self.verification is not None:
             out += self.verification.reasons(namespaces)
         return out

@@ -22,14 +22,18 @@ from cosmigrate.backfill import BACKFILL, DROPPED, totals
 from cosmigrate.clock import Mono
 from cosmigrate.cluster import ELSEWHERE, EXPIRED, unit_lease, workers
 from cosmigrate.mongo import matches_patterns
+from cosmigrate.planrecord import plan_status
+from cosmigrate.ttl import ttl_state
 
 if TYPE_CHECKING:
+    from cosmigrate.capture import NamespaceCapture
+    from cosmigrate.config import Config
     from cosmigrate.daemon import Daemon
 
 NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
     "pending_events", "lag_seconds", "caught_up_at", "freshness", "last_capture_contact", "empty_pages", "deferred",
-    "deferred_reason", "expiry", "partitions", "throughput_eps", "last_error", "last_error_at", "phase",
+    "deferred_reason", "expiry", "ttl_decision", "partitions", "throughput_eps", "last_error", "last_error_at", "phase",
     # deletes, verification (cosmigrate.proof)
     "deletes_tier", "deletes_reconciled_at", "deletes_applied", "sweep_progress", "documents_verified", "mismatches",
     "last_verify_pass",
@@ -40,8 +44,8 @@ NAMESPACE_FIELDS = (
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
-    "ready_for_cutover", "not_ready_reasons", "insecure_target_tls", "namespaces", "cutover", "backfill",
-    "this_worker", "workers",
+    "ready_for_cutover", "not_ready_reasons", "needs_operator", "insecure_target_tls", "namespaces", "cutover", "backfill",
+    "plan", "this_worker", "workers",
 )
 STATES = ("starting", "running", "paused", "failed", "fenced", "stopped", "elsewhere")
 PHASES = ("backfill", "dropped", "capturing", "catching up", "in sync", "failed", "fenced", "stopped", "elsewhere")
@@ -70,6 +74,21 @@ def phase(state: str, freshness: str, load_phase: str = "") -> str:
     if state == "paused":
         return "capturing"
     return "in sync" if freshness == "current" else "catching up"
+
+
+def _expiry(ns: str, cap: NamespaceCapture | None, cfg: Config, blocking: list[str]) -> dict[str, str]:
+    """The namespace's `expiry` and `ttl_decision` fields (`cosmigrate.ttl`); a `_ts` TTL without a decision, or
+    indexes that could not be read, add to `blocking`. Not read yet (capture reads them beside its watchers):
+    unknown, and blocking too."""
+    if cap is None:
+        return {"expiry": "", "ttl_decision": ""}
+    if cap.status.ttl_indexes is None:
+        blocking.append(f"{ns}: expiry unknown (the source's indexes are not read yet)")
+        return {"expiry": "unknown: the source's indexes are not read yet", "ttl_decision": "unknown"}
+    state = ttl_state(ns, cap.status.ttl_indexes, cfg, cap.status.ttl_unknown)
+    if state.blocking:
+        blocking.append(state.blocking)
+    return {"expiry": state.describe(), "ttl_decision": state.decision_text}
 
 
 def _latest_error(*candidates: tuple[str, float]) -> tuple[str, float]:
@@ -104,14 +123,15 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
     include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
     namespaces: list[dict[str, Any]] = []
     stale: list[str] = []
-    lease_blocks: list[str] = []
+    lease_blocks: list[tuple[str, str]] = []  # (lease, why) of the units not writable here
     at = Mono(mono)
+    expiry: list[str] = []
     for meta in await daemon.ledger.list_namespaces():
         if not matches_patterns(meta.ns, include, exclude):
             continue  # excluded (SIGHUP or config): not part of the migration any more
         held = unit_lease(daemon.keeper, meta.ns, at)
         if held.block:
-            lease_blocks.append(held.block)
+            lease_blocks.append((held.lease, held.block))
         cap = daemon.captures.get(meta.ns)
         app = daemon.appliers.get(meta.ns)
         fresh = daemon.freshness.get(meta.ns)
@@ -174,7 +194,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
             "empty_pages": cap.status.empty_pages if cap else 0,
             "deferred": app.status.deferred if app else 0,
             "deferred_reason": app.status.deferred_reason if app and app.status.deferred else "",
-            "expiry": cap.status.expiry if cap else "",
+            **_expiry(meta.ns, cap, daemon.cfg, expiry),
             "partitions": list(cap.status.partitions) if cap else [],
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": error,
@@ -190,34 +210,44 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         namespaces[-1].update(worker=held.worker, lease=held.lease, worker_heartbeat_age_s=held.heartbeat_age_s)
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
+    operator = []  # the reasons only an operator clears (a cutover fails on them at once, never waits)
     if writer != "started":
-        reasons.append("writer is stopped (run `cosmigrate ctl writer start`)")
-    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced", "stopped", "starting")]
-    if unhealthy:
-        reasons.append(f"namespaces not healthy: {', '.join(unhealthy)}")
-    if lease_blocks:  # held by another worker, ownerless, or in a new owner's fence wait
-        more = f"; and {len(lease_blocks) - 10} more" if len(lease_blocks) > 10 else ""
-        reasons.append(f"units not ready here: {'; '.join(lease_blocks[:10])}{more}")
+        operator.append("writer is stopped (run `cosmigrate ctl writer start`)")
+    failed = [n["namespace"] for n in namespaces if n["state"] in ("failed", "fenced")]
+    if failed:
+        operator.append(f"namespaces not healthy: {', '.join(failed)} failed (see last_error; `cosmigrate ctl retry "
+                        "NAMESPACE` once fixed)")
+    elsewhere = [why for lease, why in lease_blocks if lease == ELSEWHERE]
+    if elsewhere:  # judged on their own worker; a cutover here cannot stop their writes: stop the other workers
+        more = f"; and {len(elsewhere) - 10} more" if len(elsewhere) > 10 else ""
+        operator.append(f"units held by other workers (stop them to cut over here): {'; '.join(elsewhere[:10])}{more}")
+    waiting = [why for lease, why in lease_blocks if lease != ELSEWHERE]
+    if waiting:  # ownerless (taken at the next balance round), or in a new owner's fence wait
+        more = f"; and {len(waiting) - 10} more" if len(waiting) > 10 else ""
+        reasons.append(f"units not ready yet: {'; '.join(waiting[:10])}{more}")
     refused = [f"{ns} ({why})" for ns, why in sorted(daemon.not_captured.items()) if matches_patterns(ns, include, exclude)]
     if refused:  # they exist on the source and nothing migrates them: never ready while there are any
         more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
-        reasons.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
+        operator.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
     deferred = sum(n["deferred"] for n in namespaces)
     if deferred:
         lasting = [f"{n['namespace']}: {n['deferred_reason']}" for n in namespaces if n["deferred_reason"]]
-        reasons.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
-    expiring = [n["namespace"] for n in namespaces if n["expiry"]]
-    if expiring:
-        reasons.append(f"source expiry (TTL) is not mirrored, or not known, on: {', '.join(expiring)} "
-                       "(expired documents stay on the target; see each namespace's expiry)")
+        operator.append(f"{deferred} writes deferred by unique-index conflicts" + (f" ({'; '.join(lasting)})" if lasting else ""))
+    if expiry:  # a `[ttl]` decision in the config: only the operator makes it
+        operator.append(f"source expiry (TTL) needs a decision, or is not known: {'; '.join(expiry)}")
+    reasons += operator
+    unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("stopped", "starting")]
+    if unhealthy:
+        reasons.append(f"namespaces not healthy yet (starting): {', '.join(unhealthy)}")
     in_backfill = [f"{n['namespace']} ({n['percent']:g}%)" for n in namespaces if n["load_phase"] == BACKFILL]
     if in_backfill:
         reasons.append("backfill not complete (the head sampled at its start is not applied yet): "
                        f"{', '.join(in_backfill)}")
     dropped = [n["namespace"] for n in namespaces if n["load_phase"] == DROPPED]
     if dropped:
-        reasons.append(f"collections dropped at the source during their backfill (incomplete on the target; exclude "
+        operator.append(f"collections dropped at the source during their backfill (incomplete on the target; exclude "
                        f"them with capture.exclude and drop them on the target): {', '.join(dropped)}")
+        reasons.append(operator[-1])
     if stale:
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
@@ -244,10 +274,12 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         "cutover_threshold_seconds": threshold,
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
+        "needs_operator": operator,
         "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
         "cutover": cutover,
         "backfill": totals(namespaces),
+        "plan": plan_status(daemon, {n["namespace"]: n["applied_events"] for n in namespaces}),
         "this_worker": daemon.keeper.me.id if daemon.keeper is not None else "",
         "workers": workers(daemon.keeper, at),
     }

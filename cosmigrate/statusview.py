@@ -115,7 +115,19 @@ def backfill_line(load: dict[str, Any]) -> Text | None:
     eta = load.get("eta_s")
     return Text(f"backfill: {count} namespace{'s' if count != 1 else ''}, {_count(load['docs_copied'])} of "
                 f"{_count(load['docs_estimated'])} documents ({load['percent']:g}%), "
-                f"{load['rate_docs_per_s']:,.0f}/s, eta {'unknown' if eta is None else _duration(eta)}", style="cyan")
+                f"{load['rate_docs_per_s']:,.0f}/s over 60 s, eta {'unknown' if eta is None else _duration(eta)}", style="cyan")
+
+
+def plan_line(plan: dict[str, Any]) -> Text | None:
+    """The plan the migration started with next to the elapsed full load (shown while a backfill runs)."""
+    if not plan or not plan.get("made_by"):
+        return None
+    est, elapsed = plan.get("estimated_full_load_s"), plan.get("elapsed_full_load_s")
+    shown = "unknown" if est is None else ("at least " if not plan.get("estimate_complete") else "") + _duration(est)
+    limit = f" ({plan['limit']})" if plan.get("limit") else ""
+    ru = plan.get("estimated_ru")
+    return Text(f"plan: full load {shown}{limit}, elapsed {'-' if elapsed is None else _duration(elapsed)}; "
+                f"source RU {'unknown' if ru is None else _count(ru)}", style="dim")
 
 
 def _contact(n: dict[str, Any], now: str, threshold: float) -> Text:
@@ -141,7 +153,7 @@ COLUMNS: list[tuple[str, str, Cell]] = [
     ("applied", "right", _applied),
     ("seen", "right", _contact),
     ("deferred", "right", _deferred),
-    ("events/s", "right", _eps),
+    ("ev/s 60s", "right", _eps),  # the applier's rate over the last minute (NamespaceApplier status.throughput)
 ]
 
 
@@ -159,7 +171,13 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
     head.append("  gap ")
     head.append(f"{status['gap_in_seconds']:.1f}s", style=_lag_style(status["gap_in_seconds"], threshold))
     head.append(f" (ready under {threshold:g}s)  ")
-    head.append("READY FOR CUTOVER" if ready else "not ready", style="bold green" if ready else "yellow")
+    cutover = str(status.get("cutover") or "")
+    if cutover == "cutover complete":  # done, not "not ready": the applications own the target now
+        head.append("CUTOVER COMPLETE", style="bold cyan")
+    else:
+        head.append("READY FOR CUTOVER" if ready else "not ready", style="bold green" if ready else "yellow")
+        if cutover.startswith(("cutover running", "cutover stopped")):
+            head.append(f"  {printable(cutover)}", style="cyan")
     if status.get("insecure_target_tls"):
         head.append("  target TLS off or unverified (target.allow_insecure_tls)", style="bold red")
 
@@ -180,19 +198,28 @@ def render(status: dict[str, Any], width: int = DEFAULT_WIDTH, threshold: float 
     loading = backfill_line(status.get("backfill") or {})
     if loading is not None:
         parts.append(loading)
+        planned = plan_line(status.get("plan") or {})
+        if planned is not None:
+            parts.append(planned)
     parts.append(table)
     if not namespaces:
         parts.append(Text("no namespace is being captured yet", style="dim"))
     for n in namespaces:
         if n.get("backfill_reason"):
             parts.append(Text(f"{printable(n['namespace'])}: {printable(n['backfill_reason'])}", style="red"))
+        if n.get("expiry"):  # the source's TTL and the decision for it (`cosmigrate.ttl`)
+            blocks = n.get("ttl_decision") in ("undecided", "unknown")
+            parts.append(plain(f"{n['namespace']}: expiry: {n['expiry']}", "yellow" if blocks else "dim"))
         if n["last_error"]:
             line = Text(f"{printable(n['namespace'])}: ", style="red")
             line.append(Text(printable(n["last_error"])))
             if n.get("last_error_at"):
                 line.append(Text(f" ({_when(n['last_error_at'], now)})", style="dim"))
             parts.append(line)
-    if not ready:
+    if cutover == "cutover complete":
+        parts.append(plain("the applications use the target now; the writer stays stopped (`ctl writer start "
+                           "--force` overrides)", "dim"))
+    elif not ready:
         parts.append(plain("why not: " + "; ".join(status["not_ready_reasons"]), "dim"))
     return Group(*parts)
 

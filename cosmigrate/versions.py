@@ -26,7 +26,10 @@ Version facts (checked 2026; cite in README "Compatibility"):
   Elastic clusters speak the 5.0 wire protocol and are not offered on 8.0.
 - PyMongo's MIN_SUPPORTED_WIRE_VERSION, read from each release's
   pymongo/common.py: 4.13 -> 7 (MongoDB 4.0); 4.14 to 4.17 -> 8 (4.2);
-  4.18, 4.19, 4.20 -> 9 (4.4).
+  4.18, 4.19, 4.20 -> 9 (4.4). cosmigrate pins the newest (pyproject.toml)
+  and its source client accepts wire 8 through a shim (cosmigrate.mongo,
+  SOURCE_MIN_WIRE), so Cosmos DB 4.2 stays supported; the target client keeps
+  the driver's own floor.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from typing import Any
 import bson
 import pymongo
 from pymongo.common import MIN_SUPPORTED_WIRE_VERSION
+
+from cosmigrate.mongo import SOURCE_MIN_WIRE
 
 SOURCE = "source"
 TARGET = "target"
@@ -103,9 +108,11 @@ def required_wire(role: str) -> int:
 
     Nothing cosmigrate does needs more than the driver does: Cosmos change streams
     exist from 3.6 (wire 6) on, and the target only takes unordered bulk upserts
-    and deletes. The driver's own floor therefore decides.
+    and deletes. The floor is therefore the client's: the source client accepts
+    wire 8 (Cosmos DB 4.2) through cosmigrate.mongo's shim, the target client
+    keeps the driver's MIN_SUPPORTED_WIRE_VERSION.
     """
-    return max(MIN_SUPPORTED_WIRE_VERSION, 6)
+    return max(SOURCE_MIN_WIRE if role == SOURCE else MIN_SUPPORTED_WIRE_VERSION, 6)
 
 
 def supported(role: str) -> list[ServerVersion]:
@@ -147,8 +154,8 @@ class Problem:
     @property
     def detail(self) -> str:
         return (f"{PRODUCT[self.role]} {self.found} (wire version {self.wire}) is not supported; the oldest supported "
-                f"is {self.oldest.name} (the driver, PyMongo {pymongo.__version__}, needs wire version "
-                f"{required_wire(self.role)} or later)")
+                f"is {self.oldest.name} (cosmigrate with its driver, PyMongo {pymongo.__version__}, needs wire "
+                f"version {required_wire(self.role)} or later)")
 
     @property
     def todo(self) -> str:

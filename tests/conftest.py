@@ -52,12 +52,10 @@ os.environ.update(AWS_ENV)
 
 @pytest.fixture(scope="session")
 def moto_endpoint():
-    from moto.server import ThreadedMotoServer
+    from tests.motoserver import MotoServer  # moto, with DynamoDB requests isolated as the real service does
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    server = MotoServer().start()
     try:
-        yield f"http://{host}:{port}"
+        yield server.url
     finally:
         server.stop()

@@ -16,6 +16,7 @@ from pymongo import AsyncMongoClient
 from cosmigrate.batchfile import Batch, BatchCodec
 from cosmigrate.config import Config, to_toml, validate
 from cosmigrate.ledger import open_ledger
+from cosmigrate.mongo import RAW
 from cosmigrate.sandbox import ca_file_for_uri
 from cosmigrate.sandbox.workload import Workload, rich_doc  # noqa: F401  (re-exported for tests)
 from cosmigrate.stores import open_store
@@ -130,7 +131,8 @@ async def source_docs(client: AsyncMongoClient, namespaces: list[str]) -> dict[s
     out: dict[str, dict[bytes, bytes]] = {}
     for ns in namespaces:
         db, _, coll = ns.partition(".")
-        c = client[db].get_collection(coll, codec_options=bson.CodecOptions(document_class=RawBSONDocument))
+        # RAW (DATETIME_AUTO): reading `_id` inflates the document, and a date outside years 1-9999 is valid BSON.
+        c = client[db].get_collection(coll, codec_options=RAW)
         out[ns] = {id_of(d): bytes(d.raw) async for d in c.find()}
     return out
 
@@ -151,7 +153,7 @@ def check_committed(c: Committed, expected: dict[bytes, bytes] | None = None) ->
     versions: dict[bytes, int] = {}
     for batch in c.batches:
         for raw in batch.events:
-            event = RawBSONDocument(raw)
+            event = RawBSONDocument(raw, RAW)
             key = bson.encode({"_id": event["documentKey"]["_id"]})
             full = event.get("fullDocument")
             if full is None:

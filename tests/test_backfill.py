@@ -181,13 +181,13 @@ async def test_ttl_index_is_built_disabled_and_enabled_by_the_cutover_step(tmp_p
         structlog.configure(**saved)  # never leave later tests a logger bound to this test's captured stdout
     journal = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert any(e.get("event") == "index cannot be built on DocumentDB; it is not migrated" and e.get("index") == "ts_ttl"
-               and "expiry date field" in e.get("reason", "") for e in journal)
+               and "decide in [ttl]" in e.get("reason", "") for e in journal)
     assert "ttl" in [s.name for s in STEPS]
-    done = await enable_ttl(source, target, NS)
+    done = await enable_ttl(source, target, NS, cfg)
     assert {"index": "expires_1", "ttl": "enabled", "expire_after_seconds": 3600} in done
     assert any(d["index"] == "ts_ttl" and d["ttl"] == "not built" for d in done)
     assert (await _target_indexes(target))["expires_1"]["expireAfterSeconds"] == 3600
-    assert [d for d in await enable_ttl(source, target, NS) if d.get("ttl") == "enabled"] == []  # idempotent
+    assert [d for d in await enable_ttl(source, target, NS, cfg) if d.get("ttl") == "enabled"] == []  # idempotent
 
 
 async def _ttl_disabled_until_cutover(cfg, run_target: AsyncMongoClient) -> None:

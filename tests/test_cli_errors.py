@@ -132,3 +132,22 @@ async def test_a_socket_directory_that_cannot_be_written(case: str, tmp_path: Pa
     line = assert_one_line(result, 1, str(sockets))
     assert {"unsearchable": "write and search access", "read-only with a stale socket": "cannot remove the stale",
             "uncreatable": "cannot create it"}[case] in line
+
+
+async def test_run_with_a_wrong_source_uri_says_so_in_seconds_in_one_line_with_preflights_advice(
+        tmp_path: Path, sandbox: Sandbox) -> None:
+    import time
+
+    cfg = _config(tmp_path, sandbox)
+    await prepare_backends(cfg)
+    cfg.source.uri = "mongodb://u:pw-not-shown@127.0.0.1:9/?ssl=false&replicaSet=globaldb&retrywrites=false"
+    config = write_config(cfg, tmp_path / "c.toml")
+    began = time.monotonic()
+    result = await asyncio.to_thread(cli, "run", "--config", str(config))
+    took = time.monotonic() - began
+    line = assert_one_line(result, 1, "source", "did not answer", "nothing listens there", secrets=("pw-not-shown",))
+    assert "Topology Description" not in line and "configured timeouts" not in line, line
+    assert took < 15, f"{took:.0f}s before the first contact failed (the selection timeout is 15 s)"
+    preflight = await asyncio.to_thread(cli, "preflight", "--config", str(config))
+    advice = line.split(" -> ", 1)[1]
+    assert advice in preflight.stdout, preflight.stdout

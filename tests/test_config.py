@@ -54,6 +54,12 @@ CASES = [
     ("unset secret variable", GOOD.replace(f"mongodb://master:{SECRET}@docdb.example:27017/?tls=true", "env:COSMIGRATE_TEST_UNSET_VAR"), "target.uri"),
     ("credential outside systemd", GOOD.replace(f"mongodb://master:{SECRET}@docdb.example:27017/?tls=true", "credential:target-uri"), "target.uri"),
     ("not TOML", "cluster_name = \n[[[", "not valid TOML"),
+    ("ttl not a table", GOOD.replace('cluster_name = "prod"', 'cluster_name = "prod"\nttl = "none"'), "[ttl]"),
+    ("ttl key unquoted", GOOD + '\n[ttl]\napp.sessions = "none"\n', '[ttl] "app"'),
+    ("ttl bad form", GOOD + '\n[ttl]\n"app.sessions" = "expire"\n', '[ttl] "app.sessions"'),
+    ("ttl bad seconds", GOOD + '\n[ttl]\n"app.sessions" = "field:expiresAt:soon"\n', "expireAfterSeconds"),
+    ("ttl on _ts again", GOOD + '\n[ttl]\n"app.sessions" = "field:_ts:60"\n', "not a date field"),
+    ("ttl not a string", GOOD + '\n[ttl]\n"app.sessions" = 3600\n', '[ttl] "app.sessions"'),
 ]
 
 
@@ -116,3 +122,13 @@ def test_environment_overrides_and_old_recipe_names(tmp_path: Path) -> None:
     assert cfg.capture.deletes_preview is True
     with pytest.raises(ConfigError, match="capture.max_batch_events"):
         load_config(path, env={"COSMIGRATE_CAPTURE_MAX_BATCH_EVENTS": "many"})
+
+
+def test_a_mistyped_key_gets_a_did_you_mean(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('cluster_name = "c"\n[capture]\nmax_batch_event = 10\n')
+    with pytest.raises(ConfigError, match=r"capture.max_batch_event: unknown key \(did you mean capture.max_batch_events\?"):
+        load_config(path, env={}, secrets=False)
+    path.write_text('cluster_name = "c"\n[ledgr]\nurl = "sqlite:///tmp/x.db"\n')
+    with pytest.raises(ConfigError, match=r"ledgr: unknown key \(did you mean ledger\?"):
+        load_config(path, env={}, secrets=False)

@@ -43,7 +43,7 @@ async def ctl(config: Path, *args: str) -> tuple[int, str, str]:
 
 async def _status(config: Path) -> dict | None:
     code, out, _ = await ctl(config, "status", "--json")
-    return json.loads(out) if code in (0, 2, 3) and out.strip() else None  # 2: not ready, 3: a namespace failed
+    return json.loads(out) if code in (0, 2, 3, 4) and out.strip() else None  # 2: not ready, 3: failed, 4: cutover complete
 
 
 def _config(tmp_path: Path, sandbox: Sandbox):

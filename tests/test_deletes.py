@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import bson
@@ -12,6 +13,8 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import AsyncMongoClient
 
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Mono, Wall
+from cosmigrate.config import TtlDecision
 from cosmigrate.deletes.ordered import OrderedDeletes
 from cosmigrate.deletes.sweep import DeleteSweep
 from cosmigrate.idorder import encode_id
@@ -41,7 +44,7 @@ def docs(n: int, tag: str = "") -> list[dict]:
 
 async def _swept_since(run: Running, ns: str, after: float) -> bool:
     sweep = run.daemon.proof.deletes.sweeps[ns]  # type: ignore[union-attr]
-    return sweep.state.last_finished_at > 0 and sweep.state.last_started_at > after
+    return sweep.state.completed and sweep.state.last_started_at.s > after
 
 
 async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
@@ -82,7 +85,12 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         assert await target.app.users.count_documents({"_id": {"$in": [21, 22, "s24"]}}) == 3
         sandbox.source.faults.ttl_custom_path = True  # an account with EnableTtlOnCustomPath
         await source.app.users.create_index("expires", expireAfterSeconds=60)  # built on the target by cutover
-        await source.app.users.create_index("_ts", expireAfterSeconds=60)  # cannot be: reported
+        await source.app.users.create_index("_ts", expireAfterSeconds=60)  # cannot be: needs a decision
+        run.daemon.cfg.cutover.precheck_timeout_s = 2.0
+        result = await proof.run_cutover()  # created after capture started: the precheck reads it again
+        run.daemon.cfg.cutover.precheck_timeout_s = 30.0
+        assert result.code == 5 and "expires by _ts" in result.message and '"app.users" = "none"' in result.message
+        run.daemon.cfg.ttl = {"app.users": TtlDecision("none")}  # what a reload of [ttl] does
         result = await proof.run_cutover()
         assert result.code == 0, result.message
         await assert_converged(source, target, NS)
@@ -93,6 +101,7 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         assert by_ns["app.users"]["verified"] == by_ns["app.users"]["documents"]
         indexes = by_ns["app.users"]["indexes"]
         assert indexes["built"] == ["expires_1"] and [i["index"] for i in indexes["not_built"]] == ["_ts_1"]
+        assert by_ns["app.users"]["ttl_decision"] == "none"
         ttl = [ix async for ix in await target.app.users.list_indexes() if ix["name"] == "expires_1"]
         assert ttl and ttl[0]["expireAfterSeconds"] == 60
         status = await run.status()
@@ -100,6 +109,30 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         refused = await run.daemon.handle_control({"cmd": "writer", "action": "start"})
         assert not refused["ok"] and "--force" in refused["error"]
         assert (await run.daemon.handle_control({"cmd": "writer", "action": "start", "force": True}))["ok"]
+
+
+class _Pipeline:
+    """The link's view of a pipeline with nothing pending: every head sample is caught up at once.
+
+    The first sample is the pass's wait for its starting head; the second, the count mode's catch-up after
+    the source count, first runs `then` (what the pipeline applies in between).
+    """
+
+    def __init__(self, then: Callable[[], Awaitable[None]]) -> None:
+        self.then = then
+        self.at: Mono | None = None
+        self.samples = 0
+        self.deletes = 0
+
+    async def sample(self) -> None:
+        self.samples += 1
+        if self.samples == 2:
+            await self.then()
+        self.at = Mono.now()
+
+    def link(self) -> NamespaceLink:
+        return NamespaceLink("db.c", 1, caught_up=lambda: self.at, sample=self.sample,
+                             deletes_applied=lambda: self.deletes)
 
 
 class _Port:
@@ -128,14 +161,11 @@ async def test_inserts_and_deletes_that_balance_within_a_range_are_found(
     await source.db.c.delete_one({"_id": 5})
     await source.db.c.insert_one({"_id": 50.5})  # same range, not applied yet
     assert await source.db.c.count_documents({}) == await target.db.c.count_documents({}) == 100
-    applied = {"at": 0.0}
 
-    async def apply_catches_up() -> None:  # what the pipeline does: the insert lands, then the head sample says so
-        if not applied["at"]:
-            await target.db.c.insert_one({"_id": 50.5})
-            applied["at"] = time.time()
+    async def insert_lands() -> None:  # what the pipeline does: the insert lands, then the head sample says so
+        await target.db.c.insert_one({"_id": 50.5})
 
-    link = NamespaceLink("db.c", 1, caught_up_at=lambda: applied["at"], sample=apply_catches_up)
+    link = _Pipeline(insert_lands).link()
     src, tgt = raw_collection(source, "db.c"), raw_collection(target, "db.c")
     budget = SourceBudget()
     sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 1000, budget)
@@ -204,7 +234,7 @@ async def test_reinserting_a_deleted_id_with_a_different_type(
 async def _reconciled_now(run: Running, ns: str) -> bool:
     """A sweep pass completed that started at the source's current head (nothing written since)."""
     sweep = run.daemon.proof.deletes.sweeps[ns]  # type: ignore[union-attr]
-    return bool(sweep.state.last_finished_at) and sweep.state.last_head == sweep.link.latest_head()
+    return sweep.state.completed and sweep.state.last_head == sweep.link.latest_head()
 
 
 async def _true(value: bool) -> bool:
@@ -267,7 +297,7 @@ async def test_the_sweep_keeps_to_its_share_of_the_source_and_waits_out_throttli
     await target.db.c.insert_many([{"_id": i} for i in range(600)])  # every odd _id is gone from the source
     sandbox.source.faults.throttle_rate = 0.3
     sandbox.source.faults.retry_after_ms = 5
-    link = NamespaceLink("db.c", 1, caught_up_at=time.time)
+    link = NamespaceLink("db.c", 1, caught_up=Mono.now)
     src, tgt = raw_collection(source, "db.c"), raw_collection(target, "db.c")
     budget = SourceBudget(share=0.2)
     sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 40, budget)
@@ -315,18 +345,24 @@ def test_readiness_says_deletes_not_reconciled_until_a_sweep_covered_the_last_ch
     budget = SourceBudget()
     sweep = DeleteSweep(link, None, None, None, OrderedDeletes(link, None, _Port(None), budget), 10, budget)
     deletes.sweeps["db.c"] = sweep
-    now = time.time()
-    assert deletes.reasons(["db.c"], now) == [
+    assert deletes.reasons(["db.c"]) == [
         "deletes not reconciled since the last change: db.c (no delete sweep has completed yet)"]
-    sweep.state.last_started_at, sweep.state.last_finished_at, sweep.state.last_head = now - 60, now - 50, {("", "FF"): 10}
-    assert deletes.reasons(["db.c"], now) == []  # nothing written since that pass started
+    now = Wall.now()
+    sweep.state.last_started_at, sweep.state.last_finished_at = now.minus(60), now.minus(50)
+    sweep.state.last_head = {("", "FF"): 10}
+    assert deletes.reasons(["db.c"]) == []  # nothing written since that pass's head
     heads["now"] = {("", "FF"): 11}  # a write (a delete moves the head too)
-    assert deletes.reasons(["db.c"], now) == [
-        "deletes not reconciled since the last change: db.c (the source changed since the last sweep started 60s ago)"]
-    sweep.state.last_started_at = now - 3  # within apply.cutover_threshold_seconds: the same allowance as the lag
-    assert deletes.reasons(["db.c"], now) == []
-    deletes.preview, deletes.preview_since = True, now - 1  # the preview came on after that pass: one more needed
-    assert "no delete sweep has completed yet" in deletes.reasons(["db.c"], now)[0]
+    stale = ("deletes not reconciled since the last change: db.c (the source changed since the last completed "
+             f"sweep pass started at {now.minus(60).iso()})")
+    assert deletes.reasons(["db.c"]) == [stale]
+    sweep.state.last_started_at = now.minus(1)  # no allowance in time: the delete is not swept by that pass
+    assert deletes.reasons(["db.c"]) == [stale.replace(now.minus(60).iso(), now.minus(1).iso())]
+    sweep.state.last_head = {("", "FF"): 11}
+    assert deletes.reasons(["db.c"]) == []
+    deletes.preview, deletes.preview_since = True, Mono.now()  # the preview came on after that pass: one more needed
+    assert "no delete sweep has completed yet" in deletes.reasons(["db.c"])[0]
+    sweep.last_started_mono = Mono.now()
+    assert deletes.reasons(["db.c"]) == []
 
 
 async def test_a_delete_applied_between_the_two_counts_does_not_hide_a_stale_document(
@@ -341,17 +377,15 @@ async def test_a_delete_applied_between_the_two_counts_does_not_hide_a_stale_doc
     await source.db.c.insert_many([{"_id": i} for i in range(100)])
     await target.db.c.insert_many([{"_id": i} for i in range(100)])
     await source.db.c.delete_one({"_id": 5})  # before the pass: the pass must find it
-    applied = {"at": 0.0, "deletes": 0}
+    pipeline: _Pipeline
 
-    async def apply_catches_up() -> None:  # after the source count: 60 deleted, the feed's delete applied
-        if not applied["at"]:
-            await source.db.c.delete_one({"_id": 60})
-            await target.db.c.delete_one({"_id": 60})
-            applied["deletes"] += 1
-            applied["at"] = time.time()
+    async def feed_delete_applied() -> None:  # after the source count: 60 deleted, the feed's delete applied
+        await source.db.c.delete_one({"_id": 60})
+        await target.db.c.delete_one({"_id": 60})
+        pipeline.deletes += 1
 
-    link = NamespaceLink("db.c", 1, caught_up_at=lambda: applied["at"], sample=apply_catches_up,
-                         deletes_applied=lambda: applied["deletes"])
+    pipeline = _Pipeline(feed_delete_applied)
+    link = pipeline.link()
     src, tgt = raw_collection(source, "db.c"), raw_collection(target, "db.c")
     budget = SourceBudget()
     sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 1000, budget)

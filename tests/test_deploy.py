@@ -150,7 +150,7 @@ def test_the_emf_forwarder_unit_verifies_and_is_hardened(tmp_path: Path) -> None
 # --- pinned releases ------------------------------------------------------------------------------------------------
 
 
-def _fake_release(tmp_path: Path, marker: str) -> tuple[Path, str]:
+def _fake_release(tmp_path: Path, marker: str, wheel: bytes = b"not used with --skip-venv") -> tuple[Path, str]:
     import hashlib
     import tarfile
 
@@ -158,7 +158,7 @@ def _fake_release(tmp_path: Path, marker: str) -> tuple[Path, str]:
     root.mkdir(parents=True)
     (root / "VERSION").write_text("9.9.9\n")
     (root / "requirements.lock").write_text("")
-    (root / "cosmigrate-9.9.9-py3-none-any.whl").write_bytes(b"not used with --skip-venv")
+    (root / "cosmigrate-9.9.9-py3-none-any.whl").write_bytes(wheel)
     for name in ("cosmigrate.service", "cosmigrate-emf.service"):
         (root / name).write_text((DEPLOY / "systemd" / name).read_text() + f"# {marker}\n")
     for name in ("amazon-cloudwatch-agent.json", "cosmigrate.logrotate"):
@@ -289,9 +289,10 @@ def test_user_data_installs_a_pinned_release_and_starts_only_a_valid_config() ->
 
 def test_security_groups_egress_only_to_the_source_https_and_the_documentdb_group() -> None:
     core = _template("core-resources.yaml")
-    egress = core["Resources"]["MigrationSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    rules = core["Resources"]["MigrationSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    egress = [r["Fn::If"][1] if "Fn::If" in r else r for r in rules]  # the source's rules exist per given range
     assert {(r["FromPort"] if isinstance(r["FromPort"], int) else r["FromPort"]["Ref"]) for r in egress} == {443, "SourcePort"}
-    assert all(isinstance(r["CidrIp"], dict) for r in egress)  # parameters, never a literal 0.0.0.0/0
+    assert all(isinstance(r.get("CidrIp", r.get("DestinationPrefixListId")), dict) for r in egress)  # never a literal
     docdb = _template("documentdb.yaml")
     rule = docdb["Resources"]["MigrationToCluster"]["Properties"]
     assert rule["FromPort"] == 27017 and rule["DestinationSecurityGroupId"] == {"Ref": "ClusterSecurityGroup"}
@@ -372,3 +373,81 @@ def test_the_secret_shapes_the_templates_create_are_the_ones_the_code_reads(tmp_
     path.write_text(path.read_text().replace(source, placeholder))
     with pytest.raises(ConfigError, match="source.uri"):
         load_config(path, env={})
+
+
+def test_first_creation_waits_for_the_release_and_a_failed_install_fails_the_stack() -> None:
+    core = _template("core-resources.yaml")
+    instance = core["Resources"]["MigrationInstance"]
+    assert instance["CreationPolicy"]["ResourceSignal"]["Count"] == 1
+    script = instance["Properties"]["UserData"]["Fn::Base64"]["Fn::Sub"][0]
+    trap = script.index("trap ")
+    assert "cfn-signal -e \"$rc\"" in script[trap:] and "--resource MigrationInstance" in script, script
+    assert script.index("aws-cfn-bootstrap") < trap < script.index("python3.11"), "signal set before any real step"
+    assert "set -euo pipefail" in script[:trap]
+    # The default release location is this stack's bucket: the script waits for the object, bounded.
+    loop = script[script.index("for attempt in"):script.index("done", script.index("for attempt in"))]
+    assert "aws s3 cp" in loop and "sleep" in loop and "exit 1" in loop, loop
+    timeout = instance["CreationPolicy"]["ResourceSignal"]["Timeout"]
+    assert timeout.startswith("PT") and int(timeout[2:-1]) * 60 > 180 * 10, "the signal outwaits the release wait"
+    assert "sort -V" in script and "1.300071.0" in script, "the agent's version is checked for its journald input"
+    readme = (DEPLOY.parent / "README.md").read_text()
+    assert "waits up to 30 minutes" in readme and "CREATE_FAILED" in readme
+
+
+def test_the_source_takes_several_ranges_or_a_prefix_list() -> None:
+    core = _template("core-resources.yaml")
+    params = core["Parameters"]
+    assert params["SourceCidr"]["Type"] == "CommaDelimitedList" and "SourcePrefixListId" in params
+    rules = core["Resources"]["MigrationSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    source = [r["Fn::If"][1] for r in rules if "Fn::If" in r]
+    assert sum("CidrIp" in r for r in source) >= 4 and sum("DestinationPrefixListId" in r for r in source) == 1
+    assert "SourceIsGiven" in core["Rules"]
+
+
+def test_the_emf_log_is_where_the_cloudwatch_agent_can_read_it() -> None:
+    import json
+
+    unit = _unit_settings(DEPLOY / "systemd" / "cosmigrate-emf.service")
+    assert unit.get("DynamicUser", ["no"]) == ["no"], "a dynamic user's logs sit under /var/log/private (0700)"
+    assert unit["User"] == ["cosmigrate"], "a static user the installer creates"
+    assert "SupplementaryGroups" in unit and "systemd-journal" in unit["SupplementaryGroups"][0]
+    assert unit["LogsDirectory"] == ["cosmigrate"] and int(unit["LogsDirectoryMode"][0], 8) & 0o005 == 0o005
+    assert int(unit["UMask"][0], 8) & 0o004 == 0, "emf.log readable by others (the cwagent user)"
+    path = unit["StandardOutput"][0].removeprefix("append:")
+    agent = json.loads((DEPLOY / "cloudwatch" / "amazon-cloudwatch-agent.json").read_text())
+    files = [f["file_path"] for f in agent["logs"]["logs_collected"]["files"]["collect_list"]]
+    assert path in files and path.startswith("/var/log/cosmigrate/"), (path, files)
+    assert "useradd" in (DEPLOY / "systemd" / "install.sh").read_text()
+    assert "su cosmigrate cosmigrate" in (DEPLOY / "cloudwatch" / "cosmigrate.logrotate").read_text()
+
+
+def test_the_installer_skeleton_fails_check_config_until_every_placeholder_is_set(tmp_path: Path) -> None:
+    env = dict(os.environ, COSMIGRATE_ROOT=str(tmp_path))
+    subprocess.run(["bash", str(DEPLOY / "systemd" / "install.sh"), "--skip-venv"], check=True, env=env,
+                   capture_output=True, timeout=60)
+    config = tmp_path / "etc" / "cosmigrate" / "cosmigrate.toml"
+    secrets = {"COSMIGRATE_SOURCE_URI": "mongodb://u:p@127.0.0.1:10255/?ssl=false&replicaSet=globaldb&retrywrites=false",
+               "COSMIGRATE_TARGET_URI": "mongodb://u:p@127.0.0.1:27017/?tls=true&retryWrites=false"}
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cosmigrate", "check-config", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ, **secrets))
+
+    result = check()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    named = lines[0].split(": still")[0]
+    for key in ("cluster_name", "store.url", "ledger.url", "aws.region"):
+        assert key in named, lines[0]
+    assert "CHANGE-ME placeholder" in lines[0] and "target.tls_ca_file" in lines[0], lines[0]
+    # The stack's UserData fills in each one: afterwards no placeholder is left (the CA bundle is still missing).
+    core = _template("core-resources.yaml")
+    script = core["Resources"]["MigrationInstance"]["Properties"]["UserData"]["Fn::Base64"]["Fn::Sub"][0]
+    sed = next(line.strip() for line in script.splitlines() if "CHANGE-ME-bucket" in line)
+    for name, value in (("ChangeBatchBucket", "bkt"), ("BatchPrefix", "cosmigrate"), ("LedgerTable", "tbl"),
+                        ("ClusterName", "prod"), ("AWS::Region", "eu-west-1")):
+        sed = sed.replace("${" + name + "}", value)
+    subprocess.run(["bash", "-c", sed.replace('"$config"', str(config))], check=True, timeout=60)
+    assert not [line for line in config.read_text().splitlines() if "CHANGE-ME" in line and not line.startswith("#")]
+    result = check()
+    assert result.returncode == 2 and "placeholder" not in result.stderr and "tls_ca_file" in result.stderr, result.stderr

@@ -31,6 +31,17 @@ def test_every_config_key_is_documented_with_its_default() -> None:
             assert documented[section][name] == getattr(obj, name), f"{section}.{name}: README default differs"
 
 
+def test_the_ttl_table_is_documented_with_both_forms() -> None:
+    from cosmigrate.config import parse_ttl_decision
+
+    block = README[README.index("```toml\ncluster_name", README.index("## Configuration")):]
+    block = block[: block.index("```", 7)]
+    assert "\n[ttl]" in block and _config_block()["ttl"] == {}  # empty by default
+    examples = [line.lstrip("# ").split("#")[0].strip() for line in block.splitlines() if line.startswith('# "')]
+    decisions = [parse_ttl_decision(*(part.strip().strip('"') for part in e.split("="))) for e in examples]
+    assert {d.kind for d in decisions} == {"none", "field"}
+
+
 def test_every_status_field_is_documented() -> None:
     for name in CLUSTER_FIELDS + NAMESPACE_FIELDS:
         assert f"`{name}`" in README, f"status field {name} is not in the README"

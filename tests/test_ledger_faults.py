@@ -6,11 +6,15 @@ raw botocore exception, nor as a SeqConflict for a write that went through.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
 import os
 import sqlite3
 import stat
+import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,11 +22,22 @@ import pytest
 from botocore.exceptions import ClientError
 
 from cosmigrate.config import Config
+from cosmigrate.daemon import Daemon
 from cosmigrate.ledger import BatchRecord, Ledger, LedgerError, LedgerUnavailable, SeqConflict, open_ledger
 from cosmigrate.ledger.dynamodb import RETRY_TRIES, DynamoLedger
 from cosmigrate.ledger.sqlite import SqliteLedger
+from cosmigrate.sandbox import Sandbox
+from cosmigrate.timeouts import within
 from tests.flakyhttp import FlakyHttpProxy
-from tests.helpers import make_config, prepare_backends
+from tests.helpers import (
+    Workload,
+    check_committed,
+    make_config,
+    prepare_backends,
+    read_committed,
+    source_docs,
+    wait_for,
+)
 
 T = TypeVar("T")
 NS = "db.c"
@@ -291,3 +306,125 @@ async def test_an_old_sqlite_ledger_gains_the_first_discovery_marker(tmp_path: P
         assert (control.writer, control.changed_by, control.changed_at) == ("started", "ops", 5.0)
     finally:
         await ledger.close()
+
+
+# --- lost answers under a running daemon ------------------------------------------------
+
+LOST_ANSWER_ROUNDS = int(os.environ.get("COSMIGRATE_LOST_ANSWER_ROUNDS", "1"))
+"""Rounds of the daemon test below (a soak: `COSMIGRATE_LOST_ANSWER_ROUNDS=30`); one round by default."""
+
+
+async def _captured_without_failure(cfg: Config, daemon: Daemon, source: Any, namespaces: list[str]) -> bool:
+    """True once every namespace holds every source document; a failed namespace fails the test at once."""
+    for ns, cap in daemon.captures.items():
+        if cap.status.state in ("failed", "fenced"):
+            pytest.fail(f"{ns}: capture {cap.status.state}: {cap.status.last_error}")
+    expected = await source_docs(source, namespaces)
+    committed = await read_committed(cfg)
+    for ns in namespaces:
+        assert ns in committed, f"{ns} not captured yet"
+        check_committed(committed[ns], expected[ns])
+    return True
+
+
+@pytest.mark.parametrize("round_", range(LOST_ANSWER_ROUNDS))
+async def test_lost_dynamodb_answers_never_stop_a_namespace(
+    round_: int, tmp_path: Path, moto_endpoint: str, sandbox: Sandbox, source: Any
+) -> None:
+    """Issue 23, part 6: 10% of DynamoDB answers dropped after the request reached the table.
+
+    Several namespaces commit at once (and their appliers mark batches applied) through the
+    proxy; a lost answer makes the ledger re-send the write. No namespace may stop with a
+    sequence conflict, and the ledger must end exact (gap-free seqs, next_seq = batches).
+    """
+    namespaces = ["app.a", "app.b", "app.c", "app.d"]
+    proxy = await FlakyHttpProxy(moto_endpoint, fail_rate=0.1, seed=100 + round_, modes=("lost",)).start()
+    try:
+        cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "s3+dynamodb", moto_endpoint,
+                          max_batch_events=5)
+        await prepare_backends(cfg)  # set-up goes straight to moto
+        cfg.aws.endpoint_url = proxy.url
+        daemon = Daemon(cfg)
+        task = asyncio.create_task(daemon.serve())
+        try:
+            workload = Workload(source, namespaces, keys_per_ns=60, seed=round_)
+            await workload.run(320, pace_s=0.005)  # paced: the writes spread over many small batches
+            await wait_for(lambda: _captured_without_failure(cfg, daemon, source, namespaces), 180,
+                           what="capture through lost answers")
+        finally:
+            daemon.request_stop()
+            await within(task, 60)
+        assert proxy.failures["lost"] > 10, proxy.failures
+    finally:
+        await proxy.stop()
+
+
+@contextlib.contextmanager
+def _small_disk(path: Path, size_kib: int) -> Iterator[Path]:
+    """A tmpfs of `size_kib` mounted at `path` (root only: the test is skipped elsewhere)."""
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a small tmpfs: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(path: Path) -> Path:
+    """Write a file until the file system answers ENOSPC; removing it frees the space."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _big_record(seq: int) -> BatchRecord:
+    rec = record(seq)
+    rec.key += "/" + "k" * 3000  # a batch row larger than a page: the write needs new space
+    return rec
+
+
+@pytest.mark.parametrize("full", ["disk", "file"])
+async def test_a_full_sqlite_ledger_fails_a_commit_cleanly_and_the_next_one_works(tmp_path: Path, full: str) -> None:
+    """Issue 23, part 5: a write that meets a full disk (tmpfs) or a full file (`max_page_count`) is rolled
+    back and surfaces as a LedgerError that says so; once there is room, the same commit goes through."""
+    with contextlib.ExitStack() as stack:
+        where = stack.enter_context(_small_disk(tmp_path / "disk", 512)) if full == "disk" else tmp_path
+        path = where / "ledger.db"
+        ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
+        try:
+            await ledger.init()
+            epoch = (await ledger.claim(NS, "me")).epoch
+            await ledger.commit_batch(NS, epoch, _big_record(0), b"t0")
+            if full == "disk":
+                filler = _fill(where)
+            else:
+                await ledger._run(lambda c: c.execute(f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}"))
+            for _ in range(3):  # again and again: each attempt leaves the connection usable
+                with pytest.raises(LedgerError, match="database or disk is full") as info:
+                    await ledger.commit_batch(NS, epoch, _big_record(1), b"t1")
+                assert not isinstance(info.value, LedgerUnavailable)
+                assert not await ledger._run(lambda c: c.in_transaction)
+                meta = await ledger.get_namespace(NS)  # reads still work, and show nothing of the failed write
+                assert meta is not None and (meta.next_seq, meta.resume_token) == (1, b"t0")
+            if full == "disk":
+                filler.unlink()
+            else:
+                await ledger._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+            await ledger.commit_batch(NS, epoch, _big_record(1), b"t1")
+            await ledger.mark_applied(NS, epoch, -1, 1, 20, time.time())
+            meta = await ledger.get_namespace(NS)
+            assert meta is not None
+            assert (meta.next_seq, meta.resume_token, meta.captured_events, meta.applied_seq) == (2, b"t1", 20, 1)
+            assert [b.seq for b in await ledger.list_batches(NS)] == [0, 1]
+        finally:
+            await ledger.close()

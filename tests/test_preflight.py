@@ -80,3 +80,47 @@ def test_index_rules() -> None:
     assert unsupported_index({"key": {"t": "text"}}, 4) and not unsupported_index({"key": {"t": "text"}}, 5)
     assert unsupported_index({"key": {"a": 1}, "collation": {"locale": "fr"}}, 5)
     assert unsupported_index({"key": {"a": 1}, "unique": True}, 4) is None
+
+
+async def test_an_unreachable_source_skips_what_depends_on_it_in_one_readable_line(tmp_path: Path, ready) -> None:
+    ready.source.uri = "mongodb://u:secret-pw@127.0.0.1:1/?ssl=false&replicaSet=globaldb&retrywrites=false"
+    code, lines = await _preflight(write_config(ready, tmp_path / "c.toml"))
+    assert code == 1, lines
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].startswith("FAIL  source reachable:"), lines
+    assert "Topology Description" not in failed[0] and "configured timeouts" not in failed[0], failed[0]
+    assert "nothing listens there" in failed[0] and "secret-pw" not in "\n".join(lines), failed[0]
+    for check in ("source namespaces", "source change stream", "target index compatibility",
+                  "unique indexes under DocumentDB semantics", "source TTL"):
+        assert f"SKIP  {check}: (source unreachable)" in lines, (check, lines)
+    assert not any(line.startswith("ok") and ("index" in line or "TTL" in line) for line in lines), lines
+    assert lines[-1].endswith("1 failed, 5 skipped"), lines[-1]
+
+
+async def test_a_certificate_failure_is_not_called_tls_verified_and_advice_is_given_once(tmp_path: Path, ready) -> None:
+    import certifi
+
+    ready.target.tls_ca_file = certifi.where()  # public CAs: the sandbox's own certificate does not verify
+    ready.source.uri = "mongodb://127.0.0.1:1/?ssl=false&replicaSet=globaldb&retrywrites=false"
+    code, lines = await _preflight(write_config(ready, tmp_path / "c.toml"))
+    assert code == 1, lines
+    tls = next(line for line in lines if "target TLS:" in line)
+    assert tls.startswith("FAIL") and "not verified" in tls and "verified against" not in tls, lines
+    reached = next(line for line in lines if "target reachable:" in line)
+    assert reached.startswith("FAIL") and "Topology Description" not in reached, reached
+    assert "SKIP  target write permission: (target unreachable)" in lines, lines
+    advice = [line.split(" -> ", 1)[1] for line in lines if " -> " in line]
+    assert len(advice) == len(set(advice)), lines
+
+
+async def test_a_migration_already_running_on_the_ledger_is_noticed(tmp_path: Path, sandbox: Sandbox,
+                                                                    source: AsyncMongoClient) -> None:
+    from tests.test_apply import Running, config
+
+    cfg = config(tmp_path, sandbox)
+    await source.app.d.insert_one({"_id": 1})
+    async with Running(cfg):
+        code, lines = await _preflight(write_config(cfg, tmp_path / "c.toml"))
+    assert code == 1, lines
+    line = next(line for line in lines if "no migration running" in line)
+    assert line.startswith("FAIL") and "another cosmigrate daemon already runs cluster test" in line, lines

@@ -1,5 +1,6 @@
 """Server versions: the sandbox reports each Cosmos DB and DocumentDB version as the real servers do, the
-pinned PyMongo works with the supported ones, and the too-old ones are named in one line."""
+pinned PyMongo (through cosmigrate's clients) works with the supported ones, and the too-old ones are named in
+one line."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pymongo.common import MIN_SUPPORTED_WIRE_VERSION
 from pymongo.errors import ConfigurationError, ServerSelectionTimeoutError
 
 from cosmigrate import versions
-from cosmigrate.mongo import change_pipeline
+from cosmigrate.mongo import SOURCE_MIN_WIRE, change_pipeline, source_client
 from cosmigrate.sandbox import Sandbox, beginning_token, make_token
 from cosmigrate.sandbox.cosmos import _token_text
 from cosmigrate.versions import SOURCE, TARGET
@@ -26,9 +27,11 @@ REFUSED_TARGETS = ["3.6", "4.0"]
 
 
 def test_the_pinned_driver_is_the_one_the_table_assumes() -> None:
-    # pyproject pins pymongo>=4.16,<4.18: wire version 8 (MongoDB 4.2) is the floor. A newer driver (4.18+: 9)
-    # would refuse Cosmos 4.2; this test fails first if the pin is loosened.
-    assert MIN_SUPPORTED_WIRE_VERSION == 8
+    # pyproject pins the newest PyMongo, whose floor is wire 9 (MongoDB 4.4): the target keeps it, and the source
+    # client accepts wire 8 (Cosmos DB 4.2) through cosmigrate.mongo's shim (tests/test_driver_shim.py).
+    assert MIN_SUPPORTED_WIRE_VERSION == 9
+    assert SOURCE_MIN_WIRE == 8
+    assert versions.required_wire(SOURCE) == 8 and versions.required_wire(TARGET) == 9
     assert [v.name for v in versions.supported(SOURCE)] == SUPPORTED_SOURCES
     assert [v.name for v in versions.supported(TARGET)] == SUPPORTED_TARGETS
     assert versions.oldest_supported(SOURCE).name == "4.2" and versions.oldest_supported(TARGET).name == "5.0"
@@ -52,7 +55,7 @@ def test_check_answer() -> None:
 async def test_supported_cosmos_versions_through_the_real_client(version: str) -> None:
     expected = versions.COSMOS_VERSIONS[version]
     async with Sandbox(source_version=version) as sb:
-        client: AsyncMongoClient = AsyncMongoClient(sb.source_uri, serverSelectionTimeoutMS=5000)
+        client: AsyncMongoClient = source_client(sb.source_uri, serverSelectionTimeoutMS=5000, document_class=dict)
         try:
             assert (await client.admin.command("buildInfo"))["version"] == expected.build_version
             assert (await client.admin.command("hello"))["maxWireVersion"] == expected.max_wire
@@ -79,9 +82,9 @@ async def test_supported_cosmos_versions_through_the_real_client(version: str) -
 @pytest.mark.parametrize("version", REFUSED_SOURCES)
 async def test_refused_cosmos_versions_are_named_not_thrown(version: str) -> None:
     async with Sandbox(source_version=version) as sb:
-        client: AsyncMongoClient = AsyncMongoClient(sb.source_uri, serverSelectionTimeoutMS=2000)
+        client: AsyncMongoClient = source_client(sb.source_uri, serverSelectionTimeoutMS=2000)
         try:
-            with pytest.raises(ConfigurationError) as info:  # what the driver alone would say
+            with pytest.raises(ConfigurationError) as info:  # what the driver alone would say, shim or not
                 await client.admin.command("ping")
         finally:
             await client.close()
@@ -99,7 +102,7 @@ async def _bare(sb: Sandbox, *commands: dict) -> list[dict]:
 
 
 async def test_cosmos_36_keeps_the_list_form_token() -> None:
-    # 3.6 is refused by the pinned driver, so its feed is read over a bare socket.
+    # 3.6 and 4.0 are refused by the source client, so their feeds are read over a bare socket.
     async with Sandbox(source_version="3.6") as sb, Sandbox(source_version="4.0") as newer:
         for box in (sb, newer):
             (inserted,) = await _bare(box, {"insert": "users", "documents": [{"_id": 1}, {"_id": 2}], "$db": "app"})

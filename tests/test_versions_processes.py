@@ -1,5 +1,6 @@
 """`cosmigrate run` and `cosmigrate preflight` as processes against a server version cosmigrate refuses:
-one line naming the version found, the oldest supported and what to do; never a driver traceback."""
+one line naming the version found, the oldest supported and what to do; never a driver traceback. And the oldest
+supported one (Cosmos DB 4.2, wire 8) migrated by a real process."""
 
 from __future__ import annotations
 
@@ -77,3 +78,39 @@ async def test_preflight_names_the_supported_version(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert any(line.startswith("ok    source reachable: server version 4.2.0") for line in lines), lines
     assert any(line.startswith("ok    target reachable: server version 8.0.0") for line in lines), lines
+
+
+async def test_run_migrates_cosmos_42_odd_documents_as_a_process(tmp_path: Path) -> None:
+    # End to end with a real `cosmigrate run` on the oldest supported source: the wire-8 shim is active in the
+    # daemon process, and the odd documents arrive byte for byte.
+    import signal
+
+    from bson.raw_bson import RawBSONDocument
+    from pymongo import AsyncMongoClient
+
+    from cosmigrate.mongo import RAW, source_client
+    from tests.helpers import assert_converged, wait_for
+    from tests.test_capture_processes import Child
+    from tests.test_e2e_processes import _ctl_ready, ctl
+    from tests.test_odd_bson_roundtrip import NS, ODD
+
+    async with Sandbox(source_version="4.2", target_version="5.0") as sb:
+        source = source_client(sb.source_uri, serverSelectionTimeoutMS=5000)
+        target: AsyncMongoClient = AsyncMongoClient(sb.target_uri, serverSelectionTimeoutMS=5000,
+                                                    tlsCAFile=sb.target_ca_file)
+        try:
+            await source.app.get_collection("odd", codec_options=RAW).insert_many(
+                [RawBSONDocument(raw, RAW) for raw in ODD.values()])
+            config = await _config(tmp_path, sb)
+            child = await Child.start(config)
+            try:
+                await wait_for(lambda: _ctl_ready(config), 60, what="the daemon's control socket")
+                assert (await ctl(config, "writer", "start")).strip() == "writer started"
+                await wait_for(lambda: assert_converged(source, target, [NS]), 90, what="odd documents applied")
+            finally:
+                code = await child.finish(signal.SIGTERM)
+            assert code == 0, "\n".join(child.stderr[-20:])
+            assert not any("Traceback" in line for line in child.stdout + child.stderr)
+        finally:
+            await source.close()
+            await target.close()

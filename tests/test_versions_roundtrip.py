@@ -1,4 +1,4 @@
-"""Capture and apply on the pinned PyMongo against the oldest and the newest supported server versions:
+"""Capture and apply on the pinned PyMongo (through cosmigrate's source client) against the oldest and the newest supported server versions:
 an in-process daemon from a Cosmos DB 4.2 / 7.0 source to a DocumentDB 5.0 / 8.0 / elastic target."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from cosmigrate.daemon import Daemon
+from cosmigrate.mongo import source_client
 from cosmigrate.sandbox import Faults, Sandbox
 from tests.helpers import (
     Workload,
@@ -32,7 +33,8 @@ async def _ready(daemon: Daemon) -> bool:
 async def test_capture_and_apply_round_trip(tmp_path: Path, source_version: str, target_version: str) -> None:
     async with Sandbox(source_faults=Faults(seed=3), target_faults=Faults(seed=3), source_version=source_version,
                        target_version=target_version) as sb:
-        source: AsyncMongoClient = AsyncMongoClient(sb.source_uri, serverSelectionTimeoutMS=5000)
+        # The workload writes through the source client too: the driver alone refuses a 4.2 account (wire 8).
+        source: AsyncMongoClient = source_client(sb.source_uri, serverSelectionTimeoutMS=5000, document_class=dict)
         target: AsyncMongoClient = AsyncMongoClient(sb.target_uri, serverSelectionTimeoutMS=5000,
                                                     tlsCAFile=sb.target_ca_file)
         cfg = make_config(tmp_path, sb.source_uri, sb.target_uri, "file+sqlite", max_batch_events=40)

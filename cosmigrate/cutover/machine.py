@@ -3,30 +3,44 @@
 The steps, in order (`STEPS`):
 
 1. `precheck`: the readiness conditions (writer started, every namespace
-   healthy, nothing deferred, caught up to a recent head), waited for up to
-   `cutover.precheck_timeout_s`; each failing one is named (exit 5).
+   healthy, nothing deferred, caught up to a recent head). Those only an
+   operator clears (writer stopped, a failed namespace, a deferred write)
+   fail at once; the rest are waited for, up to
+   `cutover.precheck_timeout_s`, and `waiting` names them for the client;
+   each failing one is named (exit 5).
 2. `quiesce`: the applications have stopped writing. Every namespace's head
    is sampled twice, `cutover.quiesce_s` apart; if one moved, "the source is
    still being written" (exit 3). The second sample is stored.
 3. `apply`: capture and apply up to the stored heads.
 4. `sweep`: a final delete sweep of every namespace, over everything, with
-   the source quiet (counts are exact, no catch-up waits).
+   the source quiet, comparing `_id`s in every range (equal counts would let
+   a stale and a missing document cancel out); the `_id`s the target lacks
+   go to verification, so the recheck reports them.
 5. `recheck`: verification brought to a clean state: a full pass where none
    completed, documents changed since re-checked from the batch log, every
    mismatch compared again, up to `cutover.recheck_rounds` rounds (exit 6
    with the report when documents still differ).
 6. `finalize`: the source's indexes the target lacks are built, TTL indexes
    included (they could not be live while the source still expired
-   documents); `_ts` expiry cannot be rebuilt and is reported.
+   documents); `_ts` expiry cannot be rebuilt and is reported with its
+   `[ttl]` decision (`cosmigrate.ttl`).
 7. `ttl`: every TTL index the target got during the migration was built
    without its expiry (`cosmigrate.indexplan`); its `expireAfterSeconds`
    is set now, read back first so a second run changes nothing.
 8. `report`: a JSON report (per namespace: documents, verified, deletes,
-   duration, the heads it stopped at) is stored and printed. Exit 0.
+   duration, the heads it stopped at, the source's expiry and the `[ttl]`
+   decision for it) is stored and printed. Exit 0.
 
 Then status says `cutover complete`, the writer is stopped and refuses to
 start again without `--force`; the sweep and verification stop (the target
 belongs to the applications now). The source is never written.
+
+Every ending that is not `complete` returns a report too (`outcome`
+stopped or cancelled, the step, the exit code and why), so `--report`
+always leaves a file. `ctl cutover --cancel` stops a run at its next step
+boundary (or while precheck or apply waits), recorded under `cancelled`
+(exit 7). The report's `started_at` is this run's start;
+`first_started_at` is when the cutover first began.
 
 Resumable: the step is stored (compare-and-set on the ledger's cluster item)
 after each step's work; a kill or a restart continues at the stored step,
@@ -59,13 +73,15 @@ from cosmigrate.nslink import NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
 from cosmigrate.tokens import TokenFormatError, positions
+from cosmigrate.ttl import read_ttl_indexes, ttl_state
 from cosmigrate.verify.report import iso
 from cosmigrate.verify.service import Verification
 
 KIND, KEY = "cutover", "state"
 COMPLETE = "complete"
-EXIT_OK, EXIT_ERROR, EXIT_WRITTEN, EXIT_NOT_READY, EXIT_DIFFERENT = 0, 1, 3, 5, 6
+EXIT_OK, EXIT_ERROR, EXIT_WRITTEN, EXIT_NOT_READY, EXIT_DIFFERENT, EXIT_CANCELLED = 0, 1, 3, 5, 6, 7
 STALL_S = 120.0  # apply making no progress this long fails the `apply` step
+WAITING_LOG_S = 5.0  # how often precheck says what it still waits for
 
 
 class CutoverStop(Exception):
@@ -74,6 +90,10 @@ class CutoverStop(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class CutoverCancelled(CutoverStop):
+    """`ctl cutover --cancel`: the run stopped at a step boundary; the stored step is where the next run starts."""
 
 
 class CutoverHost(Protocol):
@@ -97,8 +117,9 @@ class CutoverHost(Protocol):
     @property
     def gate(self) -> WriterGate: ...
 
-    async def readiness(self) -> list[str]:
-        """The readiness reasons that the cutover itself does not resolve (empty: ready)."""
+    async def readiness(self) -> tuple[list[str], list[str]]:
+        """The readiness reasons that the cutover itself does not resolve, as (needs the operator, clears by
+        itself); both empty: ready."""
 
     async def wait_discovered(self) -> None:
         """Returns once the first namespace discovery round attached every namespace."""
@@ -127,6 +148,10 @@ class Cutover:
         self.state: dict[str, Any] = {}
         self.version = 0
         self.step = ""
+        self.waiting = ""
+        """What precheck waits for right now ("" when it waits for nothing): the client prints it."""
+        self.cancel_by = ""
+        """Who asked to cancel (`ctl cutover --cancel`); the run stops at the next step boundary."""
         self.log = get_logger(component="cutover")
 
     # --- ledger -----------------------------------------------------------------------------
@@ -145,18 +170,46 @@ class Cutover:
 
     # --- the machine ---------------------------------------------------------------------------
 
+    def cancel(self, by: str) -> None:
+        """Stop at the next step boundary (or while precheck waits); the run records who and where."""
+        self.cancel_by = by or "ctl"
+
+    async def _check_cancel(self) -> None:
+        if not self.cancel_by:
+            return
+        self.state["cancelled"] = {"by": self.cancel_by, "at": time.time(), "step": self.step}
+        await self._save()
+        self.log.warning("cutover cancelled", step=self.step, by=self.cancel_by)
+        raise CutoverCancelled(EXIT_CANCELLED, f"cutover cancelled by {self.cancel_by} before the {self.step} step; "
+                                               "run it again to resume from there")
+
+    def _stopped_report(self, stop: CutoverStop, started: float) -> dict[str, Any]:
+        """The report of a run that did not complete: where it stopped and why (the `--report` file gets it too)."""
+        now = time.time()
+        return {
+            "cluster_name": self.cfg.cluster_name, "outcome": "cancelled" if isinstance(stop, CutoverCancelled)
+            else "stopped", "step": self.step, "exit_code": stop.code, "message": str(stop),
+            "started_at": iso(started), "finished_at": iso(now), "duration_s": round(now - started, 3),
+            "first_started_at": iso(float(self.state.get("started_at", started))), "equal": False,
+            "verification": self.state.get("verification"),
+        }
+
     async def run(self) -> Result:
+        started = time.time()  # this run's start: the report's started_at (a resumed cutover keeps its first start)
         await self.load()
         if self.state.get("step") == COMPLETE:
             return Result(EXIT_OK, "cutover is already complete", self.state.get("report"))
         if not self.state:
-            self.state = {"step": STEPS[0].name, "started_at": time.time()}
-            await self._save()
+            self.state = {"step": STEPS[0].name, "started_at": started}
+        self.state["run_started_at"] = started
+        self.state.pop("cancelled", None)
+        await self._save()
         await self.host.wait_discovered()
         names = [s.name for s in STEPS]
         try:
             for step in STEPS[names.index(self.state["step"]):]:
                 self.step = step.name
+                await self._check_cancel()
                 self.log.info("cutover step", step=step.name, what=step.says)
                 await step.run(self)
                 self.host.crash.hit(f"cutover_{step.name}")
@@ -165,7 +218,9 @@ class Cutover:
                 await self._save()
         except CutoverStop as stop:
             self.log.warning("cutover stopped", step=self.step, exit_code=stop.code, reason=str(stop))
-            return Result(stop.code, str(stop), self.state.get("report"))
+            return Result(stop.code, str(stop), self._stopped_report(stop, started))
+        finally:
+            self.waiting = ""
         self.state["finished_at"] = time.time()
         await self._save()
         await self.host.gate.stop()
@@ -217,14 +272,41 @@ class Cutover:
     # --- steps ---------------------------------------------------------------------------------
 
     async def precheck(self) -> None:
+        """Conditions that need the operator (writer stopped, a failed namespace, a deferred write) fail at once;
+        those that clear by themselves (lag, a head not sampled yet) are waited for, and `waiting` says which."""
         deadline = time.monotonic() + self.cfg.cutover.precheck_timeout_s
+        logged = 0.0
         while True:
-            reasons = await self.host.readiness()
-            if not reasons:
+            operator, transient = await self.host.readiness()
+            if not operator and not transient:
+                operator = await self._expiry_undecided()  # a `[ttl]` decision: only the operator makes it
+            if operator:
+                raise CutoverStop(EXIT_NOT_READY, "not ready for cutover (needs you): " + "; ".join(operator + transient))
+            if not transient:
+                self.waiting = ""
                 return
             if time.monotonic() >= deadline:
-                raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(reasons))
+                raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(transient))
+            self.waiting = "; ".join(transient)
+            if time.monotonic() - logged >= WAITING_LOG_S:
+                logged = time.monotonic()
+                self.log.info("cutover precheck waiting", waiting_for=self.waiting[:500])
+            await self._check_cancel()
             await asyncio.sleep(0.5)
+
+    async def _expiry_undecided(self) -> list[str]:
+        """The source's TTL indexes read now (status read them when capture started; one may have been created
+        since): a `_ts` TTL without a `[ttl]` decision stops the cutover like any readiness condition."""
+        out: list[str] = []
+        for ns in self.namespaces:
+            try:
+                indexes, unknown = await read_ttl_indexes(self.host.source, ns)
+            except PyMongoError as exc:
+                indexes, unknown = [], f"the source's indexes could not be read: {redact(str(exc))[:120]}"
+            blocking = ttl_state(ns, indexes, self.cfg, unknown).blocking
+            if blocking:
+                out.append(f"source expiry (TTL) needs a decision, or is not known: {blocking}")
+        return out
 
     async def quiesce(self) -> None:
         first = await self._heads()
@@ -245,6 +327,10 @@ class Cutover:
             link.add_head(at, heads.get(ns) or (await self._heads())[ns])
             progress, since = (link.committed_seq(), link.written_seq()), time.monotonic()
             while not await link.wait_caught_up(at, 5.0):
+                if not self.host.gate.started:  # only an operator starts it again: fail now, not after STALL_S
+                    raise CutoverStop(EXIT_NOT_READY, f"{ns} cannot reach the quiesced head: the writer is stopped "
+                                                      "(run `cosmigrate ctl writer start`, then cutover again)")
+                await self._check_cancel()
                 now = (link.committed_seq(), link.written_seq())
                 if now != progress:
                     progress, since = now, time.monotonic()
@@ -261,6 +347,9 @@ class Cutover:
             await deletes.stop()
             for ns in self.namespaces:
                 counts[ns] = counts.get(ns, 0) + await deletes.final_sweep(ns)
+                missing = deletes.final_missing(ns)
+                if missing and self.host.verification is not None:
+                    await self.host.verification.suspect(ns, missing)
         self.state["deleted"] = counts
         await self._still_quiet()
 
@@ -291,15 +380,16 @@ class Cutover:
             built: list[str] = []
             not_built: list[dict[str, str]] = []
             existing = {ix["name"]: ix async for ix in await self.host.target[db][coll].list_indexes()}
-            async for ix in await self.host.source[db][coll].list_indexes():
-                spec = dict(ix)
+            specs = [dict(ix) async for ix in await self.host.source[db][coll].list_indexes()]
+            decision = ttl_state(ns, specs, self.cfg).decision_text
+            for spec in specs:
                 name = spec.get("name", "")
                 if name == "_id_" or name in existing:
                     continue
                 keys = dict(spec["key"])
                 if "expireAfterSeconds" in spec and list(keys) == ["_ts"]:
-                    not_built.append({"index": name, "reason": "expiry by _ts cannot be rebuilt on DocumentDB: add an "
-                                      "expiry date field and a TTL index on it"})
+                    not_built.append({"index": name, "reason": "expiry by _ts cannot be rebuilt on DocumentDB",
+                                      "ttl_decision": decision})
                     continue
                 why = unsupported_index(spec, target_major)
                 if why:
@@ -321,7 +411,7 @@ class Cutover:
         out: dict[str, Any] = {}
         for ns in self.namespaces:
             try:
-                out[ns] = await enable_ttl(self.host.source, self.host.target, ns)
+                out[ns] = await enable_ttl(self.host.source, self.host.target, ns, self.cfg)
             except PyMongoError as exc:
                 raise CutoverStop(EXIT_ERROR, f"cannot enable the TTL indexes of {ns}: {redact(str(exc))[:200]}") from None
         self.state["ttl"] = out
@@ -329,7 +419,7 @@ class Cutover:
 
     async def report(self) -> None:
         now = time.time()
-        started = float(self.state.get("started_at", now))
+        started = float(self.state.get("run_started_at", self.state.get("started_at", now)))
         verification = self.state.get("verification") or {}
         by_ns = {n["namespace"]: n for n in verification.get("namespaces", [])}
         namespaces = []
@@ -343,6 +433,7 @@ class Cutover:
                 except TokenFormatError:
                     heads.append({"range": "?", "lsn": None})
             v = by_ns.get(ns, {})
+            expiry = ttl_state(ns, [dict(ix) async for ix in await self.host.source[db][coll].list_indexes()], self.cfg)
             deletes = self.host.deletes.fields(ns)["deletes_applied"] if self.host.deletes else 0
             # Proven equal: the last full pass covered every document then; every change since went through the
             # batch log and was re-checked (inserts and updates) or swept (deletes), with the source quiet.
@@ -353,11 +444,13 @@ class Cutover:
                 "final_sweep_deletes": (self.state.get("deleted") or {}).get(ns, 0),
                 "indexes": (self.state.get("finalize") or {}).get(ns, {}), "heads": heads,
                 "ttl": (self.state.get("ttl") or {}).get(ns, []),
+                **expiry.as_dict(),
             })
         equal = bool(verification.get("equal"))
         self.state["report"] = {
-            "cluster_name": self.cfg.cluster_name, "started_at": iso(started), "finished_at": iso(now),
-            "duration_s": round(now - started, 3), "equal": equal,
+            "cluster_name": self.cfg.cluster_name, "outcome": "complete", "started_at": iso(started),
+            "finished_at": iso(now), "duration_s": round(now - started, 3),
+            "first_started_at": iso(float(self.state.get("started_at", started))), "equal": equal,
             "verdict": verification.get("verdict", "not verified"),
             "namespaces": namespaces,
             "not_comparable_as_is": verification.get("not_comparable_as_is", []),

@@ -12,7 +12,10 @@ So a verified delete goes through the applier's ordered path:
 1. everything captured before the check is written first (the applier's
    written seq reaches the committed seq read now), so no older upsert
    queued in the batch log can land after the delete and revive the
-   document;
+   document. This waits as long as it takes (a slow target, a stopped
+   writer, an applier not started yet: its written seq is -1 until then);
+   it never gives up and deletes anyway. The committed seq comes from the
+   ledger when capture starts, so "-1" only ever means "nothing committed";
 2. then, holding the applier's round lock (no apply round runs), the
    candidates are checked at the source (`$in`, MongoDB equality: 1 and
    1.0 are one `_id`) and the absent ones deleted on the target through the
@@ -33,7 +36,9 @@ from bson.raw_bson import RawBSONDocument
 from pymongo import DeleteOne
 
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Mono
 from cosmigrate.idorder import IdDoc, id_order, id_value, order_key
+from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
 
 RECHECK_CHUNK = 1000
@@ -66,12 +71,14 @@ async def present_at_source(coll: Any, ids: list[IdDoc], budget: SourceBudget) -
 class OrderedDeletes:
     def __init__(self, link: NamespaceLink, source_coll: Any, applier: ApplyPort, budget: SourceBudget,
                  catch_up_s: float = 30.0) -> None:
+        """`catch_up_s`: how often a delete still waiting for the applier says so in the log (it keeps waiting)."""
         self.link = link
         self.source = source_coll
         self.applier = applier
         self.budget = budget
         self.catch_up_s = catch_up_s
         self.applied = 0
+        self.log = get_logger(namespace=link.ns, component="deletes")
         self.after_check: Callable[[list[IdDoc]], Awaitable[None]] | None = None
         """Test seam: runs between the source check and the delete (the interleaving tests use it)."""
 
@@ -79,7 +86,7 @@ class OrderedDeletes:
         """Delete, on the target, those of `ids` that the source does not hold; returns how many."""
         if not ids:
             return 0
-        await self.link.wait_written(self.link.committed_seq(), self.catch_up_s)
+        await self._written_up_to(self.link.committed_seq())
         async with self.applier.exclusive():
             present = await present_at_source(self.source, ids, self.budget)
             absent = [i for i in ids if id_order(i) not in present]
@@ -89,3 +96,11 @@ class OrderedDeletes:
                 await self.applier.send([DeleteOne(RawBSONDocument(i)) for i in absent])
         self.applied += len(absent)
         return len(absent)
+
+    async def _written_up_to(self, seq: int) -> None:
+        """Wait until the applier has written every batch up to `seq`, however long that takes."""
+        waited = Mono.now()
+        while not await self.link.wait_written(seq, self.catch_up_s):
+            self.log.info("an ordered delete waits for the applier to write what was captured before it "
+                          "(it never goes ahead of a queued write)", committed_seq=seq,
+                          written_seq=self.link.written_seq(), waited_s=round(waited.elapsed(), 1))

@@ -7,21 +7,32 @@
   `cosmigrate.deletes.lookup` inside its round.
 - Tier 3, the sweep (`deletes.enabled`): one task per namespace runs a pass
   when none has completed yet, and afterwards whenever the source head moved
-  since the last pass started and `deletes.interval_s` passed.
+  since the last pass started and `deletes.interval_s` passed. A namespace
+  whose source expires documents (TTL, `cosmigrate.ttl`) gets a pass every
+  `deletes.interval_s` whether its head moved or not: expiry deletes
+  documents without moving the head.
 
 Readiness: deletes are *reconciled* for a namespace when a sweep pass that
-started after the tier became active has completed, and since that pass
-started either the source head has not moved or less than
-`apply.cutover_threshold_seconds` went by (the same allowance as the lag).
-With the preview on, deletes after that first pass arrive in the feed. With
-neither, deletes are never reconciled and status says so.
+started after the tier became active has completed and its head covers the
+latest sampled head: nothing was written at the source (a delete moves the
+head too) since the moment the pass claims. There is no allowance in time:
+a delete one second after a pass started is not swept by it, and "ready"
+would then be said while the target still holds the document. With the
+preview on, deletes after that first pass arrive in the feed. With neither,
+deletes are never reconciled and status says so. A namespace that expires
+documents is reconciled only by a pass that this process started less than
+`apply.cutover_threshold_seconds` ago (expiry is not in the feed, preview or
+not, and moves no head), on top of the rules above.
+
+Times: the schedule's interval, the expiry rule's age and the preview's
+start are monotonic (`Mono`, this process only); the pass's stored times are
+wall times (`Wall`), shown in status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -29,11 +40,13 @@ from pymongo.errors import PyMongoError
 from cosmigrate.apply import NamespaceApplier, WriteAborted
 from cosmigrate.backoff import Backoff
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Mono
 from cosmigrate.config import Config
 from cosmigrate.deletes.lookup import LookupMisses
 from cosmigrate.deletes.ordered import OrderedDeletes
 from cosmigrate.deletes.sweep import DeleteSweep
 from cosmigrate.deletes.tiers import preview_available, tier_name
+from cosmigrate.idorder import IdDoc
 from cosmigrate.ledger import Fenced, Ledger, LedgerError
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import raw_collection
@@ -41,6 +54,7 @@ from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError
 from cosmigrate.timeouts import cancel_and_wait, check_cancelled, within
+from cosmigrate.tokens import Positions, reached
 
 
 class Deletes:
@@ -50,7 +64,8 @@ class Deletes:
         self.target = target
         self.ledger = ledger
         self.preview = cfg.capture.deletes_preview
-        self.preview_since = time.time() if self.preview else 0.0
+        self.preview_since: Mono | None = Mono.now() if self.preview else None
+        """When the delete preview became active in this process: a pass that started before it does not count."""
         self._detected = not cfg.deletes.detect_preview or self.preview
         self.links: dict[str, NamespaceLink] = {}
         self.sweeps: dict[str, DeleteSweep] = {}
@@ -71,7 +86,7 @@ class Deletes:
         found = await preview_available(self.source, ns)
         if found:
             self.cfg.capture.deletes_preview = self.preview = True
-            self.preview_since = time.time()
+            self.preview_since = Mono.now()
         self.log.info("delete tier", tier=tier_name(self.preview, self.cfg.deletes.enabled),
                       preview="available" if found else "refused" if found is False else "unknown (could not ask)")
 
@@ -113,6 +128,12 @@ class Deletes:
 
     # --- the schedule ----------------------------------------------------------------------
 
+    def _counts(self, sweep: DeleteSweep) -> bool:
+        """A completed pass that started after the preview came on (if it did)."""
+        started = sweep.last_started_mono
+        return sweep.state.completed and (self.preview_since is None
+                                          or (started is not None and started >= self.preview_since))
+
     def _due(self, sweep: DeleteSweep) -> bool:
         s = sweep.state
         if s.running:
@@ -120,14 +141,15 @@ class Deletes:
         head = sweep.link.latest_head()
         if head is None:
             return False  # no head sampled yet: a pass could not say up to where it reconciles
-        if not s.last_finished_at or s.last_started_at < self.preview_since:
+        if not self._counts(sweep):
             return True
-        if head == s.last_head:
+        if _covers(s.last_head, head) and not sweep.link.expires():
             return False
         if sweep.ns in self._kicked:
             self._kicked.discard(sweep.ns)
             return True
-        return time.time() - s.last_started_at >= self.cfg.deletes.interval_s
+        started = sweep.last_started_mono
+        return started is None or started.elapsed() >= self.cfg.deletes.interval_s
 
     async def certify(self, limit_s: float) -> None:
         """`ctl status`: a namespace whose source changed since its last pass gets one now, waited for a moment.
@@ -135,18 +157,32 @@ class Deletes:
         So that status right after the applications stopped writing can say "reconciled" without waiting
         for `deletes.interval_s`; bounded, a pass that takes longer simply shows as not reconciled yet.
         """
+        asked = Mono.now()
         stale = [ns for ns, sw in self.sweeps.items() if ns in self._tasks and not sw.state.running
-                 and sw.state.last_finished_at and sw.link.latest_head() != sw.state.last_head]
+                 and sw.state.completed and (not _covers(sw.state.last_head, sw.link.latest_head()) or self._expired(sw))]
         if not stale:
             return
         self._kicked.update(stale)
 
+        def covered(sweep: DeleteSweep) -> bool:
+            if sweep.link.expires():
+                started = sweep.last_started_mono
+                return started is not None and started >= asked  # a pass begun after the question
+            return _covers(sweep.state.last_head, sweep.link.latest_head())
+
         async def settled(sweep: DeleteSweep) -> None:
             async with sweep.completed:
-                await sweep.completed.wait_for(lambda: sweep.link.latest_head() == sweep.state.last_head)
+                await sweep.completed.wait_for(lambda: covered(sweep))
 
         with contextlib.suppress(TimeoutError):
             await within(asyncio.gather(*(settled(self.sweeps[ns]) for ns in stale)), limit_s)
+
+    def _expired(self, sweep: DeleteSweep) -> bool:
+        """The source expires documents and the last pass started too long ago (or in another process) to vouch
+        for the documents that expired since (the same allowance as the lag)."""
+        started = sweep.last_started_mono
+        return sweep.link.expires() and (started is None
+                                         or started.elapsed() >= self.cfg.apply.cutover_threshold_seconds)
 
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]
@@ -186,27 +222,40 @@ class Deletes:
             sweep.budget.share = self.cfg.deletes.max_source_share
         return sweep.state.last_deleted
 
+    def final_missing(self, ns: str) -> list[IdDoc]:
+        """The `_id`s the last final sweep found at the source but not on the target (for verification)."""
+        sweep = self.sweeps.get(ns)
+        return list(sweep.missing) if sweep is not None else []
+
     # --- status ----------------------------------------------------------------------------
 
-    def reconciled(self, ns: str, now: float) -> tuple[bool, str]:
+    def reconciled(self, ns: str) -> tuple[bool, str]:
         """Whether deletes of `ns` are reconciled (see the module docstring), and why not."""
         sweep = self.sweeps.get(ns)
         if sweep is None:
+            link = self.links.get(ns)
+            if link is not None and link.expires():
+                return False, ("the source expires documents (TTL), which no change event shows, and deletes.enabled "
+                               "is false: expired documents stay on the target")
             if self.preview:
                 return True, ""
             return False, "no delete tier: the account has no delete preview and deletes.enabled is false"
         s = sweep.state
-        if not s.last_finished_at or s.last_started_at < self.preview_since:
+        if not self._counts(sweep):
             return False, "no delete sweep has completed yet"
+        if self._expired(sweep):
+            started = sweep.last_started_mono
+            return False, ("the source expires documents (TTL) and the last sweep started "
+                           + (f"{started.elapsed():.0f}s ago" if started is not None else "before this process"))
         if self.preview:
             return True, ""
         head = sweep.link.latest_head()
-        if head is not None and head == s.last_head:
+        if head is None:
+            return False, "no source head sampled yet"
+        if _covers(s.last_head, head):
             return True, ""
-        age = now - s.last_started_at
-        if age < self.cfg.apply.cutover_threshold_seconds:
-            return True, ""
-        return False, f"the source changed since the last sweep started {age:.0f}s ago"
+        return False, (f"the source changed since the last completed sweep pass started at {s.last_started_at.iso()}"
+                       + ("; a pass is running" if s.running else ""))
 
     def fields(self, ns: str) -> dict[str, Any]:
         sweep = self.sweeps.get(ns)
@@ -214,15 +263,21 @@ class Deletes:
         applied = (sweep.state.deletes_applied if sweep else 0) + (lookups.deleted if lookups else 0)
         return {
             "deletes_tier": tier_name(self.preview, sweep is not None),
-            "deletes_reconciled_at": sweep.state.last_started_at if sweep and sweep.state.last_finished_at else 0.0,
+            # Wall seconds, made ISO by the caller (status shows every wall time so).
+            "deletes_reconciled_at": sweep.state.last_started_at.s if sweep and sweep.state.completed else 0.0,
             "deletes_applied": applied,
             "sweep_progress": sweep.progress() if sweep else None,
         }
 
-    def reasons(self, namespaces: list[str], now: float) -> list[str]:
+    def reasons(self, namespaces: list[str]) -> list[str]:
         stale = []
         for ns in namespaces:
-            ok, why = self.reconciled(ns, now)
+            ok, why = self.reconciled(ns)
             if not ok:
                 stale.append(f"{ns} ({why})")
         return [f"deletes not reconciled since the last change: {'; '.join(stale)}"] if stale else []
+
+
+def _covers(claimed: Positions | None, latest: Positions | None) -> bool:
+    """A pass's head covers the latest sampled head: nothing was written at the source after the pass's sample."""
+    return claimed is not None and latest is not None and reached(claimed, latest)

@@ -188,5 +188,11 @@ class Ledger(Protocol):
     async def delete_progress(self, ns: str, kind: str, key: str, *, epoch: int | None) -> None:
         """Remove a progress item (absent is fine); fenced like `put_progress`."""
 
+    async def purge(self, ns: str | None, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove a namespace's items (meta, batches, progress), or with `ns` None every item of the cluster
+        (`cosmigrate ledger reset` / `drop-cluster`); the counts per kind ({"namespaces", "batches", "progress",
+        "control"}). `dry_run` only counts. Unfenced: the caller checks first that no daemon holds them
+        (`cosmigrate.ledgeradmin.holder`). The meta goes last, so a purge cut short can be run again."""
+
     async def close(self) -> None:
         """Release the connection."""

@@ -91,6 +91,8 @@ _REASONS_IN_MESSAGE = re.compile(r"\[([A-Za-z, ]+)\]\s*$")
 _code = error_code
 
 
+PURGE_PARALLEL = 16  # DeleteItem requests in flight during `ledger reset` / `drop-cluster`
+
 class _LedgerClient(LazyClient):
     """The shared lazy DynamoDB client with botocore's retries off: `DynamoLedger._call` retries instead.
 
@@ -558,6 +560,44 @@ class DynamoLedger:
                                        fence)
         except _ConditionFailed:
             raise self._fenced(ns, epoch or 0, await self.get_namespace(ns)) from None
+
+    async def _keys(self, pk: str, prefix: str = "") -> list[dict[str, Any]]:
+        condition = "pk = :pk" + (" AND begins_with(sk, :prefix)" if prefix else "")
+        values = {":pk": pk, **({":prefix": prefix} if prefix else {})}
+        return await self._query(KeyConditionExpression=condition, ProjectionExpression="pk, sk",
+                                 ExpressionAttributeValues=self._item(values))
+
+    async def _delete_keys(self, keys: list[dict[str, Any]]) -> None:
+        """DeleteItem for each key, PURGE_PARALLEL at a time (a TaskGroup: one failure cancels the rest)."""
+        limit = asyncio.Semaphore(PURGE_PARALLEL)
+
+        async def one(key: dict[str, Any]) -> None:
+            async with limit:
+                await self._call("delete_item", TableName=self.table, Key=key)
+
+        async with asyncio.TaskGroup() as group:
+            for key in keys:
+                group.create_task(one(key))
+
+    async def purge(self, ns: str | None, *, dry_run: bool = False) -> dict[str, int]:
+        names = [ns] if ns is not None else [m.ns for m in await self.list_namespaces()] + [""]
+        counts = {"batches": 0, "progress": 0, "namespaces": 0, **({"control": 0} if ns is None else {})}
+        for name in names:
+            batches = await self._keys(f"{self.cluster}#{name}") if name else []
+            progress = await self._keys(f"{self.cluster}|progress#{name}")
+            counts["batches"] += len(batches)
+            counts["progress"] += len(progress)
+            if not dry_run:
+                await self._delete_keys(batches + progress)
+        if ns is not None:
+            metas = [self._meta_key(ns)] if await self.get_namespace(ns) is not None else []
+        else:
+            metas = await self._keys(self.cluster)  # every namespace meta and the control item, last
+            counts["control"] = sum(1 for k in metas if k["sk"]["S"] == "control")
+        counts["namespaces"] = len(metas) - counts.get("control", 0)
+        if not dry_run:
+            await self._delete_keys(metas)
+        return counts
 
     async def close(self) -> None:
         await self._client.close()

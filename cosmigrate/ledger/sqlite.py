@@ -10,6 +10,7 @@ fences the loser.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -153,22 +154,43 @@ class SqliteLedger:
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc) or "busy" in str(exc):
                     raise LedgerUnavailable(f"ledger {self.path}: {exc}") from exc
+                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    raise LedgerError(f"ledger {self.path}: {exc} (nothing was written; free space on its "
+                                      "file system)") from exc
                 raise LedgerError(f"ledger {self.path}: {exc}") from exc
             except (sqlite3.Error, OSError) as exc:
                 raise LedgerError(f"ledger {self.path}: {exc}") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
-    @staticmethod
-    def _tx(conn: sqlite3.Connection, body: Callable[[], T]) -> T:
+    def _tx(self, conn: sqlite3.Connection, body: Callable[[], T]) -> T:
+        """`body` and its COMMIT as one write transaction; on any failure the connection leaves it, and the
+        first error is the one raised.
+
+        SQLite rolls some failures back by itself (a full disk met by a statement or by the COMMIT) and
+        keeps the transaction open after others (a COMMIT that meets SQLITE_BUSY). A connection left inside
+        a transaction refuses every later BEGIN, so the namespace would stop for good; and a ROLLBACK sent
+        after SQLite's own would fail with "no transaction is active", hiding the real cause (disk full).
+        """
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = body()
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._leave_transaction(conn)
             raise
-        conn.execute("COMMIT")
         return result
+
+    def _leave_transaction(self, conn: sqlite3.Connection) -> None:
+        """Roll back if still inside a transaction; a connection that cannot leave it is closed (reopened on use)."""
+        if not conn.in_transaction:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.close()
+            if conn is self._conn:
+                self._conn = None
 
     @staticmethod
     def _meta(row: tuple[Any, ...]) -> NamespaceMeta:
@@ -428,6 +450,23 @@ class SqliteLedger:
             self._tx(conn, body)
 
         await self._run(run)
+
+    async def purge(self, ns: str | None, *, dry_run: bool = False) -> dict[str, int]:
+        where, args = ("cluster=? AND ns=?", (self.cluster, ns)) if ns is not None else ("cluster=?", (self.cluster,))
+        tables = ("batches", "progress", "namespaces") + (("control",) if ns is None else ())
+
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            def body() -> dict[str, int]:
+                counts: dict[str, int] = {}
+                for table in tables:  # one transaction: all or nothing
+                    counts[table] = int(conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", args).fetchone()[0])
+                    if not dry_run:
+                        conn.execute(f"DELETE FROM {table} WHERE {where}", args)
+                return counts
+
+            return self._tx(conn, body)
+
+        return await self._run(run)
 
     async def close(self) -> None:
         def shut(conn: sqlite3.Connection) -> None:

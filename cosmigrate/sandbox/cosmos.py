@@ -204,6 +204,10 @@ class CosmosSource(MongoServer):
         self.store.partitions = lambda ns: self.faults.partitions_of(ns)
         self.throttled: dict[int, int] = {}
         """Throttled answers by error code (16500, 50), for tests."""
+        self.feed_events = 0
+        """Change events served by every change stream so far (a probe's documents bound is checked on it)."""
+        self.last_request: dict[int, dict[str, Any]] = {}
+        """Per connection, what `getLastRequestStatistics` answers: the previous request's name and charge."""
 
     def uri(self) -> str:
         return (
@@ -355,7 +359,7 @@ class CosmosSource(MongoServer):
 
     async def before_command(self, name: str, body: dict[str, Any]) -> None:
         await super().before_command(name, body)
-        self.store.expire(time.time() + self.faults.ttl_clock_advance_s)
+        self.store.expire(time.time() + self.faults.ttl_clock_advance_s, self.faults.ttl_lazy_delete)
         if self.faults.chance(self.faults.throttle_rate):
             await self._throttle()
         ns = self._ns_of(name, body)
@@ -377,6 +381,34 @@ class CosmosSource(MongoServer):
         self._spend(ns, kind, units)
 
     async def dispatch(self, request: wire.Request, conn_id: int) -> dict[str, Any]:
+        """Answer one request and remember its charge for the connection's `getLastRequestStatistics`."""
+        name = request.command_name
+        if name.lower() == "getlastrequeststatistics":
+            return await super().dispatch(request, conn_id)
+        started = time.monotonic()
+        self.units.begin()
+        try:
+            return await self._dispatch_charged(request, conn_id)
+        finally:
+            charge = self.units.end()
+            if name not in self.UNTHROTTLED:
+                self.last_request[conn_id] = {
+                    "CommandName": name, "RequestCharge": round(charge, 2),
+                    "RequestDurationInMilliSeconds": Int64(round((time.monotonic() - started) * 1000)),
+                    "ActivityId": f"{conn_id:08x}-{self.commands:012x}"}
+
+    def connection_closed(self, conn_id: int) -> None:
+        self.last_request.pop(conn_id, None)
+
+    def cmd_getlastrequeststatistics(self, req: wire.Request, db: str, body: dict[str, Any],
+                                     conn_id: int) -> dict[str, Any]:
+        """Cosmos's `getLastRequestStatistics`: the request charge of this connection's previous request."""
+        last = self.last_request.get(conn_id)
+        if last is None:
+            raise CommandError(2, "no previous request on this connection")
+        return {**last, "ok": 1.0}
+
+    async def _dispatch_charged(self, request: wire.Request, conn_id: int) -> dict[str, Any]:
         name = request.command_name
         read = name in self.READS and not self._is_feed(name, request.body)
         reply = await super().dispatch(request, conn_id)
@@ -399,6 +431,7 @@ class CosmosSource(MongoServer):
             reply["children"] = [list(left), list(right)]
         reply["requestUnits"] = self.units.snapshot()
         reply["throttled"] = {str(code): n for code, n in self.throttled.items()}
+        reply["feedEvents"] = Int64(self.feed_events)
         return reply
 
     # --- Cosmos's own commands ------------------------------------------------------------
@@ -409,6 +442,8 @@ class CosmosSource(MongoServer):
         action = body.get("customAction")
         if action == "CreateCollection":
             return self._create_collection(db, body)
+        if action in ("GetCollection", "GetDatabase"):
+            return self._describe(db, action, body)
         if action != "GetChangeStreamTokens":
             raise CommandError(2, f"Unsupported customAction {action!r}")
         if self.faults.no_head_tokens:
@@ -438,6 +473,24 @@ class CosmosSource(MongoServer):
             tokens.append(token)
         self._spend(coll.ns, "feed", REQUEST_RU)
         return {"resumeAfterTokens": tokens, "ok": 1.0}
+
+    def cmd_collstats(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
+        if self.faults.refuse_collstats:
+            raise CommandError(13, f"not authorized on {db} to execute command collStats", "Unauthorized")
+        return super().cmd_collstats(req, db, body, conn_id)
+
+    def _describe(self, db: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """GetCollection / GetDatabase: the provisioned RU/s (`ru_per_s`, dedicated to each collection), as Cosmos
+        reports it; an unlimited sandbox (ru_per_s 0) reports none, like a serverless account."""
+        reply: dict[str, Any] = {"database": db, "ok": 1.0}
+        if action == "GetCollection":
+            name = body.get("collection")
+            if not isinstance(name, str) or self.store.get(db, name) is None:
+                raise CommandError(26, f"Collection {db}.{name} does not exist", "NamespaceNotFound")
+            reply["collection"] = name
+            if self.faults.ru_per_s > 0:
+                reply["provisionedThroughput"] = int(self.faults.ru_per_s)
+        return reply
 
     def _create_collection(self, db: str, body: dict[str, Any]) -> dict[str, Any]:
         name = body.get("collection")
@@ -668,6 +721,7 @@ class CosmosSource(MongoServer):
             pid = cursor.pid if cursor.pid is not None else feed.partition_of(key).pid
             cursor.spent[pid] = cursor.spent.get(pid, 0.0) + read_cost(len(raw))
             out.append(RawBSONDocument(raw))
+        self.feed_events += len(out)
         return out
 
     def _charge_feed(self, cursor: ChangeStreamCursor) -> None:

@@ -44,6 +44,8 @@ class Faults:
     """Refuse GetChangeStreamTokens with Unauthorized (13), as a key without the permission would."""
     no_head_tokens: bool = False
     """Answer GetChangeStreamTokens with CommandNotFound, as an old account would."""
+    refuse_collstats: bool = False
+    """Refuse collStats with Unauthorized (13), as a user without the clusterMonitor-like read would be."""
     head_throttle_rate: float = 0.0
     """Share of GetChangeStreamTokens calls answered with 16500 (on top of throttle_rate)."""
     token_kind: int = 0
@@ -66,6 +68,9 @@ class Faults:
     """The EnableTtlOnCustomPath capability: TTL indexes on a date field instead of only on `_ts`."""
     ttl_clock_advance_s: float = 0.0
     """TTL expiry runs this many seconds ahead of the wall clock (tests make documents expire without waiting)."""
+    ttl_lazy_delete: bool = False
+    """Expired documents vanish from every read at once but their delete is deferred (Cosmos deletes expired
+    documents in the background, when request units allow): expiry does not move the head."""
     partitions: int = 1
     """Physical partitions of each source collection created from now on (each with its own LSN log and an even
     share of `ru_per_s` for its change-stream reads)."""

@@ -20,10 +20,16 @@ most one second of units and may be overdrawn by the request that empties
 it; the next requests wait for the refill. Charges are counted per kind of
 work (`feed`: change streams and GetChangeStreamTokens; `read`; `write`)
 whether or not a budget is set, so a benchmark can report what a run cost.
+
+Each request's own charge is also summed while it runs (`begin` / `end`, keyed
+by the connection's task, since the server answers one request at a time per
+connection): Cosmos's `getLastRequestStatistics` reports it per connection,
+and `cosmigrate plan` reads the RU per document from it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, field
@@ -59,6 +65,8 @@ class RequestUnits:
 
     charged: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     _budgets: dict[str, _Budget] = field(default_factory=dict)
+    _open: dict[asyncio.Task[object], float] = field(default_factory=dict)
+    """The charge so far of the request each connection task is answering."""
 
     def _budget(self, ns: str, rate: float) -> _Budget:
         budget = self._budgets.get(ns)
@@ -74,8 +82,22 @@ class RequestUnits:
         budget = self._budget(ns, rate)
         return 0.0 if budget.level > 0 else (-budget.level + 1e-3) / rate
 
+    def begin(self) -> None:
+        """A request starts on this connection's task: its own charge counts from 0."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._open[task] = 0.0
+
+    def end(self) -> float:
+        """The units charged to the request this task answered (0 when it was never begun)."""
+        task = asyncio.current_task()
+        return self._open.pop(task, 0.0) if task is not None else 0.0
+
     def charge(self, ns: str | None, kind: str, units: float, rate: float) -> None:
         self.charged[kind] += units
+        task = asyncio.current_task()
+        if task is not None and task in self._open:
+            self._open[task] += units
         if ns is not None and rate > 0:
             self._budget(ns, rate).level -= units
 

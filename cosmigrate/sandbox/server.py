@@ -201,6 +201,10 @@ class MongoServer:
             if task is not None:
                 self._handlers.discard(task)
             writer.transport.abort()
+            self.connection_closed(conn_id)
+
+    def connection_closed(self, conn_id: int) -> None:
+        """Personality hook: forget what was kept per connection."""
 
     async def _answer(self, conn_id: int, request_id: int, op_code: int, payload: bytes) -> bytes | None:
         try:
@@ -234,7 +238,8 @@ class MongoServer:
 
     UNTHROTTLED = frozenset(
         {"hello", "ismaster", "isMaster", "ping", "buildInfo", "buildinfo", "endSessions",
-         "killCursors", "cosmigrateSandbox", "saslStart", "saslContinue", "getLastError"}
+         "killCursors", "cosmigrateSandbox", "saslStart", "saslContinue", "getLastError",
+         "getLastRequestStatistics"}
     )
 
     async def dispatch(self, request: wire.Request, conn_id: int) -> dict[str, Any]:

@@ -430,13 +430,14 @@ class Collection:
             self.feed.record(key, op)
         self._notify()
 
-    def remove(self, key: Hashable, emit_delete: bool = False) -> None:
+    def remove(self, key: Hashable, emit_delete: bool = False, moves_log: bool = True) -> None:
+        """`moves_log=False`: gone from every read, but the partition's log (its head LSN) does not move."""
         if key not in self.docs:
             return
         self._unindex(key, self.unique_indexes)
         del self.docs[key]
         self._stamps.pop(key, None)
-        if self.feed is not None:
+        if self.feed is not None and moves_log:
             self.feed.record(key, "delete", emit_delete=emit_delete)
             if not emit_delete:
                 # Keep the id so that a delete-preview event can still name it.
@@ -481,13 +482,16 @@ class Collection:
         if deadline is not None:
             heapq.heappush(self._expiry, (deadline, stamp, key))
 
-    def expire(self, now: float) -> int:
-        """Remove the documents whose time is up. Never in the change feed, not even with the delete preview."""
+    def expire(self, now: float, lazy: bool = False) -> int:
+        """Remove the documents whose time is up. Never in the change feed, not even with the delete preview.
+
+        `lazy`: as Cosmos does under load, an expired document is hidden from every read at once but deleted
+        later, in the background: the head does not move at expiry (the sandbox never moves it for them)."""
         n = 0
         while self._expiry and self._expiry[0][0] <= now:
             _, stamp, key = heapq.heappop(self._expiry)
             if self._stamps.get(key) == stamp and key in self.docs:
-                self.remove(key, emit_delete=False)
+                self.remove(key, emit_delete=False, moves_log=not lazy)
                 n += 1
         return n
 
@@ -553,9 +557,9 @@ class Store:
     def get(self, db: str, coll: str) -> Collection | None:
         return self.databases.get(db, {}).get(coll)
 
-    def expire(self, now: float) -> int:
+    def expire(self, now: float, lazy: bool = False) -> int:
         """TTL: remove every document whose time is up (collections with a TTL index only)."""
-        return sum(c.expire(now) for colls in self.databases.values() for c in list(colls.values())
+        return sum(c.expire(now, lazy) for colls in self.databases.values() for c in list(colls.values())
                    if c.ttl is not None)
 
     def get_or_create(self, db: str, coll: str) -> Collection:

@@ -25,6 +25,7 @@ from cosmigrate.backoff import Backoff
 from cosmigrate.budget import SourceBudget
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
+from cosmigrate.idorder import IdDoc
 from cosmigrate.ledger import Fenced, Ledger, LedgerError
 from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
@@ -50,8 +51,9 @@ async def collection_notes(source: Any, namespaces: Iterable[str]) -> dict[str, 
                 if "expireAfterSeconds" in ix:
                     keys = ",".join(ix["key"].keys())
                     if keys == "_ts":
-                        why.append("expires by _ts at the source (TTL): DocumentDB cannot rebuild that index; add an "
-                                   "expiry date field and a TTL index on it after cutover")
+                        why.append("expires by _ts at the source (TTL): DocumentDB cannot rebuild that index (the "
+                                   "[ttl] decision for it is in status and the cutover report); expired documents "
+                                   "are removed from the target by the delete sweep")
                     else:
                         why.append(f"TTL index on {keys} at the source: expired documents are removed from the target "
                                    "by the delete sweep until cutover builds the index there")
@@ -191,6 +193,16 @@ class Verification:
             if not left:
                 break
         return left
+
+    async def suspect(self, ns: str, ids: list[IdDoc]) -> int:
+        """Compare these documents now and record what differs; returns how many do.
+
+        The cutover's final delete sweep hands over the `_id`s the target lacks: a verifier whose full pass
+        completed earlier would otherwise never look at them again (nothing in the batch log names them).
+        """
+        await self._load(ns)
+        async with self._locks[ns]:
+            return await self.verifiers[ns].recheck(ids)
 
     async def report(self, started_at: float, limit: int, namespaces: Iterable[str] | None = None) -> dict[str, Any]:
         names = sorted(namespaces if namespaces is not None else self.verifiers)

@@ -46,6 +46,14 @@ fi
 if [ "$VENV" = 1 ] && [ -z "$RELEASE" ]; then
   die "--release URL_OR_FILE and --sha256 HEX are required (an unpinned install is not offered)"
 fi
+# Before anything is fetched or a venv created: Amazon Linux 2023's python3 is 3.9, and pip would fail deep inside.
+if [ "$VENV" = 1 ]; then
+  PYVER="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)"
+  if ! [[ "$PYVER" =~ ^([0-9]+)\.([0-9]+)$ ]] || [ "${BASH_REMATCH[1]}" -lt 3 ] \
+      || { [ "${BASH_REMATCH[1]}" -eq 3 ] && [ "${BASH_REMATCH[2]}" -lt 11 ]; }; then
+    die "$PYTHON is Python ${PYVER:-(not found)}; cosmigrate needs 3.11 or later: install python3.11 (Amazon Linux 2023: sudo dnf install -y python3.11) and run again with PYTHON=python3.11"
+  fi
+fi
 
 UNITS="$HERE"                      # units, from this checkout unless a release brings its own
 CLOUDWATCH="$HERE/../cloudwatch"   # agent configuration and logrotate rule, likewise
@@ -90,6 +98,10 @@ if [ "$VENV" = 1 ]; then
   PIP=("$ROOT/opt/cosmigrate/venv/bin/python" -m pip --disable-pip-version-check --quiet)
   "${PIP[@]}" install --require-hashes --no-deps --only-binary=:all: -r "$DIR/requirements.lock"
   "${PIP[@]}" install --no-deps --no-index "$WHEEL"
+  # --no-deps never asks whether the lock satisfies the wheel's requirements: pip check does.
+  if ! CHECK="$("$ROOT/opt/cosmigrate/venv/bin/python" -m pip --disable-pip-version-check check 2>&1)"; then
+    die "the release's requirements.lock does not satisfy cosmigrate $VERSION (pip check: $(echo "$CHECK" | head -n 3 | tr '\n' ' '))"
+  fi
   say "installed cosmigrate $VERSION into /opt/cosmigrate/venv"
 fi
 # On PATH for every user: operators run `cosmigrate ctl ...` without knowing where the venv is.
@@ -103,7 +115,9 @@ install -d -m 0700 "$ROOT/etc/cosmigrate/credentials"
 CONFIG="$ROOT/etc/cosmigrate/cosmigrate.toml"
 if [ ! -e "$CONFIG" ]; then
   cat > "$CONFIG" <<'TOML'
-# cosmigrate configuration. Every key and its default: see the README.
+# cosmigrate configuration. Every key and its default: see the README. check-config refuses every CHANGE-ME
+# left: set cluster_name, store.url, ledger.url, aws.region here, the connection strings in cosmigrate.env
+# (or Secrets Manager ARNs as source.uri / target.uri), and download target.tls_ca_file.
 cluster_name = "CHANGE-ME"            # e.g. the Cosmos DB account name
 
 [source]
@@ -118,6 +132,9 @@ url = "s3://CHANGE-ME-bucket/cosmigrate"   # the ChangeBatchBucket output of cor
 
 [ledger]
 url = "dynamodb://CHANGE-ME-table"         # the LedgerTable output of core-resources.yaml
+
+[aws]
+region = "CHANGE-ME"                      # the stack's region, e.g. eu-west-1
 
 [capture]
 start_at = "beginning"                 # the full load through the change feed; "now" if you copy by other means

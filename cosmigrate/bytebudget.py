@@ -1,0 +1,154 @@
+"""Bytes read from the source but not yet in the store: one budget per namespace, under one per process.
+
+Why: `capture.max_unflushed_bytes` must bound a namespace's memory whatever
+its partition count, and `capture.max_unflushed_bytes_total` the whole
+daemon's, or a 100-partition backfill behind a slow store outgrows
+`MemoryMax`. Everything a watcher holds counts, from the moment the driver
+holds it: a fetched page (PyMongo buffers a whole getMore answer), the
+watcher's unsealed events, and sealed batches queued at the committer. A
+watcher reserves room before it asks for a page (`reserve`), turns the
+reservation into the page's real size once it arrived (`fetched`), and the
+committer gives the bytes back once the batch is in the store (`release`).
+
+A page's size is known only after it arrived, so a reservation is a guess:
+the namespace's largest recent page. Until its first non-empty page, a
+namespace fetches one page at a time (the guess is unknown, and eight
+concurrent first pages could hold eight pages). A fetch that does not fit
+waits for the committer to release bytes; one that would never fit (a page
+larger than the limit) goes through once the level holds nothing, alone, so
+an oversized page never deadlocks capture. Held bytes thus stay within the
+limit plus one page (more only if pages grow beyond every recent one while
+several are in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+
+class ByteBudget:
+    def __init__(self, limit: int, parent: ByteBudget | None = None) -> None:
+        self.limit = limit
+        self.parent = parent
+        self.used = 0
+        """Bytes held: fetched pages, unsealed events, sealed batches not yet in the store."""
+        self.reserved = 0
+        """Room promised to fetches in flight (their pages have not arrived)."""
+        self.in_flight = 0
+        self.peak = 0
+        """The most bytes ever held at once (tests and metrics)."""
+        self.largest_page = 0
+        self.hint: int | None = None
+        """What a fetch with no page size of its own reserves: the largest recent page; None until one was seen."""
+        self._root: ByteBudget = parent._root if parent is not None else self
+        self._wake = asyncio.Event()
+        """The root's: set (and replaced) whenever bytes or reservations change at any level."""
+        self._closed = False
+        self.held_at_close = 0
+        """What `close` gave back for it: 0 after a clean drain (every byte was accounted for)."""
+        self._waiters: deque[object] = deque()
+        """The root's: fetches waiting, in arrival order (a stream that asks again at once never starves them)."""
+
+    def child(self, limit: int) -> ByteBudget:
+        """A namespace's budget: its bytes count here too."""
+        return ByteBudget(limit, self)
+
+    def _levels(self) -> list[ByteBudget]:
+        return [self] if self.parent is None else [self, *self.parent._levels()]
+
+    def _fits(self, need: int | None) -> bool:
+        if need is None:
+            if self.in_flight:
+                return False  # the page size is unknown yet: one fetch at a time
+            need = 0
+        for level in self._levels():
+            held = level.used + level.reserved
+            if held and held + need > level.limit:
+                return False  # an empty level lets any page through, alone
+        return True
+
+    def expect(self, last_page: int | None) -> int | None:
+        """What a fetch reserves: the size of the stream's previous page, else the namespace's recent largest."""
+        return last_page if last_page is not None else self.hint
+
+    def has_room(self, last_page: int | None = None) -> bool:
+        """Would a fetch start now?"""
+        return not self._root._waiters and self._fits(self.expect(last_page))
+
+    async def reserve(self, last_page: int | None = None, give_up: Callable[[], bool] = lambda: False) -> int | None:
+        """Wait for room for one page; the reservation to hand to `fetched` (or `cancel`), or None once
+        `give_up()` is true (checked at every change and at `wake`). Fetches are served in arrival order."""
+        root = self._root
+        me = object()
+        root._waiters.append(me)
+        try:
+            while root._waiters[0] is not me or not self._fits(self.expect(last_page)):
+                if give_up():
+                    return None
+                await root._wake.wait()
+        finally:
+            root._waiters.remove(me)
+            self._notify()  # the next in line may fit too
+        need = self.expect(last_page) or 0
+        for level in self._levels():
+            level.reserved += need
+        self.in_flight += 1
+        return need
+
+    def fetched(self, reservation: int, nbytes: int) -> None:
+        """The page arrived: it holds `nbytes` from now on, in place of its reservation."""
+        if self._closed:
+            return
+        self.in_flight -= 1
+        for level in self._levels():
+            level.reserved -= reservation
+            level.used += nbytes
+            level.peak = max(level.peak, level.used)
+        if nbytes:
+            self.largest_page = max(self.largest_page, nbytes)
+            # Follow growth at once, shrink slowly: the first page of a stream is guessed from recent ones.
+            hint = self.hint or 0
+            self.hint = nbytes if nbytes >= hint else hint - (hint - nbytes) // 8
+        self._notify()
+
+    def cancel(self, reservation: int) -> None:
+        """The fetch failed: nothing arrived."""
+        if self._closed:
+            return
+        self.in_flight -= 1
+        for level in self._levels():
+            level.reserved -= reservation
+        self._notify()
+
+    def release(self, nbytes: int) -> None:
+        """Bytes no longer held (their batch is in the store, or they were dropped)."""
+        if nbytes <= 0 or self._closed:
+            return
+        for level in self._levels():
+            level.used -= nbytes
+        self._notify()
+
+    def close(self) -> None:
+        """The namespace's capture ended (drained, or cancelled with batches still queued): give back to the
+        parents whatever it still held or reserved, so a stopped namespace never shrinks the daemon's budget."""
+        if self._closed:
+            return
+        self.held_at_close = self.used + self.reserved
+        for level in self._levels()[1:]:
+            level.used -= self.used
+            level.reserved -= self.reserved
+        self.used = self.reserved = self.in_flight = 0
+        self._closed = True
+        self._notify()
+
+    def wake(self) -> None:
+        """Make every waiter check again (their `give_up` may have become true)."""
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake every waiter (they check their own condition again); later waiters wait on a fresh event."""
+        root = self._root
+        root._wake.set()
+        root._wake = asyncio.Event()

@@ -1,0 +1,1 @@
+"""`cosmigrate plan`: what the migration will take before it starts (see planner)."""

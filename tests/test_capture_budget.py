@@ -1,0 +1,181 @@
+"""`capture.max_unflushed_bytes` bounds a namespace whatever its partition count, and
+`capture.max_unflushed_bytes_total` the process (issue 23, part 5).
+
+Real parts: the sandbox source with 8 physical partitions, the real capture
+(one watcher per partition, one committer), a real local store slowed down
+(every put waits) and the SQLite ledger. What a namespace holds is watched
+two ways: the bytes sealed but not yet committed (`status.unflushed_bytes`,
+sampled: it existed before the budget) and the budget's own peak, which also
+counts the driver's pages and the watchers' buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson.raw_bson import RawBSONDocument
+
+from cosmigrate import capture
+from cosmigrate.bytebudget import ByteBudget
+from cosmigrate.capture import NamespaceCapture
+from cosmigrate.config import Config
+from cosmigrate.ledger import open_ledger
+from cosmigrate.mongo import source_client
+from cosmigrate.sandbox import Sandbox
+from cosmigrate.stores import open_store
+from cosmigrate.timeouts import cancel_and_wait, within
+from tests.helpers import make_config, prepare_backends, wait_for
+
+DOCS_PER_NS = 24000
+PAD = 10
+PUT_DELAY_S = 0.05
+
+
+class SlowStore:
+    """The real local store, every put waiting first: a slow S3."""
+
+    def __init__(self, inner: Any, delay_s: float) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.delay_s = delay_s
+        self.puts = 0
+
+    async def put(self, key: str, data: bytes) -> None:
+        await asyncio.sleep(self.delay_s)  # the store's latency, not a synchronisation
+        self.puts += 1
+        await self.inner.put(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def _fill(sandbox: Sandbox, namespaces: list[str], docs_per_ns: int = DOCS_PER_NS) -> None:
+    client = source_client(sandbox.source_uri)
+    try:
+        for ns in namespaces:
+            db, _, coll = ns.partition(".")
+            docs = [{"_id": i, "pad": "x" * PAD} for i in range(docs_per_ns)]
+            for start in range(0, len(docs), 500):
+                await client[db][coll].insert_many(docs[start:start + 500])
+    finally:
+        await client.close()
+
+
+async def _capture(cfg: Config, sandbox: Sandbox, namespaces: list[str], process: ByteBudget,
+                   monkeypatch: pytest.MonkeyPatch, docs_per_ns: int = DOCS_PER_NS) -> dict[str, Any]:
+    """Capture `namespaces` from the beginning until every document is committed; the peaks seen."""
+    buffers: dict[str, list[Any]] = {}
+    add = capture._Buffer.add
+
+    def counted_add(buf: Any, raw: bytes, token: bytes, now: float) -> None:
+        # Instruments the real buffer (the watchers' unsealed events), whichever namespace it belongs to.
+        ns = RawBSONDocument(raw)["ns"]
+        owner = f"{ns['db']}.{ns['coll']}"
+        if not any(b is buf for b in buffers.setdefault(owner, [])):
+            buffers[owner].append(buf)
+        add(buf, raw, token, now)
+
+    monkeypatch.setattr(capture._Buffer, "add", counted_add)
+    source = source_client(sandbox.source_uri)
+    ledger = open_ledger(cfg)
+    store = SlowStore(open_store(cfg), PUT_DELAY_S)
+    caps = {ns: NamespaceCapture(ns, await ledger.claim(ns, "test"), source, store, ledger, cfg, budget=process)
+            for ns in namespaces}
+    sampled = dict.fromkeys(namespaces, 0)
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        # A measurement, not a synchronisation: the most bytes seen at once per namespace in its watchers'
+        # buffers plus its sealed batches not yet committed.
+        while not done.is_set():
+            total = 0
+            for ns, cap in caps.items():
+                held = cap.status.unflushed_bytes + sum(b.nbytes for b in buffers.get(ns, []))
+                sampled[ns] = max(sampled[ns], held)
+                total += held
+            sampled["process"] = max(sampled.get("process", 0), total)
+            await asyncio.sleep(0.002)
+
+    tasks = [asyncio.create_task(cap.run()) for cap in caps.values()]
+    sampler = asyncio.create_task(sample())
+    try:
+        async def all_committed() -> bool:
+            for cap in caps.values():
+                assert cap.status.state not in ("failed", "fenced"), cap.status.last_error
+            return all(cap.status.committed_events >= docs_per_ns for cap in caps.values())
+
+        await wait_for(all_committed, 120, interval=0.05, what="every document committed")
+        for cap in caps.values():
+            cap.stop()
+        await within(asyncio.gather(*tasks), 30)
+    finally:
+        done.set()
+        await cancel_and_wait([*tasks, sampler])
+        await store.close()
+        await ledger.close()
+        await source.close()
+    assert store.puts > 8, "the store was not the bottleneck"
+    return {"sampled": sampled, "caps": caps}
+
+
+def _config(tmp_path: Path, sandbox: Sandbox, limit: int, total: int, batch: int) -> Config:
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite", max_batch_bytes=batch,
+                      max_unflushed_bytes=limit, max_unflushed_bytes_total=total)
+    cfg.capture.max_batch_age_s = 5.0  # batches are cut because they are full, as in a backfill
+    return cfg
+
+
+@pytest.mark.parametrize("partitions", [8])
+async def test_a_namespace_with_many_partitions_holds_at_most_its_limit_plus_one_page(
+    tmp_path: Path, sandbox: Sandbox, partitions: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sandbox.source.faults.partitions = partitions
+    limit = 1024 * 1024
+    # Batches of half the limit: before the budget, eight watchers each sealed one with no check (4x the limit).
+    cfg = _config(tmp_path, sandbox, limit=limit, total=64 * limit, batch=limit // 2)
+    await prepare_backends(cfg)
+    await _fill(sandbox, ["app.wide"])
+    process = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+    seen = await _capture(cfg, sandbox, ["app.wide"], process, monkeypatch)
+    budget = seen["caps"]["app.wide"].budget
+    bound = limit + budget.largest_page
+    assert budget.largest_page < limit / 2, "pages as large as the limit prove nothing"
+    # Sampled: the budget gives a batch's bytes back once it is in the store, before its ledger commit.
+    assert seen["sampled"]["app.wide"] <= bound + cfg.capture.max_batch_bytes, \
+        f"buffers and sealed batches held {seen['sampled']['app.wide']} (limit {limit}, page {budget.largest_page})"
+    assert budget.peak <= bound, f"held {budget.peak} (limit {limit}, page {budget.largest_page})"
+    assert budget.held_at_close == 0 and process.used == process.reserved == 0, "bytes left counted after the drain"
+
+
+async def test_the_process_limit_holds_across_namespaces(tmp_path: Path, sandbox: Sandbox,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    sandbox.source.faults.partitions = 4
+    limit = 1024 * 1024
+    total = 1280 * 1024  # less than two namespaces' limits
+    cfg = _config(tmp_path, sandbox, limit=limit, total=total, batch=96 * 1024)
+    await prepare_backends(cfg)
+    namespaces = ["app.one", "app.two"]
+    await _fill(sandbox, namespaces)
+    process = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+    seen = await _capture(cfg, sandbox, namespaces, process, monkeypatch)
+    pages = sum(seen["caps"][ns].budget.largest_page for ns in namespaces)
+    assert seen["sampled"]["process"] <= total + pages + 2 * cfg.capture.max_batch_bytes, seen["sampled"]
+    assert process.peak <= total + pages, f"the process held {process.peak} (limit {total}, pages {pages})"
+    assert process.peak > limit, "the process limit was never the one that bound"
+
+
+async def test_a_page_larger_than_the_limit_still_goes_through_alone(tmp_path: Path, sandbox: Sandbox,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    sandbox.source.faults.partitions = 4
+    batch = 16 * 1024
+    cfg = _config(tmp_path, sandbox, limit=batch, total=batch, batch=batch)  # every page is larger than this
+    await prepare_backends(cfg)
+    await _fill(sandbox, ["app.big"], 2000)
+    process = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+    seen = await _capture(cfg, sandbox, ["app.big"], process, monkeypatch, 2000)
+    budget = seen["caps"]["app.big"].budget
+    assert budget.largest_page > batch
+    assert process.peak <= batch + budget.largest_page
