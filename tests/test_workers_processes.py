@@ -225,3 +225,70 @@ async def test_run_workers_supervises_and_restarts_its_children(
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 90) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_rolling_restart_leaves_no_unit_ownerless_longer_than_a_renew_interval(
+    request, backend: str, tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient
+) -> None:
+    from cosmigrate.leases import LeaseTable
+    from cosmigrate.leases.records import WorkerId
+    from cosmigrate.ledger import open_ledger
+
+    cfg, config = await _setup(request, backend, tmp_path, sandbox, source, PARTITIONS)
+    workload = Workload(source, NAMESPACES, keys_per_ns=200, seed=23)
+    names = ["w1", "w2", "w3"]
+    socks = {n: worker_socket(cfg.control.socket, n) for n in names}
+    workers = {n: await Child.start(config, COSMIGRATE_WORKER=n) for n in names}
+    ledger = open_ledger(cfg)
+    table = LeaseTable(ledger, WorkerId("test-observer"))
+    free_since: dict[str, float] = {}
+    longest: dict[str, float] = {}
+    watching = asyncio.Event()
+
+    async def watch() -> None:
+        while not watching.is_set():
+            now = time.monotonic()
+            for rec in await table.leases():
+                if rec.free:
+                    free_since.setdefault(rec.unit, now)
+                    longest[rec.unit] = max(longest.get(rec.unit, 0.0), now - free_since[rec.unit])
+                else:
+                    free_since.pop(rec.unit, None)
+            await asyncio.sleep(0.1)
+
+    async def spread() -> bool:
+        held = held_by(await status(socks["w1" if workers["w1"].proc.returncode is None else "w2"]))
+        assert len(held) == 3 and all(held.values()) and sum(map(len, held.values())) == len(NAMESPACES), held
+        return True
+
+    stop = asyncio.Event()
+    writes: asyncio.Task | None = None
+    watcher: asyncio.Task | None = None
+    try:
+        await wait_for(lambda: status(socks["w1"]), 60, what="w1's control socket")
+        await writer_start(socks["w1"])
+        await wait_for(spread, 90, interval=1.0, what="every worker to hold some units")
+        watcher = asyncio.create_task(watch())
+        writes = asyncio.create_task(workload.run(10**9, stop, pace_s=0.002))
+        for name in names:
+            assert await workers[name].finish(signal.SIGTERM) == 0, workers[name].stderr[-5:]
+            workers[name] = await Child.start(config, COSMIGRATE_WORKER=name)
+            await wait_for(spread, 90, interval=1.0, what=f"{name} back with some units")
+    finally:
+        stop.set()
+        if writes is not None:
+            await writes
+        watching.set()
+        if watcher is not None:
+            await watcher
+    try:
+        await wait_for(lambda: assert_converged(source, target, NAMESPACES), 120, interval=1.0, what="convergence")
+    finally:
+        for child in workers.values():
+            assert await child.finish(signal.SIGTERM) == 0, child.stderr[-5:]
+        await ledger.close()
+    # Handed over at each SIGTERM, taken at the others' next read of the leases (every renew interval); the
+    # 0.1 s poll of this observer and one conditional write are the slack.
+    assert longest, "no handover was observed"
+    assert max(longest.values()) <= cfg.leases.renew_s + 1.0, longest

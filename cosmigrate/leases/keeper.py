@@ -109,13 +109,20 @@ class LeaseKeeper:
             await asyncio.sleep(self.cfg.renew_s)
 
     async def balance_loop(self) -> None:
+        """Read the leases every `min(balance_s, renew_s)`: a unit handed over or expired is taken within
+        about one renew interval (a rolling restart leaves nothing ownerless for longer), while steals,
+        which move a unit that is being served, happen at most once per `balance_s`."""
+        last_steal = Mono.now().minus(self.cfg.balance_s)
         while True:
             try:
-                await self.balance_once()
+                steal = last_steal.elapsed() >= self.cfg.balance_s
+                await self.balance_once(steal=steal)
+                if steal:
+                    last_steal = Mono.now()
             except LedgerError as exc:
                 self.log.warning("lease balance round failed; will retry", error=redact(str(exc)))
             try:
-                await within(self._kick.wait(), self.cfg.balance_s)
+                await within(self._kick.wait(), min(self.cfg.balance_s, self.cfg.renew_s))
             except TimeoutError:
                 pass
             self._kick.clear()
@@ -161,7 +168,7 @@ class LeaseKeeper:
             self._hb_version = await self.table.heartbeat_version()  # removed as silent by another worker: rewrite
             self._hb_version = await self.table.heartbeat(self._hb_version, sorted(self.held))
 
-    async def balance_once(self) -> None:
+    async def balance_once(self, steal: bool = True) -> None:
         async with self._busy:
             now = Mono.now()
             leases = await self.table.leases()
@@ -185,7 +192,7 @@ class LeaseKeeper:
                         self._dead(leases))
             for rec in todo.take:
                 await self._take(rec, now, stolen=False)
-            if todo.steal is not None:
+            if todo.steal is not None and steal:
                 await self._take(todo.steal, now, stolen=True)
             await self._forget_silent(now)
 
