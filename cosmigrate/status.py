@@ -218,9 +218,11 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         operator.append(f"namespaces not healthy: {', '.join(failed)} failed (see last_error; `cosmigrate ctl retry "
                         "NAMESPACE` once fixed)")
     elsewhere = [why for lease, why in lease_blocks if lease == ELSEWHERE]
-    if elsewhere:  # judged on their own worker; a cutover here cannot stop their writes: stop the other workers
+    if elsewhere:  # judged on their own worker; a cutover here cannot stop their writes: stop the other workers.
+        # Not an operator reason: a worker that just started sees a crashed holder's lease as held until it is
+        # taken (at once under its own lock, else after expiry), and a cutover started then must wait, not fail.
         more = f"; and {len(elsewhere) - 10} more" if len(elsewhere) > 10 else ""
-        operator.append(f"units held by other workers (stop them to cut over here): {'; '.join(elsewhere[:10])}{more}")
+        reasons.append(f"units held by other workers (stop them to cut over here): {'; '.join(elsewhere[:10])}{more}")
     waiting = [why for lease, why in lease_blocks if lease != ELSEWHERE]
     if waiting:  # ownerless (taken at the next balance round), or in a new owner's fence wait
         more = f"; and {len(waiting) - 10} more" if len(waiting) > 10 else ""
