@@ -380,6 +380,9 @@ class Daemon:
                 assert self.keeper is not None
                 # Each unit gets its lease item (once, cluster-wide); the balance round decides who runs it.
                 await self.keeper.offer(names, start_at)
+                # Take this worker's share now, inside the round: what waits for the first round (a cutover,
+                # verification) then finds the units it holds started, as with a single process.
+                await self.keeper.balance_once(steal=False)
                 for ns, why in self.start_failures.items():
                     refused.setdefault(ns, why)
                 self._not_captured(refused)
