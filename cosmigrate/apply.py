@@ -34,7 +34,6 @@ import collections
 import contextlib
 import itertools
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ from pymongo.errors import (
 
 from cosmigrate.backoff import Backoff
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
-from cosmigrate.clock import Mono
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.identity import identity
@@ -200,21 +199,23 @@ class ApplyStatus:
     state: str = "idle"
     applied_seq: int = -1
     written_seq: int = -1
+    positioned: bool = False
+    """Whether applied_seq/written_seq were read from the ledger (until then -1 means "not known yet")."""
     deferred: int = 0
     deferred_reason: str = ""
     """Why writes are deferred when the cause is known to be lasting (a Cosmos/DocumentDB unique-index mismatch)."""
-    last_error_at: float = 0.0
+    last_error_at: Wall | None = None
     last_error: str = LastError()  # type: ignore[assignment]
     """The latest error; cleared by the next round that succeeds."""
     cycles_broken: int = 0
     events_applied: int = 0
     deletes_applied: int = 0
     """Delete events (delete preview) written to the target and acknowledged (metrics)."""
-    recent: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=600))
+    recent: collections.deque[tuple[Mono, int]] = field(default_factory=lambda: collections.deque(maxlen=600))
 
     def throughput(self, window_s: float = 60.0) -> float:
-        """Events applied per second over the last minute."""
-        now = time.time()
+        """Events applied per second over the last minute (a rate: the monotonic clock)."""
+        now = Mono.now()
         events = sum(n for t, n in self.recent if now - t <= window_s)
         return events / window_s
 
@@ -409,7 +410,7 @@ class NamespaceApplier:
         self._unmarked: dict[int, tuple[int, str]] = {}  # seq -> (events, key), written but applied_seq held back
         self._unreleased: dict[str, None] = {}  # applied batch objects the store has not yet let expire, oldest first
         self._release_backoff = Backoff(base=5.0, cap=300.0)
-        self._release_after = 0.0  # monotonic
+        self._release_after: Mono | None = None
         self._unique: list[UniqueIndex] | None = None
         self._mismatch_of: tuple[frozenset[bytes], str] = (frozenset(), "")
         self._round_lock = asyncio.Lock()
@@ -471,6 +472,7 @@ class NamespaceApplier:
             self._become_fenced(f"{self.ns}: taken over before apply started (epoch {meta.epoch if meta else '?'}, mine {self.epoch})")
             return
         self.status.applied_seq = self.status.written_seq = meta.applied_seq if meta else -1
+        self.status.positioned = True
         self.status.state = "running"
         self.status.last_error = ""
         backoff.reset()
@@ -659,8 +661,8 @@ class NamespaceApplier:
             self._unmarked = {s: v for s, v in self._unmarked.items() if s > new_applied}
             self.status.applied_seq = new_applied
             self.status.events_applied += events
-            self.status.recent.append((time.time(), events))
-            self._release_after = 0.0  # new objects to release: try now
+            self.status.recent.append((Mono.now(), events))
+            self._release_after = None  # new objects to release: try now
         await self._release_objects()
         return bool(records)
 
@@ -675,7 +677,7 @@ class NamespaceApplier:
         while True:
             try:
                 await self.ledger.mark_applied(self.ns, self._epoch, self.status.applied_seq, new_applied, events,
-                                               time.time())
+                                               Wall.now().s)  # wall seconds in the ledger
                 return
             except SeqConflict as exc:
                 raise ApplyFailed(f"applied_seq moved under this applier: {exc}") from exc
@@ -698,7 +700,7 @@ class NamespaceApplier:
         restart (and beyond MAX_UNRELEASED): those objects are then kept for
         good, which costs storage, never data.
         """
-        if not self._unreleased or time.monotonic() < self._release_after:
+        if not self._unreleased or (self._release_after is not None and Mono.now() < self._release_after):
             return
         keys = list(self._unreleased)[:RELEASE_PER_ROUND]
         errors: list[str] = []
@@ -717,7 +719,7 @@ class NamespaceApplier:
 
         await _all(release(k) for k in keys)
         if errors:
-            self._release_after = time.monotonic() + self._release_backoff.next_delay()
+            self._release_after = Mono.now() + self._release_backoff.next_delay()
             self.log.warning("could not mark applied batches for expiry; will retry (they are kept meanwhile)",
                              count=len(errors), error=redact(errors[0]))
         else:

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import bson
 from pymongo.errors import OperationFailure, PyMongoError
 
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.freshness import Freshness, HeadSample
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
@@ -97,6 +97,15 @@ async def estimate_count(source: Any, ns: str) -> int | None:
         return None
 
 
+def _secs(t: Wall | None) -> float:
+    """A stored wall time: seconds since the epoch, 0 for none."""
+    return t.s if t is not None else 0.0
+
+
+def _wall(value: object) -> Wall | None:
+    return Wall(float(value)) if isinstance(value, int | float) and value else None
+
+
 @dataclass
 class NamespaceBackfill:
     """One namespace's phase and progress; the stored item is the truth, this object its live view."""
@@ -104,26 +113,29 @@ class NamespaceBackfill:
     ns: str
     phase: str = TAILING
     head: Positions = field(default_factory=dict)
-    started_at: float = 0.0
-    completed_at: float = 0.0
+    started_at: Wall | None = None
+    completed_at: Wall | None = None
     estimated: int | None = None
-    estimated_at: float = 0.0
+    estimated_at: Wall | None = None
     reason: str = ""
     barrier: HeadSample | None = None
-    exists_checked: float = -EXISTS_CHECK_S
-    rate: collections.deque[tuple[float, int]] = field(default_factory=lambda: collections.deque(maxlen=256))
+    exists_checked: Mono | None = None
+    rate: collections.deque[tuple[Mono, int]] = field(default_factory=lambda: collections.deque(maxlen=256))
+    """(when, applied events) over the last RATE_WINDOW_S: the rate and ETA are monotonic-clock durations."""
 
     def data(self) -> bytes:
-        return bson.encode({"phase": self.phase, "head": encode_head(self.head), "started_at": self.started_at,
-                            "completed_at": self.completed_at, "estimated": self.estimated,
-                            "estimated_at": self.estimated_at, "reason": self.reason})
+        """The stored item: wall times as seconds since the epoch."""
+        return bson.encode({"phase": self.phase, "head": encode_head(self.head), "started_at": _secs(self.started_at),
+                            "completed_at": _secs(self.completed_at), "estimated": self.estimated,
+                            "estimated_at": _secs(self.estimated_at), "reason": self.reason})
 
     @classmethod
     def from_doc(cls, ns: str, doc: dict[str, Any]) -> NamespaceBackfill:
         est = doc.get("estimated")
         return cls(ns, phase=str(doc.get("phase", TAILING)), head=decode_head(doc.get("head")),
-                   started_at=float(doc.get("started_at", 0.0)), completed_at=float(doc.get("completed_at", 0.0)),
-                   estimated=int(est) if est is not None else None, estimated_at=float(doc.get("estimated_at", 0.0)),
+                   started_at=_wall(doc.get("started_at")), completed_at=_wall(doc.get("completed_at")),
+                   estimated=int(est) if est is not None else None,
+                   estimated_at=_wall(doc.get("estimated_at")),
                    reason=str(doc.get("reason", "")))
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -155,13 +167,13 @@ class NamespaceBackfill:
                 estimated = await estimate_count(source, ns)
             except PyMongoError:
                 estimated = None
-            now = time.time()
+            now = Wall.now()
             state = cls(ns, BACKFILL, head, started_at=now, estimated=estimated, estimated_at=now)
             await ledger.put_progress(ns, KIND, KEY, state.data(), epoch=epoch)
             get_logger(namespace=ns).info("backfill begins: the head at its start is stored",
                                           head=str(encode_head(head)), estimated=estimated)
         else:
-            state = cls(ns, TAILING, started_at=time.time())
+            state = cls(ns, TAILING, started_at=Wall.now())
             await ledger.put_progress(ns, KIND, KEY, state.data(), epoch=epoch)
         if state.phase == BACKFILL and state.head:
             state.barrier = freshness.add_barrier(state.head)
@@ -182,13 +194,13 @@ class NamespaceBackfill:
         return self.barrier.seq <= committed_seq and self.barrier.seq <= applied_seq
 
     async def finish(self, ledger: Ledger, epoch: int) -> None:
-        self.phase, self.completed_at = TAILING, time.time()
+        self.phase, self.completed_at = TAILING, Wall.now()
         await ledger.put_progress(self.ns, KIND, KEY, self.data(), epoch=epoch)
         get_logger(namespace=self.ns).info("backfill complete: the head sampled at its start is applied; tailing",
-                                           seconds=round(self.completed_at - self.started_at, 1))
+                                           seconds=round(self.completed_at - self.started_at, 1) if self.started_at else None)
 
     async def dropped(self, ledger: Ledger, epoch: int) -> None:
-        self.phase, self.completed_at = DROPPED, time.time()
+        self.phase, self.completed_at = DROPPED, Wall.now()
         self.reason = ("the collection was dropped at the source during its backfill: the copy on the target is "
                        "incomplete; drop it on the target and exclude the namespace (capture.exclude), or recreate "
                        "it at the source and migrate it again under a new cluster name")
@@ -198,13 +210,13 @@ class NamespaceBackfill:
 
     async def refresh_estimate(self, source: Any, ledger: Ledger, epoch: int) -> bool:
         """Re-read the count every ESTIMATE_REFRESH_S; False when the collection no longer exists."""
-        if time.time() - self.estimated_at < ESTIMATE_REFRESH_S:
+        if self.estimated_at is not None and Wall.now() - self.estimated_at < ESTIMATE_REFRESH_S:  # the stored time: the next process goes on
             return True
         try:
             count = await estimate_count(source, self.ns)
         except OperationFailure:
             return False  # NamespaceNotFound
-        self.estimated_at = time.time()
+        self.estimated_at = Wall.now()
         if count is not None:
             self.estimated = count
             try:
@@ -215,9 +227,9 @@ class NamespaceBackfill:
 
     # --- status ---------------------------------------------------------------------------------
 
-    def fields(self, applied_events: int, now: float | None = None) -> dict[str, Any]:
+    def fields(self, applied_events: int, now: Mono | None = None) -> dict[str, Any]:
         """The status fields: phase, documents copied / estimated, percent, rate and ETA."""
-        now = time.monotonic() if now is None else now
+        now = Mono.now() if now is None else now
         self.rate.append((now, applied_events))
         while self.rate and now - self.rate[0][0] > RATE_WINDOW_S:
             self.rate.popleft()
@@ -285,8 +297,9 @@ async def backfill_loop(daemon: Daemon, interval_s: float = 0.25) -> None:
                         builder.backfill_done.set()
                     continue
                 gone = not await state.refresh_estimate(daemon.source, daemon.ledger, cap.epoch)
-                if not gone and cap.status.state == "failed" and time.monotonic() - state.exists_checked > EXISTS_CHECK_S:
-                    state.exists_checked = time.monotonic()  # a listing costs request units: not every round
+                if not gone and cap.status.state == "failed" and (
+                        state.exists_checked is None or state.exists_checked.elapsed() > EXISTS_CHECK_S):
+                    state.exists_checked = Mono.now()  # a listing costs request units: not every round
                     gone = not await collection_exists(daemon.source, ns)
                 if gone:
                     await state.dropped(daemon.ledger, cap.epoch)

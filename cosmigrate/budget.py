@@ -13,13 +13,13 @@ with share 1 (the applications are stopped).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from pymongo.errors import ConnectionFailure, OperationFailure
 
 from cosmigrate.backoff import Backoff, retry_after_s
+from cosmigrate.clock import Mono
 
 T = TypeVar("T")
 THROTTLED = 16500
@@ -39,7 +39,7 @@ class SourceBudget:
         backoff = Backoff(base=0.2, cap=10.0)
         failures = 0
         while True:
-            t0 = time.monotonic()
+            t0 = Mono.now()
             try:
                 result = await fn()
             except OperationFailure as exc:
@@ -58,7 +58,7 @@ class SourceBudget:
                     raise
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            spent = time.monotonic() - t0
+            spent = t0.elapsed()
             self.requests += 1
             self.busy_s += spent
             if self.share < 1.0:

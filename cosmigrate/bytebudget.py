@@ -16,7 +16,10 @@ namespace fetches one page at a time (the guess is unknown, and eight
 concurrent first pages could hold eight pages). A fetch that does not fit
 waits for the committer to release bytes; one that would never fit (a page
 larger than the limit) goes through once the level holds nothing, alone, so
-an oversized page never deadlocks capture. Held bytes thus stay within the
+an oversized page never deadlocks capture. Waiting fetches are served in
+arrival order at each level: a fetch joins the process's queue only once it
+is first in its namespace's and fits there, so a namespace waiting on its own
+full budget (its store slow or failing) never holds up another namespace. Held bytes thus stay within the
 limit plus one page (more only if pages grow beyond every recent one while
 several are in flight).
 """
@@ -26,6 +29,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+
+
+class _Waiter:
+    """One fetch waiting for room."""
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        self.queued = 0
+        """In the queues of this many levels, from its namespace's up."""
 
 
 class ByteBudget:
@@ -48,8 +61,10 @@ class ByteBudget:
         self._closed = False
         self.held_at_close = 0
         """What `close` gave back for it: 0 after a clean drain (every byte was accounted for)."""
-        self._waiters: deque[object] = deque()
-        """The root's: fetches waiting, in arrival order (a stream that asks again at once never starves them)."""
+        self._waiters: deque[_Waiter] = deque()
+        """Fetches waiting at this level, in arrival order (a stream that asks again at once never starves them).
+        A parent's holds only fetches its children's limits let through: one child's full limit holds up no
+        other child."""
 
     def child(self, limit: int) -> ByteBudget:
         """A namespace's budget: its bytes count here too."""
@@ -58,15 +73,31 @@ class ByteBudget:
     def _levels(self) -> list[ByteBudget]:
         return [self] if self.parent is None else [self, *self.parent._levels()]
 
-    def _fits(self, need: int | None) -> bool:
+    def _room_at(self, level: ByteBudget, need: int | None) -> bool:
         if need is None:
             if self.in_flight:
                 return False  # the page size is unknown yet: one fetch at a time
             need = 0
-        for level in self._levels():
-            held = level.used + level.reserved
-            if held and held + need > level.limit:
-                return False  # an empty level lets any page through, alone
+        held = level.used + level.reserved
+        return not held or held + need <= level.limit  # an empty level lets any page through, alone
+
+    def _fits(self, need: int | None) -> bool:
+        return all(self._room_at(level, need) for level in self._levels())
+
+    def _admitted(self, me: _Waiter, need: int | None) -> bool:
+        """May `me` fetch now? It queues at each level from its own up, and reaches a parent's queue only while it
+        is first at the level below and fits there; held back at one level, it leaves the queues above.
+        O(1) for a fetch that waits where it waited before (every waiter checks again at every change)."""
+        levels = self._levels()
+        for i, level in enumerate(levels):
+            if me.queued <= i:
+                level._waiters.append(me)
+                me.queued = i + 1
+            if level._waiters[0] is not me or not self._room_at(level, need):
+                for above in levels[i + 1:me.queued]:
+                    above._waiters.remove(me)
+                me.queued = min(me.queued, i + 1)
+                return False
         return True
 
     def expect(self, last_page: int | None) -> int | None:
@@ -75,21 +106,21 @@ class ByteBudget:
 
     def has_room(self, last_page: int | None = None) -> bool:
         """Would a fetch start now?"""
-        return not self._root._waiters and self._fits(self.expect(last_page))
+        return not any(level._waiters for level in self._levels()) and self._fits(self.expect(last_page))
 
     async def reserve(self, last_page: int | None = None, give_up: Callable[[], bool] = lambda: False) -> int | None:
         """Wait for room for one page; the reservation to hand to `fetched` (or `cancel`), or None once
         `give_up()` is true (checked at every change and at `wake`). Fetches are served in arrival order."""
         root = self._root
-        me = object()
-        root._waiters.append(me)
+        me = _Waiter()
         try:
-            while root._waiters[0] is not me or not self._fits(self.expect(last_page)):
+            while not self._admitted(me, self.expect(last_page)):
                 if give_up():
                     return None
                 await root._wake.wait()
         finally:
-            root._waiters.remove(me)
+            for level in self._levels()[:me.queued]:
+                level._waiters.remove(me)
             self._notify()  # the next in line may fit too
         need = self.expect(last_page) or 0
         for level in self._levels():

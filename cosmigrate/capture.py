@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +41,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 from cosmigrate.backoff import Backoff, retry_after_s
 from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
 from cosmigrate.bytebudget import ByteBudget
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.freshness import Freshness
@@ -111,8 +111,8 @@ class SealedBatch:
     events: list[bytes]
     nbytes: int
     token: bytes
-    first_at: float
-    last_at: float
+    first_at: Wall
+    last_at: Wall
     unit: Range | None = None
     """The partition range it was read from (None: the whole-collection stream)."""
     seq: int = -1
@@ -143,10 +143,10 @@ class CaptureStatus:
     """What status shows for a namespace's capture side."""
 
     state: str = "starting"
-    last_error_at: float = 0.0
+    last_error_at: Wall | None = None
     last_error: str = LastError()  # type: ignore[assignment]
     """The latest error, cleared when the part that reported it (source side or store/ledger side) works again."""
-    last_contact: float = 0.0
+    last_contact: Wall | None = None
     events_read: int = 0
     committed_seq: int = -1
     committed_events: int = 0
@@ -164,7 +164,7 @@ class CaptureStatus:
     """The source collection's TTL indexes, read at start (None: not yet); status judges them (`cosmigrate.ttl`)."""
     ttl_unknown: str = ""
     """Why those indexes could not be read ("" when they were)."""
-    started_at: float = field(default_factory=time.time)
+    started_at: Wall = field(default_factory=Wall.now)
     partitions: list[dict[str, str]] = field(default_factory=list)
     """One entry per partition unit (range, state tailing/split/failed, error); empty for a single stream."""
 
@@ -191,13 +191,13 @@ class _Buffer:
 
     events: list[bytes] = field(default_factory=list)
     nbytes: int = 0
-    first_at: float = 0.0
-    last_at: float = 0.0
+    first_at: Wall = Wall(0.0)
+    last_at: Wall = Wall(0.0)
     boundaries: list[tuple[int, bytes]] = field(default_factory=list)  # (events before it, token there)
     base_token: bytes = b""  # a position at or before events[0]
     page_token: bytes | None = None  # token of the page being read
 
-    def add(self, raw: bytes, token: bytes, now: float) -> None:
+    def add(self, raw: bytes, token: bytes, now: Wall) -> None:
         if token != self.page_token:
             self.mark_boundary()
             self.page_token = token
@@ -501,9 +501,9 @@ class NamespaceCapture:
                         asks = not page_events(stream)  # this call may ask for a page (None: cannot tell)
                         if asks and not await self._room_for_a_page(buf, where, page):
                             break
-                        asked = time.monotonic()
+                        asked = Mono.now()
                         change = await self._fetching(page, stream if asks else None, stream.try_next)
-                        now = time.time()
+                        now = Wall.now()
                         self.status.last_contact = now
                         backoff.reset()
                         if self._error_from == "source":
@@ -515,7 +515,7 @@ class NamespaceCapture:
                             if token is not None and not buf.events:
                                 # Nothing unsealed: every event up to here is in batches <= the last sealed seq.
                                 self._mark(where, token, self._next_seq - 1)
-                            if time.monotonic() - asked < fast_s:
+                            if asked.elapsed() < fast_s:
                                 # An empty page that came back at once: a throttled stream. Asking again at
                                 # once spins and burns request units; back off (capped, reset by an event).
                                 self.status.empty_pages += 1
@@ -578,7 +578,7 @@ class NamespaceCapture:
         if buf.events and not self.budget.has_room(page.last):
             try:
                 page.reservation = await within(self.budget.reserve(page.last, stopping),
-                                                max(0.0, self.cap.max_batch_age_s - (time.time() - buf.first_at)))
+                                                max(0.0, self.cap.max_batch_age_s - (Wall.now() - buf.first_at)))
             except TimeoutError:
                 await self._seal(buf, mid_page_ok=False, everything=True, unit=unit)
             else:
@@ -653,7 +653,7 @@ class NamespaceCapture:
     async def _idle_cut(self, buf: _Buffer, unit: Range | None) -> None:
         """Seal the complete pages once the buffer is `capture.min_batch_age_s` old (a trickle then puts at most
         one batch per that interval in the store; events arriving meanwhile wait at the source for the next)."""
-        wait = self.cap.min_batch_age_s - (time.time() - buf.first_at)
+        wait = self.cap.min_batch_age_s - (Wall.now() - buf.first_at)
         if wait > 0:
             await self._sleep(wait)
         self.status.idle_cuts += 1
@@ -684,7 +684,7 @@ class NamespaceCapture:
             self.status.unflushed_bytes += nbytes
             self._queue.put_nowait(sealed)
             if buf.events:
-                buf.first_at = time.time()
+                buf.first_at = Wall.now()
             if not everything:
                 return
 
@@ -756,7 +756,7 @@ class NamespaceCapture:
             unit.state, unit.error = FAILED, redact(item.reason)
             self._read.pop(unit.range, None)
             self.status.last_error = f"partition {unit.name} failed: {unit.error}"
-            self.status.last_error_at = time.time()
+            self.status.last_error_at = Wall.now()
             self.log.error("partition capture failed; the other partitions go on; operator action needed",
                            partition=unit.name, error=unit.error)
             self._publish_units()
@@ -824,8 +824,8 @@ class NamespaceCapture:
             position = encode_units(committed)
         header = BatchHeader(
             cluster=self.cfg.cluster_name, ns=self.ns, seq=sealed.seq, count=len(sealed.events),
-            first_captured_at=dt.datetime.fromtimestamp(sealed.first_at, dt.UTC),
-            last_captured_at=dt.datetime.fromtimestamp(sealed.last_at, dt.UTC),
+            first_captured_at=dt.datetime.fromtimestamp(sealed.first_at.s, dt.UTC),
+            last_captured_at=dt.datetime.fromtimestamp(sealed.last_at.s, dt.UTC),
             resume_token=RawBSONDocument(position), raw_bytes=sealed.nbytes,
         )
         if sealed.nbytes > 256 * 1024:
@@ -846,7 +846,7 @@ class NamespaceCapture:
         self.crash.hit("after_put")
         record = BatchRecord(
             ns=self.ns, seq=sealed.seq, key=key, events=len(sealed.events), bytes=len(data), raw_bytes=sealed.nbytes,
-            checksum=checksum, first_captured_at=sealed.first_at, captured_at=time.time(),
+            checksum=checksum, first_captured_at=sealed.first_at.s, captured_at=Wall.now().s,
         )
         backoff.reset()
         while True:

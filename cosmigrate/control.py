@@ -41,11 +41,11 @@ import resource
 import socket
 import stat
 import struct
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cosmigrate.clock import Mono
 from cosmigrate.logs import get_logger
 from cosmigrate.timeouts import within
 
@@ -95,14 +95,14 @@ class _Throttled:
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self._next = 0.0
+        self._next: Mono | None = None
         self._held = 0
 
     def due(self) -> int:
         """0 while the line is held back; else how many occurrences it reports (this one included)."""
         self._held += 1
-        now = time.monotonic()
-        if now < self._next:
+        now = Mono.now()
+        if self._next is not None and now < self._next:
             return 0
         self._next = now + self.interval_s
         count, self._held = self._held, 0

@@ -12,7 +12,6 @@ import asyncio
 import os
 import signal
 import socket
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -25,7 +24,7 @@ from cosmigrate.apply import NamespaceApplier, WriterGate
 from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, backfill_loop
 from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.capture import NamespaceCapture
-from cosmigrate.clock import Mono
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config, worker_socket
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
@@ -91,7 +90,7 @@ class Daemon:
         """Each namespace's index plan, run in its own task (`cosmigrate.indexplan`)."""
         self._index_tasks: dict[str, asyncio.Task[None]] = {}
         self.not_captured: dict[str, str] = {}  # namespaces that exist but cannot be captured, and why
-        self.started_at = time.time()
+        self.started_at = Wall.now()
         self.sampler: HeadSampler | None = None
         self.unwatched: list[str] = []
         """Source namespaces the last `ctl status` listed that no capture watched yet (they block readiness)."""
@@ -190,7 +189,7 @@ class Daemon:
         if cmd == "ping":
             return {"ok": True}
         if cmd == "status":
-            asked = time.monotonic()  # the clock freshness compares samples on
+            asked = Mono.now()  # the clock freshness compares samples on
             await self.certify()
             return {"ok": True, "status": await build_status(self, fresh_after=asked)}
         if cmd == "metrics":
@@ -215,7 +214,7 @@ class Daemon:
             assert self.ledger is not None
             by = str(request.get("by", "ctl"))[:100]
             state = "started" if action == "start" else "stopped"
-            await self.ledger.set_writer(state, by, time.time())
+            await self.ledger.set_writer(state, by, Wall.now().s)  # wall seconds in the ledger
             if action == "start":
                 self.gate.start()
             else:
@@ -316,8 +315,8 @@ class Daemon:
         async with asyncio.TaskGroup() as group:
             for ns, fresh in targets.items():
                 group.create_task(self.sampler.sample(ns, fresh))
-        deadline = time.monotonic() + self.cfg.capture.max_await_ms / 1000 + 1.0
-        while time.monotonic() < deadline:
+        deadline = Mono.now() + self.cfg.capture.max_await_ms / 1000 + 1.0
+        while Mono.now() < deadline:
             behind = False
             for ns, fresh in targets.items():
                 cap, app = self.captures.get(ns), self.appliers.get(ns)
@@ -364,7 +363,7 @@ class Daemon:
         assert self.ledger is not None
         if await self.ledger.get_first_discovery():
             return False
-        mine = time.time()
+        mine = Wall.now().s  # wall seconds in the ledger
         return await self.ledger.set_first_discovery(mine) == mine
 
     async def _discovery(self) -> None:

@@ -14,13 +14,13 @@ server version without the custom command) make the namespace's freshness
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pymongo.errors import OperationFailure
 
 from cosmigrate.backoff import retry_after_s
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.freshness import Freshness
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import change_stream_tokens
@@ -73,7 +73,7 @@ class HeadSampler:
         for attempt in range(THROTTLE_RETRIES + 1):
             # Before each send: a sample never claims a moment later than its head. Lag is measured on the
             # monotonic clock (a wall clock stepped back must never show lag 0); the wall time is shown.
-            wall, at = time.time(), time.monotonic()
+            wall, at = Wall.now(), Mono.now()
             try:
                 tokens = await within(change_stream_tokens(self.source, ns), max(5.0, self.interval_s * 5))
             except OperationFailure as exc:

@@ -8,14 +8,15 @@ the moment without a second assignment that could be forgotten.
 
 from __future__ import annotations
 
-import time
 from typing import Any
+
+from cosmigrate.clock import Wall
 
 
 class LastError:
-    """A dataclass field: assigning a message also sets the owner's `last_error_at` (now, or 0.0 when cleared).
+    """A dataclass field: assigning a message also sets the owner's `last_error_at` (now, or None when cleared).
 
-    Declare `last_error_at: float = 0.0` before the field, so that a message given to the
+    Declare `last_error_at: Wall | None = None` before the field, so that a message given to the
     constructor is stamped after the default was set.
     """
 
@@ -29,4 +30,4 @@ class LastError:
 
     def __set__(self, obj: Any, value: str) -> None:
         obj.__dict__[self._slot] = value
-        obj.__dict__["last_error_at"] = time.time() if value else 0.0
+        obj.__dict__["last_error_at"] = Wall.now() if value else None

@@ -36,11 +36,11 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from cosmigrate.clock import Wall
 from cosmigrate.logs import get_logger
 from cosmigrate.status import PHASES, STATES
 from cosmigrate.timeouts import within
@@ -287,8 +287,8 @@ class EmfWriter:
             return total if before is not None else 0.0
         return total - before
 
-    def lines(self, status: Mapping[str, Any], parts: Mapping[str, PartCounters], now: float | None = None) -> list[str]:
-        timestamp = int((time.time() if now is None else now) * 1000)
+    def lines(self, status: Mapping[str, Any], parts: Mapping[str, PartCounters], now: Wall | None = None) -> list[str]:
+        timestamp = int((Wall.now() if now is None else now).s * 1000)
         cluster = str(status["cluster_name"])
         out: list[str] = []
         totals = {"SourceThrottles": 0.0, "EventsCaptured": 0.0, "EventsApplied": 0.0}

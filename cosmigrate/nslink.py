@@ -4,12 +4,17 @@ They never reach into capture or apply themselves: the daemon hands them this
 small view (the owner's epoch, how far capture and apply are, the latest
 moment that is both captured and applied, a way to sample the head now), and
 the applier's ordered path for writes (`cosmigrate.deletes.ordered`).
+
+Times are `Mono` (this process's monotonic clock: what freshness compares)
+except where a field says otherwise. `written_seq` means something only once
+the applier has read its position from the ledger (`positioned`): before that
+it is -1, which is "not known yet", never "nothing written" (a cutover resumed
+after a restart used to take it for the latter and re-check nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -17,8 +22,8 @@ from cosmigrate.clock import Mono
 from cosmigrate.tokens import Positions
 
 
-def _never() -> float:
-    return 0.0
+class ApplierNotReady(Exception):
+    """The applier did not read its position from the ledger in time: its written_seq is not known."""
 
 
 def _no_mono() -> Mono | None:
@@ -39,11 +44,10 @@ class NamespaceLink:
     epoch: int
     committed_seq: Callable[[], int] = lambda: -1
     written_seq: Callable[[], int] = lambda: -1
+    positioned: Callable[[], bool] = lambda: True
+    """Whether the applier has read its position from the ledger (until then written_seq() is -1: unknown)."""
     caught_up: Callable[[], Mono | None] = _no_mono
     """The latest sampled moment whose head is captured and applied (None: none yet)."""
-    caught_up_at: Callable[[], float] = _never
-    """The same moment on the wall clock, in seconds (0: none yet): verification and the cutover still compare
-    this one; the delete sweep uses `caught_up`."""
     latest_head: Callable[[], Positions | None] = _none
     """The latest successfully sampled head, or None."""
     latest_head_at: Callable[[], Mono | None] = _no_mono
@@ -51,7 +55,7 @@ class NamespaceLink:
     it with `latest_head`: a pass claims that head, and waits until `caught_up` reaches this moment."""
     sample: Callable[[], Awaitable[None]] = field(default=_no_sample)
     """Sample the head now (so that caught_up can move past a moment just passed)."""
-    add_head: Callable[[float, list[bytes]], None] = lambda at, tokens: None
+    add_head: Callable[[Mono, list[bytes]], None] = lambda at, tokens: None
     """Record a head sampled elsewhere (cutover's quiesced heads), so that catching up to it can be awaited."""
     expires: Callable[[], bool] = lambda: False
     """The source deletes documents by time (a TTL index, or indexes not known): expiry moves no head, so a
@@ -62,13 +66,27 @@ class NamespaceLink:
 
     async def wait_written(self, seq: int, limit_s: float) -> bool:
         """Wait until the applier has written every batch up to `seq` (bounded)."""
-        deadline = time.monotonic() + limit_s
+        deadline = Mono.now() + limit_s
         while True:
-            if self.written_seq() >= seq:
+            if self.positioned() and self.written_seq() >= seq:
                 return True
-            if time.monotonic() >= deadline:
+            if Mono.now() >= deadline:
                 return False
             await asyncio.sleep(0.05)
+
+    async def written_when_positioned(self, limit_s: float) -> int:
+        """The applier's written_seq, once it is known (waits for the applier to read the ledger, bounded).
+
+        Raises ApplierNotReady after `limit_s`: a caller must never take the -1 of an applier that is still
+        starting (waiting for its unique indexes) for "nothing to do"."""
+        deadline = Mono.now() + limit_s
+        while not self.positioned():
+            if Mono.now() >= deadline:
+                raise ApplierNotReady(f"{self.ns}: the applier has not read its position from the ledger after "
+                                      f"{limit_s:g}s (it starts once the target's unique indexes exist; see the "
+                                      "namespace's indexes in status)")
+            await asyncio.sleep(0.05)
+        return self.written_seq()
 
     async def wait_caught_up_to(self, after: Mono, limit_s: float) -> bool:
         """Wait until everything written at the source before `after` is applied (head samples say so).
@@ -78,10 +96,6 @@ class NamespaceLink:
         "nothing yet" as "reached".
         """
         return await self._sampling_until(lambda: (at := self.caught_up()) is not None and at >= after, limit_s)
-
-    async def wait_caught_up(self, after: float, limit_s: float) -> bool:
-        """The wall-clock form of `wait_caught_up_to`: `after` in seconds, compared with `caught_up_at`."""
-        return await self._sampling_until(lambda: self.caught_up_at() >= after, limit_s)
 
     async def _sampling_until(self, done: Callable[[], bool], limit_s: float) -> bool:
         """Poll `done`, sampling the head at most every half second (so that catch-up can move), bounded."""

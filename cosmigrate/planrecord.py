@@ -134,12 +134,14 @@ def plan_status(daemon: Daemon, applied: dict[str, int]) -> dict[str, Any]:
     `applied`: documents applied per namespace (the ledger's count), for the RU at the plan's rate."""
     record = daemon.plan_record
     states = list(daemon.backfills.values())
-    started = [Wall(s.started_at) for s in states if s.started_at and (s.phase == BACKFILL or s.completed_at)]
-    loaded = [s for s in states if s.phase == BACKFILL or s.completed_at]
+    started = [s.started_at for s in states
+               if s.started_at is not None and (s.phase == BACKFILL or s.completed_at is not None)]
+    loaded = [s for s in states if s.phase == BACKFILL or s.completed_at is not None]
     elapsed = None
     if started:
         done = all(s.phase != BACKFILL for s in loaded)
-        end = max(Wall(s.completed_at) for s in loaded) if done else Wall.now()
+        end = max((s.completed_at for s in loaded if s.completed_at is not None), default=Wall.now()) \
+            if done else Wall.now()
         elapsed = round(end - min(started), 1)
     copied = 0.0
     per_doc_known = True

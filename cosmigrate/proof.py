@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ from pymongo.errors import PyMongoError
 
 from cosmigrate.apply import NamespaceApplier
 from cosmigrate.capture import NamespaceCapture
-from cosmigrate.clock import Mono
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.cutover.machine import COMPLETE, EXIT_ERROR, Cutover, Result
 from cosmigrate.deletes.service import Deletes
 from cosmigrate.freshness import Freshness
@@ -82,7 +81,7 @@ class Proof:
         from cosmigrate.status import build_status
 
         await self.daemon.certify()
-        status = await build_status(self.daemon, fresh_after=time.time() - 2 * self.cfg.capture.head_sample_interval_s,
+        status = await build_status(self.daemon, fresh_after=Mono.now().minus(2 * self.cfg.capture.head_sample_interval_s),
                                     proof=False)
         operator = list(status["needs_operator"])
         return operator, [r for r in status["not_ready_reasons"] if r not in operator]
@@ -112,13 +111,9 @@ class Proof:
         assert self.deletes is not None and self.verification is not None
         sampler = self.daemon.sampler
 
-        def caught_up_at() -> float:
-            fresh.update(cap.status.committed_seq, app.status.applied_seq)
-            return fresh.caught_up_at
-
         def caught_up() -> Mono | None:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)
-            return Mono(fresh.caught_up_t) if fresh.caught_up_t else None
+            return fresh.caught_up_t
 
         async def sample() -> None:
             if sampler is not None:
@@ -126,8 +121,9 @@ class Proof:
 
         link = self.links[ns] = NamespaceLink(
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
-            caught_up=caught_up, caught_up_at=caught_up_at, latest_head=lambda: fresh.latest_head,
-            latest_head_at=lambda: Mono(fresh.last_sample_at) if fresh.last_sample_at else None,
+            positioned=lambda: app.status.positioned, caught_up=caught_up,
+            latest_head=lambda: fresh.latest_head,
+            latest_head_at=lambda: fresh.last_sample_at,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
             expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
         )
@@ -204,7 +200,7 @@ class Proof:
 
         assert self.verification is not None
         await self.discovered.wait()
-        started = time.time()
+        started = Wall.now()
         self.verify_scope = sorted(self.links)
         self.verify_estimate = None
         with contextlib.suppress(PyMongoError):  # the ETA is advisory: a count the source refuses only loses it
@@ -274,12 +270,13 @@ class Proof:
         if self.verification is not None:
             out.update(self.verification.fields(ns))
         else:
-            out.update(documents_verified=0, mismatches=0, last_verify_pass=0.0)
-        out["deletes_reconciled_at"] = iso(out["deletes_reconciled_at"])
-        out["last_verify_pass"] = iso(out["last_verify_pass"])
+            out.update(documents_verified=0, mismatches=0, last_verify_pass=None)
+        out["deletes_reconciled_at"] = iso(out["deletes_reconciled_at"])  # wall seconds (cosmigrate/deletes/ fields)
+        last: Wall | None = out["last_verify_pass"]
+        out["last_verify_pass"] = last.iso() if last is not None else None
         return out
 
-    def reasons(self, namespaces: list[str], now: float) -> list[str]:
+    def reasons(self, namespaces: list[str]) -> list[str]:
         out: list[str] = []
         if self.deletes is not None:
             out += self.deletes.reasons(namespaces)

@@ -13,13 +13,11 @@ freshness and blocks readiness, with a reason that says what to grant.
 
 from __future__ import annotations
 
-import datetime as dt
-import time
 from typing import TYPE_CHECKING, Any
 
 from cosmigrate import __version__
 from cosmigrate.backfill import BACKFILL, DROPPED, totals
-from cosmigrate.clock import Mono
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.cluster import ELSEWHERE, EXPIRED, unit_lease, workers
 from cosmigrate.mongo import matches_patterns
 from cosmigrate.planrecord import plan_status
@@ -91,19 +89,17 @@ def _expiry(ns: str, cap: NamespaceCapture | None, cfg: Config, blocking: list[s
     return {"expiry": state.describe(), "ttl_decision": state.decision_text}
 
 
-def _latest_error(*candidates: tuple[str, float]) -> tuple[str, float]:
-    """The most recent non-empty (error, when) pair; ("", 0.0) when every part is healthy."""
+def _latest_error(*candidates: tuple[str, Wall | None]) -> tuple[str, Wall | None]:
+    """The most recent non-empty (error, when) pair; ("", None) when every part is healthy."""
     found = [c for c in candidates if c[0]]
-    return max(found, key=lambda c: c[1]) if found else ("", 0.0)
+    return max(found, key=lambda c: c[1] or Wall(0.0)) if found else ("", None)
 
 
-def _iso(ts: float) -> str | None:
-    if not ts:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _iso(ts: Wall | None) -> str | None:
+    return None if ts is None or not ts.s else ts.iso()
 
 
-async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: bool = True) -> dict[str, Any]:
+async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: bool = True) -> dict[str, Any]:
     """Assemble the status object from the ledger, the head samples and the in-memory tasks.
 
     `fresh_after`: a namespace shows lag 0 only when it reached a head sampled at or after this
@@ -114,17 +110,17 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
     resolves those itself).
     """
     assert daemon.ledger is not None
-    now = time.time()
-    mono = time.monotonic()
+    now = Wall.now()
+    mono = Mono.now()
     if fresh_after is None:
-        fresh_after = mono - max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0)
+        fresh_after = mono.minus(max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0))
     writer = "started" if daemon.gate.started else "stopped"
     threshold = daemon.cfg.apply.cutover_threshold_seconds
     include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
     namespaces: list[dict[str, Any]] = []
     stale: list[str] = []
     lease_blocks: list[tuple[str, str]] = []  # (lease, why) of the units not writable here
-    at = Mono(mono)
+    at = mono
     expiry: list[str] = []
     for meta in await daemon.ledger.list_namespaces():
         if not matches_patterns(meta.ns, include, exclude):
@@ -153,7 +149,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
             caught_up_at = fresh.caught_up_at
         else:
             since = cap.status.started_at if cap else daemon.started_at
-            lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", 0.0
+            lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", None
         if held.lease in (ELSEWHERE, EXPIRED) and cap is None:
             freshness = f"judged by worker {held.worker}" if held.lease == ELSEWHERE else "no worker holds it"
         elif freshness != "current":
@@ -174,9 +170,9 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         else:
             state = "running"
         error, error_at = _latest_error(
-            (meta.last_error if meta.state == "failed" else "", meta.updated_at),
-            (cap.status.last_error, cap.status.last_error_at) if cap else ("", 0.0),
-            (app.status.last_error, app.status.last_error_at) if app else ("", 0.0),
+            (meta.last_error if meta.state == "failed" else "", Wall(meta.updated_at)),  # wall seconds in the ledger
+            (cap.status.last_error, cap.status.last_error_at) if cap else ("", None),
+            (app.status.last_error, app.status.last_error_at) if app else ("", None),
         )
         namespaces.append({
             "namespace": meta.ns,
@@ -263,7 +259,7 @@ async def build_status(daemon: Daemon, fresh_after: float | None = None, proof: 
         reasons.append("no namespace is being captured yet")
     cutover = daemon.proof.cutover_status() if daemon.proof is not None else "not started"
     if proof and daemon.proof is not None:
-        reasons += daemon.proof.reasons([n["namespace"] for n in namespaces], now)
+        reasons += daemon.proof.reasons([n["namespace"] for n in namespaces])
         if cutover == "cutover complete":
             reasons.append("cutover complete: the applications use the target now")
     return {

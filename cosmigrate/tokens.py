@@ -107,8 +107,14 @@ def reached(position: Positions, head: Positions) -> bool:
     taken after it names the children: the head's range is then reached when
     the children inside it cover it entirely, each at least at the head's LSN
     (children continue their parent's LSNs).
+
+    O(ranges) when the position names the head's ranges (a dictionary lookup
+    each); the scans below only run for a range that is behind or was split.
     """
     for hrange, hlsn in head.items():
+        exact = position.get(hrange)
+        if exact is not None and exact >= hlsn:
+            continue  # the common case (no split since the head): one lookup, not a scan of every range
         if any(_contains(prange, hrange) and plsn >= hlsn for prange, plsn in position.items()):
             continue
         inside = sorted((prange, plsn) for prange, plsn in position.items() if _contains(hrange, prange))

@@ -204,10 +204,12 @@ async def _ttl_disabled_until_cutover(cfg, run_target: AsyncMongoClient) -> None
 
 def test_stored_head_round_trips() -> None:
     from cosmigrate.backfill import NamespaceBackfill
+    from cosmigrate.clock import Wall
 
-    state = NamespaceBackfill("a.b", BACKFILL, {("", "7F"): 5, ("7F", "FF"): 9}, started_at=1.0, estimated=3)
+    state = NamespaceBackfill("a.b", BACKFILL, {("", "7F"): 5, ("7F", "FF"): 9}, started_at=Wall(1.0), estimated=3)
     again = NamespaceBackfill.from_doc("a.b", bson.decode(state.data()))
     assert again.head == state.head and again.phase == BACKFILL and again.estimated == 3
+    assert again.started_at == Wall(1.0) and bson.decode(state.data())["started_at"] == 1.0  # seconds on disk
 
 
 async def test_indexes_plan_command_shows_stages_and_target_state(tmp_path: Path, sandbox: Sandbox, source,
@@ -257,13 +259,14 @@ async def test_the_unique_index_exists_before_the_first_applied_document(tmp_pat
 
 def test_progress_fields_rate_eta_and_totals() -> None:
     from cosmigrate.backfill import NamespaceBackfill, totals
+    from cosmigrate.clock import Mono, Wall
 
-    state = NamespaceBackfill("a.b", BACKFILL, {("", "FF"): 9}, started_at=1.0, estimated=1000)
-    assert state.fields(0, now=100.0)["eta_s"] is None  # no rate yet: unknown, never 0
-    f = state.fields(400, now=110.0)
+    state = NamespaceBackfill("a.b", BACKFILL, {("", "FF"): 9}, started_at=Wall(1.0), estimated=1000)
+    assert state.fields(0, now=Mono(100.0))["eta_s"] is None  # no rate yet: unknown, never 0
+    f = state.fields(400, now=Mono(110.0))
     assert (f["docs_copied"], f["percent"], f["rate_docs_per_s"], f["eta_s"]) == (400, 40.0, 40.0, 15.0)
-    assert state.fields(1200, now=111.0)["percent"] == 99.9  # more events than the estimate: never 100 in backfill
-    done = NamespaceBackfill("a.c", TAILING).fields(7, now=0.0)
+    assert state.fields(1200, now=Mono(111.0))["percent"] == 99.9  # more events than the estimate: never 100 in backfill
+    done = NamespaceBackfill("a.c", TAILING).fields(7, now=Mono(0.0))
     assert (done["percent"], done["eta_s"]) == (100.0, 0.0)
     total = totals([f, done])
     assert total["namespaces_in_backfill"] == 1 and total["docs_estimated"] == 1000 and total["eta_s"] == 15.0

@@ -12,6 +12,7 @@ counts the driver's pages and the watchers' buffers.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,11 @@ from bson.raw_bson import RawBSONDocument
 from cosmigrate import capture
 from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.capture import NamespaceCapture
+from cosmigrate.clock import Mono
 from cosmigrate.config import Config
+from cosmigrate.freshness import Freshness
 from cosmigrate.ledger import open_ledger
-from cosmigrate.mongo import source_client
+from cosmigrate.mongo import change_stream_tokens, source_client
 from cosmigrate.sandbox import Sandbox
 from cosmigrate.stores import open_store
 from cosmigrate.timeouts import cancel_and_wait, within
@@ -179,3 +182,135 @@ async def test_a_page_larger_than_the_limit_still_goes_through_alone(tmp_path: P
     budget = seen["caps"]["app.big"].budget
     assert budget.largest_page > batch
     assert process.peak <= batch + budget.largest_page
+
+
+class StalledStore:
+    """The real local store; the puts of one namespace's batches hang until `resume` (a put retried for ever,
+    e.g. a prefix the bucket refuses)."""
+
+    def __init__(self, inner: Any, stalled: str) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.stalled = "/" + stalled.replace(".", "/") + "/"
+        self.resume = asyncio.Event()
+
+    async def put(self, key: str, data: bytes) -> None:
+        if self.stalled in key:
+            await self.resume.wait()
+        await self.inner.put(key, data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_namespace_whose_budget_is_full_never_stops_another_reading(tmp_path: Path, sandbox: Sandbox) -> None:
+    """The process budget serves fetches in arrival order; a fetch that waits on its own namespace's full budget
+    must not hold up the other namespaces' fetches behind it (before: every other namespace stopped reading
+    until that namespace's committer gave bytes back, i.e. for ever when its store puts fail)."""
+    limit = 256 * 1024
+    cfg = _config(tmp_path, sandbox, limit=limit, total=64 * limit, batch=64 * 1024)
+    cfg.capture.max_batch_age_s = 0.3
+    await prepare_backends(cfg)
+    await _fill(sandbox, ["app.stuck"], 6000)
+    await _fill(sandbox, ["app.live"], 1)
+    process = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+    source = source_client(sandbox.source_uri)
+    ledger = open_ledger(cfg)
+    store = StalledStore(open_store(cfg), "app.stuck")
+    caps = {ns: NamespaceCapture(ns, await ledger.claim(ns, "test"), source, store, ledger, cfg, budget=process)
+            for ns in ("app.stuck", "app.live")}
+    stuck, live = caps["app.stuck"], caps["app.live"]
+    tasks = [asyncio.create_task(cap.run()) for cap in caps.values()]
+    try:
+        async def stuck_waits() -> bool:
+            # Waiting: in its own queue (now) or the process's (before, when there was only that one).
+            return stuck.budget.used >= limit and bool(stuck.budget._waiters or process._waiters)
+
+        await wait_for(stuck_waits, 30, interval=0.05, what="app.stuck's budget full, a fetch waiting on it")
+        coll = source["app"]["live"]
+        for round_ in range(3):  # each round needs a new page of app.live's stream after app.stuck blocked
+            await coll.insert_many([{"_id": f"r{round_}-{i}"} for i in range(5)])
+            want = 1 + 5 * (round_ + 1)
+
+            async def live_committed(want: int = want) -> bool:
+                return live.status.committed_events >= want
+
+            await wait_for(live_committed, 15, interval=0.05, what=f"app.live's round {round_} committed")
+        assert stuck.status.committed_events == 0
+        store.resume.set()
+        for cap in caps.values():
+            cap.stop()
+        await within(asyncio.gather(*tasks), 30)
+        assert process.used == process.reserved == 0
+    finally:
+        store.resume.set()
+        await cancel_and_wait(tasks)
+        await store.close()
+        await ledger.close()
+        await source.close()
+
+
+async def _seconds_to_head(tmp_path: Path, sandbox: Sandbox, partitions: int, docs: int) -> tuple[float, float]:
+    """A collection of `partitions`, most of them empty: (seconds until a backfill of `docs` documents has
+    committed a position at or past the head sampled before it started, seconds until `docs` more documents
+    written once it is idle are at or past a head sampled after them). Reaching the head is what READY waits for."""
+    sandbox.source.faults.partitions = partitions
+    ns = f"app.idle{partitions}"
+    cfg = _config(tmp_path / ns, sandbox, limit=1024 * 1024, total=4 * 1024 * 1024, batch=64 * 1024)
+    cfg.capture.max_await_ms = IDLE_AWAIT_MS
+    cfg.capture.max_batch_age_s = 1.0  # the default: an idle cut, not the age, should end each batch
+    await prepare_backends(cfg)
+    await _fill(sandbox, [ns], docs)
+    source = source_client(sandbox.source_uri)
+    ledger = open_ledger(cfg)
+    store = open_store(cfg)
+    fresh = Freshness()
+    cap = NamespaceCapture(ns, await ledger.claim(ns, "test"), source, store, ledger, cfg, freshness=fresh,
+                           budget=ByteBudget(cfg.capture.max_unflushed_bytes_total))
+
+    async def to_head() -> float:
+        fresh.add_sample(Mono.now(), await change_stream_tokens(source, ns))
+        started = time.monotonic()
+        reached = fresh.captured_at
+
+        async def at_head() -> bool:
+            assert cap.status.state not in ("failed", "fenced"), cap.status.last_error
+            fresh.update(cap.status.committed_seq, cap.status.committed_seq)
+            return fresh.captured_at != reached
+
+        await wait_for(at_head, 60, interval=0.02, what=f"{ns} at its sampled head")
+        return time.monotonic() - started
+
+    task = asyncio.create_task(cap.run())
+    try:
+        backfill = await to_head()
+        assert cap.status.committed_events == docs
+        db, _, coll = ns.partition(".")
+        await source[db][coll].insert_many([{"_id": f"later-{i}"} for i in range(docs)])
+        later = await to_head()
+        assert cap.status.committed_events == 2 * docs
+        cap.stop()
+        await within(task, 30)
+        return backfill, later
+    finally:
+        await cancel_and_wait([task])
+        await store.close()
+        await ledger.close()
+        await source.close()
+
+
+IDLE_AWAIT_MS = 1000
+
+
+async def test_a_collection_of_many_empty_partitions_reaches_its_head_as_fast_as_one(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    """Until a page size is known a namespace opens one stream at a time; that must never cost a round of
+    max_await_ms per partition, in a backfill or for a change written later on idle partitions."""
+    one = await _seconds_to_head(tmp_path, sandbox, 1, 3)
+    many = await _seconds_to_head(tmp_path, sandbox, 16, 3)
+    print(f"to head (backfill, later change): 1 partition {one[0]:.2f}s {one[1]:.2f}s, "
+          f"16 partitions {many[0]:.2f}s {many[1]:.2f}s (max_await_ms {IDLE_AWAIT_MS})")
+    # In rounds of max_await_ms: a page at a time would cost about one round per empty partition (13).
+    for what, o, m in (("backfill", one[0], many[0]), ("later change", one[1], many[1])):
+        assert (m - o) * 1000 / IDLE_AWAIT_MS < 4, f"{what}: 16 partitions took {m:.2f}s, one {o:.2f}s"

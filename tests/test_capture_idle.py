@@ -54,7 +54,7 @@ async def capture(tmp_path: Path, sandbox: Sandbox) -> AsyncIterator[tuple[Names
     cap = NamespaceCapture(NS, meta, source, store, ledger, cfg)  # type: ignore[arg-type]
     task = asyncio.create_task(cap.run())
     try:
-        await wait_for(lambda: _true(cap.status.state == "running" and cap.status.last_contact > 0), 20,
+        await wait_for(lambda: _true(cap.status.state == "running" and cap.status.last_contact is not None), 20,
                        what="the watcher reading")
         yield cap, store, source
     finally:

@@ -21,6 +21,7 @@ from cosmigrate.idorder import encode_id
 from cosmigrate.mongo import raw_collection
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.sandbox import Sandbox
+from cosmigrate.timeouts import cancel_and_wait, within
 from tests.helpers import assert_converged, make_config, wait_for
 from tests.test_apply import Running
 
@@ -391,4 +392,70 @@ async def test_a_delete_applied_between_the_two_counts_does_not_hide_a_stale_doc
     sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 1000, budget)
     await sweep.run_pass()
     assert [d["_id"] async for d in target.db.c.find({"_id": 5})] == []
+    assert await source.db.c.count_documents({}) == await target.db.c.count_documents({})
+
+
+async def test_the_cutover_sweeps_deletes_when_background_sweeps_are_off(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """`deletes.enabled = false`, no delete preview, and a full verification pass completed before the deletes.
+
+    The deletes are in no batch log, so the recheck step never looks at them, and the final sweep is the only
+    part of the cutover that can find them. It once ran only where background sweeps ran: the report said
+    `equal` with every document verified while the target still held the documents the source had deleted.
+    """
+    await source.app.users.insert_many([{"_id": i, "v": 1} for i in range(60)])
+    cfg = config(tmp_path, sandbox)
+    cfg.deletes.enabled = False
+    async with Running(cfg) as run:
+        await run.writer("start")
+        await wait_for(lambda: assert_converged(source, target, ["app.users"]), 30, what="initial copy")
+        proof = run.daemon.proof
+        assert proof is not None and proof.verification is not None
+        await proof.verification.one_pass(["app.users"])  # every document equal, then
+        await source.app.users.delete_many({"_id": {"$in": [3, 41]}})
+        result = await proof.run_cutover()
+        assert result.code == 0, result.message
+        assert result.report is not None and result.report["equal"], result.report
+        assert await target.app.users.count_documents({"_id": {"$in": [3, 41]}}) == 0, "stale on the target"
+        await assert_converged(source, target, ["app.users"])
+        by_ns = {n["namespace"]: n for n in result.report["namespaces"]}
+        assert by_ns["app.users"]["final_sweep_deletes"] == 2
+
+
+async def test_a_head_sampled_while_the_source_count_is_throttled_does_not_settle_the_range(
+    sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """Count mode settles a range once a head sampled after the source count is applied.
+
+    "After" must mean after the count's answer, not before its request: the budget retries a throttled count
+    (16500, RetryAfterMs), and the periodic sampler keeps sampling meanwhile. Here a head is sampled (and is
+    caught up) while the count waits out its throttling, then the application inserts 50.5: the count sees it,
+    the target does not have it yet, and the stale 5 (deleted before the pass) balances it out, 100 = 100.
+    A pass whose start the preview tier trusts for good would leave 5 on the target for ever.
+    """
+    await source.db.c.insert_many([{"_id": i} for i in range(100)])
+    await target.db.c.insert_many([{"_id": i} for i in range(100)])
+    await source.db.c.delete_one({"_id": 5})  # before the pass: the pass must find it
+
+    async def insert_lands() -> None:  # the pipeline applies the insert, then its head sample is caught up
+        await target.db.c.insert_one({"_id": 50.5})
+
+    pipeline = _Pipeline(insert_lands)
+    link = pipeline.link()
+    src, tgt = raw_collection(source, "db.c"), raw_collection(target, "db.c")
+    budget = SourceBudget()
+    sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), 1000, budget)
+    sandbox.source.faults.retry_after_ms = 1000
+    sandbox.source.faults.throttle_rate = 1.0
+    task = asyncio.create_task(sweep.run_pass())
+    try:
+        await wait_for(lambda: _true(budget.throttled > 0), 10, interval=0.01, what="the source count throttled")
+        pipeline.at = Mono.now()  # the periodic sampler: a head sampled now, nothing pending, caught up at once
+        sandbox.source.faults.throttle_rate = 0.0
+        await source.db.c.insert_one({"_id": 50.5})  # after that sample, before the count's retry
+        await within(task, 30)
+    finally:
+        await cancel_and_wait([task])
+    assert [d["_id"] async for d in target.db.c.find({"_id": 5})] == [], "the stale document was balanced out"
     assert await source.db.c.count_documents({}) == await target.db.c.count_documents({})

@@ -12,6 +12,7 @@ from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler, classify
 from cosmigrate.mongo import change_stream_tokens
@@ -68,38 +69,50 @@ def test_a_head_sampled_before_a_split_is_reached_by_the_children_together() -> 
 
 def test_lag_is_zero_only_when_the_latest_fresh_sample_is_captured_and_applied() -> None:
     f = Freshness()
-    assert f.lag(now=100.0, since=90.0) == 10.0  # nothing sampled: a lower bound, never 0
+    assert f.lag(now=Mono(100.0), since=Mono(90.0)) == 10.0  # nothing sampled: a lower bound, never 0
     f.mark(v2(5), seq=-1)  # start position: nothing to apply up to LSN 5
-    f.add_sample(100.0, [v2(5)])
+    f.add_sample(Mono(100.0), [v2(5)], wall=Wall(1000.0))
     f.update(committed_seq=-1, applied_seq=-1)
-    assert f.caught_up_at == 100.0 and f.lag(now=101.0, fresh_after=100.0) == 0.0
-    assert f.lag(now=101.0, fresh_after=100.5) == 1.0  # a sample older than asked proves nothing newer
+    assert f.caught_up_t == Mono(100.0) and f.caught_up_at == Wall(1000.0)
+    assert f.lag(now=Mono(101.0), fresh_after=Mono(100.0)) == 0.0
+    assert f.lag(now=Mono(101.0), fresh_after=Mono(100.5)) == 1.0  # a sample older than asked proves nothing newer
 
-    f.add_sample(102.0, [v2(8)])  # the source moved: LSNs 6..8 not yet read
+    f.add_sample(Mono(102.0), [v2(8)], wall=Wall(1002.0))  # the source moved: LSNs 6..8 not yet read
     f.update(committed_seq=-1, applied_seq=-1)
-    assert f.lag(now=103.0) == 3.0 and f.caught_up_at == 100.0
+    assert f.lag(now=Mono(103.0)) == 3.0 and f.caught_up_at == Wall(1000.0)
     f.mark(v2(8), seq=0)  # batch 0 holds up to LSN 8 (sealed)
     f.update(committed_seq=-1, applied_seq=-1)
-    assert f.captured_at == 100.0  # batch 0 is sealed, not committed yet
+    assert f.captured_at == Wall(1000.0)  # batch 0 is sealed, not committed yet
     f.update(committed_seq=0, applied_seq=-1)
-    assert f.captured_at == 102.0 and f.caught_up_at == 100.0  # captured, not applied
+    assert f.captured_at == Wall(1002.0) and f.caught_up_at == Wall(1000.0)  # captured, not applied
     f.update(committed_seq=0, applied_seq=0)
-    assert f.caught_up_at == 102.0 and f.lag(now=104.0) == 0.0
+    assert f.caught_up_at == Wall(1002.0) and f.lag(now=Mono(104.0)) == 0.0
 
 
 def test_marks_after_a_sample_resolve_the_first_batch_that_crossed_it() -> None:
     f = Freshness()
-    f.add_sample(10.0, [v2(7)])
+    f.add_sample(Mono(10.0), [v2(7)])
     f.mark(v2(3), seq=0)
     f.mark(v2(7), seq=1)
     f.mark(v2(9), seq=2)
     f.update(committed_seq=2, applied_seq=1)
-    assert f.caught_up_at == 10.0  # batch 1 crossed LSN 7; batch 2 need not be applied
+    assert f.caught_up_t == Mono(10.0)  # batch 1 crossed LSN 7; batch 2 need not be applied
+
+
+def test_a_sample_is_resolved_against_marks_recorded_before_it() -> None:
+    f = Freshness()
+    for seq, lsn in enumerate([2, 4, 6, 8, 10]):
+        f.mark(v2(lsn), seq=seq)
+    f.add_sample(Mono(10.0), [v2(5)])  # batch 2 (LSN 6) is the first at or past LSN 5
+    f.update(committed_seq=4, applied_seq=1)
+    assert f.caught_up_t is None
+    f.update(committed_seq=4, applied_seq=2)
+    assert f.caught_up_t == Mono(10.0) and f.latest_is_caught_up
 
 
 def test_an_unreadable_head_adds_no_sample() -> None:
     f = Freshness()
-    f.add_sample(10.0, [bson.encode({"_data": "[]"})])
+    f.add_sample(Mono(10.0), [bson.encode({"_data": "[]"})])
     assert not f.sampled and f.last_sample_error
 
 

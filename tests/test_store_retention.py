@@ -16,6 +16,7 @@ import pytest
 import yaml
 from pymongo import AsyncMongoClient
 
+from cosmigrate.clock import Wall
 from cosmigrate.config import Config
 from cosmigrate.mongo import target_client
 from cosmigrate.sandbox import Sandbox
@@ -118,7 +119,7 @@ async def test_the_directory_store_deletes_applied_files_after_the_retention_onl
     assert await store.sweep() == 1
     assert await store.list("c/") == ["c/d/applied-new", "c/d/unapplied-old"]
     assert sorted(p.name for p in (tmp_path / "c" / "d").iterdir()) == [".applied-new.applied", "applied-new", "unapplied-old"]
-    assert await store.sweep(now=time.time() + 25 * 3600) == 1  # a day later the newer one goes too, never the unapplied
+    assert await store.sweep(now=Wall.now() + 25 * 3600) == 1  # a day later the newer one goes too, never the unapplied
     assert await store.list("c/") == ["c/d/unapplied-old"]
 
 

@@ -117,7 +117,7 @@ async def test_continuous_verification_rechecks_changes_from_the_batch_log(tmp_p
         v.state.needs_full_pass = True  # a new pass now, while the writer is stopped
 
         async def mismatches(n: int) -> bool:
-            return v.state.finished_at > 0 and v.state.number > first and v.mismatch_count == n
+            return v.state.finished_at is not None and v.state.number > first and v.mismatch_count == n
 
         await wait_for(lambda: mismatches(4), 30, what="the pass to find the unapplied changes")
         status = await run.status()

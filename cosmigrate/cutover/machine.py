@@ -52,7 +52,6 @@ cutover; the machine goes back to `quiesce` and exits 3.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,6 +61,7 @@ from bson.binary import Binary
 from pymongo.errors import OperationFailure, PyMongoError
 
 from cosmigrate.apply import WriterGate
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.deletes.service import Deletes
@@ -69,12 +69,11 @@ from cosmigrate.indexplan import enable_ttl
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.mongo import change_stream_tokens
-from cosmigrate.nslink import NamespaceLink
+from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
 from cosmigrate.tokens import TokenFormatError, positions
 from cosmigrate.ttl import read_ttl_indexes, ttl_state
-from cosmigrate.verify.report import iso
 from cosmigrate.verify.service import Verification
 
 KIND, KEY = "cutover", "state"
@@ -177,31 +176,35 @@ class Cutover:
     async def _check_cancel(self) -> None:
         if not self.cancel_by:
             return
-        self.state["cancelled"] = {"by": self.cancel_by, "at": time.time(), "step": self.step}
+        self.state["cancelled"] = {"by": self.cancel_by, "at": Wall.now().s, "step": self.step}  # wall seconds
         await self._save()
         self.log.warning("cutover cancelled", step=self.step, by=self.cancel_by)
         raise CutoverCancelled(EXIT_CANCELLED, f"cutover cancelled by {self.cancel_by} before the {self.step} step; "
                                                "run it again to resume from there")
 
-    def _stopped_report(self, stop: CutoverStop, started: float) -> dict[str, Any]:
+    def _first_started(self, default: Wall) -> Wall:
+        """When the first run of this cutover started (stored as wall seconds)."""
+        return Wall(float(self.state.get("started_at", default.s)))
+
+    def _stopped_report(self, stop: CutoverStop, started: Wall) -> dict[str, Any]:
         """The report of a run that did not complete: where it stopped and why (the `--report` file gets it too)."""
-        now = time.time()
+        now = Wall.now()
         return {
             "cluster_name": self.cfg.cluster_name, "outcome": "cancelled" if isinstance(stop, CutoverCancelled)
             else "stopped", "step": self.step, "exit_code": stop.code, "message": str(stop),
-            "started_at": iso(started), "finished_at": iso(now), "duration_s": round(now - started, 3),
-            "first_started_at": iso(float(self.state.get("started_at", started))), "equal": False,
+            "started_at": started.iso(), "finished_at": now.iso(), "duration_s": round(now - started, 3),
+            "first_started_at": self._first_started(started).iso(), "equal": False,
             "verification": self.state.get("verification"),
         }
 
     async def run(self) -> Result:
-        started = time.time()  # this run's start: the report's started_at (a resumed cutover keeps its first start)
+        started = Wall.now()  # this run's start: the report's started_at (a resumed cutover keeps its first start)
         await self.load()
         if self.state.get("step") == COMPLETE:
             return Result(EXIT_OK, "cutover is already complete", self.state.get("report"))
         if not self.state:
-            self.state = {"step": STEPS[0].name, "started_at": started}
-        self.state["run_started_at"] = started
+            self.state = {"step": STEPS[0].name, "started_at": started.s}  # wall seconds in the ledger
+        self.state["run_started_at"] = started.s
         self.state.pop("cancelled", None)
         await self._save()
         await self.host.wait_discovered()
@@ -209,6 +212,7 @@ class Cutover:
         try:
             for step in STEPS[names.index(self.state["step"]):]:
                 self.step = step.name
+                self.host.crash.hit(f"cutover_before_{step.name}")  # stored step = this one, its work not begun
                 await self._check_cancel()
                 self.log.info("cutover step", step=step.name, what=step.says)
                 await step.run(self)
@@ -221,10 +225,10 @@ class Cutover:
             return Result(stop.code, str(stop), self._stopped_report(stop, started))
         finally:
             self.waiting = ""
-        self.state["finished_at"] = time.time()
+        self.state["finished_at"] = Wall.now().s
         await self._save()
         await self.host.gate.stop()
-        await self.ledger.set_writer("stopped", "cutover", time.time())
+        await self.ledger.set_writer("stopped", "cutover", Wall.now().s)
         self.log.info("cutover complete")
         return Result(EXIT_OK, "cutover complete: the target equals the source", self.state.get("report"))
 
@@ -274,8 +278,8 @@ class Cutover:
     async def precheck(self) -> None:
         """Conditions that need the operator (writer stopped, a failed namespace, a deferred write) fail at once;
         those that clear by themselves (lag, a head not sampled yet) are waited for, and `waiting` says which."""
-        deadline = time.monotonic() + self.cfg.cutover.precheck_timeout_s
-        logged = 0.0
+        deadline = Mono.now() + self.cfg.cutover.precheck_timeout_s
+        logged: Mono | None = None
         while True:
             operator, transient = await self.host.readiness()
             if not operator and not transient:
@@ -285,11 +289,11 @@ class Cutover:
             if not transient:
                 self.waiting = ""
                 return
-            if time.monotonic() >= deadline:
+            if Mono.now() >= deadline:
                 raise CutoverStop(EXIT_NOT_READY, "not ready for cutover: " + "; ".join(transient))
             self.waiting = "; ".join(transient)
-            if time.monotonic() - logged >= WAITING_LOG_S:
-                logged = time.monotonic()
+            if logged is None or logged.elapsed() >= WAITING_LOG_S:
+                logged = Mono.now()
                 self.log.info("cutover precheck waiting", waiting_for=self.waiting[:500])
             await self._check_cancel()
             await asyncio.sleep(0.5)
@@ -317,24 +321,27 @@ class Cutover:
             raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
                                             "applications' writes to Cosmos DB, then run cutover again")
         self.state["heads"] = {ns: [Binary(t) for t in tokens] for ns, tokens in second.items()}
-        self.state["heads_at"] = time.time()
+        self.state["heads_at"] = Wall.now().s
 
     async def apply(self) -> None:
         heads = self._stored_heads()
         for ns in self.namespaces:
             link = self.host.links[ns]
-            at = time.time()
+            # The monotonic clock, the one freshness orders its samples on: a wall-clock head here once sat in
+            # the samples as the newest moment for good, so status said `current` and lag 0 after the cutover
+            # stopped (exit 3 or 6), whatever the target missed.
+            at = Mono.now()
             link.add_head(at, heads.get(ns) or (await self._heads())[ns])
-            progress, since = (link.committed_seq(), link.written_seq()), time.monotonic()
-            while not await link.wait_caught_up(at, 5.0):
+            progress, since = (link.committed_seq(), link.written_seq()), Mono.now()
+            while not await link.wait_caught_up_to(at, 5.0):
                 if not self.host.gate.started:  # only an operator starts it again: fail now, not after STALL_S
                     raise CutoverStop(EXIT_NOT_READY, f"{ns} cannot reach the quiesced head: the writer is stopped "
                                                       "(run `cosmigrate ctl writer start`, then cutover again)")
                 await self._check_cancel()
                 now = (link.committed_seq(), link.written_seq())
                 if now != progress:
-                    progress, since = now, time.monotonic()
-                elif time.monotonic() - since > STALL_S:
+                    progress, since = now, Mono.now()
+                elif since.elapsed() > STALL_S:
                     writer = "started" if self.host.gate.started else "stopped (run `cosmigrate ctl writer start`)"
                     raise CutoverStop(EXIT_ERROR, f"{ns} does not reach the quiesced head: capture and apply made no "
                                                   f"progress for {STALL_S:.0f}s (writer {writer})")
@@ -358,8 +365,11 @@ class Cutover:
         if verification is None:
             return
         await verification.stop()
-        left = await verification.recheck_until_clean(self.namespaces, self.cfg.cutover.recheck_rounds)
-        self.state["verification"] = await verification.report(float(self.state.get("started_at", 0.0)),
+        try:
+            left = await verification.recheck_until_clean(self.namespaces, self.cfg.cutover.recheck_rounds)
+        except ApplierNotReady as exc:
+            raise CutoverStop(EXIT_ERROR, f"cannot re-check yet: {exc}; run cutover again") from None
+        self.state["verification"] = await verification.report(self._first_started(Wall(0.0)),
                                                                self.cfg.verify.max_mismatches, self.namespaces)
         if left:
             await self._save()
@@ -418,8 +428,8 @@ class Cutover:
         await self._still_quiet()
 
     async def report(self) -> None:
-        now = time.time()
-        started = float(self.state.get("run_started_at", self.state.get("started_at", now)))
+        now = Wall.now()
+        started = Wall(float(self.state.get("run_started_at", self.state.get("started_at", now.s))))
         verification = self.state.get("verification") or {}
         by_ns = {n["namespace"]: n for n in verification.get("namespaces", [])}
         namespaces = []
@@ -448,9 +458,9 @@ class Cutover:
             })
         equal = bool(verification.get("equal"))
         self.state["report"] = {
-            "cluster_name": self.cfg.cluster_name, "outcome": "complete", "started_at": iso(started),
-            "finished_at": iso(now), "duration_s": round(now - started, 3),
-            "first_started_at": iso(float(self.state.get("started_at", started))), "equal": equal,
+            "cluster_name": self.cfg.cluster_name, "outcome": "complete", "started_at": started.iso(),
+            "finished_at": now.iso(), "duration_s": round(now - started, 3),
+            "first_started_at": self._first_started(started).iso(), "equal": equal,
             "verdict": verification.get("verdict", "not verified"),
             "namespaces": namespaces,
             "not_comparable_as_is": verification.get("not_comparable_as_is", []),

@@ -10,7 +10,8 @@
   since the last pass started and `deletes.interval_s` passed. A namespace
   whose source expires documents (TTL, `cosmigrate.ttl`) gets a pass every
   `deletes.interval_s` whether its head moved or not: expiry deletes
-  documents without moving the head.
+  documents without moving the head. The cutover's final sweep runs with
+  the key off too (`final_only`).
 
 Readiness: deletes are *reconciled* for a namespace when a sweep pass that
 started after the tier became active has completed and its head covers the
@@ -71,6 +72,8 @@ class Deletes:
         self.sweeps: dict[str, DeleteSweep] = {}
         self.lookups: dict[str, LookupMisses] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.final_only: dict[str, DeleteSweep] = {}
+        """With `deletes.enabled` false: the sweep of each namespace, for the cutover's final pass only."""
         self._kicked: set[str] = set()
         self.halted = False
         """Set by a completed cutover: the target belongs to the applications now, nothing is deleted any more."""
@@ -95,14 +98,18 @@ class Deletes:
         self.links[ns] = link
         lookups = self.lookups[ns] = LookupMisses(ns, self.source)
         applier.lookup_misses = lookups.resolve
-        if not self.cfg.deletes.enabled:
-            return
         budget = SourceBudget(self.cfg.deletes.max_source_share)
         source = raw_collection(self.source, ns)
         deleter = OrderedDeletes(link, source, applier, budget)
-        self.sweeps[ns] = DeleteSweep(link, source, raw_collection(self.target, ns), self.ledger, deleter,
-                                      self.cfg.deletes.page_size, budget,
-                                      catch_up_s=max(5.0, 3 * self.cfg.capture.head_sample_interval_s))
+        sweep = DeleteSweep(link, source, raw_collection(self.target, ns), self.ledger, deleter,
+                            self.cfg.deletes.page_size, budget,
+                            catch_up_s=max(5.0, 3 * self.cfg.capture.head_sample_interval_s))
+        if not self.cfg.deletes.enabled:
+            # No background passes, but the cutover's final sweep still runs: without the preview, the deletes
+            # are in no batch log, and the report would otherwise stand on a verification that never sees them.
+            self.final_only[ns] = sweep
+            return
+        self.sweeps[ns] = sweep
         if not self.halted:
             self._tasks[ns] = asyncio.create_task(self._loop(ns), name=f"deletes:{ns}")
 
@@ -111,6 +118,7 @@ class Deletes:
         if task is not None:
             await cancel_and_wait([task])
         self.sweeps.pop(ns, None)
+        self.final_only.pop(ns, None)
         self.lookups.pop(ns, None)
         self.links.pop(ns, None)
 
@@ -207,8 +215,11 @@ class Deletes:
                 await asyncio.sleep(backoff.next_delay())
 
     async def final_sweep(self, ns: str) -> int:
-        """Cutover: a new pass over everything, at full speed, with the source quiet; returns documents deleted."""
-        sweep = self.sweeps.get(ns)
+        """Cutover: a new pass over everything, at full speed, with the source quiet; returns documents deleted.
+
+        Whatever `deletes.enabled` says: the report stands on this pass (the source's deletes reach no batch log).
+        """
+        sweep = self.sweeps.get(ns) or self.final_only.get(ns)
         if sweep is None:
             return 0
         if not sweep.loaded:
@@ -224,7 +235,7 @@ class Deletes:
 
     def final_missing(self, ns: str) -> list[IdDoc]:
         """The `_id`s the last final sweep found at the source but not on the target (for verification)."""
-        sweep = self.sweeps.get(ns)
+        sweep = self.sweeps.get(ns) or self.final_only.get(ns)
         return list(sweep.missing) if sweep is not None else []
 
     # --- status ----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A pass walks the *target*'s `_id`s in pages (`deletes.page_size`, bracket by
 bracket: `cosmigrate.idorder`); each page is a range `(after, upto]`. Per
 range:
 
-- **count mode**: count the source's documents in the range (time t1), wait
+- **count mode**: count the source's documents in the range (t1: when the
+  answer came, the budget may have retried the request), wait
   until apply has caught up past t1 (head samples say so), then count the
   target's. The target then holds every source document of t1 plus every
   document deleted at the source and not yet on the target, plus any newer
@@ -225,8 +226,11 @@ class DeleteSweep:
                 await self._merge(page)
                 await self._advance(page)
             else:
-                counted_at, feed_deletes = Mono.now(), self.link.deletes_applied()
+                feed_deletes = self.link.deletes_applied()
                 n_src = await self._count(self.source, page, self.budget)
+                # Taken after the answer: a throttled count is retried, and a head sampled before the retry
+                # would not cover a write the count saw (an insert that would then balance a stale document).
+                counted_at = Mono.now()
                 s.source_reads += n_src
                 pending.append((page, n_src, counted_at, feed_deletes))
             await self._drain(pending, everything=len(pending) >= WINDOW)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.logs import get_logger
 from cosmigrate.stores.base import ObjectMissing, StoreError
 
@@ -29,7 +29,7 @@ class LocalStore:
         self.root = Path(root)
         self.retention_s = max(0.0, retention_hours * 3600)
         self.sweep_interval_s = min(self.retention_s / 4, 600.0)
-        self._next_sweep = 0.0  # monotonic
+        self._next_sweep: Mono | None = None
 
     def _path(self, key: str) -> Path:
         # Keys come from `batch_key`, whose components are never empty, "." or "..": a key that has one
@@ -98,16 +98,19 @@ class LocalStore:
             raise ObjectMissing(f"{self.url}/{key}: no such batch object") from None
         except OSError as exc:
             raise StoreError(f"cannot mark {self.root / key} applied: {exc.strerror}") from exc
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + self.sweep_interval_s
+        if self._next_sweep is None or Mono.now() >= self._next_sweep:
+            self._next_sweep = Mono.now() + self.sweep_interval_s
             try:
                 await self.sweep()
             except StoreError as exc:  # the next sweep tries again; nothing unapplied is at stake
                 get_logger().warning("sweeping applied batch files failed; will retry", error=str(exc))
 
-    async def sweep(self, now: float | None = None) -> int:
-        """Delete the batch files applied more than `retention_hours` before `now`; return how many."""
-        cutoff = (time.time() if now is None else now) - self.retention_s
+    async def sweep(self, now: Wall | None = None) -> int:
+        """Delete the batch files applied more than `retention_hours` before `now`; return how many.
+
+        The wall clock: it is compared with the markers' modification times (set by whichever process marked
+        them)."""
+        cutoff = (Wall.now() if now is None else now).minus(self.retention_s).s
 
         def run() -> int:
             deleted = 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -38,6 +37,7 @@ from bson.raw_bson import RawBSONDocument
 
 from cosmigrate.batchfile import BatchCodec, CorruptBatch
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Mono, Wall
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.idorder import IdDoc, Page, Position, id_value, split_batch, walk
 from cosmigrate.ledger import Ledger
@@ -51,6 +51,9 @@ KIND = "verify"
 MAX_KEPT_MISMATCHES = 10_000
 RECHECK_CHUNK = 500
 BATCHES_PER_RECHECK = 16
+TIMES = ("started_at", "finished_at", "last_started_at", "last_finished_at")
+"""PassState's wall times (Wall | None in memory, seconds in the ledger)."""
+POSITION_WAIT_S = 600.0  # how long a cutover's re-check waits for a starting applier (unique index builds)
 
 
 async def _listed(docs: list[bytes]) -> AsyncIterator[bytes]:
@@ -67,35 +70,40 @@ class PassState:
     """The `pass` item: where the current pass stands, and the last completed one."""
 
     number: int = 0
-    started_at: float = 0.0
+    started_at: Wall | None = None
     start_seq: int = -1
     position: Position = field(default_factory=Position)
     ranges: int = 0
     docs: int = 0
     equal: int = 0
-    finished_at: float = 0.0
+    finished_at: Wall | None = None
     recheck_seq: int = -1
     needs_full_pass: bool = False
     overflow: int = 0
     """Mismatches beyond MAX_KEPT_MISMATCHES: counted, not recorded one by one."""
     last_number: int = 0
-    last_started_at: float = 0.0
-    last_finished_at: float = 0.0
+    last_started_at: Wall | None = None
+    last_finished_at: Wall | None = None
     last_docs: int = 0
     last_equal: int = 0
 
     @property
     def running(self) -> bool:
-        return self.number > 0 and not self.finished_at
+        return self.number > 0 and self.finished_at is None
 
     def to_bson(self) -> bytes:
-        doc = {k: v for k, v in self.__dict__.items() if k != "position"}
+        """The stored item: wall times as seconds since the epoch (0: not yet)."""
+        doc = {k: v for k, v in self.__dict__.items() if k != "position" and k not in TIMES}
+        doc.update({k: t.s if (t := getattr(self, k)) is not None else 0.0 for k in TIMES})
         doc["position"] = self.position.to_doc()
         return bson.encode(doc)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> PassState:
-        state = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__ and k != "position"})
+        state = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__ and k != "position"
+                       and k not in TIMES})
+        for k in TIMES:
+            setattr(state, k, Wall(float(doc[k])) if doc.get(k) else None)
         state.position = Position.from_doc(doc.get("position"))
         return state
 
@@ -155,7 +163,7 @@ class NamespaceVerifier:
                 continue
             self.mismatches[m.id] = m
             if self.ledger is not None:
-                data = bson.encode({**m.to_doc(), "found_at": time.time()})
+                data = bson.encode({**m.to_doc(), "found_at": Wall.now().s})
                 await self.ledger.put_progress(self.ns, KIND, mismatch_key(m.id), data, epoch=self.link.epoch)
         for doc_id in cleared:
             if self.mismatches.pop(doc_id, None) is not None and self.ledger is not None:
@@ -171,14 +179,14 @@ class NamespaceVerifier:
     async def start_pass(self) -> None:
         """Begin a new pass from the first `_id` (mismatches found by earlier passes are forgotten)."""
         s = self.state
-        if s.finished_at:
+        if s.finished_at is not None:
             s.last_number, s.last_started_at, s.last_finished_at = s.number, s.started_at, s.finished_at
             s.last_docs, s.last_equal = s.docs, s.equal
-        applied = self.link.written_seq()
+        applied = await self._written()
         s.number += 1
-        s.started_at, s.start_seq, s.position = time.time(), applied, Position()
+        s.started_at, s.start_seq, s.position = Wall.now(), applied, Position()
         s.ranges = s.docs = s.equal = 0
-        s.finished_at = 0.0
+        s.finished_at = None
         s.needs_full_pass = False
         s.recheck_seq = applied  # every change applied after this is re-checked from the batch log
         await self._clear_all()
@@ -216,7 +224,7 @@ class NamespaceVerifier:
             if held is not None and not held[1].done():
                 held[1].cancel()
                 await asyncio.gather(held[1], return_exceptions=True)
-        s.finished_at = time.time()
+        s.finished_at = Wall.now()
         await self._save_state()
         self.log.info("verification pass finished", number=s.number, documents=s.docs, equal=s.equal,
                       mismatches=self.mismatch_count)
@@ -239,7 +247,7 @@ class NamespaceVerifier:
         """Compare one range, confirm its suspects, store its result and the pass's new position."""
         s = self.state
         docs = await target_docs
-        read_at = time.time()
+        read_at = Mono.now()
         target = _listed(docs) if docs is not None else target_range(self.target, page, self.page_size)
         result = await compare_range(page.docs, target)
         confirmed = await self._confirm(result, read_at)
@@ -248,7 +256,7 @@ class NamespaceVerifier:
             await self.ledger.put_progress(self.ns, KIND, f"range#{s.ranges:09d}", bson.encode({
                 "pass": s.number, "start": page.start.to_doc(), "end": page.end.to_doc(),
                 "source_docs": result.source_docs, "target_docs": result.target_docs, "equal": equal,
-                "mismatches": len(confirmed), "verified_at": time.time(),
+                "mismatches": len(confirmed), "verified_at": Wall.now().s,
             }), epoch=self.link.epoch)
         await self._record(confirmed, [])
         s.position = page.end
@@ -258,12 +266,12 @@ class NamespaceVerifier:
         await self._save_state()
         self.crash.hit("verify_range")
 
-    async def _confirm(self, result: RangeResult, read_at: float) -> list[Mismatch]:
+    async def _confirm(self, result: RangeResult, read_at: Mono) -> list[Mismatch]:
         """Suspects compared again once apply has caught up past the read: what remains are mismatches."""
         if not result.mismatches:
             return []
         if not self.frozen:
-            await self.link.wait_caught_up(read_at, self.catch_up_s)
+            await self.link.wait_caught_up_to(read_at, self.catch_up_s)
         return await self._recheck_ids([m.id for m in result.mismatches])
 
     async def _recheck_ids(self, ids: list[IdDoc]) -> list[Mismatch]:
@@ -293,7 +301,7 @@ class NamespaceVerifier:
         """Re-check the documents of applied batches after `recheck_seq` (up to `upto_seq`); returns documents re-checked."""
         if self.ledger is None or self.store is None or self.state.number == 0:
             return 0
-        upto = self.link.written_seq() if upto_seq is None else upto_seq
+        upto = await self._written() if upto_seq is None else upto_seq
         checked = 0
         while self.state.recheck_seq < upto:
             records = await self.ledger.list_batches(self.ns, self.state.recheck_seq + 1,
@@ -314,7 +322,7 @@ class NamespaceVerifier:
                     key, _ = event_parts(raw)
                     ids[bson.encode({"_id": RawBSONDocument(key, RAW)["_id"]}, codec_options=RAW)] = None
             if not self.frozen:
-                await self.link.wait_caught_up(time.time(), self.catch_up_s)
+                await self.link.wait_caught_up_to(Mono.now(), self.catch_up_s)
             id_list = list(ids)
             for i in range(0, len(id_list), RECHECK_CHUNK):
                 await self.recheck(id_list[i:i + RECHECK_CHUNK])
@@ -322,6 +330,13 @@ class NamespaceVerifier:
             self.state.recheck_seq = records[-1].seq
             await self._save_state()
         return checked
+
+    async def _written(self) -> int:
+        """The applier's written_seq once it is known: after a restart the applier starts only when the target's
+        unique indexes exist, and its -1 until then is "unknown", not "nothing applied" (a resumed cutover took
+        it for the latter and re-checked nothing). A cutover (frozen) waits long; background work briefly and
+        then retries later (ApplierNotReady)."""
+        return await self.link.written_when_positioned(POSITION_WAIT_S if self.frozen else self.catch_up_s)
 
     # --- status ---------------------------------------------------------------------------
 

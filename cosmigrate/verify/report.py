@@ -16,6 +16,7 @@ from typing import Any
 
 from bson import json_util
 
+from cosmigrate.clock import Wall
 from cosmigrate.idorder import IdDoc, id_value
 from cosmigrate.verify.passes import NamespaceVerifier
 
@@ -33,7 +34,7 @@ def show_id(doc_id: IdDoc) -> Any:
     return json.loads(json_util.dumps(id_value(doc_id), json_options=json_util.RELAXED_JSON_OPTIONS))
 
 
-def build(cluster: str, verifiers: Mapping[str, NamespaceVerifier], limit: int, started_at: float, finished_at: float,
+def build(cluster: str, verifiers: Mapping[str, NamespaceVerifier], limit: int, started_at: Wall, finished_at: Wall,
           notes: Mapping[str, str] | None = None) -> dict[str, Any]:
     notes = notes or {}
     namespaces = []
@@ -42,11 +43,11 @@ def build(cluster: str, verifiers: Mapping[str, NamespaceVerifier], limit: int, 
     for ns in sorted(verifiers):
         v = verifiers[ns]
         s = v.state
-        complete = bool(s.finished_at)
+        complete = s.finished_at is not None
         total += v.mismatch_count
         namespaces.append({
             "namespace": ns, "source_documents": s.docs, "verified": s.equal, "mismatches": v.mismatch_count,
-            "pass": s.number, "complete": complete, "finished_at": iso(s.finished_at),
+            "pass": s.number, "complete": complete, "finished_at": s.finished_at.iso() if s.finished_at is not None else None,
             **({"note": notes[ns]} if ns in notes else {}),
         })
         for m in v.mismatches.values():
@@ -57,8 +58,8 @@ def build(cluster: str, verifiers: Mapping[str, NamespaceVerifier], limit: int, 
     equal = total == 0 and all(n["complete"] for n in namespaces)
     return {
         "cluster_name": cluster,
-        "started_at": iso(started_at),
-        "finished_at": iso(finished_at),
+        "started_at": started_at.iso(),
+        "finished_at": finished_at.iso(),
         "equal": equal,
         "verdict": "the target equals the source, document for document, byte for byte" if equal else
                    f"{total} documents differ" if total else "verification is not complete",

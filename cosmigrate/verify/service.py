@@ -15,7 +15,6 @@ namespace with no completed pass yet.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -23,12 +22,13 @@ from pymongo.errors import PyMongoError
 
 from cosmigrate.backoff import Backoff
 from cosmigrate.budget import SourceBudget
+from cosmigrate.clock import Wall
 from cosmigrate.config import Config
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.idorder import IdDoc
 from cosmigrate.ledger import Fenced, Ledger, LedgerError
 from cosmigrate.logs import get_logger
-from cosmigrate.nslink import NamespaceLink
+from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError
 from cosmigrate.timeouts import cancel_and_wait, check_cancelled
@@ -115,7 +115,7 @@ class Verification:
                 return True
             except Fenced:
                 return False
-            except (PyMongoError, LedgerError, StoreError) as exc:
+            except (PyMongoError, LedgerError, StoreError, ApplierNotReady) as exc:
                 self.log.warning(f"verification {what} failed; will retry", namespace=ns, error=redact(str(exc))[:300])
             except Exception as exc:  # a bug must not kill the daemon silently
                 self.log.exception(f"verification {what} crashed; will retry", namespace=ns, error=redact(repr(exc))[:300])
@@ -136,7 +136,7 @@ class Verification:
                 async with self._locks[ns]:
                     s = v.state
                     if s.running or s.needs_full_pass or not s.number or \
-                            time.time() - s.started_at >= self.cfg.verify.interval_s:
+                            s.started_at is None or Wall.now() - s.started_at >= self.cfg.verify.interval_s:
                         await v.run_pass(max_ranges=8)  # in slices, so a one-off pass can take the lock between
                     else:
                         await v.recheck_log()
@@ -184,7 +184,7 @@ class Verification:
                 async with self._locks[ns]:
                     v.frozen, v.budget.share = True, 1.0
                     try:
-                        if v.state.needs_full_pass or not v.state.finished_at:
+                        if v.state.needs_full_pass or v.state.finished_at is None:
                             await v.run_pass()
                         await v.recheck_log()
                         left += await v.recheck_mismatches()
@@ -204,18 +204,18 @@ class Verification:
         async with self._locks[ns]:
             return await self.verifiers[ns].recheck(ids)
 
-    async def report(self, started_at: float, limit: int, namespaces: Iterable[str] | None = None) -> dict[str, Any]:
+    async def report(self, started_at: Wall, limit: int, namespaces: Iterable[str] | None = None) -> dict[str, Any]:
         names = sorted(namespaces if namespaces is not None else self.verifiers)
         notes = await collection_notes(self.source, names)
         return report.build(self.cfg.cluster_name, {ns: self.verifiers[ns] for ns in names}, limit, started_at,
-                            time.time(), notes)
+                            Wall.now(), notes)
 
     # --- status ----------------------------------------------------------------------------
 
     def fields(self, ns: str) -> dict[str, Any]:
         v = self.verifiers.get(ns)
         if v is None:
-            return {"documents_verified": 0, "mismatches": 0, "last_verify_pass": 0.0}
+            return {"documents_verified": 0, "mismatches": 0, "last_verify_pass": None}
         return v.fields()
 
     def reasons(self, namespaces: list[str]) -> list[str]:
@@ -226,7 +226,8 @@ class Verification:
             out.append(f"verification found documents that differ: {', '.join(bad)}")
         if self.cfg.verify.enabled:
             unverified = [ns for ns in namespaces if ns in self.verifiers
-                          and not (self.verifiers[ns].state.finished_at or self.verifiers[ns].state.last_finished_at)]
+                          and self.verifiers[ns].state.finished_at is None
+                          and self.verifiers[ns].state.last_finished_at is None]
             if unverified:
                 out.append(f"no verification pass has completed yet: {', '.join(unverified)}")
         return out
