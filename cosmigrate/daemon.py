@@ -342,8 +342,12 @@ class Daemon:
             self.unlisted = redact(str(exc))[:200] or type(exc).__name__
             return
         self.unlisted = ""
-        known = self.keeper.leases if self.keeper is not None else {}
-        self.unwatched = [ns for ns in names if ns not in self.captures and ns not in known]
+        # Watched here (a capture runs), or held by another worker (status lists it from the ledger and it
+        # blocks readiness there); a lease item alone, free or held by this worker but not started, is not.
+        me = self.keeper.me.id if self.keeper is not None else ""
+        elsewhere = {u for u, rec in (self.keeper.leases if self.keeper is not None else {}).items()
+                     if not rec.free and rec.owner != me}
+        self.unwatched = [ns for ns in names if ns not in self.captures and ns not in elsewhere]
         if self.unwatched:
             self._rescan.set()
 

@@ -213,6 +213,12 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     if failed:
         operator.append(f"namespaces not healthy: {', '.join(failed)} failed (see last_error; `cosmigrate ctl retry "
                         "NAMESPACE` once fixed)")
+    listed = {n["namespace"] for n in namespaces}
+    unclaimed = sorted(u for u in (daemon.keeper.leases if daemon.keeper is not None else {})
+                       if u not in listed and matches_patterns(u, include, exclude))
+    if unclaimed:  # a lease item but no ledger record yet: taken (or about to be) and not started
+        reasons.append(f"units not started yet: {', '.join(unclaimed[:10])}"
+                       + (f"; and {len(unclaimed) - 10} more" if len(unclaimed) > 10 else ""))
     elsewhere = [why for lease, why in lease_blocks if lease == ELSEWHERE]
     if elsewhere:  # judged on their own worker; a cutover here cannot stop their writes: stop the other workers.
         # Not an operator reason: a worker that just started sees a crashed holder's lease as held until it is
