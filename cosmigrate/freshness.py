@@ -147,8 +147,7 @@ class Freshness:
         if self._marks and self._mark_seqs[-1] == seq:
             self._marks[-1] = (pos, seq)
         elif self._mark_seqs and seq < self._mark_seqs[-1]:
-            # Seqs went back (a capture restarted from the ledger): older marks may name batches that were never
-            # committed. Start over from this one.
+            self._restarted(seq)
             self._marks, self._mark_seqs = [(pos, seq)], [seq]
         else:
             self._marks.append((pos, seq))
@@ -167,6 +166,20 @@ class Freshness:
         for barrier in self.barriers:
             if barrier.seq is None and reached(pos, barrier.head):
                 barrier.seq = seq
+
+    def _restarted(self, seq: int) -> None:
+        """Seqs went back to `seq`: a capture restarted from the ledger (`ctl retry` keeps the samples), and the
+        batches sealed after `seq` were never committed. Their seqs are handed out again, to other (shorter)
+        batches, so whatever they resolved waits again: a sample reached by one of them would otherwise be
+        called caught up once the new batch of that number is applied. Committed samples are not touched:
+        their seqs are at or below the ledger's committed seq, where a restart starts."""
+        while self._reached and (self._reached[-1].seq or 0) > seq:  # seqs non-decreasing: the tail only
+            sample = self._reached.pop()
+            sample.seq = None
+            self._waiting.appendleft(sample)
+        for barrier in self.barriers:
+            if barrier.seq is not None and barrier.seq > seq:
+                barrier.seq = None
 
     def _at_least_last(self, seq: int) -> int:
         """Keeps the reached samples' seqs non-decreasing (a higher seq is only ever more conservative)."""

@@ -11,7 +11,8 @@ The steps, in order (`STEPS`):
 2. `quiesce`: the applications have stopped writing. Every namespace's head
    is sampled twice, `cutover.quiesce_s` apart; if one moved, "the source is
    still being written" (exit 3). The second sample is stored.
-3. `apply`: capture and apply up to the stored heads.
+3. `apply`: capture and apply up to the heads sampled again now (at or past
+   the stored ones; if they moved, the step's end says so, exit 3).
 4. `sweep`: a final delete sweep of every namespace, over everything, with
    the source quiet, comparing `_id`s in every range (equal counts would let
    a stale and a missing document cancel out); the `_id`s the target lacks
@@ -324,14 +325,16 @@ class Cutover:
         self.state["heads_at"] = Wall.now().s
 
     async def apply(self) -> None:
-        heads = self._stored_heads()
+        # The heads are sampled again here, on the monotonic clock read before the request (the one freshness
+        # orders its samples on), and those are what apply waits for: at or past the stored ones. The stored
+        # heads carry no moment of this process: stamped "now" in a resumed run (hours after quiesce, the
+        # applications writing again), they made freshness caught up "now", lag near 0, `current`, whatever
+        # the target missed. A wall-clock stamp here once sat in the samples as the newest moment for good.
+        at = Mono.now()
+        heads = await self._heads()
         for ns in self.namespaces:
             link = self.host.links[ns]
-            # The monotonic clock, the one freshness orders its samples on: a wall-clock head here once sat in
-            # the samples as the newest moment for good, so status said `current` and lag 0 after the cutover
-            # stopped (exit 3 or 6), whatever the target missed.
-            at = Mono.now()
-            link.add_head(at, heads.get(ns) or (await self._heads())[ns])
+            link.add_head(at, heads[ns])
             progress, since = (link.committed_seq(), link.written_seq()), Mono.now()
             while not await link.wait_caught_up_to(at, 5.0):
                 if not self.host.gate.started:  # only an operator starts it again: fail now, not after STALL_S
