@@ -37,14 +37,22 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import bson
+import pymongo
 from bson import json_util
 from bson.errors import BSONError, InvalidDocument
 from bson.raw_bson import RawBSONDocument
 from pymongo import DeleteOne, InsertOne, ReplaceOne
-from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    ExecutionTimeout,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+)
 
 from cosmigrate.backoff import Backoff
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
@@ -67,6 +75,17 @@ RELEASE_PER_ROUND = 64  # applied batch objects marked for expiry per round at m
 MAX_UNRELEASED = 10_000  # applied batch objects remembered for another marking attempt
 # Failover, network, throttling and interruption codes: retry the same writes.
 TRANSIENT_CODES = {6, 7, 50, 89, 91, 112, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 16500}
+
+
+class WriteLease(Protocol):
+    """The unit's lease as the applier sees it (`cosmigrate.leases.Held`): the target fence's two rules."""
+
+    @property
+    def write_after(self) -> Mono:
+        """No write before this moment: a write the previous owner sent may still land until then."""
+
+    def write_block(self, now: Mono | None = None) -> str:
+        """Why no write may be sent now ("" when one may)."""
 
 
 class WriteAborted(Exception):
@@ -351,6 +370,11 @@ def _refuses_command(exc: BaseException) -> bool:
     return isinstance(exc, OperationFailure) and not isinstance(exc, BulkWriteError) and exc.code not in NOT_ABOUT_DOCUMENTS
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """The write bound ran out: on the server (maxTimeMS, code 50) or on the client's socket."""
+    return isinstance(exc, (ExecutionTimeout, NetworkTimeout)) or (isinstance(exc, PyMongoError) and exc.timeout)
+
+
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionFailure):
         return True
@@ -380,7 +404,7 @@ class NamespaceApplier:
     def __init__(
         self, ns: str, target: Any, store: BatchStore, ledger: Ledger, cfg: Config, gate: WriterGate,
         pool: asyncio.Semaphore, crash: CrashPoints | None = None, *, epoch: int | None = None,
-        owns: Callable[[], Awaitable[bool]] | None = None,
+        owns: Callable[[], Awaitable[bool]] | None = None, lease: WriteLease | None = None,
     ) -> None:
         self.ns = ns
         self.target = target
@@ -394,6 +418,11 @@ class NamespaceApplier:
         self.crash = crash or CrashPoints()
         self.epoch = epoch
         self._owns = owns
+        self.lease = lease
+        """Held by this worker: writes wait for its fence, and stop once it is no longer valid."""
+        self.unanswered_at: Mono | None = None
+        """When a write command last went unanswered (connection lost or timed out on the client): it may still
+        land within `apply.write_bound_s`, so a handover before then is not clean (the next owner waits)."""
         self.codec = BatchCodec()
         self.status = ApplyStatus()
         self.log = get_logger(namespace=ns)
@@ -540,11 +569,25 @@ class NamespaceApplier:
         the driver's await would only close the socket; the server would apply the write anyway, possibly
         after a later round (or the new owner) wrote a newer version of the same document.
         """
+        if self.lease is not None and (wait := self.lease.write_after - Mono.now()) > 0:
+            await self._sleep(wait)  # the fence wait of a new owner, outside the gate (a writer stop is not held up)
+            if self._stopping.is_set():
+                raise Fenced(f"{self.ns}: stopped during the fence wait") if self._fenced else WriteAborted()
         async with self.gate.writing(abort=self._stopping):
             await self._ensure_owner()
-            write = asyncio.ensure_future(self.coll.bulk_write(requests, ordered=False))
+            blocked = self.lease.write_block() if self.lease is not None else ""
+            if blocked:
+                self._fenced = True
+                raise Fenced(blocked)
+            # Bounded on both ends (the target fence): the server aborts the command rather than execute it
+            # after maxTimeMS, and the client gives up on its socket after the same bound.
+            with pymongo.timeout(self.acfg.write_bound_s):
+                write = asyncio.ensure_future(self.coll.bulk_write(requests, ordered=False))
             try:
                 await asyncio.shield(write)
+            except ConnectionFailure:
+                self.unanswered_at = Mono.now()
+                raise
             except asyncio.CancelledError:
                 # Bounded, so that a target gone silent (a partition, no socket timeout) cannot hang a shutdown.
                 # A stop cancels again every second (cosmigrate.timeouts.cancel_and_wait): those cancellations
@@ -556,6 +599,7 @@ class NamespaceApplier:
                         await asyncio.wait({write}, timeout=deadline - loop.time())
                 done = write.done()
                 if not done:
+                    self.unanswered_at = Mono.now()
                     write.cancel()
                     self.log.warning("abandoning a write command still unanswered; it may yet land on the target",
                                      waited_s=INFLIGHT_GRACE_S, documents=len(requests))
@@ -777,6 +821,14 @@ class NamespaceApplier:
                         e.get("code") == DUPLICATE_KEY for e in details.get("writeErrors", [])):
                     continue  # only inserts that found their document: their upserts go now, no backoff
             except (PyMongoError, InvalidDocument) as exc:
+                if _timed_out(exc) and len(pending) > 1:
+                    # Over the write bound (apply.write_bound_s): smaller commands fit it, the same one may never.
+                    self.log.warning("a write command outlasted the write bound; writing it in halves",
+                                     documents=len(pending), bound_s=self.acfg.write_bound_s)
+                    half = len(pending) // 2
+                    for part in (pending[:half], pending[half:]):
+                        await self._write_chunk(part, failed, splitting)
+                    return
                 if _transient(exc):
                     self.log.warning("transient target error; retrying the same writes", error=redact(str(exc)))
                 elif _refuses_command(exc):

@@ -102,14 +102,43 @@ def _run_async(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
+WorkerOpt = Annotated[str, typer.Option(
+    "--worker", envvar="COSMIGRATE_WORKER", metavar="NAME",
+    help="This worker's name on its host (daemon.worker): its own lock file and control socket "
+         "(control.<NAME>.sock), so several workers of one cluster share the host.")]
+
+
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", envvar="COSMIGRATE_WORKERS", metavar="N", min=1, max=64,
+    help="Start N worker processes (named w1..wN) under this one, sharing the cluster's units; "
+         "a dead one is started again.")]
+
+
 @app.command()
-def run(config: ConfigOpt = Path(DEFAULT_CONFIG)) -> None:
+def run(config: ConfigOpt = Path(DEFAULT_CONFIG), worker: WorkerOpt = "", workers: WorkersOpt = 1) -> None:
     """Run the migration daemon: discover namespaces, capture their change streams (and apply them)."""
+    from cosmigrate.config import ConfigError, validate
     from cosmigrate.daemon import Daemon, StartupError
     from cosmigrate.logs import configure_logging
     from cosmigrate.versions import UnsupportedVersion
 
     cfg = _load(config, files=True)
+    if workers > 1:
+        if worker:
+            raise fail("--workers and --worker: a supervisor names its workers itself (w1..wN)")
+        from cosmigrate.supervisor import Supervisor
+
+        configure_logging(cfg.log.level, cfg.log.format)
+        code = _run_async(Supervisor(str(config), workers, cfg.daemon.drain_timeout_s + 15).serve())
+        if code:
+            raise typer.Exit(code)
+        return
+    if worker:
+        cfg.daemon.worker = worker
+        try:
+            validate(cfg, uris=False)
+        except ConfigError as exc:
+            raise fail(f"--worker: {exc}") from None
     configure_logging(cfg.log.level, cfg.log.format)
     try:
         code = _run_async(Daemon(cfg, config_path=str(config)).serve())
@@ -463,10 +492,15 @@ CtlConfigOpt = Annotated[Path | None, typer.Option(
          "Only control.socket is read: no secret is resolved.")]
 
 
+CtlWorkerOpt = Annotated[str, typer.Option(
+    "--worker", envvar="COSMIGRATE_WORKER", metavar="NAME",
+    help="Talk to this worker (`run --worker NAME`, or w1..wN under `run --workers N`): control.<NAME>.sock.")]
+
+
 @ctl_app.callback()
-def ctl(ctx: typer.Context, socket: SocketOpt = None, config: CtlConfigOpt = None) -> None:
+def ctl(ctx: typer.Context, socket: SocketOpt = None, config: CtlConfigOpt = None, worker: CtlWorkerOpt = "") -> None:
     """Talk to the running daemon over its control socket."""
-    ctx.obj = {"socket": socket, "config": config}
+    ctx.obj = {"socket": socket, "config": config, "worker": worker}
 
 
 def _config_path(config: Path | None) -> tuple[Path | None, bool]:
@@ -502,7 +536,16 @@ def _socket_path(ctx: typer.Context, socket: str | None, config: Path | None) ->
     is read from the config: `ctl` runs in an operator's shell, which cannot (and need not)
     read the service's secrets.
     """
+    from cosmigrate.config import worker_socket
+
     given: dict[str, Any] = ctx.obj or {}
+    if given.get("worker") and not (socket or given.get("socket")):
+        plain = dict(given, worker="")
+        ctx.obj = plain
+        try:
+            return worker_socket(_socket_path(ctx, None, config), str(given["worker"]))
+        finally:
+            ctx.obj = given
     socket = socket or given.get("socket")
     if socket:
         return socket

@@ -84,6 +84,8 @@ class ApplyConfig:
     so concurrent chunks never race on one document; runs are written one after the other."""
     poll_interval_s: float = 0.5
     cutover_threshold_seconds: float = 10.0
+    write_bound_s: float = 10.0
+    """Every target write carries this as maxTimeMS and socket timeout: the target fence (docs/design.md)."""
 
 
 @dataclass
@@ -134,6 +136,17 @@ class DaemonConfig:
     drain_timeout_s: float = 30.0
     status_interval_s: float = 5.0
     lock_file: str = ""  # "": <ledger dir>/<cluster>.lock next to a SQLite ledger (see cosmigrate.lock)
+    worker: str = ""
+    """This worker's name on its host ("" = the only one): its lock file and control socket get it as a suffix."""
+
+
+@dataclass
+class LeasesConfig:
+    """Workers share a cluster's units through leases in the ledger (`cosmigrate.leases`)."""
+
+    lease_s: float = 30.0
+    renew_s: float = 10.0
+    balance_s: float = 15.0
 
 
 @dataclass
@@ -210,6 +223,7 @@ class Config:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     cutover: CutoverConfig = field(default_factory=CutoverConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    leases: LeasesConfig = field(default_factory=LeasesConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ttl: dict[str, TtlDecision] = field(default_factory=dict)
@@ -437,6 +451,16 @@ def control_socket(path: str | os.PathLike[str] | None, env: Mapping[str, str] |
                 raise ConfigError("control.socket: expected a path")
             socket = control["socket"]
     return env.get("COSMIGRATE_CONTROL_SOCKET") or socket
+
+
+def worker_socket(path: str, worker: str) -> str:
+    """A worker's own control socket: `control.sock` becomes `control.<worker>.sock` (unchanged without a name)."""
+    if not worker:
+        return path
+    head, _, tail = path.rpartition("/")
+    stem, dot, ext = tail.rpartition(".")
+    name = f"{stem}.{worker}.{ext}" if dot and stem else f"{tail}.{worker}"
+    return f"{head}/{name}" if head or path.startswith("/") else name
 
 
 def _profile_region() -> str:
@@ -781,6 +805,17 @@ def validate(cfg: Config, uris: bool = True) -> None:
             raise ConfigError(f"daemon.{key}: must be greater than 0")
     if cfg.daemon.lock_file and not cfg.daemon.lock_file.startswith("/"):
         raise ConfigError(f"daemon.lock_file: must be an absolute path (got {cfg.daemon.lock_file!r})")
+    if cfg.daemon.worker and not all(c.isalnum() or c in "-_" for c in cfg.daemon.worker):
+        raise ConfigError("daemon.worker: use only letters, digits, '-' and '_'")
+    for key in ("lease_s", "renew_s", "balance_s"):
+        if getattr(cfg.leases, key) <= 0:
+            raise ConfigError(f"leases.{key}: must be greater than 0")
+    if cfg.leases.renew_s * 2 > cfg.leases.lease_s:
+        raise ConfigError(f"leases.renew_s: at most half of leases.lease_s ({cfg.leases.lease_s:g}), so that one "
+                          "lost renew does not lose the lease")
+    if not 0 < cfg.apply.write_bound_s < cfg.leases.lease_s:
+        raise ConfigError(f"apply.write_bound_s: must be greater than 0 and under leases.lease_s "
+                          f"({cfg.leases.lease_s:g}): a new owner waits the old lease plus this bound")
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")

@@ -25,13 +25,15 @@ from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, back
 from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.clock import Mono, Wall
-from cosmigrate.config import Config
+from cosmigrate.config import Config, worker_socket
 from cosmigrate.control import ControlError, ControlServer
 from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.drivererrors import FIRST_CONTACT_S, first_contact_error
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.indexplan import IndexBuilder
+from cosmigrate.leases import Held, LeaseKeeper, LeaseTable
+from cosmigrate.leases.records import WorkerId
 from cosmigrate.ledger import Ledger, LedgerError, open_ledger
 from cosmigrate.limits import raise_open_file_limit
 from cosmigrate.lock import ClusterLock, LockError
@@ -56,7 +58,8 @@ class StartupError(Exception):
 
 
 EXIT_FENCED = 4
-"""`cosmigrate run` exit status when another daemon took over every namespace this one owned."""
+"""Kept for the unit file's RestartPreventExitStatus: no longer used since leases (a worker whose units were all
+taken stays up as a standby, docs/design.md "Workers")."""
 
 
 class Daemon:
@@ -68,7 +71,14 @@ class Daemon:
         env = os.environ if env is None else env
         self.crash = CrashPoints.from_env(env)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.log = get_logger(cluster=cfg.cluster_name)
+        self.worker = WorkerId(self.owner, name=cfg.daemon.worker)
+        self.log = get_logger(cluster=cfg.cluster_name, worker=self.owner)
+        self.keeper: LeaseKeeper | None = None
+        """This worker's leases: which units (namespaces) it runs (`cosmigrate.leases`)."""
+        self._unanswered: dict[str, Mono] = {}
+        """Stopped units whose last write went unanswered, and when (a handover of them is not clean)."""
+        self.start_failures: dict[str, str] = {}
+        """Units this worker took but could not start, and why (handed back; status lists them as not captured)."""
         self.captures: dict[str, NamespaceCapture] = {}
         self.appliers: dict[str, NamespaceApplier] = {}
         self.freshness: dict[str, Freshness] = {}
@@ -149,7 +159,15 @@ class Daemon:
             self.gate.start()
         self.proof = Proof(self)
         await self.proof.start()
-        self.control = ControlServer(self.cfg.control.socket, self.handle_control,
+        if self.lock is not None:
+            self.worker = WorkerId(self.owner, name=self.cfg.daemon.worker, slot=str(self.lock.path.resolve()))
+        self.keeper = LeaseKeeper(LeaseTable(self.ledger, self.worker), self.cfg.leases, self.cfg.apply.write_bound_s,
+                                  self, self.log, wanted=self._wanted)
+        try:
+            await self.keeper.join()
+        except LedgerError as exc:
+            raise StartupError(f"ledger {self.cfg.ledger.url}: cannot write this worker's heartbeat: {exc}") from None
+        self.control = ControlServer(worker_socket(self.cfg.control.socket, self.cfg.daemon.worker), self.handle_control,
                                      allowed_group=self.cfg.control.allowed_group,
                                      max_request_bytes=self.cfg.control.max_request_bytes)
         try:
@@ -223,7 +241,12 @@ class Daemon:
                 self.log.warning("target.allow_insecure_tls: the target connection is not protected; its password and "
                                  "the documents can be read or changed on the network", problem=self.target_tls.problem)
             sampler = self.sampler = HeadSampler(self.source, self._sampled, self.cfg.capture.head_sample_interval_s)
-            background = [asyncio.create_task(self._discovery(), name="discovery"),
+            assert self.keeper is not None
+            # Renewal runs on its own task until the drain is over (then the leases are handed over).
+            renewer = asyncio.create_task(self.keeper.renew_loop(), name="lease-renew")
+            background = [asyncio.create_task(self.keeper.balance_loop(), name="lease-balance"),
+                          asyncio.create_task(self._follow_writer(), name="writer-follow"),
+                          asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),
                           asyncio.create_task(sampler.run(), name="head-sampler"),
                           asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress"),
@@ -245,6 +268,8 @@ class Daemon:
             if self.proof is not None:
                 await self.proof.stop()
             await self._drain()
+            await cancel_and_wait([renewer])
+            await self.keeper.release_all()  # the drain is over: others take the units at once
             self.log.info("cosmigrate stopped", exit_code=self.exit_code)
             return self.exit_code
         finally:
@@ -317,7 +342,12 @@ class Daemon:
             self.unlisted = redact(str(exc))[:200] or type(exc).__name__
             return
         self.unlisted = ""
-        self.unwatched = [ns for ns in names if ns not in self.captures]
+        # Watched here (a capture runs), or held by another worker (status lists it from the ledger and it
+        # blocks readiness there); a lease item alone, free or held by this worker but not started, is not.
+        me = self.keeper.me.id if self.keeper is not None else ""
+        elsewhere = {u for u, rec in (self.keeper.leases if self.keeper is not None else {}).items()
+                     if not rec.free and rec.owner != me}
+        self.unwatched = [ns for ns in names if ns not in self.captures and ns not in elsewhere]
         if self.unwatched:
             self._rescan.set()
 
@@ -349,13 +379,15 @@ class Daemon:
                     first = await self._first_round()
                 names, refused = await discover_namespaces(self.source, self.cfg.capture.include,
                                                            self.cfg.capture.exclude)
-                start_at, first = (None if first else "beginning"), False  # a retry of this round errs to "beginning"
-                for ns in names:
-                    if ns not in self.captures and not self._stop.is_set():
-                        try:  # one namespace that cannot start must not keep the others from starting
-                            await self._start_capture(ns, start_at)
-                        except (PyMongoError, LedgerError, BackfillError) as exc:
-                            refused[ns] = redact(f"could not start: {exc}")[:300]
+                start_at, first = ("" if first else "beginning"), False  # a retry of this round errs to "beginning"
+                assert self.keeper is not None
+                # Each unit gets its lease item (once, cluster-wide); the balance round decides who runs it.
+                await self.keeper.offer(names, start_at)
+                # Take this worker's share now, inside the round: what waits for the first round (a cutover,
+                # verification) then finds the units it holds started, as with a single process.
+                await self.keeper.balance_once(steal=False)
+                for ns, why in self.start_failures.items():
+                    refused.setdefault(ns, why)
                 self._not_captured(refused)
                 await self._refresh_ttl()
                 if self.proof is not None:
@@ -413,26 +445,84 @@ class Daemon:
         self.cfg.ttl = new.ttl
         configure_logging(new.log.level, self.cfg.log.format)
         dropped = [ns for ns in self.captures if not matches_patterns(ns, new.capture.include, new.capture.exclude)]
-        for ns in dropped:
-            self.captures[ns].stop()
-            self.appliers[ns].stop()
-        names = [name for ns in dropped for name in (ns, f"apply:{ns}")]
+        await self._stop_units(dropped, fenced=False)
+        if self.keeper is not None:
+            for ns in dropped:
+                await self.keeper.release(ns)
+        self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
+                      level=new.log.level, ttl={ns: d.text() for ns, d in new.ttl.items()}, stopped=dropped)
+
+    async def _stop_units(self, units: list[str], *, fenced: bool) -> None:
+        """Stop units and forget them (excluded by a reload, or their lease lost): capture commits what it
+        holds, the applier's write in flight is answered. `fenced`: another worker owns them now, so the
+        appliers never write again."""
+        for ns in units:
+            if ns in self.captures:
+                self.captures[ns].stop()
+            app = self.appliers.get(ns)
+            if app is not None:
+                app.fence() if fenced else app.stop()
+        names = [name for ns in units for name in (ns, f"apply:{ns}")]
         tasks = [self._tasks.pop(name) for name in names if name in self._tasks]
         # Bounded like a SIGTERM drain: a committer retrying a put that keeps failing (a full disk) must
         # not block discovery and every later reload. What is not committed is re-read if re-included.
-        await self._wait_or_cancel(tasks, "excluded namespaces did not drain in time; stopped without committing the rest")
-        for ns in dropped:
-            del self.captures[ns], self.appliers[ns]
+        await self._wait_or_cancel(tasks, "stopped namespaces did not drain in time; stopped without committing the rest")
+        for ns in units:
+            self.captures.pop(ns, None)
+            app = self.appliers.pop(ns, None)
+            if app is not None and app.unanswered_at is not None:
+                self._unanswered[ns] = app.unanswered_at
             self.freshness.pop(ns, None)
             self.backfills.pop(ns, None)
             self.builders.pop(ns, None)
             index_task = self._index_tasks.pop(ns, None)
             if index_task is not None:
-                index_task.cancel()
+                await cancel_and_wait([index_task])
             if self.proof is not None:
                 await self.proof.detach(ns)
-        self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
-                      level=new.log.level, ttl={ns: d.text() for ns, d in new.ttl.items()}, stopped=dropped)
+
+    # --- what the lease keeper tells the worker (cosmigrate.leases.UnitEvents) ----------------------------------
+
+    def _wanted(self, ns: str) -> bool:
+        return matches_patterns(ns, self.cfg.capture.include, self.cfg.capture.exclude) and not self._stop.is_set()
+
+    async def gained(self, held: Held) -> None:
+        """A lease taken: start the unit. Its first target write waits for the fence (the applier does)."""
+        ns = held.unit
+        try:
+            await self._start_capture(ns, held.record.start_at or None, lease=held)
+        except (PyMongoError, LedgerError, BackfillError) as exc:
+            self.start_failures[ns] = redact(f"could not start: {exc}")[:300]
+            await self._stop_units([ns], fenced=False)
+            raise
+        self.start_failures.pop(ns, None)
+
+    async def lost(self, unit: str, reason: str) -> None:
+        """A lease lost (taken by another worker, or not renewed in time): stop the unit, never write again."""
+        await self._stop_units([unit], fenced=True)
+
+    def clean(self, unit: str) -> bool:
+        """No write of the stopped unit went unanswered within the bound: the next owner needs no fence wait."""
+        app = self.appliers.get(unit)
+        at = app.unanswered_at if app is not None else self._unanswered.get(unit)
+        return at is None or at.elapsed() > self.cfg.apply.write_bound_s
+
+    async def _follow_writer(self) -> None:
+        """The writer switch is the cluster's: `ctl writer` on any worker reaches every worker within a renew."""
+        assert self.ledger is not None
+        while True:
+            await asyncio.sleep(self.cfg.leases.renew_s)
+            try:
+                control = await self.ledger.get_control()
+            except LedgerError as exc:
+                self.log.warning("cannot read the writer switch; keeping the last state", error=redact(str(exc)))
+                continue
+            if control.writer == "started" and not self.gate.started:
+                self.gate.start()
+                self.log.info("writer started (by another worker)", by=control.changed_by)
+            elif control.writer != "started" and self.gate.started:
+                await self.gate.stop()
+                self.log.info("writer stopped (by another worker)", by=control.changed_by)
 
     async def _report(self) -> None:
         """Refresh systemd's STATUS= line (what `systemctl status cosmigrate` shows)."""
@@ -485,7 +575,8 @@ class Daemon:
         return {"ok": True, "namespace": ns, "state": "running"}
 
     async def _start_capture(self, ns: str, start_at: str | None,
-                             previous: tuple[NamespaceCapture, NamespaceApplier] | None = None) -> None:
+                             previous: tuple[NamespaceCapture, NamespaceApplier] | None = None,
+                             lease: Held | None = None) -> None:
         assert self.ledger is not None and self.store is not None
         if self.proof is not None:
             await self.proof.deletes_tier(ns)  # before the first stream opens: the delete preview changes its pipeline
@@ -499,8 +590,9 @@ class Daemon:
             has_position=meta.resume_token is not None, freshness=fresh)
         cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
                                start_at=start_at, freshness=fresh, budget=self.read_budget)
+        held = lease if lease is not None else (previous[1].lease if previous is not None else None)
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
-                               epoch=meta.epoch)
+                               epoch=meta.epoch, lease=held)
         cap.on_commit = app.wake.set
         app.inserts_first = lambda: backfill.phase == BACKFILL  # a full load's first versions go as inserts
         if previous is not None:
@@ -550,15 +642,12 @@ class Daemon:
             self._fenced(part.ns)
 
     def _fenced(self, ns: str) -> None:
-        """A capture lost its namespace: its applier stops too (the new owner applies), and a daemon
-        that owns nothing any more exits non-zero instead of idling as if it were migrating."""
+        """A capture lost its namespace (a newer epoch): its applier stops too (the new owner applies). The
+        lease keeper drops the unit at its next renew or balance round; a worker left with no units stays
+        up as a standby."""
         app = self.appliers.get(ns)
         if app is not None:
             app.fence()
-        if self.exit_code != EXIT_FENCED and self.captures and all(c.status.state == "fenced" for c in self.captures.values()):
-            self.log.error("every namespace was taken over by another daemon; exiting", exit_code=EXIT_FENCED)
-            self.exit_code = EXIT_FENCED
-            self.request_stop()
 
     async def _drain(self) -> None:
         # A build in flight finishes on the target; a restart reads the plan back.

@@ -10,11 +10,15 @@ warning log line with who did it and what went).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from urllib.parse import urlsplit
 
+from cosmigrate.clock import Mono
 from cosmigrate.config import Config
 from cosmigrate.control import ControlError, request
+from cosmigrate.leases import LeaseTable
+from cosmigrate.leases.records import WorkerId
 from cosmigrate.ledger import Ledger
 from cosmigrate.lock import ClusterLock, LockError, lock_path
 
@@ -25,8 +29,10 @@ HELD_RECENT_S = 600.0
 async def holder(cfg: Config, ledger: Ledger, ns: str | None) -> str:
     """Why a daemon may hold `ns` (None: any part of the cluster), or "" when nothing does.
 
-    Today: the cluster lock (a daemon on this machine), the control socket answering, and, with a DynamoDB
-    ledger, the namespace's owner with a recent update (a daemon on another host). Leases, when they come, are checked here.
+    The cluster lock (a daemon on this machine), the control socket answering, a unit lease whose counter
+    moves (a worker anywhere renewing it: watched for up to `leases.lease_s` on this process's own clock,
+    never judged from the item's stored time), and, with a DynamoDB ledger, the namespace's owner with a
+    recent update (a daemon on another host).
     """
     path = lock_path(cfg)
     if path is not None and path.exists():
@@ -41,6 +47,9 @@ async def holder(cfg: Config, ledger: Ledger, ns: str | None) -> str:
         return f"a cosmigrate daemon answers on {cfg.control.socket}: stop it first (systemctl stop cosmigrate)"
     except ControlError:
         pass
+    renewed = await _renewed_lease(cfg, ledger, ns)
+    if renewed:
+        return renewed
     if urlsplit(cfg.ledger.url).scheme == "sqlite":
         return ""  # a SQLite ledger is only reached from this machine, where the cluster lock settles it
     metas = [await ledger.get_namespace(ns)] if ns is not None else await ledger.list_namespaces()
@@ -50,6 +59,22 @@ async def holder(cfg: Config, ledger: Ledger, ns: str | None) -> str:
             return (f"{meta.ns} is owned by {meta.owner}, whose last ledger update was {now - meta.updated_at:.0f}s "
                     f"ago: a daemon may still hold it; stop it, and once it is gone retry after "
                     f"{HELD_RECENT_S - (now - meta.updated_at):.0f}s")
+    return ""
+
+
+async def _renewed_lease(cfg: Config, ledger: Ledger, ns: str | None) -> str:
+    """A held lease of `ns` (or of any unit) whose counter moves within one lease: its worker is alive."""
+    table = LeaseTable(ledger, WorkerId("ledger-admin"))
+    first = {rec.unit: rec.version for rec in await table.leases() if not rec.free and ns in (None, rec.unit)}
+    if not first:
+        return ""  # never held, or handed over by its last worker
+    deadline = Mono.now() + cfg.leases.lease_s
+    while Mono.now() < deadline:
+        await asyncio.sleep(min(1.0, cfg.leases.renew_s / 2))
+        for rec in await table.leases():
+            if rec.unit in first and rec.version != first[rec.unit] and not rec.free:
+                return (f"{rec.unit} is held by worker {rec.owner} ({rec.host}, pid {rec.pid}), which renews its lease: "
+                        "stop that worker first")
     return ""
 
 

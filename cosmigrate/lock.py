@@ -30,15 +30,23 @@ class LockError(Exception):
 
 
 def lock_path(cfg: Config) -> Path | None:
-    """Where the cluster lock lives: `daemon.lock_file`, else next to the embedded backend, else None."""
+    """Where the worker's lock lives: `daemon.lock_file`, else next to the embedded backend, else None.
+
+    The lock is per worker name (`daemon.worker`): several workers of one cluster share a host, each
+    under its own name, and two processes of the same name are refused as before. Holding it proves
+    that an earlier process of this name on this host is dead (`cosmigrate.leases.keeper` takes that
+    one's units back without waiting for their leases to expire).
+    """
+    name = f"{cfg.cluster_name}.{cfg.daemon.worker}.lock" if cfg.daemon.worker else f"{cfg.cluster_name}.lock"
     if cfg.daemon.lock_file:
-        return Path(cfg.daemon.lock_file)
+        path = Path(cfg.daemon.lock_file)
+        return path.with_name(f"{path.stem}.{cfg.daemon.worker}{path.suffix}") if cfg.daemon.worker else path
     ledger = urlsplit(cfg.ledger.url)
     if ledger.scheme == "sqlite":
-        return Path(ledger.path).parent / f"{cfg.cluster_name}.lock"
+        return Path(ledger.path).parent / name
     store = urlsplit(cfg.store.url)
     if store.scheme == "file":
-        return Path(store.path.rstrip("/") or "/").parent / f"{cfg.cluster_name}.lock"
+        return Path(store.path.rstrip("/") or "/").parent / name
     return None
 
 
@@ -71,7 +79,7 @@ class ClusterLock:
             holder = _read_pid(fd)
             os.close(fd)
             raise LockError(f"another cosmigrate daemon already runs cluster {self.cluster} (pid {holder}); "
-                            f"it holds {self.path}") from None
+                            f"it holds {self.path} (give each worker on a host its own --worker name)") from None
         except OSError as exc:
             os.close(fd)
             raise LockError(f"cannot lock {self.path}: {exc.strerror or exc}") from None

@@ -60,7 +60,8 @@ MAX_REQUEST_HEAD_BYTES = 8192
 
 # name -> (type, help). The one table of what is exported; `render` keeps this order.
 FAMILIES: dict[str, tuple[str, str]] = {
-    "cosmigrate_build_info": ("gauge", "Always 1; the labels carry the version and the cluster name."),
+    "cosmigrate_build_info": ("gauge", "Always 1; the labels carry the version, the cluster name and this worker's id."),
+    "cosmigrate_worker_units": ("gauge", "Units (namespaces) each worker of the cluster holds, as this worker last read them."),
     "cosmigrate_uptime_seconds": ("gauge", "Seconds since the daemon started."),
     "cosmigrate_writer_started": ("gauge", "1 while the writer is started (changes are applied to the target)."),
     "cosmigrate_ready_for_cutover": ("gauge", "1 when status says READY FOR CUTOVER."),
@@ -204,7 +205,10 @@ def _number(value: float) -> str:
 def build_registry(status: Mapping[str, Any], parts: Mapping[str, PartCounters]) -> Registry:
     """The registry for one scrape: `status` as built by `cosmigrate.status.build_status`."""
     reg = Registry()
-    reg.add("cosmigrate_build_info", 1, version=str(status["version"]), cluster=str(status["cluster_name"]))
+    reg.add("cosmigrate_build_info", 1, version=str(status["version"]), cluster=str(status["cluster_name"]),
+            worker=str(status.get("this_worker", "")))
+    for w in status.get("workers", []):
+        reg.add("cosmigrate_worker_units", len(w["units"]), worker=str(w["worker"]), host=str(w["host"]))
     reg.add("cosmigrate_uptime_seconds", status["uptime_s"])
     reg.add("cosmigrate_writer_started", status["writer"] == "started")
     reg.add("cosmigrate_ready_for_cutover", bool(status["ready_for_cutover"]))

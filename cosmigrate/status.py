@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cosmigrate import __version__
 from cosmigrate.backfill import BACKFILL, DROPPED, totals
 from cosmigrate.clock import Mono, Wall
+from cosmigrate.cluster import ELSEWHERE, EXPIRED, unit_lease, workers
 from cosmigrate.mongo import matches_patterns
 from cosmigrate.planrecord import plan_status
 from cosmigrate.ttl import ttl_state
@@ -36,14 +37,16 @@ NAMESPACE_FIELDS = (
     "last_verify_pass",
     # the full load (cosmigrate.backfill) and the index plan (cosmigrate.indexplan)
     "load_phase", "docs_copied", "docs_estimated", "percent", "rate_docs_per_s", "eta_s", "backfill_reason", "indexes",
+    # workers (cosmigrate.cluster)
+    "worker", "lease", "worker_heartbeat_age_s",
 )
 CLUSTER_FIELDS = (
     "cluster_name", "version", "uptime_s", "current_time", "writer", "gap_in_seconds", "cutover_threshold_seconds",
     "ready_for_cutover", "not_ready_reasons", "needs_operator", "insecure_target_tls", "namespaces", "cutover", "backfill",
-    "plan",
+    "plan", "this_worker", "workers",
 )
-STATES = ("starting", "running", "paused", "failed", "fenced", "stopped")
-PHASES = ("backfill", "dropped", "capturing", "catching up", "in sync", "failed", "fenced", "stopped")
+STATES = ("starting", "running", "paused", "failed", "fenced", "stopped", "elsewhere")
+PHASES = ("backfill", "dropped", "capturing", "catching up", "in sync", "failed", "fenced", "stopped", "elsewhere")
 NO_BACKFILL = {"load_phase": "", "docs_copied": 0, "docs_estimated": None, "percent": 0.0, "rate_docs_per_s": 0.0,
                "eta_s": None, "backfill_reason": ""}
 
@@ -58,7 +61,7 @@ def phase(state: str, freshness: str, load_phase: str = "") -> str:
     """
     if load_phase == DROPPED:
         return DROPPED
-    if state in ("failed", "fenced", "stopped"):
+    if state in ("failed", "fenced", "stopped", "elsewhere"):
         return state
     if load_phase == BACKFILL:
         return BACKFILL
@@ -116,10 +119,15 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
     namespaces: list[dict[str, Any]] = []
     stale: list[str] = []
+    lease_blocks: list[tuple[str, str]] = []  # (lease, why) of the units not writable here
+    at = mono
     expiry: list[str] = []
     for meta in await daemon.ledger.list_namespaces():
         if not matches_patterns(meta.ns, include, exclude):
             continue  # excluded (SIGHUP or config): not part of the migration any more
+        held = unit_lease(daemon.keeper, meta.ns, at)
+        if held.block:
+            lease_blocks.append((held.lease, held.block))
         cap = daemon.captures.get(meta.ns)
         app = daemon.appliers.get(meta.ns)
         fresh = daemon.freshness.get(meta.ns)
@@ -142,13 +150,17 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         else:
             since = cap.status.started_at if cap else daemon.started_at
             lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", None
-        if freshness != "current":
+        if held.lease in (ELSEWHERE, EXPIRED) and cap is None:
+            freshness = f"judged by worker {held.worker}" if held.lease == ELSEWHERE else "no worker holds it"
+        elif freshness != "current":
             stale.append(f"{meta.ns} ({freshness})")
         states = [s for s in (cap.status.state if cap else None, app.status.state if app else None) if s]
         if meta.state == "failed" or "failed" in states or (cap is not None and cap.status.partition_failed):
             state = "failed"  # a failed partition too: the others go on, but its changes are not read
         elif "fenced" in states:
             state = "fenced"
+        elif cap is None and held.lease in (ELSEWHERE, EXPIRED):
+            state = "elsewhere"  # another worker runs it (or ran it: see `lease`); not_ready_reasons says which
         elif cap is None:
             state = "stopped"
         elif cap.status.state == "starting":
@@ -191,6 +203,7 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         namespaces[-1]["phase"] = phase(state, freshness, namespaces[-1]["load_phase"])
         builder = daemon.builders.get(meta.ns)
         namespaces[-1]["indexes"] = builder.summary() if builder is not None else ""
+        namespaces[-1].update(worker=held.worker, lease=held.lease, worker_heartbeat_age_s=held.heartbeat_age_s)
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
     operator = []  # the reasons only an operator clears (a cutover fails on them at once, never waits)
@@ -200,6 +213,22 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     if failed:
         operator.append(f"namespaces not healthy: {', '.join(failed)} failed (see last_error; `cosmigrate ctl retry "
                         "NAMESPACE` once fixed)")
+    listed = {n["namespace"] for n in namespaces}
+    unclaimed = sorted(u for u in (daemon.keeper.leases if daemon.keeper is not None else {})
+                       if u not in listed and matches_patterns(u, include, exclude))
+    if unclaimed:  # a lease item but no ledger record yet: taken (or about to be) and not started
+        reasons.append(f"units not started yet: {', '.join(unclaimed[:10])}"
+                       + (f"; and {len(unclaimed) - 10} more" if len(unclaimed) > 10 else ""))
+    elsewhere = [why for lease, why in lease_blocks if lease == ELSEWHERE]
+    if elsewhere:  # judged on their own worker; a cutover here cannot stop their writes: stop the other workers.
+        # Not an operator reason: a worker that just started sees a crashed holder's lease as held until it is
+        # taken (at once under its own lock, else after expiry), and a cutover started then must wait, not fail.
+        more = f"; and {len(elsewhere) - 10} more" if len(elsewhere) > 10 else ""
+        reasons.append(f"units held by other workers (stop them to cut over here): {'; '.join(elsewhere[:10])}{more}")
+    waiting = [why for lease, why in lease_blocks if lease != ELSEWHERE]
+    if waiting:  # ownerless (taken at the next balance round), or in a new owner's fence wait
+        more = f"; and {len(waiting) - 10} more" if len(waiting) > 10 else ""
+        reasons.append(f"units not ready yet: {'; '.join(waiting[:10])}{more}")
     refused = [f"{ns} ({why})" for ns, why in sorted(daemon.not_captured.items()) if matches_patterns(ns, include, exclude)]
     if refused:  # they exist on the source and nothing migrates them: never ready while there are any
         more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
@@ -255,6 +284,8 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         "cutover": cutover,
         "backfill": totals(namespaces),
         "plan": plan_status(daemon, {n["namespace"]: n["applied_events"] for n in namespaces}),
+        "this_worker": daemon.keeper.me.id if daemon.keeper is not None else "",
+        "workers": workers(daemon.keeper, at),
     }
 
 

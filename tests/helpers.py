@@ -59,6 +59,9 @@ def make_config(tmp_path: Path, source_uri: str, target_uri: str, backend: str, 
     # shows only a document's latest version when the feed is read later, as the idle cut's wait would).
     cfg.capture.min_batch_age_s = 0.0
     cfg.capture.max_await_ms = 200
+    # Short leases (tests of several workers see takeovers within seconds); the fence wait follows the bound.
+    cfg.leases.lease_s, cfg.leases.renew_s, cfg.leases.balance_s = 12.0, 3.0, 3.0
+    cfg.apply.write_bound_s = 5.0
     for k, v in capture.items():
         setattr(cfg.capture, k, v)
     validate(cfg)

@@ -206,7 +206,7 @@ async def test_a_sibling_chunk_already_sent_is_awaited_before_the_round_fails(
     in_server, release = asyncio.Event(), asyncio.Event()
     held = 0
 
-    async def hold_first_write() -> None:  # the target keeps chunk 1's command until told
+    async def hold_first_write(*_: Any) -> None:  # the target keeps chunk 1's command until told
         nonlocal held
         held += 1
         if held == 1:
@@ -328,7 +328,7 @@ async def test_a_command_the_target_never_answers_is_abandoned_after_a_bounded_w
     in_server, release = asyncio.Event(), asyncio.Event()
     calls = 0
 
-    async def never_answer_the_first() -> None:
+    async def never_answer_the_first(*_: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:

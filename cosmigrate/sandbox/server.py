@@ -13,6 +13,7 @@ import datetime as dt
 import itertools
 import random
 import ssl
+import time
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -131,6 +132,8 @@ class MongoServer:
         self.host = host
         self.port = 0
         self.commands = 0
+        self.writes_delayed = 0
+        """Write commands the slow-write fault held (tests wait for one to be in flight)."""
         self._server: asyncio.Server | None = None
         self._cursors: dict[int, Any] = {}
         self._conn_ids = itertools.count(1)
@@ -666,7 +669,7 @@ class MongoServer:
     async def cmd_insert(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         docs = self._statements(req, body, "documents")
         self.check_write_command("insert", body, len(docs))
-        await self.slow_write()
+        await self.slow_write(req)
         coll = self.store.get_or_create(db, body["insert"])
         ordered = body.get("ordered", True)
         n = 0
@@ -698,14 +701,29 @@ class MongoServer:
             reply["writeErrors"] = errors
         return reply
 
-    async def slow_write(self) -> None:
-        if self.faults.slow_write_ms:
-            await asyncio.sleep(self.faults.slow_write_ms / 1000)
+    async def slow_write(self, req: wire.Request) -> None:
+        """The slow-write fault, honouring the command's `maxTimeMS` as mongod does on writes.
+
+        A write that cannot start before its `maxTimeMS` (counted from when the command was
+        received) is aborted with MaxTimeMSExpired (50) and changes nothing: it is never
+        executed late. This is what the target fence relies on (docs/design.md, bounded writes).
+        """
+        if not self.faults.slow_write_ms:
+            return
+        delay = self.faults.slow_write_ms / 1000
+        self.writes_delayed += 1
+        limit = req.body.get("maxTimeMS")
+        if isinstance(limit, (int, float)) and limit > 0:
+            left = req.received_at + limit / 1000 - time.monotonic()
+            if delay > left:
+                await asyncio.sleep(max(0.0, left))
+                raise CommandError(50, "operation exceeded time limit", "MaxTimeMSExpired")
+        await asyncio.sleep(delay)
 
     async def cmd_update(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         stmts = self._statements(req, body, "updates")
         self.check_write_command("update", body, len(stmts))
-        await self.slow_write()
+        await self.slow_write(req)
         coll = self.store.get_or_create(db, body["update"])
         ordered = body.get("ordered", True)
         matched = modified = 0
@@ -797,7 +815,7 @@ class MongoServer:
     async def cmd_delete(self, req: wire.Request, db: str, body: dict[str, Any], conn_id: int) -> dict[str, Any]:
         stmts = self._statements(req, body, "deletes")
         self.check_write_command("delete", body, len(stmts))
-        await self.slow_write()
+        await self.slow_write(req)
         coll = self.store.get(db, body["delete"])
         ordered = body.get("ordered", True)
         n = 0

@@ -9,6 +9,7 @@ storage byte for byte.
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ class Request:
     body: dict[str, Any]
     sequences: dict[str, list[RawBSONDocument]] = field(default_factory=dict)
     more_to_come: bool = False
+    received_at: float = field(default_factory=time.monotonic)
+    """When the server had read the whole command (its `maxTimeMS` counts from here)."""
 
     @property
     def command_name(self) -> str:
