@@ -148,7 +148,9 @@ class LeaseKeeper:
             return
         sent = Mono.now()
         try:
-            rec = await within(self.table.renew(held.record), self.cfg.renew_s)
+            # As long as the lease is valid (a slow, retried ledger call may still land in time), not one renew
+            # interval: cutting it short would lose a lease to a ledger that is only slow.
+            rec = await within(self.table.renew(held.record), max(0.1, held.renewed_at + self.cfg.lease_s - sent))
         except ProgressConflict:
             await self._lose(held.unit, "taken by another worker")
             return
@@ -188,8 +190,9 @@ class LeaseKeeper:
             for unit in moved:
                 await self._lose(unit, f"taken by worker {self.leases[unit].owner or '(released)'}")
             wanted = {u for u in self.leases if self.wanted(u)}
-            todo = plan(leases, self.lease_seen, self.live(now), self.me.id, self.cfg.lease_s, now, wanted,
-                        self._dead(leases))
+            dead = self._dead(leases)  # an earlier process under this worker's lock: not a live worker either
+            todo = plan(leases, self.lease_seen, self.live(now) - dead, self.me.id, self.cfg.lease_s, now, wanted,
+                        dead)
             for rec in todo.take:
                 await self._take(rec, now, stolen=False)
             if todo.steal is not None and steal:
