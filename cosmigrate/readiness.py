@@ -198,9 +198,11 @@ class ForeignUnits:
                 unit.see_meta(meta)
             unit.see_record(await ledger.get_progress(ns, KIND, KEY), now)
 
-    def judge(self, ns: str, owner: str, threshold_s: float, renew_s: float, now: Mono) -> Judgement:
+    def judge(self, ns: str, owner: str, threshold_s: float, renew_s: float, now: Mono,
+              fresh_after: Mono | None = None) -> Judgement:
         """Whether the unit `owner` holds passes. Its lease is live (the caller asks only about units whose
-        lease this worker saw renewed within lease_s); the rest is judged here."""
+        lease this worker saw renewed within lease_s); the rest is judged here. Lag is 0 only when the latest
+        sample is caught up and was taken at or after `fresh_after` (as for local units)."""
         unit = self.of(ns)
         blocks: list[str] = []
         if unit.last_sample_error:
@@ -212,7 +214,8 @@ class ForeignUnits:
         else:
             freshness = "behind"
         base = unit.caught_up_t or self.watched_since[ns]
-        lag = 0.0 if unit.caught_up and freshness == "current" else max(0.0, now - base)
+        recent = fresh_after is None or (unit.last_sample_at is not None and unit.last_sample_at >= fresh_after)
+        lag = 0.0 if unit.caught_up and freshness == "current" and recent else max(0.0, now - base)
         if freshness != "current":
             blocks.append(f"{ns} on worker {owner}: {freshness}")
         rec, age = unit.record, unit.record_age(now)

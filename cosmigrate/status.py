@@ -177,7 +177,8 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         if not foreign:
             local.append(meta.ns)
         if foreign:  # judged here from the ledger and this worker's own head samples (`cosmigrate.readiness`)
-            judged = daemon.foreign.judge(meta.ns, held.worker, threshold, daemon.cfg.leases.renew_s, mono)
+            judged = daemon.foreign.judge(meta.ns, held.worker, threshold, daemon.cfg.leases.renew_s, mono,
+                                          fresh_after)
             foreign_blocks += judged.blocks
             lag, freshness, caught_up_at = judged.lag, judged.freshness, None
         elif fresh is not None:
