@@ -11,17 +11,25 @@ reservation into the page's real size once it arrived (`fetched`), and the
 committer gives the bytes back once the batch is in the store (`release`).
 
 A page's size is known only after it arrived, so a reservation is a guess:
-the namespace's largest recent page. Until its first non-empty page, a
-namespace fetches one page at a time (the guess is unknown, and eight
-concurrent first pages could hold eight pages). A fetch that does not fit
-waits for the committer to release bytes; one that would never fit (a page
-larger than the limit) goes through once the level holds nothing, alone, so
-an oversized page never deadlocks capture. Waiting fetches are served in
-arrival order at each level: a fetch joins the process's queue only once it
-is first in its namespace's and fits there, so a namespace waiting on its own
-full budget (its store slow or failing) never holds up another namespace. Held bytes thus stay within the
-limit plus one page (more only if pages grow beyond every recent one while
-several are in flight).
+the namespace's largest recent page, for every fetch of every stream (more
+if the stream's own previous page was larger). A stream's own previous page
+is no guide when it was empty or tiny: an idle partition's poll answers
+nothing until a burst of writes reaches it, and a burst reaching many idle
+partitions at once fills every poll outstanding with a full page. So at most
+(limit - held) / largest page polls are outstanding at once, and the idle
+latency grows only when partitions x page exceeds the limit (the README's
+"Capture memory"). Until its first non-empty page, a namespace opens one
+stream at a time (the guess is unknown, and eight concurrent first pages
+could hold eight pages), and a poll after an empty page reserves the
+namespace's `floor` (capture passes `max_batch_bytes`). A fetch that does
+not fit waits for the committer to release bytes; one that would never fit
+(a page larger than the limit) goes through once the level holds nothing,
+alone, so an oversized page never deadlocks capture. Waiting fetches are
+served in arrival order at each level: a fetch joins the process's queue
+only once it is first in its namespace's and fits there, so a namespace
+waiting on its own full budget (its store slow or failing) never holds up
+another namespace. Held bytes thus stay within the limit plus one page (more
+only if pages grow beyond every recent one while several are in flight).
 """
 
 from __future__ import annotations
@@ -42,9 +50,11 @@ class _Waiter:
 
 
 class ByteBudget:
-    def __init__(self, limit: int, parent: ByteBudget | None = None) -> None:
+    def __init__(self, limit: int, parent: ByteBudget | None = None, floor: int = 0) -> None:
         self.limit = limit
         self.parent = parent
+        self.floor = floor
+        """What a poll after an empty page reserves while no page of the namespace was seen yet."""
         self.used = 0
         """Bytes held: fetched pages, unsealed events, sealed batches not yet in the store."""
         self.reserved = 0
@@ -66,9 +76,9 @@ class ByteBudget:
         A parent's holds only fetches its children's limits let through: one child's full limit holds up no
         other child."""
 
-    def child(self, limit: int) -> ByteBudget:
+    def child(self, limit: int, floor: int = 0) -> ByteBudget:
         """A namespace's budget: its bytes count here too."""
-        return ByteBudget(limit, self)
+        return ByteBudget(limit, self, floor)
 
     def _levels(self) -> list[ByteBudget]:
         return [self] if self.parent is None else [self, *self.parent._levels()]
@@ -101,8 +111,15 @@ class ByteBudget:
         return True
 
     def expect(self, last_page: int | None) -> int | None:
-        """What a fetch reserves: the size of the stream's previous page, else the namespace's recent largest."""
-        return last_page if last_page is not None else self.hint
+        """What a fetch reserves: the namespace's recent largest page, or the stream's previous page if larger.
+
+        A stream's first fetch with no page seen yet: None (one fetch at a time). After an empty page with no
+        page seen yet: the floor. Never the size of an empty or tiny previous page alone: the poll of an idle
+        partition answers a full page once a burst of writes reaches it, and a burst reaches them all at once.
+        """
+        if last_page is None:
+            return self.hint
+        return max(last_page, self.floor if self.hint is None else self.hint)
 
     def has_room(self, last_page: int | None = None) -> bool:
         """Would a fetch start now?"""

@@ -269,7 +269,8 @@ class NamespaceCapture:
         self.ledger = ledger
         self.cfg = cfg
         self.cap = cfg.capture
-        self.budget = budget.child(self.cap.max_unflushed_bytes) if budget else ByteBudget(self.cap.max_unflushed_bytes)
+        limit, floor = self.cap.max_unflushed_bytes, self.cap.max_batch_bytes  # floor: a page's size, none seen yet
+        self.budget = budget.child(limit, floor) if budget else ByteBudget(limit, floor=floor)
         """Bytes this namespace read and does not have in the store yet (under the daemon's, for every namespace)."""
         self.crash = crash or CrashPoints()
         self.codec = BatchCodec()

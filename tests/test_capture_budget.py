@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +56,27 @@ class SlowStore:
         return getattr(self.inner, name)
 
 
-async def _fill(sandbox: Sandbox, namespaces: list[str], docs_per_ns: int = DOCS_PER_NS) -> None:
+async def _fill(sandbox: Sandbox, namespaces: list[str], docs_per_ns: int = DOCS_PER_NS, pad: int = PAD,
+                first_id: int = 0, chunk: int = 500) -> None:
     client = source_client(sandbox.source_uri)
     try:
         for ns in namespaces:
             db, _, coll = ns.partition(".")
-            docs = [{"_id": i, "pad": "x" * PAD} for i in range(docs_per_ns)]
-            for start in range(0, len(docs), 500):
-                await client[db][coll].insert_many(docs[start:start + 500])
+            docs = [{"_id": i, "pad": "x" * pad} for i in range(first_id, first_id + docs_per_ns)]
+            for start in range(0, len(docs), chunk):
+                await client[db][coll].insert_many(docs[start:start + chunk])
     finally:
         await client.close()
 
 
+Burst = Callable[[dict[str, NamespaceCapture]], Awaitable[int]]
+
+
 async def _capture(cfg: Config, sandbox: Sandbox, namespaces: list[str], process: ByteBudget,
-                   monkeypatch: pytest.MonkeyPatch, docs_per_ns: int = DOCS_PER_NS) -> dict[str, Any]:
-    """Capture `namespaces` from the beginning until every document is committed; the peaks seen."""
+                   monkeypatch: pytest.MonkeyPatch, docs_per_ns: int = DOCS_PER_NS,
+                   then: Burst | None = None) -> dict[str, Any]:
+    """Capture `namespaces` from the beginning until every document is committed (and, with `then`, the
+    documents it wrote once that was done); the peaks seen."""
     buffers: dict[str, list[Any]] = {}
     add = capture._Buffer.add
 
@@ -111,6 +118,9 @@ async def _capture(cfg: Config, sandbox: Sandbox, namespaces: list[str], process
             return all(cap.status.committed_events >= docs_per_ns for cap in caps.values())
 
         await wait_for(all_committed, 120, interval=0.05, what="every document committed")
+        if then is not None:
+            docs_per_ns += await then(caps)
+            await wait_for(all_committed, 120, interval=0.05, what="every document of the burst committed")
         for cap in caps.values():
             cap.stop()
         await within(asyncio.gather(*tasks), 30)
@@ -149,6 +159,66 @@ async def test_a_namespace_with_many_partitions_holds_at_most_its_limit_plus_one
     # Sampled: the budget gives a batch's bytes back once it is in the store, before its ledger commit.
     assert seen["sampled"]["app.wide"] <= bound + cfg.capture.max_batch_bytes, \
         f"buffers and sealed batches held {seen['sampled']['app.wide']} (limit {limit}, page {budget.largest_page})"
+    assert budget.peak <= bound, f"held {budget.peak} (limit {limit}, page {budget.largest_page})"
+    assert budget.held_at_close == 0 and process.used == process.reserved == 0, "bytes left counted after the drain"
+
+
+BURST_DOCS = 6000
+"""Written at once to a collection of 8 partitions: about 750 events per partition, one page each (pages hold
+up to 1000 events)."""
+
+
+@pytest.mark.parametrize("pad", [300, 2000], ids=["pages-under-the-limit", "pages-over-the-limit"])
+async def test_a_burst_reaching_many_idle_partitions_holds_at_most_the_limit_plus_one_page(
+    tmp_path: Path, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, pad: int
+) -> None:
+    """Every partition idle (its stream's last page empty), then one write reaches them all at once. Before: an
+    empty page made the stream's next poll reserve nothing, so every idle poll was outstanding at once and the
+    burst brought one page per partition (8 pages of about 0.4 MB for a 1 MiB limit; 8 pages larger than the
+    limit in the second case). A page larger than the whole limit must still go through, alone (no deadlock)."""
+    partitions = 8
+    sandbox.source.faults.partitions = partitions
+    limit = 1024 * 1024
+    cfg = _config(tmp_path, sandbox, limit=limit, total=64 * limit, batch=limit // 2)
+    # The default: a watcher waiting for room seals the tail of a page cut into full batches at this age, and a
+    # page over the limit waits for that (the limit must hold nothing else).
+    cfg.capture.max_batch_age_s = 1.0
+    await prepare_backends(cfg)
+    ns = "app.burst"
+    await _fill(sandbox, [ns], BURST_DOCS, pad=pad)  # read first: the namespace learns its page size
+    last_page: dict[int, int | None] = {}
+    fetching = capture.NamespaceCapture._fetching
+
+    async def recorded(self: NamespaceCapture, page: Any, stream: Any, fetch: Any) -> Any:
+        # Instruments the real fetch: the size of each watcher's latest page (0: empty, the stream is idle).
+        try:
+            return await fetching(self, page, stream, fetch)
+        finally:
+            last_page[id(page)] = page.last
+
+    monkeypatch.setattr(capture.NamespaceCapture, "_fetching", recorded)
+
+    async def burst(caps: dict[str, NamespaceCapture]) -> int:
+        async def every_stream_idle() -> bool:
+            return sum(size == 0 for size in last_page.values()) >= partitions
+
+        await wait_for(every_stream_idle, 30, interval=0.02, what="every partition's stream idle (last page empty)")
+        # One insert command: the sandbox applies it whole, so every waiting poll wakes to a full page at once.
+        await _fill(sandbox, [ns], BURST_DOCS, pad=pad, first_id=BURST_DOCS, chunk=BURST_DOCS)
+        return BURST_DOCS
+
+    process = ByteBudget(cfg.capture.max_unflushed_bytes_total)
+    seen = await _capture(cfg, sandbox, [ns], process, monkeypatch, BURST_DOCS, then=burst)
+    budget = seen["caps"][ns].budget
+    if pad < 1000:
+        assert budget.largest_page < limit / 2, "pages this large prove nothing about several polls at once"
+    else:
+        assert budget.largest_page > limit, "the page was meant to be larger than the limit"
+    bound = limit + budget.largest_page
+    print(f"burst over {partitions} idle partitions: budget peak {budget.peak}, buffers and sealed batches "
+          f"{seen['sampled'][ns]}, bound {bound} (limit {limit}, page {budget.largest_page})")
+    assert seen["sampled"][ns] <= bound + cfg.capture.max_batch_bytes, \
+        f"buffers and sealed batches held {seen['sampled'][ns]} (limit {limit}, page {budget.largest_page})"
     assert budget.peak <= bound, f"held {budget.peak} (limit {limit}, page {budget.largest_page})"
     assert budget.held_at_close == 0 and process.used == process.reserved == 0, "bytes left counted after the drain"
 

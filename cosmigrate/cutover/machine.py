@@ -10,10 +10,13 @@ The steps, in order (`STEPS`):
    each failing one is named (exit 5).
 2. `quiesce`: the applications have stopped writing. Every namespace's head
    is sampled twice, `cutover.quiesce_s` apart; if one moved, "the source is
-   still being written" (exit 3). The second sample is stored.
+   still being written" (exit 3). The second sample is stored. A collection
+   the source holds that has no head here (created since the precheck) is a
+   write too: back to `precheck`, which waits for it to be captured.
 3. `apply`: capture and apply up to the heads sampled again now (at or past
    the stored ones; if they moved, the step's end says so, exit 3).
-4. `sweep`: a final delete sweep of every namespace, over everything, with
+4. `sweep` (needs the writer started: its deletes go through it; stopped, the
+   step fails at once, exit 5): a final delete sweep of every namespace, over everything, with
    the source quiet, comparing `_id`s in every range (equal counts would let
    a stale and a missing document cancel out); the `_id`s the target lacks
    go to verification, so the recheck reports them.
@@ -32,14 +35,14 @@ The steps, in order (`STEPS`):
    duration, the heads it stopped at, the source's expiry and the `[ttl]`
    decision for it) is stored and printed. Exit 0.
 
-Then status says `cutover complete`, the writer is stopped and refuses to
+Then status says `cutover complete`, the writer is stopped (before `complete` is stored) and refuses to
 start again without `--force`; the sweep and verification stop (the target
 belongs to the applications now). The source is never written.
 
 Every ending that is not `complete` returns a report too (`outcome`
 stopped or cancelled, the step, the exit code and why), so `--report`
 always leaves a file. `ctl cutover --cancel` stops a run at its next step
-boundary (or while precheck or apply waits), recorded under `cancelled`
+boundary (or while precheck, apply or the sweep waits), recorded under `cancelled`
 (exit 7). The report's `started_at` is this run's start;
 `first_started_at` is when the cutover first began.
 
@@ -53,9 +56,9 @@ cutover; the machine goes back to `quiesce` and exits 3.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import bson
 from bson.binary import Binary
@@ -69,10 +72,11 @@ from cosmigrate.deletes.service import Deletes
 from cosmigrate.indexplan import enable_ttl
 from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
-from cosmigrate.mongo import change_stream_tokens
+from cosmigrate.mongo import change_stream_tokens, list_namespaces
 from cosmigrate.nslink import ApplierNotReady, NamespaceLink
 from cosmigrate.preflight import unsupported_index
 from cosmigrate.redact import redact
+from cosmigrate.timeouts import cancel_and_wait
 from cosmigrate.tokens import TokenFormatError, positions
 from cosmigrate.ttl import read_ttl_indexes, ttl_state
 from cosmigrate.verify.service import Verification
@@ -82,6 +86,7 @@ COMPLETE = "complete"
 EXIT_OK, EXIT_ERROR, EXIT_WRITTEN, EXIT_NOT_READY, EXIT_DIFFERENT, EXIT_CANCELLED = 0, 1, 3, 5, 6, 7
 STALL_S = 120.0  # apply making no progress this long fails the `apply` step
 WAITING_LOG_S = 5.0  # how often precheck says what it still waits for
+T = TypeVar("T")
 
 
 class CutoverStop(Exception):
@@ -219,6 +224,11 @@ class Cutover:
                 await step.run(self)
                 self.host.crash.hit(f"cutover_{step.name}")
                 following = names.index(step.name) + 1
+                if following == len(names):
+                    # The writer stops before `complete` is stored: a kill between the two must never leave a
+                    # completed cutover whose writer the next daemon starts again (over the applications' target).
+                    await self.host.gate.stop()
+                    await self.ledger.set_writer("stopped", "cutover", Wall.now().s)
                 self.state["step"] = names[following] if following < len(names) else COMPLETE
                 await self._save()
         except CutoverStop as stop:
@@ -226,10 +236,9 @@ class Cutover:
             return Result(stop.code, str(stop), self._stopped_report(stop, started))
         finally:
             self.waiting = ""
+        self.host.crash.hit("cutover_complete")  # `complete` stored, the run not finished
         self.state["finished_at"] = Wall.now().s
         await self._save()
-        await self.host.gate.stop()
-        await self.ledger.set_writer("stopped", "cutover", Wall.now().s)
         self.log.info("cutover complete")
         return Result(EXIT_OK, "cutover complete: the target equals the source", self.state.get("report"))
 
@@ -273,6 +282,25 @@ class Cutover:
             await self._save()
             raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
                                             "applications' writes to Cosmos DB, then run cutover again")
+        await self._none_created(self._stored_heads())
+
+    async def _none_created(self, known: Iterable[str]) -> None:
+        """A collection the source holds that this cutover samples no head of: created after the precheck (the
+        applications still write), and not captured until discovery's next round. The heads alone never see it,
+        and the report would say equal without it: back to `precheck`, which waits until it is captured and
+        caught up."""
+        try:
+            names = await list_namespaces(self.host.source, self.cfg.capture.include, self.cfg.capture.exclude)
+        except PyMongoError as exc:
+            raise CutoverStop(EXIT_ERROR, f"cannot list the source's collections: {redact(str(exc))[:200]}") from None
+        created = sorted(set(names) - set(known))
+        if created:
+            self.state["step"] = STEPS[0].name
+            await self._save()
+            raise CutoverStop(EXIT_WRITTEN, f"the source is still being written (collections created during the "
+                                            f"cutover: {', '.join(created[:10])}): stop the applications' writes to "
+                                            "Cosmos DB, then run cutover again (its precheck waits for them to be "
+                                            "captured)")
 
     # --- steps ---------------------------------------------------------------------------------
 
@@ -321,6 +349,7 @@ class Cutover:
         if moved:
             raise CutoverStop(EXIT_WRITTEN, f"the source is still being written ({', '.join(moved)}): stop the "
                                             "applications' writes to Cosmos DB, then run cutover again")
+        await self._none_created(second)
         self.state["heads"] = {ns: [Binary(t) for t in tokens] for ns, tokens in second.items()}
         self.state["heads_at"] = Wall.now().s
 
@@ -350,13 +379,30 @@ class Cutover:
                                                   f"progress for {STALL_S:.0f}s (writer {writer})")
         await self._still_quiet()
 
+    async def _through_the_writer(self, work: Awaitable[T]) -> T:
+        """Work that writes through the writer (the final sweep's deletes): a stopped writer holds it for ever, deaf
+        to `--cancel` (the precheck that checks the writer is behind a resumed step). Either ends the step; its
+        work is cancelled (a sweep pass is: `Deletes.stop`) and runs again from its start next time."""
+        task = asyncio.ensure_future(work)
+        try:
+            while not task.done():
+                if not self.host.gate.started:  # only an operator starts it again: fail now
+                    raise CutoverStop(EXIT_NOT_READY, f"the {self.step} step writes to the target through the writer, "
+                                                      "which is stopped (run `cosmigrate ctl writer start`, then "
+                                                      "cutover again)")
+                await self._check_cancel()
+                await asyncio.wait({task}, timeout=0.5)
+            return task.result()
+        finally:
+            await cancel_and_wait([task])
+
     async def sweep(self) -> None:
         deletes = self.host.deletes
         counts: dict[str, int] = dict(self.state.get("deleted") or {})
         if deletes is not None:
             await deletes.stop()
             for ns in self.namespaces:
-                counts[ns] = counts.get(ns, 0) + await deletes.final_sweep(ns)
+                counts[ns] = counts.get(ns, 0) + await self._through_the_writer(deletes.final_sweep(ns))
                 missing = deletes.final_missing(ns)
                 if missing and self.host.verification is not None:
                     await self.host.verification.suspect(ns, missing)

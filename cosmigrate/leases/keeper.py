@@ -68,7 +68,12 @@ class LeaseKeeper:
     def live(self, now: Mono | None = None) -> set[str]:
         """Workers whose heartbeat counter changed within `lease_s`, as this worker saw it (itself included)."""
         now = now or Mono.now()
-        return {w for w in self.workers if self.worker_seen.unchanged_for(w, now) < self.cfg.lease_s} | {self.me.id}
+        return {w for w, rec in self.workers.items() if self.worker_seen.unchanged_for(w, now) < self.cfg.lease_s
+                and not self._earlier_self(rec.host, rec.slot)} | {self.me.id}
+
+    def _earlier_self(self, host: str, slot: str) -> bool:
+        """An earlier process under this worker's lock file on this host: dead, since this one holds the lock."""
+        return bool(self.me.slot) and host == self.me.host and slot == self.me.slot
 
     def expired(self, unit: str, now: Mono | None = None) -> bool:
         rec = self.leases.get(unit)

@@ -92,16 +92,19 @@ class WorkerRecord:
     units: tuple[str, ...] = ()
     heartbeat_at: Wall = Wall(0.0)
     """The worker's own wall clock at its last heartbeat: shown to people, never used to judge liveness."""
+    slot: str = ""
+    """The worker's lock file (`WorkerId.slot`)."""
 
     def data(self) -> bytes:
         return bson.encode({"host": self.host, "pid": self.pid, "name": self.name, "units": list(self.units),
-                            "heartbeat_at": self.heartbeat_at.s})
+                            "heartbeat_at": self.heartbeat_at.s, "slot": self.slot})
 
     @classmethod
     def parse(cls, item: Progress) -> WorkerRecord:
         d: dict[str, Any] = item.doc()
         return cls(item.key, item.version, str(d.get("host", "")), int(d.get("pid", 0)), str(d.get("name", "")),
-                   tuple(str(u) for u in d.get("units", ())), Wall(float(d.get("heartbeat_at", 0.0))))
+                   tuple(str(u) for u in d.get("units", ())), Wall(float(d.get("heartbeat_at", 0.0))),
+                   str(d.get("slot", "")))
 
 
 @dataclass
@@ -176,7 +179,8 @@ class LeaseTable:
 
     async def heartbeat(self, version: int, units: list[str]) -> int:
         """Write this worker's heartbeat at `version` (0: create); the new version. Raises ProgressConflict."""
-        rec = WorkerRecord(self.me.id, version, self.me.host, self.me.pid, self.me.name, tuple(units), Wall.now())
+        rec = WorkerRecord(self.me.id, version, self.me.host, self.me.pid, self.me.name, tuple(units), Wall.now(),
+                           self.me.slot)
         await self.ledger.put_progress("", WORKER, self.me.id, rec.data(), epoch=None, expect_version=version)
         return version + 1
 
