@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cosmigrate.clock import Mono
 from cosmigrate.ledger import NamespaceMeta, Progress
-from cosmigrate.readiness import KEY, KIND, ForeignUnits, Published
+from cosmigrate.readiness import KEY, KIND, Foreign, ForeignUnits, Published
 from tests.test_freshness import v2
 
 NS, OWNER = "app.p", "w-b"
@@ -28,6 +28,15 @@ def _live(units: ForeignUnits, at: float) -> None:
     unit.see_record(_item(2), Mono(at))
 
 
+def _caught_up() -> tuple[ForeignUnits, Foreign]:
+    """A unit whose head sampled at 100 is captured and applied."""
+    units = ForeignUnits()
+    unit = units.of(NS)
+    unit.add_sample(Mono(100.0), HEAD)
+    unit.see_meta(_meta(10, next_seq=3, applied_seq=2))
+    return units, unit
+
+
 def test_a_head_is_current_only_once_captured_and_the_crossing_batch_applied() -> None:
     units = ForeignUnits()
     _live(units, 100.0)
@@ -43,10 +52,7 @@ def test_a_head_is_current_only_once_captured_and_the_crossing_batch_applied() -
 
 
 def test_the_holders_item_counts_only_once_seen_rewritten_and_only_for_a_few_renew_intervals() -> None:
-    units = ForeignUnits()
-    unit = units.of(NS)
-    unit.add_sample(Mono(100.0), HEAD)
-    unit.see_meta(_meta(10, next_seq=3, applied_seq=2))
+    units, unit = _caught_up()
     unit.see_record(_item(7), Mono(100.0))
     assert any("not seen rewritten" in b for b in units.judge(NS, OWNER, 30.0, 3.0, Mono(100.5)).blocks)
     unit.see_record(_item(7), Mono(101.0))
@@ -59,10 +65,7 @@ def test_the_holders_item_counts_only_once_seen_rewritten_and_only_for_a_few_ren
 
 
 def test_what_the_holder_publishes_blocks_and_is_ignored_from_another_worker() -> None:
-    units = ForeignUnits()
-    unit = units.of(NS)
-    unit.add_sample(Mono(100.0), HEAD)
-    unit.see_meta(_meta(10, next_seq=3, applied_seq=2))
+    units, unit = _caught_up()
     unit.see_record(_item(1), Mono(100.0))
     unit.see_record(_item(2, blocks=("app.p: 3 writes deferred by unique-index conflicts",)), Mono(101.0))
     assert units.judge(NS, OWNER, 30.0, 3.0, Mono(101.0)).blocks == (
@@ -73,10 +76,7 @@ def test_what_the_holder_publishes_blocks_and_is_ignored_from_another_worker() -
 
 
 def test_deletes_are_reconciled_only_when_the_published_pass_covers_this_workers_head() -> None:
-    units = ForeignUnits()
-    unit = units.of(NS)
-    unit.add_sample(Mono(100.0), HEAD)
-    unit.see_meta(_meta(10, next_seq=3, applied_seq=2))
+    units, unit = _caught_up()
     swept = Published(OWNER, fence_over=True, deletes_head={("", "FF"): 9})
     unit.see_record(Progress(NS, KIND, KEY, swept.data(), version=1), Mono(100.0))
     covering = Published(OWNER, fence_over=True, deletes_head={("", "FF"): 10})
