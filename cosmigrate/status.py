@@ -9,6 +9,9 @@ is the largest lag. Ready for cutover = writer started, every namespace
 healthy, nothing deferred, and every namespace caught up to a head sampled
 within the threshold. A namespace whose head cannot be sampled has unknown
 freshness and blocks readiness, with a reason that says what to grant.
+A unit another worker holds is judged here too, from the ledger and this
+worker's own head samples (`cosmigrate.readiness`), so READY means the same
+on every worker.
 """
 
 from __future__ import annotations
