@@ -35,6 +35,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/sandbox_bench.py
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/capture_memory.py
+	$(BIN)/python bench/sandbox_memory.py
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick

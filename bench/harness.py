@@ -19,11 +19,24 @@ from typing import Any
 
 from cosmigrate.config import Config, to_toml
 from cosmigrate.control import request
+from cosmigrate.sandbox.tls import ca_file_for_uri
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}
 # moto with DynamoDB requests isolated (moto's own server undoes concurrent writes when a transaction is cancelled).
 MOTO_SERVER = Path(__file__).resolve().parent.parent / "tests" / "motoserver.py"
+
+
+def mongo_client(uri: str, **kwargs: Any) -> Any:
+    """An AsyncMongoClient for a sandbox URI, given the target's CA when the URI is the TLS target's.
+
+    The sandbox target serves TLS with a CA of its own (published beside its address): a suite's client
+    made without it fails server selection, as suites 5 and 6 did.
+    """
+    from pymongo import AsyncMongoClient
+
+    ca = ca_file_for_uri(uri)
+    return AsyncMongoClient(uri, **({"tlsCAFile": ca} if ca else {}), **kwargs)
 
 
 def free_port() -> int:
@@ -33,18 +46,36 @@ def free_port() -> int:
 
 
 class Sandbox:
+    """`cosmigrate sandbox` in its own process: the source and target URIs and the target's CA file.
+
+    `split=True`: the source is one sandbox process's and the target another's, so that each side has a core of
+    its own, as two real servers would (suites whose subject reads one side while writing the other: one
+    single-threaded process serving both would make the two sides take turns, which no real pair of servers does).
+    """
+
+    def __init__(self, split: bool = False) -> None:
+        self.split = split
+
     def __enter__(self) -> Sandbox:
-        self.proc = subprocess.Popen([sys.executable, "-m", "cosmigrate", "sandbox"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
-        assert self.proc.stdout is not None
-        self.source_uri = self.proc.stdout.readline().strip()
-        self.target_uri = self.proc.stdout.readline().strip()
-        self.target_ca_file = self.proc.stdout.readline().strip()  # the target serves TLS with its own CA
+        self.procs: list[subprocess.Popen[str]] = []
+        lines = []
+        for _ in range(2 if self.split else 1):
+            proc = subprocess.Popen([sys.executable, "-m", "cosmigrate", "sandbox"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True)
+            assert proc.stdout is not None
+            # Three lines: the source URI, the target URI, the target's CA file (it serves TLS with its own CA).
+            lines.append([proc.stdout.readline().strip() for _ in range(3)])
+            self.procs.append(proc)
+        self.proc = self.procs[0]  # the source's process
+        self.target_proc = self.procs[-1]
+        self.source_uri = lines[0][0]
+        self.target_uri, self.target_ca_file = lines[-1][1], lines[-1][2]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.proc.terminate()
-        self.proc.wait()
+        for proc in self.procs:
+            proc.terminate()
+            proc.wait()
 
 
 class Moto:
@@ -141,11 +172,21 @@ class Daemon:
     async def writer(self, action: str) -> None:
         await request(self.cfg.control.socket, {"cmd": "writer", "action": action})
 
+    def cpu_s(self) -> float:
+        """The daemon process's own CPU time so far (user + system), from /proc."""
+        return proc_cpu_s(self.proc.pid)
+
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+
+def proc_cpu_s(pid: int) -> float:
+    """A process's user + system CPU seconds (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def totals(status: dict[str, Any]) -> dict[str, int]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 
-from bench.harness import Daemon, Sandbox, bench_config, prepare, target_writes, totals
+from bench.harness import Daemon, Sandbox, bench_config, mongo_client, prepare, target_writes, totals
 from cosmigrate.sandbox.workload import Workload
 
 NAMESPACES = ["app.orders", "app.events", "shop.items"]
@@ -55,7 +55,7 @@ async def run_requestunits(changes: int, idle_s: float = 4.0) -> dict[str, Any]:
         cfg = bench_config(sb, "file+sqlite")
         await prepare(cfg)
         client: AsyncMongoClient[Any] = AsyncMongoClient(sb.source_uri)
-        target: AsyncMongoClient[Any] = AsyncMongoClient(sb.target_uri)
+        target: AsyncMongoClient[Any] = mongo_client(sb.target_uri)
         workload = Workload(client, NAMESPACES, keys_per_ns=max(1000, changes // 10), seed=15)
         try:
             await workload.run_bulk(300)  # the collections exist before the daemon starts

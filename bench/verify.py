@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from bson import Int64  # noqa: E402
 from pymongo import AsyncMongoClient, DeleteOne  # noqa: E402
 
+from bench.harness import Sandbox, mongo_client  # noqa: E402
 from cosmigrate.mongo import RAW  # noqa: E402
 
 NS = "bench.docs"
@@ -46,29 +47,8 @@ def make_doc(i: int, rng: random.Random) -> dict[str, Any]:
             "addr": {"city": "X", "zip": f"{i % 100000:05d}"}, "pad": "x" * rng.randint(100, 300)}
 
 
-class Servers:
-    """Two sandbox processes: the source of the first, the target of the second."""
-
-    def __enter__(self) -> Servers:
-        self.procs = []
-        uris = []
-        for _ in range(2):
-            proc = subprocess.Popen([sys.executable, "-m", "cosmigrate", "sandbox"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL, text=True)
-            assert proc.stdout is not None
-            uris.append((proc.stdout.readline().strip(), proc.stdout.readline().strip()))
-            self.procs.append(proc)
-        self.source_uri, self.target_uri = uris[0][0], uris[1][1]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for proc in self.procs:
-            proc.terminate()
-            proc.wait()
-
-
 async def load(uri: str, n: int, skip: set[int] | None = None, seed: int = 1) -> None:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+    client: AsyncMongoClient[Any] = mongo_client(uri)
     rng = random.Random(seed)
     coll = client.bench.docs
     batch = []
@@ -86,7 +66,7 @@ async def load(uri: str, n: int, skip: set[int] | None = None, seed: int = 1) ->
 
 
 async def scan_rate(uri: str) -> float:
-    client: AsyncMongoClient[Any] = AsyncMongoClient(uri)
+    client: AsyncMongoClient[Any] = mongo_client(uri)
     coll = client.bench.get_collection("docs", codec_options=RAW)
     t0 = time.perf_counter()
     n = 0
@@ -115,8 +95,8 @@ async def child_verify(source_uri: str, target_uri: str, page: int) -> dict[str,
     from cosmigrate.nslink import NamespaceLink
     from cosmigrate.verify.passes import NamespaceVerifier
 
-    source: AsyncMongoClient[Any] = AsyncMongoClient(source_uri)
-    target: AsyncMongoClient[Any] = AsyncMongoClient(target_uri)
+    source: AsyncMongoClient[Any] = mongo_client(source_uri)
+    target: AsyncMongoClient[Any] = mongo_client(target_uri)
     v = NamespaceVerifier(NamespaceLink(NS, 1), source, target, None, None, page)
     v.frozen = True
     t0 = time.perf_counter()
@@ -147,9 +127,11 @@ async def child_sweep(source_uri: str, target_uri: str, page: int) -> dict[str, 
     from cosmigrate.mongo import raw_collection
     from cosmigrate.nslink import NamespaceLink
 
-    source: AsyncMongoClient[Any] = AsyncMongoClient(source_uri)
-    target: AsyncMongoClient[Any] = AsyncMongoClient(target_uri)
-    link = NamespaceLink(NS, 1, caught_up_at=time.time)
+    source: AsyncMongoClient[Any] = mongo_client(source_uri)
+    target: AsyncMongoClient[Any] = mongo_client(target_uri)
+    from cosmigrate.clock import Mono
+
+    link = NamespaceLink(NS, 1, caught_up_at=time.time, caught_up=Mono.now)  # frozen sides: always caught up
     src, tgt = raw_collection(source, NS), raw_collection(target, NS)
     budget = SourceBudget()
     sweep = DeleteSweep(link, src, tgt, None, OrderedDeletes(link, src, _Port(tgt), budget), page, budget)
@@ -166,7 +148,7 @@ async def child_sweep(source_uri: str, target_uri: str, page: int) -> dict[str, 
 
 
 async def verify_at(n: int, page: int) -> tuple[dict[str, Any], float, float]:
-    with Servers() as servers:
+    with Sandbox(split=True) as servers:
         await asyncio.gather(load(servers.source_uri, n), load(servers.target_uri, n))
         src_rate, tgt_rate = await scan_rate(servers.source_uri), await scan_rate(servers.target_uri)
         result = await asyncio.to_thread(child, "verify", servers.source_uri, servers.target_uri, page)
@@ -176,7 +158,7 @@ async def verify_at(n: int, page: int) -> tuple[dict[str, Any], float, float]:
 async def sweep_at(n: int, page: int, share: float = 0.01) -> dict[str, Any]:
     rng = random.Random(7)
     deleted = set(rng.sample(range(n), int(n * share)))
-    with Servers() as servers:
+    with Sandbox(split=True) as servers:
         await asyncio.gather(load(servers.source_uri, n, skip=deleted), load(servers.target_uri, n))
         result = await asyncio.to_thread(child, "sweep", servers.source_uri, servers.target_uri, page)
     result["expected_deletes"] = len(deleted)

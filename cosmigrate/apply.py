@@ -44,7 +44,7 @@ import pymongo
 from bson import json_util
 from bson.errors import BSONError, InvalidDocument
 from bson.raw_bson import RawBSONDocument
-from pymongo import DeleteOne, ReplaceOne
+from pymongo import DeleteOne, InsertOne, ReplaceOne
 from pymongo.errors import (
     BulkWriteError,
     ConnectionFailure,
@@ -149,18 +149,41 @@ class WriterGate:
                 self._idle.notify_all()
 
 
-@dataclass
 class Op:
-    """The final write for one document key in a run."""
+    """The final write for one document key in a run.
 
-    key: bytes  # raw documentKey, the identity of the document
-    filter: RawBSONDocument
-    doc: RawBSONDocument | None  # None = delete
-    origin_seq: int
+    A plain class with slots, and its filter made only when asked: a full load builds one per document, and
+    an insert needs no filter (the other writes and the error paths read it).
+    """
 
-    def request(self) -> ReplaceOne[Any] | DeleteOne:
+    __slots__ = ("key", "_filter", "doc", "origin_seq", "insert")
+
+    def __init__(self, key: bytes, filter: RawBSONDocument | None, doc: RawBSONDocument | None, origin_seq: int,
+                 insert: bool = False) -> None:
+        self.key = key  # raw documentKey, the identity of the document
+        self._filter = filter
+        self.doc = doc  # None = delete
+        self.origin_seq = origin_seq
+        self.insert = insert
+        """Sent as an insert (a full load's first sight of the document): cheaper than an upsert on the target,
+        and it can never overwrite anything. A duplicate key turns it into this same version's upsert (see
+        `_sort_write_errors`): the document is already there, from an earlier life or an earlier run."""
+
+    @property
+    def filter(self) -> RawBSONDocument:
+        """The documentKey as the write's filter (shard key fields and `_id`)."""
+        if self._filter is None:
+            self._filter = RawBSONDocument(self.key, RAW)
+        return self._filter
+
+    def __repr__(self) -> str:
+        return f"Op(_id={self.show_id()}, seq={self.origin_seq}, {'delete' if self.doc is None else 'write'})"
+
+    def request(self) -> ReplaceOne[Any] | DeleteOne | InsertOne[Any]:
         if self.doc is None:
             return DeleteOne(self.filter)
+        if self.insert:
+            return InsertOne(self.doc)
         return ReplaceOne(self.filter, self.doc, upsert=True)
 
     def show_id(self) -> str:
@@ -275,7 +298,7 @@ class Collapser:
         ops = {ident: op for op in carried.values() if (ident := identity(op.key)) not in latest}
         for ident, (key, full, seq) in latest.items():
             # RawDoc: ReplaceOne's validation asks the document's truthiness, which would decode all of it.
-            ops[ident] = Op(key, RawBSONDocument(key, RAW), RawDoc(full, RAW) if full is not None else None, seq)
+            ops[ident] = Op(key, None, RawDoc(full, RAW) if full is not None else None, seq)
         return ops
 
 
@@ -419,6 +442,11 @@ class NamespaceApplier:
         counts of a range, and a delete landing in between must show even if its round has not returned yet."""
         self.lookup_misses: Callable[[dict[bytes, int]], Awaitable[dict[bytes, Op]]] | None = None
         """Tier-2 deletes (cosmigrate.deletes.lookup): the op for each event whose document lookup found nothing."""
+        self.inserts_first: Callable[[], bool] = lambda: False
+        """True while the namespace's full load runs (the daemon sets it from the backfill phase): a round's
+        versions are then sent as inserts first (`Op.insert`), the target's cheaper write for a document it does
+        not hold yet. Order is unchanged: a run holds one version per document and runs are written in turn;
+        an insert never overwrites, and its duplicate-key fallback writes the same version as an upsert."""
 
     def exclusive(self) -> asyncio.Lock:
         """Held while no apply round runs: the ordered delete path checks the source and deletes under it."""
@@ -635,6 +663,10 @@ class NamespaceApplier:
             return False
         ops = merged.ops(self._deferred)
         del merged
+        if self.inserts_first():
+            for op in ops.values():
+                if op.doc is not None and op.origin_seq > self.status.written_seq:  # not a carried (deferred) write
+                    op.insert = True
         if misses and self.lookup_misses is not None:
             resolved = await self.lookup_misses(misses)
             ops.update({identity(op.key): op for op in resolved.values()})  # keyed as collapse keys them
@@ -781,9 +813,13 @@ class NamespaceApplier:
                 await self._send([op.request() for op in pending])
                 return
             except BulkWriteError as exc:
-                pending = self._sort_write_errors(pending, exc.details or {}, failed)
+                details = exc.details or {}
+                pending = self._sort_write_errors(pending, details, failed)
                 if not pending:
                     return
+                if not details.get("writeConcernErrors") and all(
+                        e.get("code") == DUPLICATE_KEY for e in details.get("writeErrors", [])):
+                    continue  # only inserts that found their document: their upserts go now, no backoff
             except (PyMongoError, InvalidDocument) as exc:
                 if _timed_out(exc) and len(pending) > 1:
                     # Over the write bound (apply.write_bound_s): smaller commands fit it, the same one may never.
@@ -831,7 +867,13 @@ class NamespaceApplier:
         for err in details.get("writeErrors", []):
             errored.add(err["index"])
             op = pending[err["index"]]
-            if err.get("code") == DUPLICATE_KEY:
+            if err.get("code") == DUPLICATE_KEY and op.insert:
+                # The document is there already (a page re-read after a restart, a change during the full load):
+                # write this same version as an upsert, now. Never skipped: the target's copy may be older. A
+                # conflict on a secondary unique index fails the upsert too and is deferred as any other.
+                op.insert = False
+                retry.append(op)
+            elif err.get("code") == DUPLICATE_KEY:
                 failed[op.key] = (op, err)
             elif err.get("code") in TRANSIENT_CODES:
                 retry.append(op)

@@ -57,6 +57,7 @@ from cosmigrate.mongo import (
     page_drained,
     page_events,
     raw_collection,
+    take_page,
 )
 from cosmigrate.partitions import (
     FAILED,
@@ -526,13 +527,24 @@ class NamespaceCapture:
                             raw = bytes(change.raw)
                             page.left -= len(raw)  # moved from the driver's page to the buffer: still counted
                             buf.add(raw, event_token(raw), now)
-                            self.status.events_read += 1
+                            rest = take_page(stream)  # the page's other events, already read: at once
+                            for raw in rest:
+                                page.left -= len(raw)
+                                buf.add(raw, event_token(raw), now)
+                            self.status.events_read += 1 + len(rest)
                             if page_drained(stream):
                                 buf.mark_boundary()  # the page is used up: its token is the position after it
-                        full = len(buf.events) >= self.cap.max_batch_events or buf.nbytes >= self.cap.max_batch_bytes
+                        full = self._full(buf)
                         old = bool(buf.events) and now - buf.first_at >= age
                         if full or old:
                             await self._seal(buf, mid_page_ok=full, unit=where)
+                            # A page taken at once may hold several batches: each is cut now, as when the
+                            # events came one by one (batch sizes, and so store puts, stay what they were).
+                            while self._full(buf) and not self._dead:
+                                left = len(buf.events)
+                                await self._seal(buf, mid_page_ok=True, unit=where)
+                                if len(buf.events) == left:
+                                    break
                         elif self._idle_at_boundary(buf):
                             await self._idle_cut(buf, where)
             except OperationFailure as exc:
@@ -639,6 +651,9 @@ class NamespaceCapture:
         self._source_error(f"change stream error on partition {unit.name}: {exc}")
         self.log.warning("change stream error; reopening", partition=unit.name, error=redact(str(exc)), code=exc.code)
         return False
+
+    def _full(self, buf: _Buffer) -> bool:
+        return len(buf.events) >= self.cap.max_batch_events or buf.nbytes >= self.cap.max_batch_bytes
 
     def _idle_at_boundary(self, buf: _Buffer) -> bool:
         """Cut now? The stream is at a page boundary (the page read is used up; Cosmos sends what it has, so a

@@ -607,6 +607,7 @@ class Daemon:
         app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
                                epoch=meta.epoch, lease=held)
         cap.on_commit = app.wake.set
+        app.inserts_first = lambda: backfill.phase == BACKFILL  # a full load's first versions go as inserts
         if previous is not None:
             carry_over(*previous, cap, app)
         self.freshness[ns] = fresh

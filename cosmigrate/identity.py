@@ -9,8 +9,9 @@ bytes of the `documentKey` differ between those forms, so the raw bytes are
 the identity only when no number can hide inside; otherwise the key is put
 in a canonical form.
 
-The fast path (an `_id` that is an ObjectId, a string, a binary, a date ...)
-costs a few byte comparisons and returns the raw key unchanged.
+The fast path (an `_id` that is an ObjectId, a string, a binary, a date, an
+Int32 ...) costs a few byte comparisons and returns the raw key unchanged; any
+other integral number alone is re-keyed as the equal Int32 (else Int64) key.
 """
 
 from __future__ import annotations
@@ -43,19 +44,33 @@ def identity(key: bytes) -> bytes:
         kind = key[4]
         if kind in _BYTEWISE and _single_field(key):
             return key
-        # An integer `_id` alone (Int32: 14 bytes, Int64: 18): the general path's canonical form, built directly
-        # (catch-up collapses every event through here; decoding and Fractions cost most of it).
+        # A number `_id` alone: an integer value is keyed by its smallest integer documentKey ({_id: Int32}, else
+        # {_id: Int64}), so Int32 1, Int64 1, 1.0 and Decimal128("1") are one key, and an Int32 `_id` (the common
+        # numeric one: every event of a full load comes through here) is its own raw key, like an ObjectId.
+        # Only a single-field key takes this form, and the general form below never starts with `_id`: the two
+        # cannot collide. Other numbers (1.5, NaN, beyond Int64) take the general path.
+        n: int | None = None
         if kind == 0x10 and len(key) == 14:
-            return _integer_identity(int.from_bytes(key[9:13], "little", signed=True))
+            return key
         if kind == 0x12 and len(key) == 18:
-            return _integer_identity(int.from_bytes(key[9:17], "little", signed=True))
+            n = int.from_bytes(key[9:17], "little", signed=True)
+        elif kind == 0x01 and len(key) == 18:
+            f = struct.unpack_from("<d", key, 9)[0]
+            n = int(f) if math.isfinite(f) and f.is_integer() else None
+        elif kind == 0x13 and len(key) == 26:
+            dec = Decimal128.from_bid(key[9:25]).to_decimal()
+            n = int(dec) if dec.is_finite() and dec == dec.to_integral_value() else None
+        if n is not None:
+            if -(2**31) <= n < 2**31:
+                return _INT32_KEY + n.to_bytes(4, "little", signed=True) + b"\x00"
+            if -(2**63) <= n < 2**63:
+                return _INT64_KEY + n.to_bytes(8, "little", signed=True) + b"\x00"
     doc = bson.decode(key, codec_options=_DECODE)
     return bson.encode({_CANONICAL_FIELD: [[name, _canonical(v)] for name, v in doc.items()]})
 
 
-def _integer_identity(n: int) -> bytes:
-    """What the general path returns for `{_id: n}`: `_number` of an integer is `n/1`."""
-    return bson.encode({_CANONICAL_FIELD: [["_id", {"#n": f"{n}/1"}]]})
+_INT32_KEY = b"\x0e\x00\x00\x00\x10_id\x00"  # {_id: Int32}: 14 bytes, before the value and the terminator
+_INT64_KEY = b"\x12\x00\x00\x00\x12_id\x00"  # {_id: Int64}: 18 bytes
 
 
 def _single_field(key: bytes) -> bool:

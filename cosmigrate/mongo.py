@@ -8,6 +8,7 @@ choice a one-file change.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import json
 import struct
@@ -204,6 +205,27 @@ def page_drained(stream: Any) -> bool:
         return data is not None and len(data) == 0
     except TypeError:
         return False
+
+
+def take_page(stream: Any) -> list[bytes]:
+    """The rest of the change stream's current page as raw events, taken at once instead of by `try_next()`.
+
+    Called right after `try_next()` returned an event: the other events of its page are already in memory, and
+    going through `try_next()` for each costs more than the event's whole share of a full load's capture (the
+    driver's timeout wrapper, its cursor step, a resume-token read per event). The stream's resume token ends
+    where `try_next()` would have left it after the page's last event: the page's post-batch token, else that
+    event's `_id`. PyMongo keeps the page in the cursor's `_data` deque in every 4.x release (as
+    `page_drained` relies on); anything else answers [] and capture goes on event by event.
+    """
+    cursor = getattr(stream, "_cursor", None)
+    data = getattr(cursor, "_data", None)
+    if type(data) is not collections.deque or not data or not hasattr(stream, "_resume_token"):
+        return []
+    out = [bytes(doc.raw) for doc in data]
+    data.clear()
+    token = getattr(cursor, "_post_batch_resume_token", None)
+    stream._resume_token = token if token is not None else RawDoc(out[-1], RAW)["_id"]
+    return out
 
 
 def page_events(stream: Any) -> int | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bson import Decimal128, Int64
 from pymongo import AsyncMongoClient
 
 from cosmigrate.apply import WriterGate
@@ -378,3 +379,86 @@ async def test_a_ledger_error_at_start_is_retried(harness: Harness, target: Asyn
     task = harness.start(app)
     await wait_for(lambda: _true(app.status.applied_seq == 0), 10, what="applied after a failed first read")
     assert not task.done() and (await _doc(target, 1)) == {"_id": 1}
+
+
+# --- a full load's first versions go as inserts -------------------------------------------------
+
+
+def _recording(app: Any) -> list[str]:
+    """Route the applier's bulk writes through the real collection, noting each request's kind."""
+    kinds: list[str] = []
+
+    async def rule(inner: Any, requests: list[Any], ordered: bool) -> Any:
+        kinds.extend(type(r).__name__ for r in requests)
+        return await inner.bulk_write(requests, ordered=ordered)
+
+    app.coll = ProxyCollection(app.coll, rule)
+    return kinds
+
+
+async def test_a_full_loads_first_versions_are_inserts_and_a_duplicate_upserts_the_batchs_version(
+    harness: Harness, target: AsyncMongoClient[Any],
+) -> None:
+    # Documents 1 and 3 are on the target already, in older versions (an earlier life wrote them): their inserts
+    # meet a duplicate key and must then write the batch's version, never keep the target's.
+    await target.app.c.insert_many([{"_id": 1, "v": "old"}, {"_id": 3, "v": "old"}])
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(i, {"_id": i, "v": f"new{i}"}) for i in (1, 2, 3)])
+    app = harness.applier(NS, epoch)
+    app.inserts_first = lambda: True
+    kinds = _recording(app)
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 0), 15)
+    assert [await _doc(target, i) for i in (1, 2, 3)] == [{"_id": i, "v": f"new{i}"} for i in (1, 2, 3)]
+    assert kinds.count("InsertOne") == 3 and kinds.count("ReplaceOne") == 2, kinds
+    # A later run's newer version of a document inserted by the first run: inserted again, found, upserted.
+    await harness.commit(NS, epoch, [event(2, {"_id": 2, "v": "newer"})])
+    app.wake.set()
+    await wait_for(lambda: _true(app.status.applied_seq == 1), 15)
+    assert await _doc(target, 2) == {"_id": 2, "v": "newer"}
+
+
+async def test_after_the_full_load_writes_are_upserts(harness: Harness, target: AsyncMongoClient[Any]) -> None:
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(i, {"_id": i, "v": i}) for i in (1, 2)])
+    app = harness.applier(NS, epoch)  # inserts_first stays False: a tailing namespace's changes are mostly updates
+    kinds = _recording(app)
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 0), 15)
+    assert kinds == ["ReplaceOne", "ReplaceOne"] and await _doc(target, 2) == {"_id": 2, "v": 2}
+
+
+async def test_a_full_load_insert_refused_by_a_secondary_unique_index_is_deferred_never_taken_as_there(
+    harness: Harness, target: AsyncMongoClient[Any],
+) -> None:
+    # E11000 on `u`, not on `_id`: document 1 is NOT on the target. Were that duplicate read as "the document is
+    # already there", 1 would be skipped and applied_seq would pass it; it must wait until 2 lets go of u=1.
+    await target.app.c.create_index("u", unique=True)
+    await target.app.c.insert_one({"_id": 2, "u": 1})
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(1, {"_id": 1, "u": 1})])
+    app = harness.applier(NS, epoch)
+    app.inserts_first = lambda: True
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.deferred == 1), 15, what="the insert deferred by the u index")
+    assert app.status.applied_seq == -1 and await _doc(target, 1) is None
+    await harness.commit(NS, epoch, [event(2, {"_id": 2, "u": 2})])
+    app.wake.set()
+    await wait_for(lambda: _true(app.status.applied_seq == 1), 15, what="both applied once 2 moved")
+    assert [await _doc(target, i) for i in (1, 2)] == [{"_id": 1, "u": 1}, {"_id": 2, "u": 2}]
+
+
+async def test_a_full_load_collapses_numerically_equal_ids_of_other_types_to_the_latest_version(
+    harness: Harness, target: AsyncMongoClient[Any],
+) -> None:
+    # Int32 7 on the target (an earlier life); the feed then shows the same document keyed as Int64 7 and 7.0:
+    # one target document, the last version wins, whichever key form the insert and its upsert carry.
+    await target.app.c.insert_one({"_id": 7, "v": "old"})
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(Int64(7), {"_id": Int64(7), "v": "a"})])
+    await harness.commit(NS, epoch, [event(7.0, {"_id": 7.0, "v": "b"}), event(Decimal128("7"), {"_id": 7, "v": "c"})])
+    app = harness.applier(NS, epoch)
+    app.inserts_first = lambda: True
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 1), 15)
+    assert [d async for d in target.app.c.find({}, {"_id": 0})] == [{"v": "c"}]

@@ -54,6 +54,17 @@ def test_the_integer_fast_path_gives_the_general_canonical_form(n: int) -> None:
     assert len({identity(key(v)) for v in forms}) == 1
 
 
+def test_an_int32_id_is_its_own_key_and_the_integer_forms_meet_the_general_path_at_the_edges() -> None:
+    assert identity(key(5)) == key(5)  # the common numeric `_id` costs nothing
+    assert identity(key(Int64(5))) == identity(key(5.0)) == identity(key(Decimal128("5.00"))) == key(5)
+    assert identity(key(Int64(2**31))) == identity(key(2.0**31)) != identity(key(2**31 - 1))
+    # Beyond Int64 no integer type exists: a double and a decimal of one value still meet (the general path).
+    assert identity(key(2.0**63)) == identity(key(Decimal128("9223372036854775808")))
+    assert identity(key(2.0**63)) != identity(key(Int64(2**63 - 1)))
+    assert identity(key(1.5)) == identity(key(Decimal128("1.5"))) != identity(key(1))
+    assert identity(key(math.nan)) == identity(key(Decimal128("NaN"))) != identity(key(0))
+
+
 def test_collapse_keeps_one_op_per_target_document() -> None:
     ops = collapse([_batch(0, [event(1, {"_id": 1, "v": 1})]), _batch(1, [event(1.0, {"_id": 1.0, "v": 2})])], {})
     assert len(ops) == 1
