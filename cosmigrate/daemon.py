@@ -43,6 +43,7 @@ from cosmigrate.mongo import discover_namespaces, list_namespaces, matches_patte
 from cosmigrate.planrecord import plan_loop
 from cosmigrate.progress import progress_loop
 from cosmigrate.proof import Proof
+from cosmigrate.readiness import ForeignUnits
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
@@ -51,6 +52,7 @@ from cosmigrate.timeouts import cancel_and_wait, within
 from cosmigrate.tls import connection_tls
 from cosmigrate.ttl import read_ttl_indexes
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
+from cosmigrate.vouch import prove, prove_loop, publish_loop
 
 
 class StartupError(Exception):
@@ -75,6 +77,8 @@ class Daemon:
         self.log = get_logger(cluster=cfg.cluster_name, worker=self.owner)
         self.keeper: LeaseKeeper | None = None
         """This worker's leases: which units (namespaces) it runs (`cosmigrate.leases`)."""
+        self.foreign = ForeignUnits()
+        """What this worker proved about the units other workers hold (`cosmigrate.readiness`)."""
         self._unanswered: dict[str, Mono] = {}
         """Stopped units whose last write went unanswered, and when (a handover of them is not clean)."""
         self.start_failures: dict[str, str] = {}
@@ -249,6 +253,8 @@ class Daemon:
                           asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),
                           asyncio.create_task(sampler.run(), name="head-sampler"),
+                          asyncio.create_task(publish_loop(self), name="readiness-publish"),
+                          asyncio.create_task(prove_loop(self), name="readiness-prove"),
                           asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress"),
                           asyncio.create_task(backfill_loop(self), name="backfill"),
                           asyncio.create_task(plan_loop(self), name="plan")]
@@ -309,13 +315,22 @@ class Daemon:
         if self.sampler is None:
             return
         await self._list_unwatched()
+        limit_s = self.cfg.capture.max_await_ms / 1000 + 1.0
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._certify_local(limit_s))
+            group.create_task(prove(self, limit_s))  # the units other workers hold: from the ledger
+        if self.proof is not None:
+            await self.proof.certify(2.0)  # deletes reconciled up to this head too, if a quick sweep can tell
+
+    async def _certify_local(self, limit_s: float) -> None:
+        assert self.sampler is not None
         targets = self._sampled()
         if not targets:
             return
         async with asyncio.TaskGroup() as group:
             for ns, fresh in targets.items():
                 group.create_task(self.sampler.sample(ns, fresh))
-        deadline = Mono.now() + self.cfg.capture.max_await_ms / 1000 + 1.0
+        deadline = Mono.now() + limit_s
         while Mono.now() < deadline:
             behind = False
             for ns, fresh in targets.items():
@@ -327,8 +342,6 @@ class Daemon:
             if not behind:
                 break
             await asyncio.sleep(0.05)
-        if self.proof is not None:
-            await self.proof.certify(2.0)  # deletes reconciled up to this head too, if a quick sweep can tell
 
     async def _list_unwatched(self) -> None:
         """List the source's namespaces now: one created since the last discovery round is not captured yet,

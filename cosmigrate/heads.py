@@ -64,29 +64,29 @@ class HeadSampler:
         self.interval_s = interval_s
         self.log = get_logger()
 
-    async def sample(self, ns: str, fresh: Freshness) -> None:
+    async def head(self, ns: str) -> tuple[Wall, Mono, list[bytes]]:
+        """One head of `ns` (a throttled request is retried a few times, RetryAfterMs, bounded to ~2 s), with the
+        clocks read before the request that answered; raises the last failure."""
         async with self._limit:
-            await self._sample(ns, fresh)
-
-    async def _sample(self, ns: str, fresh: Freshness) -> None:
-        """One head sample; a throttled request is retried a few times (RetryAfterMs), bounded to ~2 s."""
-        for attempt in range(THROTTLE_RETRIES + 1):
-            # Before each send: a sample never claims a moment later than its head. Lag is measured on the
-            # monotonic clock (a wall clock stepped back must never show lag 0); the wall time is shown.
-            wall, at = Wall.now(), Mono.now()
-            try:
-                tokens = await within(change_stream_tokens(self.source, ns), max(5.0, self.interval_s * 5))
-            except OperationFailure as exc:
-                if exc.code in THROTTLED_CODES and attempt < THROTTLE_RETRIES:
+            for attempt in range(THROTTLE_RETRIES + 1):
+                # Before each send: a sample never claims a moment later than its head. Lag is measured on the
+                # monotonic clock (a wall clock stepped back must never show lag 0); the wall time is shown.
+                wall, at = Wall.now(), Mono.now()
+                try:
+                    return wall, at, await within(change_stream_tokens(self.source, ns), max(5.0, self.interval_s * 5))
+                except OperationFailure as exc:
+                    if exc.code not in THROTTLED_CODES or attempt >= THROTTLE_RETRIES:
+                        raise
                     await asyncio.sleep(min(retry_after_s(exc), 0.5))
-                    continue
-                self._failed(ns, fresh, exc)
-                return
-            except Exception as exc:  # every failure only means "no sample this round"; never kill the sampler
-                self._failed(ns, fresh, exc)
-                return
-            fresh.add_sample(at, tokens, wall=wall)
+            raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def sample(self, ns: str, fresh: Freshness) -> None:
+        try:
+            wall, at, tokens = await self.head(ns)
+        except Exception as exc:  # every failure only means "no sample this round"; never kill the sampler
+            self._failed(ns, fresh, exc)
             return
+        fresh.add_sample(at, tokens, wall=wall)
 
     def _failed(self, ns: str, fresh: Freshness, exc: BaseException) -> None:
         reason = classify(exc)

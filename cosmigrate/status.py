@@ -9,6 +9,9 @@ is the largest lag. Ready for cutover = writer started, every namespace
 healthy, nothing deferred, and every namespace caught up to a head sampled
 within the threshold. A namespace whose head cannot be sampled has unknown
 freshness and blocks readiness, with a reason that says what to grant.
+A unit another worker holds is judged here too, from the ledger and this
+worker's own head samples (`cosmigrate.readiness`), so READY means the same
+on every worker.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from cosmigrate.clock import Mono, Wall
 from cosmigrate.cluster import ELSEWHERE, EXPIRED, unit_lease, workers
 from cosmigrate.mongo import matches_patterns
 from cosmigrate.planrecord import plan_status
+from cosmigrate.readiness import Published
 from cosmigrate.ttl import ttl_state
 
 if TYPE_CHECKING:
@@ -99,6 +103,43 @@ def _iso(ts: Wall | None) -> str | None:
     return None if ts is None or not ts.s else ts.iso()
 
 
+def publishable(daemon: Daemon, ns: str, now: Mono) -> Published | None:
+    """What the holder of unit `ns` publishes for the other workers' READY (`cosmigrate.readiness`): every
+    reason this worker alone can see, and the head its delete sweep covers. None when it runs no capture of
+    `ns` (nothing to vouch for). Freshness is not in it: each asking worker proves that itself."""
+    cap, app = daemon.captures.get(ns), daemon.appliers.get(ns)
+    held = daemon.keeper.holds(ns) if daemon.keeper is not None else None
+    if cap is None or app is None or held is None:
+        return None
+    blocks: list[str] = []
+    states = {cap.status.state, app.status.state}
+    if "failed" in states or cap.status.partition_failed:
+        blocks.append(f"{ns}: failed (see last_error on its worker)")
+    elif "fenced" in states:
+        blocks.append(f"{ns}: fenced")
+    elif cap.status.state == "starting":
+        blocks.append(f"{ns}: starting")
+    if app.status.deferred:
+        blocks.append(f"{ns}: {app.status.deferred} writes deferred by unique-index conflicts"
+                      + (f" ({app.status.deferred_reason})" if app.status.deferred_reason else ""))
+    builder = daemon.builders.get(ns)
+    if builder is not None and not builder.unique_ready.is_set():
+        blocks.append(f"{ns}: index plan not ready ({builder.summary()})")
+    loading = daemon.backfills.get(ns)
+    load_phase = loading.phase if loading is not None else ""
+    if load_phase in (BACKFILL, DROPPED):
+        blocks.append(f"{ns}: full load {load_phase}")
+    _expiry(ns, cap, daemon.cfg, blocks)
+    always, head, why = False, None, "deletes are not tracked by this worker"
+    if daemon.proof is not None:
+        blocks += daemon.proof.verification.reasons([ns]) if daemon.proof.verification is not None else []
+        if daemon.proof.deletes is not None:
+            always, head, why = daemon.proof.deletes.claim(ns)
+    return Published(daemon.keeper.me.id if daemon.keeper is not None else "", tuple(blocks),
+                     fence_over=not held.write_block(now), deletes_always=always, deletes_head=head, deletes_why=why,
+                     written_at=Wall.now())
+
+
 async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: bool = True) -> dict[str, Any]:
     """Assemble the status object from the ledger, the head samples and the in-memory tasks.
 
@@ -120,19 +161,30 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     namespaces: list[dict[str, Any]] = []
     stale: list[str] = []
     lease_blocks: list[tuple[str, str]] = []  # (lease, why) of the units not writable here
+    foreign_blocks: list[str] = []  # why the units other workers hold are not ready, as proven here
+    cut_here: list[tuple[str, str]] = []  # the units other workers hold: a cutover on this worker waits for them
+    local: list[str] = []  # the namespaces judged by this worker's own parts
     at = mono
     expiry: list[str] = []
     for meta in await daemon.ledger.list_namespaces():
         if not matches_patterns(meta.ns, include, exclude):
             continue  # excluded (SIGHUP or config): not part of the migration any more
         held = unit_lease(daemon.keeper, meta.ns, at)
-        if held.block:
-            lease_blocks.append((held.lease, held.block))
         cap = daemon.captures.get(meta.ns)
         app = daemon.appliers.get(meta.ns)
         fresh = daemon.freshness.get(meta.ns)
+        foreign = held.lease == ELSEWHERE and cap is None
+        if held.block:
+            (cut_here if foreign else lease_blocks).append((held.lease, held.block))
         committed_seq = meta.next_seq - 1
-        if fresh is not None:
+        if not foreign:
+            local.append(meta.ns)
+        if foreign:  # judged here from the ledger and this worker's own head samples (`cosmigrate.readiness`)
+            judged = daemon.foreign.judge(meta.ns, held.worker, threshold, daemon.cfg.leases.renew_s, mono,
+                                          fresh_after)
+            foreign_blocks += judged.blocks
+            lag, freshness, caught_up_at = judged.lag, judged.freshness, None
+        elif fresh is not None:
             fresh.update(committed_seq, meta.applied_seq)
             lag = fresh.lag(mono, fresh_after=fresh_after)
             if fresh.unknown_reason:
@@ -150,9 +202,9 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         else:
             since = cap.status.started_at if cap else daemon.started_at
             lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", None
-        if held.lease in (ELSEWHERE, EXPIRED) and cap is None:
-            freshness = f"judged by worker {held.worker}" if held.lease == ELSEWHERE else "no worker holds it"
-        elif freshness != "current":
+        if held.lease == EXPIRED and cap is None:
+            freshness = "no worker holds it"
+        elif freshness != "current" and not foreign:
             stale.append(f"{meta.ns} ({freshness})")
         states = [s for s in (cap.status.state if cap else None, app.status.state if app else None) if s]
         if meta.state == "failed" or "failed" in states or (cap is not None and cap.status.partition_failed):
@@ -219,8 +271,11 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     if unclaimed:  # a lease item but no ledger record yet: taken (or about to be) and not started
         reasons.append(f"units not started yet: {', '.join(unclaimed[:10])}"
                        + (f"; and {len(unclaimed) - 10} more" if len(unclaimed) > 10 else ""))
-    elsewhere = [why for lease, why in lease_blocks if lease == ELSEWHERE]
-    if elsewhere:  # judged on their own worker; a cutover here cannot stop their writes: stop the other workers.
+    if foreign_blocks:
+        more = f"; and {len(foreign_blocks) - 10} more" if len(foreign_blocks) > 10 else ""
+        reasons.append(f"units held by other workers are not ready: {'; '.join(foreign_blocks[:10])}{more}")
+    elsewhere = [why for lease, why in lease_blocks + (cut_here if not proof else []) if lease == ELSEWHERE]
+    if elsewhere:  # the cutover's precheck: a cutover here cannot stop their writes.
         # Not an operator reason: a worker that just started sees a crashed holder's lease as held until it is
         # taken (at once under its own lock, else after expiry), and a cutover started then must wait, not fail.
         more = f"; and {len(elsewhere) - 10} more" if len(elsewhere) > 10 else ""
@@ -265,7 +320,7 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         reasons.append("no namespace is being captured yet")
     cutover = daemon.proof.cutover_status() if daemon.proof is not None else "not started"
     if proof and daemon.proof is not None:
-        reasons += daemon.proof.reasons([n["namespace"] for n in namespaces])
+        reasons += daemon.proof.reasons(local)  # the other workers' units: in their published readiness
         if cutover == "cutover complete":
             reasons.append("cutover complete: the applications use the target now")
     return {

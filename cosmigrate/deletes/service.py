@@ -242,31 +242,41 @@ class Deletes:
 
     def reconciled(self, ns: str) -> tuple[bool, str]:
         """Whether deletes of `ns` are reconciled (see the module docstring), and why not."""
+        always, claimed, why = self.claim(ns)
+        if always or why:
+            return always, why
+        sweep = self.sweeps[ns]
+        head = sweep.link.latest_head()
+        if head is None:
+            return False, "no source head sampled yet"
+        if _covers(claimed, head):
+            return True, ""
+        s = sweep.state
+        return False, (f"the source changed since the last completed sweep pass started at {s.last_started_at.iso()}"
+                       + ("; a pass is running" if s.running else ""))
+
+    def claim(self, ns: str) -> tuple[bool, Positions | None, str]:
+        """What this worker can say about the deletes of `ns` without a head: (reconciled whatever the head,
+        the head its last counting pass covers, why not reconciled when no head decides it). Other workers
+        judge the covered head against their own sample (`cosmigrate.readiness`)."""
         sweep = self.sweeps.get(ns)
         if sweep is None:
             link = self.links.get(ns)
             if link is not None and link.expires():
-                return False, ("the source expires documents (TTL), which no change event shows, and deletes.enabled "
-                               "is false: expired documents stay on the target")
+                return False, None, ("the source expires documents (TTL), which no change event shows, and "
+                                     "deletes.enabled is false: expired documents stay on the target")
             if self.preview:
-                return True, ""
-            return False, "no delete tier: the account has no delete preview and deletes.enabled is false"
-        s = sweep.state
+                return True, None, ""
+            return False, None, "no delete tier: the account has no delete preview and deletes.enabled is false"
         if not self._counts(sweep):
-            return False, "no delete sweep has completed yet"
+            return False, None, "no delete sweep has completed yet"
         if self._expired(sweep):
             started = sweep.last_started_mono
-            return False, ("the source expires documents (TTL) and the last sweep started "
-                           + (f"{started.elapsed():.0f}s ago" if started is not None else "before this process"))
+            return False, None, ("the source expires documents (TTL) and the last sweep started "
+                                 + (f"{started.elapsed():.0f}s ago" if started is not None else "before this process"))
         if self.preview:
-            return True, ""
-        head = sweep.link.latest_head()
-        if head is None:
-            return False, "no source head sampled yet"
-        if _covers(s.last_head, head):
-            return True, ""
-        return False, (f"the source changed since the last completed sweep pass started at {s.last_started_at.iso()}"
-                       + ("; a pass is running" if s.running else ""))
+            return True, None, ""
+        return False, sweep.state.last_head, ""
 
     def fields(self, ns: str) -> dict[str, Any]:
         sweep = self.sweeps.get(ns)
