@@ -569,8 +569,11 @@ class NamespaceApplier:
         the driver's await would only close the socket; the server would apply the write anyway, possibly
         after a later round (or the new owner) wrote a newer version of the same document.
         """
-        if self.lease is not None and (wait := self.lease.write_after - Mono.now()) > 0:
-            await self._sleep(wait)  # the fence wait of a new owner, outside the gate (a writer stop is not held up)
+        # The fence wait of a new owner, outside the gate (a writer stop is not held up). A loop, not one sleep:
+        # the event loop may wake a sleep a little before its deadline on this clock, and a fence wait that is
+        # not quite over is a reason to wait on, never a lost lease (it once fenced the applier for good).
+        while self.lease is not None and (wait := self.lease.write_after - Mono.now()) > 0:
+            await self._sleep(max(wait, 0.001))
             if self._stopping.is_set():
                 raise Fenced(f"{self.ns}: stopped during the fence wait") if self._fenced else WriteAborted()
         async with self.gate.writing(abort=self._stopping):

@@ -462,3 +462,28 @@ async def test_a_full_load_collapses_numerically_equal_ids_of_other_types_to_the
     harness.start(app)
     await wait_for(lambda: _true(app.status.applied_seq == 1), 15)
     assert [d async for d in target.app.c.find({}, {"_id": 0})] == [{"v": "c"}]
+
+
+async def test_a_fence_wait_whose_sleep_wakes_early_waits_on_instead_of_fencing_the_applier(
+        harness: Harness, target: AsyncMongoClient[Any]) -> None:
+    """The event loop may end a sleep a little before its deadline on `Mono`'s clock; a fence wait found not quite
+    over at the send is a reason to wait on, never a lost lease (it once fenced a new owner's applier for good, and
+    its namespace never converged after a restart)."""
+    from cosmigrate.clock import Mono
+    from cosmigrate.leases.records import Held, LeaseRecord
+
+    epoch = await harness.claim(NS, "me")
+    await harness.commit(NS, epoch, [event(1, {"_id": 1, "v": 1})])
+    now = Mono.now()
+    held = Held(LeaseRecord(NS, 1, "me"), renewed_at=now, write_after=now + 0.3, lease_s=30.0)
+    app = harness.applier(NS, epoch, lease=held)
+    real_sleep = app._sleep
+
+    async def early(seconds: float) -> None:  # wakes 20 ms before the deadline, as a coarse loop clock can
+        await real_sleep(max(0.0, seconds - 0.02))
+
+    app._sleep = early  # type: ignore[method-assign]
+    harness.start(app)
+    await wait_for(lambda: _true(app.status.applied_seq == 0), 15, what="the batch applied after the fence wait")
+    assert app.status.state != "fenced" and await _doc(target, 1) == {"_id": 1, "v": 1}
+    assert Mono.now() >= held.write_after
