@@ -240,7 +240,8 @@ class LeaseKeeper:
         try:
             await self.events.gained(held)
         except Exception as exc:  # a unit that cannot start is handed back, never held idle
-            self.log.warning("unit could not start; handing its lease back", unit=rec.unit, error=redact(str(exc)))
+            self.log.warning("unit could not start; handing its lease back", unit=rec.unit,
+                             **{"from": self.me.id}, to="next taker", error=redact(str(exc)))
             await self._release_one(held, clean=True)
 
     async def _lose(self, unit: str, reason: str) -> None:
@@ -275,7 +276,7 @@ class LeaseKeeper:
             self.log.info("unit handed over", unit=rec.unit, **{"from": self.me.id}, to="next taker", clean=clean)
         except (LedgerError, ProgressConflict) as exc:
             self.log.warning("unit not handed over; it moves when its lease expires", unit=rec.unit,
-                             error=redact(str(exc)))
+                             **{"from": self.me.id}, to="whoever takes it after expiry", error=redact(str(exc)))
 
     async def _forget_silent(self, now: Mono) -> None:
         """Remove the items of workers silent for 10 leases (killed): the `workers` list shows the live ones."""
