@@ -25,7 +25,7 @@ from tests.test_capture_processes import Child
 
 NS = "app.big"
 DOCS = int(os.environ.get("COSMIGRATE_BACKFILL_DOCS", "6000"))
-KILLS = int(os.environ.get("COSMIGRATE_BACKFILL_KILLS", "5"))
+KILLS = int(os.environ.get("COSMIGRATE_BACKFILL_KILLS", "3"))
 
 
 async def _ledger_state(cfg) -> tuple[dict, int, int, int]:
