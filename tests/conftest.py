@@ -9,22 +9,6 @@ from pymongo import AsyncMongoClient
 
 from cosmigrate.sandbox import Faults, Sandbox
 
-# The longest tests (several worker processes waiting out leases and fences) run first: pytest-xdist hands the
-# tests out in collection order, and these, collected last by name, otherwise start when the others are done and
-# leave one worker busy alone for minutes at the end of `make test`.
-_FIRST = ("test_workers_processes", "test_ready_across_processes", "test_backfill_processes", "test_readiness_processes")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        module = getattr(item, "module", None)
-        name = module.__name__.rpartition(".")[2] if module is not None else ""
-        if name in _FIRST:
-            return _FIRST.index(name)
-        return len(_FIRST) if name.endswith("_processes") else len(_FIRST) + 1
-
-    items.sort(key=rank)  # stable: within a rank, the collection order stays
-
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
