@@ -235,13 +235,13 @@ class LeaseKeeper:
         self.lease_seen.see(rec.unit, mine.version, sent)
         how = "stolen" if stolen else ("handed over" if rec.state == RELEASED else
                                        ("taken" if not rec.owner else "taken after expiry"))
-        self.log.info(f"unit {how}", unit=rec.unit, **{"from": rec.owner or "nobody"}, to=self.me.id,
-                      fence_wait_s=round(held.write_after - sent, 1))
+        self._moved(f"unit {how}", rec.unit, rec.owner or "nobody", self.me.id,
+                    fence_wait_s=round(held.write_after - sent, 1))
         try:
             await self.events.gained(held)
         except Exception as exc:  # a unit that cannot start is handed back, never held idle
-            self.log.warning("unit could not start; handing its lease back", unit=rec.unit,
-                             **{"from": self.me.id}, to="next taker", error=redact(str(exc)))
+            self._moved("unit could not start; handing its lease back", rec.unit, self.me.id, "next taker",
+                        warn=True, error=redact(str(exc)))
             await self._release_one(held, clean=True)
 
     async def _lose(self, unit: str, reason: str) -> None:
@@ -249,9 +249,14 @@ class LeaseKeeper:
         if held is None:
             return
         rec = self.leases.get(unit)
-        self.log.warning("unit lost", unit=unit, reason=reason, **{"from": self.me.id},
-                         to=(rec.owner if rec and rec.owner != self.me.id else "") or "unknown")
+        self._moved("unit lost", unit, self.me.id, (rec.owner if rec and rec.owner != self.me.id else "") or "unknown",
+                    warn=True, reason=reason)
         await self.events.lost(unit, reason)
+
+    def _moved(self, event: str, unit: str, frm: str, to: str, *, warn: bool = False, **fields: object) -> None:
+        """Every line about a unit's lease names where it goes from and to: operators follow a unit through
+        both workers' journals by these two fields (and the kill test asserts them on every such line)."""
+        (self.log.warning if warn else self.log.info)(event, unit=unit, **{"from": frm}, to=to, **fields)
 
     async def release(self, unit: str) -> None:
         """Hand one unit's lease over; the daemon stopped the unit first."""
@@ -273,10 +278,10 @@ class LeaseKeeper:
         rec = held.record
         try:
             await self.table.release(rec, clean)
-            self.log.info("unit handed over", unit=rec.unit, **{"from": self.me.id}, to="next taker", clean=clean)
+            self._moved("unit handed over", rec.unit, self.me.id, "next taker", clean=clean)
         except (LedgerError, ProgressConflict) as exc:
-            self.log.warning("unit not handed over; it moves when its lease expires", unit=rec.unit,
-                             **{"from": self.me.id}, to="whoever takes it after expiry", error=redact(str(exc)))
+            self._moved("unit not handed over; it moves when its lease expires", rec.unit, self.me.id,
+                        "whoever takes it after expiry", warn=True, error=redact(str(exc)))
 
     async def _forget_silent(self, now: Mono) -> None:
         """Remove the items of workers silent for 10 leases (killed): the `workers` list shows the live ones."""
