@@ -22,6 +22,22 @@ from cosmigrate.sandbox.workload import Workload, rich_doc  # noqa: F401  (re-ex
 from cosmigrate.stores import open_store
 from cosmigrate.tls import connection_tls
 
+BACKENDS = ["file+sqlite", "s3+dynamodb"]
+
+
+def backends(default: str) -> list[str]:
+    """The store+ledger pairs one long process test runs on: `default` in `make test`, both with
+    COSMIGRATE_TEST_BACKENDS=all.
+
+    Why not always both: each of these tests spends most of a minute waiting on leases, kills and children, and
+    running every one twice kept `make test` over ten minutes. The defaults are spread so that each pair still
+    has its own kill test and its own test of several workers; the ledgers' conditional writes themselves are
+    tested on both pairs every time (tests/test_leases.py, tests/test_ledger_*.py)."""
+    if default not in BACKENDS:
+        raise ValueError(f"unknown backend {default!r}")
+    return list(BACKENDS) if os.environ.get("COSMIGRATE_TEST_BACKENDS", "") == "all" else [default]
+
+
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -20,7 +20,7 @@ from cosmigrate.backfill import BACKFILL, KEY, KIND, TAILING
 from cosmigrate.ledger import open_ledger
 from cosmigrate.sandbox import Sandbox
 from cosmigrate.sandbox.cosmos import DEFAULT_PAGE
-from tests.helpers import assert_converged, make_config, prepare_backends, wait_for, write_config
+from tests.helpers import assert_converged, backends, make_config, prepare_backends, wait_for, write_config
 from tests.test_capture_processes import Child
 
 NS = "app.big"
@@ -39,7 +39,7 @@ async def _ledger_state(cfg) -> tuple[dict, int, int, int]:
         await ledger.close()
 
 
-@pytest.mark.parametrize("backend", ["file+sqlite", "s3+dynamodb"])
+@pytest.mark.parametrize("backend", backends("file+sqlite"))
 async def test_sigkill_through_a_backfill_never_restarts_from_zero(request, backend: str, tmp_path: Path,
                                                                   sandbox: Sandbox, source: AsyncMongoClient,
                                                                   target) -> None:

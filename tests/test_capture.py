@@ -61,7 +61,9 @@ async def test_random_writes_become_gap_free_ordered_batches(
     daemon, task = await _start(cfg)
     try:
         await workload.run(1200)
-        await wait_for(lambda: _captured_all(cfg, source, NAMESPACES), 90, what="every change captured")
+        # Each poll reads every committed batch back from the store: once a second, or the polls load moto more
+        # than capture does.
+        await wait_for(lambda: _captured_all(cfg, source, NAMESPACES), 90, interval=1.0, what="every change captured")
     finally:
         await _stop(daemon, task)
     committed = await read_committed(cfg)
@@ -70,7 +72,8 @@ async def test_random_writes_become_gap_free_ordered_batches(
     daemon, task = await _start(cfg)
     try:
         await workload.run(200)
-        await wait_for(lambda: _captured_all(cfg, source, NAMESPACES), 90, what="changes after restart captured")
+        await wait_for(lambda: _captured_all(cfg, source, NAMESPACES), 90, interval=1.0,
+                       what="changes after restart captured")
     finally:
         await _stop(daemon, task)
 

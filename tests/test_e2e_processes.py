@@ -18,7 +18,7 @@ from tests.helpers import Workload, assert_converged, make_config, prepare_backe
 from tests.test_capture_processes import Child
 
 NAMESPACES = ["app.users", "app.orders", "app.events", "shop.items", "shop.carts"]
-CHANGES = int(os.environ.get("COSMIGRATE_E2E_CHANGES", "20000"))  # 50000 for the full size
+CHANGES = int(os.environ.get("COSMIGRATE_E2E_CHANGES", "10000"))  # 50000 for the full size
 APPLY_KILLS = int(os.environ.get("COSMIGRATE_APPLY_KILLS", "6"))
 
 

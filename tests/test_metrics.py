@@ -370,6 +370,10 @@ async def test_a_process_logs_its_version_progress_at_info_and_emf_lines(
 
         await wait_for(progressed, 60, what="a progress line")
         await wait_for(lambda: _async(sum("_aws" in e for e in child.events()) >= 4), 30, what="EMF lines")
+        # The progress line and the EMF lines come from two timers: wait for an EMF line past the fifth event too.
+        await wait_for(lambda: _async(sum(e.get("EventsCaptured", 0) for e in child.events()
+                                          if "_aws" in e and e.get("Collection") == "app.a") >= 5),
+                       30, what="EMF increases reaching the five events")
     finally:
         assert await child.finish(signal.SIGTERM) == 0
     events = child.events()

@@ -19,10 +19,9 @@ from pymongo import AsyncMongoClient
 
 from cosmigrate.config import worker_socket
 from cosmigrate.sandbox import Sandbox
-from tests.helpers import Workload, assert_converged, make_config, prepare_backends, wait_for, write_config
+from tests.helpers import Workload, assert_converged, backends, make_config, prepare_backends, wait_for, write_config
 from tests.test_capture_processes import Child
 
-BACKENDS = ["file+sqlite", "s3+dynamodb"]
 # One unit per namespace (docs/design.md, "What a unit is"): the 6- and 1-partition collections of the issue,
 # and two more so that three workers each hold some.
 PARTITIONS = {"app.big": 6, "app.one": 1, "shop.a": 1, "shop.b": 1}
@@ -66,7 +65,7 @@ async def _setup(request, backend: str, tmp_path: Path, sandbox: Sandbox, source
     return cfg, config
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends("s3+dynamodb"))
 async def test_three_workers_share_the_units_and_survive_a_kill(
     request, backend: str, tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient
 ) -> None:
@@ -122,7 +121,7 @@ async def test_three_workers_share_the_units_and_survive_a_kill(
     assert [e for e in moves if "from" not in e or "to" not in e] == []
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends("s3+dynamodb"))
 async def test_a_write_frozen_mid_flight_never_lands_over_the_new_owners(
     request, backend: str, tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient
 ) -> None:
@@ -228,7 +227,7 @@ async def test_run_workers_supervises_and_restarts_its_children(
         assert await asyncio.wait_for(proc.wait(), 90) == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends("file+sqlite"))
 async def test_a_rolling_restart_leaves_no_unit_ownerless_longer_than_a_renew_interval(
     request, backend: str, tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient
 ) -> None:
