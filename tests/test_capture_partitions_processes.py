@@ -56,10 +56,12 @@ async def test_sigkill_during_partitioned_capture_with_splits_loses_nothing(
     writer = asyncio.create_task(workload.run(10**9, stop, pace_s=0.001))
     kills = splits = 0
     try:
-        while kills < KILLS:
+        # Until at least one split landed while a process read the partitions: a child whose crash point fires
+        # before it commits gets no split that round (under load, several rounds in a row).
+        while kills < KILLS or (splits == 0 and kills < 4 * KILLS):
             child = await Child.start(config, COSMIGRATE_CRASH_POINTS="after_put=0.02,after_commit=0.01")
             try:
-                if kills % 2 == 1 and splits < 4:  # a split while this process reads the partitions
+                if (kills % 2 == 1 or kills >= KILLS) and splits < 4:  # a split while this process reads the partitions
                     ns = rng.choice(NAMESPACES)
                     db, _, coll = ns.partition(".")
                     committed_before = (await read_committed(cfg)).get(ns)
@@ -87,6 +89,7 @@ async def test_sigkill_during_partitioned_capture_with_splits_loses_nothing(
     finally:
         stop.set()
         await writer
+    assert splits >= 1, f"no split landed in {kills} rounds: every child crashed before it committed"
     final = await Child.start(config)
     try:
         await wait_for(lambda: _check_all(cfg, source), 120, what="every change captured after the kills")
