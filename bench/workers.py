@@ -1,4 +1,4 @@
-"""Suite 9, several workers: N workers vs one on a latency-bound target, and the failover time after SIGKILL.
+"""Several workers (not yet a suite of `make bench`): N workers vs one on a latency-bound target, and the failover time after SIGKILL.
 
 A remote DocumentDB answers each write after a network round trip, so one worker's throughput is bounded by
 the writes it keeps in flight (`apply.pool_size` namespaces at once, `apply.write_concurrency` writes each),
@@ -42,6 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
+from bench.fullload import merge_results  # noqa: E402
 from bench.harness import AWS_ENV, Sandbox, bench_config, mongo_client, prepare, proc_cpu_s  # noqa: E402
 from cosmigrate.config import Config, to_toml, worker_socket  # noqa: E402
 from cosmigrate.control import request  # noqa: E402
@@ -300,10 +301,7 @@ def main() -> None:
     parser.add_argument("--production-leases", action="store_true", help="lease 30 s, renew 10 s, balance 15 s")
     ns = parser.parse_args()
     out = asyncio.run(run_workers(ns.full, ns.kills, ns.production_leases))
-    path = RESULTS / "latest.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(out)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    merge_results(out, RESULTS / "latest.json")
     print(json.dumps(out, indent=2))
 
 
