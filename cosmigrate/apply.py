@@ -478,6 +478,11 @@ class NamespaceApplier:
     def fenced(self) -> bool:
         return self._fenced
 
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once the applier was asked to stop (or fenced): what a wait for its start gives up on."""
+        return self._stopping
+
     async def run(self) -> None:
         backoff = Backoff(cap=10.0)
         while True:  # a ledger hiccup at start must not kill the task

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import bson
 from pymongo.errors import OperationFailure, PyMongoError
@@ -45,7 +46,9 @@ from cosmigrate.redact import redact
 from cosmigrate.tokens import Positions, TokenFormatError, positions
 
 if TYPE_CHECKING:
-    from cosmigrate.daemon import Daemon
+    from cosmigrate.apply import NamespaceApplier
+    from cosmigrate.capture import NamespaceCapture
+    from cosmigrate.indexplan import IndexBuilder
 
 KIND, KEY = "backfill", "state"
 BACKFILL, TAILING, DROPPED = "backfill", "tailing", "dropped"
@@ -272,37 +275,46 @@ async def collection_exists(source: Any, ns: str) -> bool:
     return coll in await source[db].list_collection_names(filter={"name": coll})
 
 
-async def backfill_loop(daemon: Daemon, interval_s: float = 0.25) -> None:
-    """Move namespaces from backfill to tailing (or dropped), persist it, and release the deferred indexes.
+class LoadingUnit(Protocol):
+    """The parts of a unit the full-load check reads (`cosmigrate.units.Unit` is one)."""
+
+    ns: str
+    capture: NamespaceCapture
+    applier: NamespaceApplier
+    freshness: Freshness
+    backfill: NamespaceBackfill
+    builder: IndexBuilder
+
+
+async def backfill_loop(units: Callable[[], Iterable[LoadingUnit]], source: Any, ledger: Ledger,
+                        interval_s: float = 0.25) -> None:
+    """Move units from backfill to tailing (or dropped), persist it, and release the deferred indexes.
 
     Every failure only means "check again next round": this loop never stops capture or apply.
     """
     log = get_logger(component="backfill")
     while True:
-        for ns, state in list(daemon.backfills.items()):
-            cap, app = daemon.captures.get(ns), daemon.appliers.get(ns)
-            if state.phase != BACKFILL or cap is None or app is None or daemon.ledger is None:
+        for unit in list(units()):
+            state, cap, app, fresh = unit.backfill, unit.capture, unit.applier, unit.freshness
+            if state.phase != BACKFILL:
                 continue
             try:
-                fresh = daemon.freshness.get(ns)
-                if not state.head and fresh is not None:
+                if not state.head:
                     try:
-                        await state.sample_late_head(daemon.source, daemon.ledger, cap.epoch, fresh)
+                        await state.sample_late_head(source, ledger, cap.epoch, fresh)
                     except (PyMongoError, BackfillError):
                         pass  # still none: the phase stays backfill (status says why freshness is unknown)
                 if state.reached(cap.status.committed_seq, app.status.applied_seq):
-                    await state.finish(daemon.ledger, cap.epoch)
-                    builder = daemon.builders.get(ns)
-                    if builder is not None:
-                        builder.backfill_done.set()
+                    await state.finish(ledger, cap.epoch)
+                    unit.builder.backfill_done.set()
                     continue
-                gone = not await state.refresh_estimate(daemon.source, daemon.ledger, cap.epoch)
+                gone = not await state.refresh_estimate(source, ledger, cap.epoch)
                 if not gone and cap.status.state == "failed" and (
                         state.exists_checked is None or state.exists_checked.elapsed() > EXISTS_CHECK_S):
                     state.exists_checked = Mono.now()  # a listing costs request units: not every round
-                    gone = not await collection_exists(daemon.source, ns)
+                    gone = not await collection_exists(source, unit.ns)
                 if gone:
-                    await state.dropped(daemon.ledger, cap.epoch)
+                    await state.dropped(ledger, cap.epoch)
             except Exception as exc:  # the ledger or the source did not answer: try again next round
-                log.warning("backfill check failed; retrying", namespace=ns, error=redact(str(exc))[:300])
+                log.warning("backfill check failed; retrying", namespace=unit.ns, error=redact(str(exc))[:300])
         await asyncio.sleep(interval_s)

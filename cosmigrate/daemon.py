@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,39 +18,36 @@ import pymongo
 from pymongo.errors import PyMongoError
 
 from cosmigrate import __version__
-from cosmigrate.apply import NamespaceApplier, WriterGate
+from cosmigrate.apply import NamespaceApplier
 from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, backfill_loop
-from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config, worker_socket
 from cosmigrate.control import ControlError, ControlServer
-from cosmigrate.crashpoints import CrashPoints
 from cosmigrate.drivererrors import FIRST_CONTACT_S, first_contact_error
 from cosmigrate.freshness import Freshness
 from cosmigrate.heads import HeadSampler
 from cosmigrate.indexplan import IndexBuilder
 from cosmigrate.leases import Held, LeaseKeeper, LeaseTable
 from cosmigrate.leases.records import WorkerId
-from cosmigrate.ledger import Ledger, LedgerError, open_ledger
+from cosmigrate.ledger import LedgerError, open_ledger
 from cosmigrate.limits import raise_open_file_limit
 from cosmigrate.lock import ClusterLock, LockError
-from cosmigrate.logs import get_logger
 from cosmigrate.metrics import Metrics, carry_over
 from cosmigrate.mongo import discover_namespaces, list_namespaces, matches_patterns, source_client, target_client
 from cosmigrate.planrecord import plan_loop
 from cosmigrate.progress import progress_loop
 from cosmigrate.proof import Proof
-from cosmigrate.readiness import ForeignUnits
 from cosmigrate.redact import redact
 from cosmigrate.sdnotify import Notifier
 from cosmigrate.status import build_status, one_line
-from cosmigrate.stores import BatchStore, StoreError, open_store
+from cosmigrate.stores import StoreError, open_store
 from cosmigrate.timeouts import cancel_and_wait, within
-from cosmigrate.tls import connection_tls
 from cosmigrate.ttl import read_ttl_indexes
+from cosmigrate.units import Unit
 from cosmigrate.versions import SOURCE, TARGET, raise_for_driver_error, require_supported
 from cosmigrate.vouch import prove, prove_loop, publish_loop
+from cosmigrate.worker import Worker
 
 
 class StartupError(Exception):
@@ -64,111 +59,87 @@ EXIT_FENCED = 4
 taken stays up as a standby, docs/design.md "Workers")."""
 
 
+WRITER_FOLLOW_S = 1.0
+"""How often a worker reads the cluster's writer switch (set by `ctl writer` on any worker)."""
+
+
 class Daemon:
+    """One worker's lifecycle: connect, take and lose leases, start and stop units, drain on SIGTERM.
+
+    The worker's state (connections, leases, the registry of units) is a `Worker` (`cosmigrate.worker`), which
+    status, metrics and the proof layer read; this class only runs it.
+    """
+
     def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, config_path: str | None = None,
                  job: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self._reload = asyncio.Event()
         env = os.environ if env is None else env
-        self.crash = CrashPoints.from_env(env)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.worker = WorkerId(self.owner, name=cfg.daemon.worker)
-        self.log = get_logger(cluster=cfg.cluster_name, worker=self.owner)
-        self.keeper: LeaseKeeper | None = None
-        """This worker's leases: which units (namespaces) it runs (`cosmigrate.leases`)."""
-        self.foreign = ForeignUnits()
-        """What this worker proved about the units other workers hold (`cosmigrate.readiness`)."""
-        self._unanswered: dict[str, Mono] = {}
-        """Stopped units whose last write went unanswered, and when (a handover of them is not clean)."""
-        self.start_failures: dict[str, str] = {}
-        """Units this worker took but could not start, and why (handed back; status lists them as not captured)."""
-        self.captures: dict[str, NamespaceCapture] = {}
-        self.appliers: dict[str, NamespaceApplier] = {}
-        self.freshness: dict[str, Freshness] = {}
-        self.backfills: dict[str, NamespaceBackfill] = {}
-        self.read_budget = ByteBudget(cfg.capture.max_unflushed_bytes_total)
-        """Bytes read but not yet in the store, over every namespace (each has its own share under it)."""
-        """Each namespace's full-load phase (backfill / tailing / dropped), stored in the ledger."""
-        self.builders: dict[str, IndexBuilder] = {}
-        """Each namespace's index plan, run in its own task (`cosmigrate.indexplan`)."""
-        self._index_tasks: dict[str, asyncio.Task[None]] = {}
-        self.not_captured: dict[str, str] = {}  # namespaces that exist but cannot be captured, and why
-        self.started_at = Wall.now()
-        self.sampler: HeadSampler | None = None
-        self.unwatched: list[str] = []
-        """Source namespaces the last `ctl status` listed that no capture watched yet (they block readiness)."""
-        self.unlisted = ""
-        """Why the last `ctl status` could not list the source's namespaces (blocks readiness), or ""."""
+        self.worker = Worker(cfg, env)
+        self.units = self.worker.units
+        self.log = self.worker.log
         self._rescan = asyncio.Event()
         self.exit_code = 0
-        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stop = asyncio.Event()
-        self.ledger: Ledger | None = None
-        self.store: BatchStore | None = None
-        self.source: Any = None
-        self.target: Any = None
-        self.gate = WriterGate(started=False)
-        self.pool = asyncio.Semaphore(cfg.apply.pool_size)
         self.control: ControlServer | None = None
         self.lock: ClusterLock | None = None
         self.open_files = (0, 0)  # RLIMIT_NOFILE (soft, hard) once started
-        self.target_tls = connection_tls(cfg.target.uri, cfg.target.tls_ca_file)  # insecure only if allowed
         self.notify = Notifier(env)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.worker)
         self.proof: Proof | None = None
         self.job = job
         """A control request to run and then stop (`cosmigrate verify` / `cutover` without a running daemon)."""
         self.job_result: dict[str, Any] | None = None
-        self.plan_record: dict[str, Any] = {}
-        """The full-load estimate this migration started with (`cosmigrate.planrecord`); {} until loaded."""
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def _connect(self) -> None:
         self.open_files = raise_open_file_limit()  # capture's files must never run short (see cosmigrate.limits)
-        self.ledger = open_ledger(self.cfg)
+        self.worker.ledger = open_ledger(self.cfg)
         try:
-            await self.ledger.check()
+            await self.worker.ledger.check()
         except LedgerError as exc:
             raise StartupError(str(exc)) from None
         try:
             self.lock = ClusterLock.acquire_for(self.cfg)
         except LockError as exc:
             raise StartupError(str(exc)) from None
-        self.store = open_store(self.cfg)
+        self.worker.store = open_store(self.cfg)
         try:
-            await self.store.check()
+            await self.worker.store.check()
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         await require_supported(SOURCE, self.cfg.source.uri)  # UnsupportedVersion: one line, exit 2
-        self.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000)
+        self.worker.source = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000)
         try:
             with pymongo.timeout(FIRST_CONTACT_S):  # a wrong URI is said in seconds, not after the selection timeout
-                await self.source.admin.command("ping")
+                await self.worker.source.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(SOURCE, exc)
             raise StartupError(first_contact_error(SOURCE, self.cfg.source.uri, exc)) from None
+        self.worker.source_streams = source_client(self.cfg.source.uri, serverSelectionTimeoutMS=15_000,
+                                                   maxPoolSize=None)
         await require_supported(TARGET, self.cfg.target.uri, self.cfg.target.tls_ca_file)
-        self.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=30_000)
+        self.worker.target = target_client(self.cfg.target.uri, self.cfg.target.tls_ca_file, serverSelectionTimeoutMS=30_000)
         try:
             with pymongo.timeout(FIRST_CONTACT_S):
-                await self.target.admin.command("ping")
+                await self.worker.target.admin.command("ping")
         except PyMongoError as exc:
             raise_for_driver_error(TARGET, exc)
             raise StartupError(first_contact_error(TARGET, self.cfg.target.uri, exc)) from None
-        control = await self.ledger.get_control()
+        control = await self.worker.ledger.get_control()
         if control.writer == "started":
-            self.gate.start()
-        self.proof = Proof(self)
+            self.worker.gate.start()
+        self.proof = self.worker.proof = Proof(self.worker, self.certify)
         await self.proof.start()
         if self.lock is not None:
-            self.worker = WorkerId(self.owner, name=self.cfg.daemon.worker, slot=str(self.lock.path.resolve()))
-        self.keeper = LeaseKeeper(LeaseTable(self.ledger, self.worker), self.cfg.leases, self.cfg.apply.write_bound_s,
-                                  self, self.log, wanted=self._wanted)
+            self.worker.id = WorkerId(self.worker.owner, name=self.cfg.daemon.worker, slot=str(self.lock.path.resolve()))
+        self.worker.keeper = LeaseKeeper(LeaseTable(self.worker.ledger, self.worker.id), self.cfg.leases,
+                                         self.cfg.apply.write_bound_s, self, self.log, wanted=self._wanted)
         try:
-            await self.keeper.join()
+            await self.worker.keeper.join()
         except LedgerError as exc:
             raise StartupError(f"ledger {self.cfg.ledger.url}: cannot write this worker's heartbeat: {exc}") from None
         self.control = ControlServer(worker_socket(self.cfg.control.socket, self.cfg.daemon.worker), self.handle_control,
@@ -195,7 +166,7 @@ class Daemon:
         if cmd == "status":
             asked = Mono.now()  # the clock freshness compares samples on
             await self.certify()
-            return {"ok": True, "status": await build_status(self, fresh_after=asked)}
+            return {"ok": True, "status": await build_status(self.worker, fresh_after=asked, judged_at=asked)}
         if cmd == "metrics":
             return {"ok": True, "metrics": await self.metrics.text()}
         if cmd == "retry":
@@ -215,14 +186,14 @@ class Daemon:
             refused = self.proof.writer_start_refused(request) if self.proof is not None and action == "start" else ""
             if refused:
                 return {"ok": False, "error": refused}
-            assert self.ledger is not None
+            assert self.worker.ledger is not None
             by = str(request.get("by", "ctl"))[:100]
             state = "started" if action == "start" else "stopped"
-            await self.ledger.set_writer(state, by, Wall.now().s)  # wall seconds in the ledger
+            await self.worker.ledger.set_writer(state, by, Wall.now().s)  # wall seconds in the ledger
             if action == "start":
-                self.gate.start()
+                self.worker.gate.start()
             else:
-                await self.gate.stop()  # returns once no bulk write is in flight
+                await self.worker.gate.stop()  # returns once no bulk write is in flight
             self.log.info(f"writer {state}", by=by)
             return {"ok": True, "writer": state}
         return {"ok": False, "error": f"unknown command {cmd!r} (known: status, writer, retry, metrics, verify, cutover, "
@@ -239,25 +210,27 @@ class Daemon:
             self.log.info(f"cosmigrate {__version__} starting", version=__version__, pid=os.getpid(),
                           config=self.config_path or "")
             await self._connect()
-            self.log.info("cosmigrate started", version=__version__, owner=self.owner, store=self.cfg.store.url,
+            self.log.info("cosmigrate started", version=__version__, owner=self.worker.owner, store=self.cfg.store.url,
                           ledger=self.cfg.ledger.url, open_files_limit=self.open_files[0])
-            if not self.target_tls.secure:
+            if not self.worker.target_tls.secure:
                 self.log.warning("target.allow_insecure_tls: the target connection is not protected; its password and "
-                                 "the documents can be read or changed on the network", problem=self.target_tls.problem)
-            sampler = self.sampler = HeadSampler(self.source, self._sampled, self.cfg.capture.head_sample_interval_s)
-            assert self.keeper is not None
+                                 "the documents can be read or changed on the network", problem=self.worker.target_tls.problem)
+            sampler = self.worker.sampler = HeadSampler(self.worker.source, self._sampled,
+                                                        self.cfg.capture.head_sample_interval_s,
+                                                        self.cfg.capture.head_sample_concurrency)
+            assert self.worker.keeper is not None and self.worker.ledger is not None
             # Renewal runs on its own task until the drain is over (then the leases are handed over).
-            renewer = asyncio.create_task(self.keeper.renew_loop(), name="lease-renew")
-            background = [asyncio.create_task(self.keeper.balance_loop(), name="lease-balance"),
+            renewer = asyncio.create_task(self.worker.keeper.renew_loop(), name="lease-renew")
+            background = [asyncio.create_task(self.worker.keeper.balance_loop(), name="lease-balance"),
                           asyncio.create_task(self._follow_writer(), name="writer-follow"),
                           asyncio.create_task(self._discovery(), name="discovery"),
                           asyncio.create_task(self._report(), name="sd-status"),
                           asyncio.create_task(sampler.run(), name="head-sampler"),
-                          asyncio.create_task(publish_loop(self), name="readiness-publish"),
-                          asyncio.create_task(prove_loop(self), name="readiness-prove"),
-                          asyncio.create_task(progress_loop(self, self.cfg.log.progress_interval_s), name="progress"),
-                          asyncio.create_task(backfill_loop(self), name="backfill"),
-                          asyncio.create_task(plan_loop(self), name="plan")]
+                          asyncio.create_task(publish_loop(self.worker), name="readiness-publish"),
+                          asyncio.create_task(prove_loop(self.worker), name="readiness-prove"),
+                          asyncio.create_task(progress_loop(self.worker, self.cfg.log.progress_interval_s), name="progress"),
+                          asyncio.create_task(backfill_loop(self.units.values, self.worker.source, self.worker.ledger), name="backfill"),
+                          asyncio.create_task(plan_loop(self.worker), name="plan")]
             if self.cfg.metrics.cloudwatch:
                 background.append(asyncio.create_task(self.metrics.emf_loop(
                     self.cfg.metrics.cloudwatch_interval_s, self.cfg.metrics.cloudwatch_namespace), name="emf"))
@@ -265,17 +238,17 @@ class Daemon:
                 background.append(asyncio.create_task(self._watchdog(self.notify.watchdog_interval_s), name="watchdog"))
             if self.job is not None:
                 background.append(asyncio.create_task(self._run_job(self.job), name="job"))
-            self.notify.ready(f"writer {'started' if self.gate.started else 'stopped'}, starting capture")
+            self.notify.ready(f"writer {'started' if self.worker.gate.started else 'stopped'}, starting capture")
             await self._stop.wait()
             self.notify.stopping()
-            self.log.info("stopping: draining namespaces", namespaces=len(self.captures))
+            self.log.info("stopping: draining namespaces", namespaces=len(self.units))
             slow_stop = asyncio.create_task(self._report_slow_stop(), name="slow-stop")
             await cancel_and_wait(background)
             if self.proof is not None:
                 await self.proof.stop()
             await self._drain()
             await cancel_and_wait([renewer])
-            await self.keeper.release_all()  # the drain is over: others take the units at once
+            await self.worker.keeper.release_all()  # the drain is over: others take the units at once
             self.log.info("cosmigrate stopped", exit_code=self.exit_code)
             return self.exit_code
         finally:
@@ -312,32 +285,32 @@ class Daemon:
         wait plus a second; a namespace that has not reached the new head by then
         simply shows its lag.
         """
-        if self.sampler is None:
+        if self.worker.sampler is None:
             return
         await self._list_unwatched()
         limit_s = self.cfg.capture.max_await_ms / 1000 + 1.0
         async with asyncio.TaskGroup() as group:
             group.create_task(self._certify_local(limit_s))
-            group.create_task(prove(self, limit_s))  # the units other workers hold: from the ledger
+            group.create_task(prove(self.worker, limit_s))  # the units other workers hold: from the ledger
         if self.proof is not None:
             await self.proof.certify(2.0)  # deletes reconciled up to this head too, if a quick sweep can tell
 
     async def _certify_local(self, limit_s: float) -> None:
-        assert self.sampler is not None
+        assert self.worker.sampler is not None
         targets = self._sampled()
         if not targets:
             return
         async with asyncio.TaskGroup() as group:
             for ns, fresh in targets.items():
-                group.create_task(self.sampler.sample(ns, fresh))
+                group.create_task(self.worker.sampler.sample(ns, fresh))
         deadline = Mono.now() + limit_s
         while Mono.now() < deadline:
             behind = False
             for ns, fresh in targets.items():
-                cap, app = self.captures.get(ns), self.appliers.get(ns)
-                if cap is None or app is None:
+                unit = self.units.get(ns)
+                if unit is None:
                     continue
-                fresh.update(cap.status.committed_seq, app.status.applied_seq)
+                fresh.update(unit.capture.status.committed_seq, unit.applier.status.applied_seq)
                 behind = behind or not fresh.latest_is_caught_up
             if not behind:
                 break
@@ -348,25 +321,25 @@ class Daemon:
         so readiness must wait for it (and discovery is asked to start it at once, not at its next round)."""
         try:
             names = await within(
-                list_namespaces(self.source, self.cfg.capture.include, self.cfg.capture.exclude),
+                list_namespaces(self.worker.source, self.cfg.capture.include, self.cfg.capture.exclude),
                 max(5.0, self.cfg.capture.max_await_ms / 1000 + 1.0),
             )
         except (PyMongoError, TimeoutError) as exc:
-            self.unlisted = redact(str(exc))[:200] or type(exc).__name__
+            self.worker.unlisted = redact(str(exc))[:200] or type(exc).__name__
             return
-        self.unlisted = ""
+        self.worker.unlisted = ""
         # Watched here (a capture runs), or held by another worker (status lists it from the ledger and it
         # blocks readiness there); a lease item alone, free or held by this worker but not started, is not.
-        me = self.keeper.me.id if self.keeper is not None else ""
-        elsewhere = {u for u, rec in (self.keeper.leases if self.keeper is not None else {}).items()
+        me = self.worker.keeper.me.id if self.worker.keeper is not None else ""
+        elsewhere = {u for u, rec in (self.worker.keeper.leases if self.worker.keeper is not None else {}).items()
                      if not rec.free and rec.owner != me}
-        self.unwatched = [ns for ns in names if ns not in self.captures and ns not in elsewhere]
-        if self.unwatched:
+        self.worker.unwatched = [ns for ns in names if ns not in self.units and ns not in elsewhere]
+        if self.worker.unwatched:
             self._rescan.set()
 
     def _sampled(self) -> dict[str, Freshness]:
-        """The namespaces whose head the sampler reads: every one this daemon captures."""
-        return {ns: self.freshness[ns] for ns, cap in self.captures.items() if ns in self.freshness}
+        """The namespaces whose head the sampler reads: every unit this worker runs."""
+        return self.units.sampled()
 
     async def _first_round(self) -> bool:
         """Whether this is the cluster's very first discovery round.
@@ -377,29 +350,29 @@ class Daemon:
         writes were never copied anywhere else. The marker is recorded BEFORE the
         first listing, so a crash in the first round errs on the side of "beginning".
         """
-        assert self.ledger is not None
-        if await self.ledger.get_first_discovery():
+        assert self.worker.ledger is not None
+        if await self.worker.ledger.get_first_discovery():
             return False
         mine = Wall.now().s  # wall seconds in the ledger
-        return await self.ledger.set_first_discovery(mine) == mine
+        return await self.worker.ledger.set_first_discovery(mine) == mine
 
     async def _discovery(self) -> None:
-        assert self.ledger is not None and self.store is not None
+        assert self.worker.ledger is not None and self.worker.store is not None
         first: bool | None = None
         while not self._stop.is_set():
             try:
                 if first is None:
                     first = await self._first_round()
-                names, refused = await discover_namespaces(self.source, self.cfg.capture.include,
+                names, refused = await discover_namespaces(self.worker.source, self.cfg.capture.include,
                                                            self.cfg.capture.exclude)
                 start_at, first = ("" if first else "beginning"), False  # a retry of this round errs to "beginning"
-                assert self.keeper is not None
+                assert self.worker.keeper is not None
                 # Each unit gets its lease item (once, cluster-wide); the balance round decides who runs it.
-                await self.keeper.offer(names, start_at)
+                await self.worker.keeper.offer(names, start_at)
                 # Take this worker's share now, inside the round: what waits for the first round (a cutover,
                 # verification) then finds the units it holds started, as with a single process.
-                await self.keeper.balance_once(steal=False)
-                for ns, why in self.start_failures.items():
+                await self.worker.keeper.balance_once(steal=False)
+                for ns, why in self.units.start_failures.items():
                     refused.setdefault(ns, why)
                 self._not_captured(refused)
                 await self._refresh_ttl()
@@ -422,11 +395,15 @@ class Daemon:
         """Each discovery round, the TTL indexes of every captured namespace read again: one created at the
         source after capture started must reach status (its `_ts` expiry needs a decision; its sweep a
         schedule). A transient error keeps what was read last; the next round tries again."""
-        for ns, cap in list(self.captures.items()):
+        for ns in self.units:
+            unit = self.units.get(ns)
+            if unit is None:
+                continue  # stopped meanwhile
+            cap = unit.capture
             if cap.status.ttl_indexes is None:
                 continue  # the watcher reads them itself before it runs
             try:
-                cap.status.ttl_indexes, cap.status.ttl_unknown = await read_ttl_indexes(self.source, ns)
+                cap.status.ttl_indexes, cap.status.ttl_unknown = await read_ttl_indexes(self.worker.source, ns)
             except PyMongoError:
                 continue
 
@@ -434,9 +411,9 @@ class Daemon:
         """Remember the namespaces that exist but are not captured (status lists them, readiness waits), and
         log each one once per reason; they are tried again every discovery round."""
         for ns, why in refused.items():
-            if self.not_captured.get(ns) != why:
+            if self.worker.not_captured.get(ns) != why:
                 self.log.warning("namespace not captured; retried every discovery round", namespace=ns, error=why)
-        self.not_captured = refused
+        self.worker.not_captured = refused
 
     async def _apply_reload(self) -> None:
         """SIGHUP: take the new include/exclude patterns, the `[ttl]` decisions and the log level; everything else
@@ -457,11 +434,11 @@ class Daemon:
         self.cfg.log.level = new.log.level
         self.cfg.ttl = new.ttl
         configure_logging(new.log.level, self.cfg.log.format)
-        dropped = [ns for ns in self.captures if not matches_patterns(ns, new.capture.include, new.capture.exclude)]
+        dropped = [ns for ns in self.units if not matches_patterns(ns, new.capture.include, new.capture.exclude)]
         await self._stop_units(dropped, fenced=False)
-        if self.keeper is not None:
+        if self.worker.keeper is not None:
             for ns in dropped:
-                await self.keeper.release(ns)
+                await self.worker.keeper.release(ns)
         self.log.info("configuration reloaded", include=new.capture.include, exclude=new.capture.exclude,
                       level=new.log.level, ttl={ns: d.text() for ns, d in new.ttl.items()}, stopped=dropped)
 
@@ -469,30 +446,18 @@ class Daemon:
         """Stop units and forget them (excluded by a reload, or their lease lost): capture commits what it
         holds, the applier's write in flight is answered. `fenced`: another worker owns them now, so the
         appliers never write again."""
-        for ns in units:
-            if ns in self.captures:
-                self.captures[ns].stop()
-            app = self.appliers.get(ns)
-            if app is not None:
-                app.fence() if fenced else app.stop()
-        names = [name for ns in units for name in (ns, f"apply:{ns}")]
-        tasks = [self._tasks.pop(name) for name in names if name in self._tasks]
+        stopping = [unit for unit in (self.units.get(ns) for ns in units) if unit is not None]
+        for unit in stopping:
+            unit.stop(fenced=fenced)
         # Bounded like a SIGTERM drain: a committer retrying a put that keeps failing (a full disk) must
         # not block discovery and every later reload. What is not committed is re-read if re-included.
-        await self._wait_or_cancel(tasks, "stopped namespaces did not drain in time; stopped without committing the rest")
-        for ns in units:
-            self.captures.pop(ns, None)
-            app = self.appliers.pop(ns, None)
-            if app is not None and app.unanswered_at is not None:
-                self._unanswered[ns] = app.unanswered_at
-            self.freshness.pop(ns, None)
-            self.backfills.pop(ns, None)
-            self.builders.pop(ns, None)
-            index_task = self._index_tasks.pop(ns, None)
-            if index_task is not None:
-                await cancel_and_wait([index_task])
+        await self._wait_or_cancel([task for unit in stopping for task in unit.tasks],
+                                   "stopped namespaces did not drain in time; stopped without committing the rest")
+        for unit in stopping:
+            self.units.remove(unit.ns)
+            await unit.stop_indexes()
             if self.proof is not None:
-                await self.proof.detach(ns)
+                await self.proof.detach(unit.ns)
 
     # --- what the lease keeper tells the worker (cosmigrate.leases.UnitEvents) ----------------------------------
 
@@ -505,10 +470,9 @@ class Daemon:
         try:
             await self._start_capture(ns, held.record.start_at or None, lease=held)
         except (PyMongoError, LedgerError, BackfillError) as exc:
-            self.start_failures[ns] = redact(f"could not start: {exc}")[:300]
+            self.units.start_failures[ns] = redact(f"could not start: {exc}")[:300]
             await self._stop_units([ns], fenced=False)
             raise
-        self.start_failures.pop(ns, None)
 
     async def lost(self, unit: str, reason: str) -> None:
         """A lease lost (taken by another worker, or not renewed in time): stop the unit, never write again."""
@@ -516,25 +480,26 @@ class Daemon:
 
     def clean(self, unit: str) -> bool:
         """No write of the stopped unit went unanswered within the bound: the next owner needs no fence wait."""
-        app = self.appliers.get(unit)
-        at = app.unanswered_at if app is not None else self._unanswered.get(unit)
+        at = self.units.unanswered_at(unit)
         return at is None or at.elapsed() > self.cfg.apply.write_bound_s
 
     async def _follow_writer(self) -> None:
-        """The writer switch is the cluster's: `ctl writer` on any worker reaches every worker within a renew."""
-        assert self.ledger is not None
+        """The writer switch is the cluster's: `ctl writer` on any worker reaches every other worker within
+        `WRITER_FOLLOW_S` (one small ledger read a second; a renew interval of 10 s would leave the others
+        idle that long after `ctl writer start`)."""
+        assert self.worker.ledger is not None
         while True:
-            await asyncio.sleep(self.cfg.leases.renew_s)
+            await asyncio.sleep(min(WRITER_FOLLOW_S, self.cfg.leases.renew_s))
             try:
-                control = await self.ledger.get_control()
+                control = await self.worker.ledger.get_control()
             except LedgerError as exc:
                 self.log.warning("cannot read the writer switch; keeping the last state", error=redact(str(exc)))
                 continue
-            if control.writer == "started" and not self.gate.started:
-                self.gate.start()
+            if control.writer == "started" and not self.worker.gate.started:
+                self.worker.gate.start()
                 self.log.info("writer started (by another worker)", by=control.changed_by)
-            elif control.writer != "started" and self.gate.started:
-                await self.gate.stop()
+            elif control.writer != "started" and self.worker.gate.started:
+                await self.worker.gate.stop()
                 self.log.info("writer stopped (by another worker)", by=control.changed_by)
 
     async def _report(self) -> None:
@@ -542,7 +507,7 @@ class Daemon:
         while True:
             await asyncio.sleep(self.cfg.daemon.status_interval_s)
             try:
-                self.notify.status(one_line(await build_status(self)))
+                self.notify.status(one_line(await build_status(self.worker)))
             except LedgerError as exc:
                 self.notify.status(f"ledger unavailable: {redact(str(exc))[:200]}")
 
@@ -560,117 +525,77 @@ class Daemon:
         daemon took over is not taken back), and new ones are started from the
         ledger's position: nothing is re-captured, nothing skipped.
         """
-        assert self.ledger is not None
-        cap, app = self.captures.get(ns), self.appliers.get(ns)
-        if cap is None or app is None:
+        w = self.worker
+        assert w.ledger is not None
+        old = self.units.get(ns)
+        if old is None:
             return {"ok": False, "error": f"{ns}: this daemon does not watch that namespace "
-                                          f"(known: {', '.join(sorted(self.captures)) or 'none yet'})"}
-        meta = await self.ledger.get_namespace(ns)
+                                          f"(known: {', '.join(sorted(self.units)) or 'none yet'})"}
+        cap, app = old.capture, old.applier
+        meta = await w.ledger.get_namespace(ns)
         states = {cap.status.state, app.status.state, meta.state if meta else ""}
         if cap.status.partition_failed:
             states.add("failed")  # status says failed too: the others go on, but that partition is not read
         if "failed" not in states:
             return {"ok": False, "error": f"{ns} has not failed (state {'/'.join(sorted(s for s in states if s))}); "
                                           "nothing to retry"}
-        cap.stop()
-        app.stop()
-        await asyncio.gather(*(self._tasks.pop(name) for name in (ns, f"apply:{ns}") if name in self._tasks),
-                             return_exceptions=True)
+        old.stop(fenced=False)
+        await asyncio.gather(*old.tasks, return_exceptions=True)
         try:
-            await self.ledger.set_state(ns, cap.epoch, "running")
+            await w.ledger.set_state(ns, cap.epoch, "running")
         except LedgerError as exc:
             self.log.error("retry refused", namespace=ns, error=redact(str(exc)))
             return {"ok": False, "error": f"{ns}: cannot reset its failed state: {redact(str(exc))}"}
-        stored = await self.ledger.get_namespace(ns)
+        stored = await w.ledger.get_namespace(ns)
         await self._start_capture(ns, None if stored and stored.resume_token is not None else "beginning",
-                                  previous=(cap, app))
+                                  previous=old)
         self.log.info("namespace restarted by ctl retry", namespace=ns)
         return {"ok": True, "namespace": ns, "state": "running"}
 
-    async def _start_capture(self, ns: str, start_at: str | None,
-                             previous: tuple[NamespaceCapture, NamespaceApplier] | None = None,
+    async def _start_capture(self, ns: str, start_at: str | None, previous: Unit | None = None,
                              lease: Held | None = None) -> None:
-        assert self.ledger is not None and self.store is not None
+        """Build the unit's parts, register it and start it. `previous`: the unit `ctl retry` replaces (its head
+        samples, index plan and counters carry over: its ledger position did not change)."""
+        w = self.worker
+        assert w.ledger is not None and w.store is not None
         if self.proof is not None:
             await self.proof.deletes_tier(ns)  # before the first stream opens: the delete preview changes its pipeline
-        meta = await self.ledger.claim(ns, self.owner)
-        # A retried namespace keeps its head samples: its ledger position (and so their seqs) did not change.
-        fresh = (self.freshness.get(ns) if previous else None) or Freshness()
+        meta = await w.ledger.claim(ns, w.owner)
+        fresh = previous.freshness if previous is not None else Freshness()
         fresh.barriers.clear()
         # The full-load phase, before the watcher records a start position: the head it must reach is sampled now.
         backfill = await NamespaceBackfill.prepare(
-            ns, self.ledger, self.source, meta.epoch, from_beginning=(start_at or self.cfg.capture.start_at) == "beginning",
+            ns, w.ledger, w.source, meta.epoch, from_beginning=(start_at or self.cfg.capture.start_at) == "beginning",
             has_position=meta.resume_token is not None, freshness=fresh)
-        cap = NamespaceCapture(ns, meta, self.source, self.store, self.ledger, self.cfg, self.crash,
-                               start_at=start_at, freshness=fresh, budget=self.read_budget)
-        held = lease if lease is not None else (previous[1].lease if previous is not None else None)
-        app = NamespaceApplier(ns, self.target, self.store, self.ledger, self.cfg, self.gate, self.pool, self.crash,
+        cap = NamespaceCapture(ns, meta, w.source_streams, w.store, w.ledger, self.cfg, w.crash,
+                               start_at=start_at, freshness=fresh, budget=w.read_budget)
+        held = lease if lease is not None else (previous.applier.lease if previous is not None else None)
+        app = NamespaceApplier(ns, w.target, w.store, w.ledger, self.cfg, w.gate, w.pool, w.crash,
                                epoch=meta.epoch, lease=held)
         cap.on_commit = app.wake.set
         app.inserts_first = lambda: backfill.phase == BACKFILL  # a full load's first versions go as inserts
         if previous is not None:
-            carry_over(*previous, cap, app)
-        self.freshness[ns] = fresh
-        self.captures[ns] = cap
-        self.appliers[ns] = app
-        self.backfills[ns] = backfill
-        builder = self.builders.get(ns) if previous else None
-        if builder is None:
-            builder = self.builders[ns] = IndexBuilder(ns, self.source, self.target, self.cfg)
-            self._index_tasks[ns] = asyncio.create_task(builder.run(), name=f"indexes:{ns}")
+            carry_over(previous.capture, previous.applier, cap, app)
+            builder, index_task = previous.builder, previous.index_task
+        else:
+            builder, index_task = IndexBuilder(ns, w.source, w.target, self.cfg), None
         if backfill.phase != BACKFILL:
             builder.backfill_done.set()
-        self._tasks[ns] = asyncio.create_task(self._supervise(cap, cap.run), name=f"capture:{ns}")
-        self._tasks[f"apply:{ns}"] = asyncio.create_task(
-            self._supervise(app, lambda: self._apply_when_indexed(builder, app)), name=f"apply:{ns}")
+        unit = Unit(ns, cap, app, fresh, backfill, builder, index_task=index_task)
+        self.units.add(unit)
+        unit.start()
         if self.proof is not None:
-            self.proof.attach(ns, cap, app, fresh)
+            self.proof.attach(unit)
         self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq,
                       applied_seq=meta.applied_seq, start_at=cap.start_at if meta.resume_token is None else "stored")
 
-    async def _apply_when_indexed(self, builder: IndexBuilder, app: NamespaceApplier) -> None:
-        """The applier starts once the unique indexes exist on the target (its conflict handling reads them);
-        capture does not wait for any index."""
-        waits = [asyncio.ensure_future(builder.unique_ready.wait()), asyncio.ensure_future(app._stopping.wait())]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        if not builder.unique_ready.is_set():
-            app.status.state = "stopped"
-            return
-        await app.run()
-
-    async def _supervise(self, part: NamespaceCapture | NamespaceApplier, run: Any) -> None:
-        try:
-            await run()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must mark the namespace, never kill the process silently
-            part.status.state = "failed"
-            part.status.last_error = redact(f"internal error: {exc!r}")
-            self.log.exception("namespace task crashed", namespace=part.ns, task=type(part).__name__)
-        if isinstance(part, NamespaceCapture) and part.status.state == "fenced":
-            self._fenced(part.ns)
-
-    def _fenced(self, ns: str) -> None:
-        """A capture lost its namespace (a newer epoch): its applier stops too (the new owner applies). The
-        lease keeper drops the unit at its next renew or balance round; a worker left with no units stays
-        up as a standby."""
-        app = self.appliers.get(ns)
-        if app is not None:
-            app.fence()
-
     async def _drain(self) -> None:
-        # A build in flight finishes on the target; a restart reads the plan back.
-        await cancel_and_wait(list(self._index_tasks.values()))
-        for app in self.appliers.values():
-            app.stop()
-        for cap in self.captures.values():
-            cap.stop()
-        await self._wait_or_cancel(list(self._tasks.values()),
-                                   "drain timed out; uncommitted events will be re-read on the next start")
+        units = self.units.values()
+        for unit in units:
+            await unit.stop_indexes()  # a build in flight finishes on the target; a restart reads the plan back
+        for unit in units:
+            unit.stop(fenced=False)
+        await self._wait_or_cancel(self.units.tasks(), "drain timed out; uncommitted events will be re-read on the next start")
 
     async def _wait_or_cancel(self, tasks: list[asyncio.Task[None]], warning: str) -> None:
         """Let tasks finish within `daemon.drain_timeout_s`, then cancel and await the rest (none is orphaned)."""
@@ -701,14 +626,16 @@ class Daemon:
         await self.metrics.stop_http()
         if self.control is not None:
             await self.control.stop()
-        if self.target is not None:
-            await self.target.close()
-        if self.source is not None:
-            await self.source.close()
-        if self.store is not None:
-            await self.store.close()
-        if self.ledger is not None:
-            await self.ledger.close()
+        if self.worker.target is not None:
+            await self.worker.target.close()
+        if self.worker.source is not None:
+            await self.worker.source.close()
+        if self.worker.source_streams is not None:
+            await self.worker.source_streams.close()
+        if self.worker.store is not None:
+            await self.worker.store.close()
+        if self.worker.ledger is not None:
+            await self.worker.ledger.close()
         if self.lock is not None:
             self.lock.release()
 

@@ -36,7 +36,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -48,7 +48,7 @@ from cosmigrate.timeouts import within
 if TYPE_CHECKING:
     from cosmigrate.apply import NamespaceApplier
     from cosmigrate.capture import NamespaceCapture
-    from cosmigrate.daemon import Daemon
+    from cosmigrate.worker import Worker
 
 PARTITION = "all"
 """The partition label: one change stream per collection today."""
@@ -336,10 +336,10 @@ class EmfWriter:
 
 
 class Metrics:
-    """Scrapes the daemon; serves `ctl metrics`, the HTTP endpoint and the EMF lines."""
+    """Scrapes one worker; serves `ctl metrics`, the HTTP endpoint and the EMF lines."""
 
-    def __init__(self, daemon: Daemon, out: TextIO | None = None) -> None:
-        self.daemon = daemon
+    def __init__(self, worker: Worker, out: TextIO | None = None) -> None:
+        self.worker = worker
         self.out = out
         self.log = get_logger(component="metrics")
         self._server: asyncio.Server | None = None
@@ -347,13 +347,12 @@ class Metrics:
         self.address: tuple[str, int] | None = None
 
     def parts(self) -> dict[str, PartCounters]:
-        names: Iterable[str] = set(self.daemon.captures) | set(self.daemon.appliers)
-        return {ns: PartCounters.read(self.daemon.captures.get(ns), self.daemon.appliers.get(ns)) for ns in names}
+        return {unit.ns: PartCounters.read(unit.capture, unit.applier) for unit in self.worker.units.values()}
 
     async def registry(self) -> Registry:
         from cosmigrate.status import build_status
 
-        status = await build_status(self.daemon)
+        status = await build_status(self.worker)
         reg = build_registry(status, self.parts())
         reg.add("cosmigrate_process_asyncio_tasks", len(asyncio.all_tasks()))
         with contextlib.suppress(OSError):  # /proc only on Linux: the gauge is then left out
@@ -416,7 +415,7 @@ class Metrics:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                status = await build_status(self.daemon)
+                status = await build_status(self.worker)
             except LedgerError as exc:
                 self.log.warning("metrics skipped a round: the ledger did not answer", error=str(exc))
                 continue

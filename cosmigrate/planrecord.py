@@ -2,7 +2,7 @@
 
 Two entry points, kept out of the daemon's own code:
 
-- `plan_loop(daemon)`, a background task of `cosmigrate run`: at the first
+- `plan_loop(worker)`, a background task of `cosmigrate run`: at the first
   start of a cluster (no plan in the ledger) it makes the same estimate as
   `cosmigrate plan` WITHOUT the probes (sizes, partitions and RU/s from the
   source; the RU per document and the target's rate are then unknown, so the
@@ -10,7 +10,7 @@ Two entry points, kept out of the daemon's own code:
   `cosmigrate plan --record` before the first start is kept instead. When
   the last backfill of this run ends, it writes one journal line with the
   estimated and the elapsed full-load time and RU.
-- `plan_status(daemon)`, the status's `plan` object: estimated vs elapsed
+- `plan_status(worker)`, the status's `plan` object: estimated vs elapsed
   full-load time, and the estimated RU. Cosmos reports request charges only
   per request (`getLastRequestStatistics`), so the RU actually spent is not
   known to the daemon: status shows the plan's RU for the documents copied so
@@ -36,8 +36,8 @@ from cosmigrate.logs import get_logger
 from cosmigrate.redact import redact
 
 if TYPE_CHECKING:
-    from cosmigrate.daemon import Daemon
     from cosmigrate.plan.planner import Plan
+    from cosmigrate.worker import Worker
 
 KIND, KEY = "plan", "estimate"
 RETRY_S = 30.0
@@ -85,27 +85,27 @@ async def record_plan(cfg: Config, plan: Plan) -> None:
         await ledger.close()
 
 
-async def _first_start_plan(daemon: Daemon) -> dict[str, Any]:
+async def _first_start_plan(worker: Worker) -> dict[str, Any]:
     """The stored plan, or the estimate without probes stored now (first start of the cluster)."""
     from cosmigrate.plan.planner import PlanOptions, build_plan
 
-    assert daemon.ledger is not None
-    item = await daemon.ledger.get_progress("", KIND, KEY)
+    assert worker.ledger is not None
+    item = await worker.ledger.get_progress("", KIND, KEY)
     if item is not None:
         return item.doc()
-    plan = await build_plan(daemon.source, daemon.target, daemon.cfg, PlanOptions(probes=False, indexes=False))
+    plan = await build_plan(worker.source, worker.target, worker.cfg, PlanOptions(probes=False, indexes=False))
     record = summary(plan, "daemon first start (no probes)", Wall.now())
-    await store(daemon.ledger, record, replace=False)
-    item = await daemon.ledger.get_progress("", KIND, KEY)
+    await store(worker.ledger, record, replace=False)
+    item = await worker.ledger.get_progress("", KIND, KEY)
     return item.doc() if item is not None else record
 
 
-async def plan_loop(daemon: Daemon) -> None:
+async def plan_loop(worker: Worker) -> None:
     """Load (or make) the plan, then write one journal line when this run's last backfill ends."""
     log = get_logger(component="plan")
     while True:
         try:
-            daemon.plan_record = await _first_start_plan(daemon)
+            worker.plan_record = await _first_start_plan(worker)
             break
         except asyncio.CancelledError:
             raise
@@ -114,12 +114,12 @@ async def plan_loop(daemon: Daemon) -> None:
             await asyncio.sleep(RETRY_S)
     loading: set[str] = set()
     while True:
-        for ns, state in list(daemon.backfills.items()):
-            if state.phase == BACKFILL:
-                loading.add(ns)
-        if loading and all(daemon.backfills.get(ns) is None or daemon.backfills[ns].phase != BACKFILL
-                           for ns in loading):
-            fields = plan_status(daemon, {ns: app.status.events_applied for ns, app in daemon.appliers.items()})
+        units = worker.units
+        for unit in units.values():
+            if unit.backfill.phase == BACKFILL:
+                loading.add(unit.ns)
+        if loading and all(units.get(ns) is None or units[ns].backfill.phase != BACKFILL for ns in loading):
+            fields = plan_status(worker, {u.ns: u.applier.status.events_applied for u in units.values()})
             log.info("full load done: the plan vs the run", estimated_s=fields["estimated_full_load_s"],
                      estimate_is_lower_bound=not fields["estimate_complete"], limit=fields["limit"],
                      elapsed_s=fields["elapsed_full_load_s"], estimated_ru=fields["estimated_ru"],
@@ -128,12 +128,12 @@ async def plan_loop(daemon: Daemon) -> None:
         await asyncio.sleep(CHECK_S)
 
 
-def plan_status(daemon: Daemon, applied: dict[str, int]) -> dict[str, Any]:
+def plan_status(worker: Worker, applied: dict[str, int]) -> dict[str, Any]:
     """The status's `plan` object: the estimate next to the elapsed full load (None where unknown).
 
     `applied`: documents applied per namespace (the ledger's count), for the RU at the plan's rate."""
-    record = daemon.plan_record
-    states = list(daemon.backfills.values())
+    record = worker.plan_record
+    states = [unit.backfill for unit in worker.units.values()]
     started = [s.started_at for s in states
                if s.started_at is not None and (s.phase == BACKFILL or s.completed_at is not None)]
     loaded = [s for s in states if s.phase == BACKFILL or s.completed_at is not None]

@@ -17,7 +17,7 @@ from cosmigrate.logs import get_logger
 from cosmigrate.status import build_status
 
 if TYPE_CHECKING:
-    from cosmigrate.daemon import Daemon
+    from cosmigrate.worker import Worker
 
 
 def progress_message(n: Mapping[str, Any]) -> str:
@@ -30,12 +30,12 @@ def progress_message(n: Mapping[str, Any]) -> str:
     return text
 
 
-async def progress_loop(daemon: Daemon, interval_s: float) -> None:
+async def progress_loop(worker: Worker, interval_s: float) -> None:
     log = get_logger(component="progress")
     while True:
         await asyncio.sleep(interval_s)
         try:
-            status = await build_status(daemon)
+            status = await build_status(worker)
         except LedgerError as exc:
             log.warning("progress: the ledger did not answer", error=str(exc))
             continue

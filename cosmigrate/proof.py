@@ -22,12 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from pymongo.errors import PyMongoError
 
-from cosmigrate.apply import NamespaceApplier
-from cosmigrate.capture import NamespaceCapture
 from cosmigrate.clock import Mono, Wall
 from cosmigrate.cutover.machine import COMPLETE, EXIT_ERROR, Cutover, Result
 from cosmigrate.deletes.service import Deletes
-from cosmigrate.freshness import Freshness
 from cosmigrate.logs import get_logger
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
@@ -36,16 +33,20 @@ from cosmigrate.verify.report import iso
 from cosmigrate.verify.service import Verification
 
 if TYPE_CHECKING:
-    from cosmigrate.daemon import Daemon
+    from cosmigrate.units import Unit
+    from cosmigrate.worker import Worker
 
 EXIT_MISMATCHES = 6
 
 
 class Proof:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.cfg = daemon.cfg
-        self.crash = daemon.crash
+    def __init__(self, worker: Worker, certify: Callable[[], Awaitable[None]]) -> None:
+        """`certify`: sample every head now and let capture and apply reach it (the daemon's, as `ctl status`
+        does before it answers); the cutover's readiness check runs it first."""
+        self.worker = worker
+        self._certify_heads = certify
+        self.cfg = worker.cfg
+        self.crash = worker.crash
         self.links: dict[str, NamespaceLink] = {}
         self.deletes: Deletes | None = None
         self.verification: Verification | None = None
@@ -63,25 +64,25 @@ class Proof:
 
     @property
     def ledger(self) -> Any:
-        return self.daemon.ledger
+        return self.worker.ledger
 
     @property
     def source(self) -> Any:
-        return self.daemon.source
+        return self.worker.source
 
     @property
     def target(self) -> Any:
-        return self.daemon.target
+        return self.worker.target
 
     @property
     def gate(self) -> Any:
-        return self.daemon.gate
+        return self.worker.gate
 
     async def readiness(self) -> tuple[list[str], list[str]]:
         from cosmigrate.status import build_status
 
-        await self.daemon.certify()
-        status = await build_status(self.daemon, fresh_after=Mono.now().minus(2 * self.cfg.capture.head_sample_interval_s),
+        await self._certify_heads()
+        status = await build_status(self.worker, fresh_after=Mono.now().minus(2 * self.cfg.capture.head_sample_interval_s),
                                     proof=False)
         operator = list(status["needs_operator"])
         return operator, [r for r in status["not_ready_reasons"] if r not in operator]
@@ -93,10 +94,10 @@ class Proof:
 
     async def start(self) -> None:
         """After the daemon connected: the services, and whether a cutover already completed."""
-        assert self.daemon.ledger is not None and self.daemon.store is not None
-        self.deletes = Deletes(self.cfg, self.daemon.source, self.daemon.target, self.daemon.ledger)
-        self.verification = Verification(self.cfg, self.daemon.source, self.daemon.target, self.daemon.ledger,
-                                         self.daemon.store, self.crash)
+        assert self.worker.ledger is not None and self.worker.store is not None
+        self.deletes = Deletes(self.cfg, self.worker.source, self.worker.target, self.worker.ledger)
+        self.verification = Verification(self.cfg, self.worker.source, self.worker.target, self.worker.ledger,
+                                         self.worker.store, self.crash)
         state = await Cutover(self).load()
         self.cutover_step = str(state.get("step", ""))
         if self.cutover_step == COMPLETE:
@@ -107,9 +108,11 @@ class Proof:
         if self.deletes is not None:
             await self.deletes.detect(ns)
 
-    def attach(self, ns: str, cap: NamespaceCapture, app: NamespaceApplier, fresh: Freshness) -> None:
+    def attach(self, unit: Unit) -> None:
+        """A unit started: its deletes and verification follow its capture and applier."""
         assert self.deletes is not None and self.verification is not None
-        sampler = self.daemon.sampler
+        ns, cap, app, fresh = unit.ns, unit.capture, unit.applier, unit.freshness
+        sampler = self.worker.sampler
 
         def caught_up() -> Mono | None:
             fresh.update(cap.status.committed_seq, app.status.applied_seq)

@@ -30,7 +30,7 @@ from cosmigrate.ttl import ttl_state
 if TYPE_CHECKING:
     from cosmigrate.capture import NamespaceCapture
     from cosmigrate.config import Config
-    from cosmigrate.daemon import Daemon
+    from cosmigrate.worker import Worker
 
 NAMESPACE_FIELDS = (
     "namespace", "state", "captured_seq", "captured_events", "applied_seq", "applied_events", "pending_batches",
@@ -103,14 +103,15 @@ def _iso(ts: Wall | None) -> str | None:
     return None if ts is None or not ts.s else ts.iso()
 
 
-def publishable(daemon: Daemon, ns: str, now: Mono) -> Published | None:
+def publishable(worker: Worker, ns: str, now: Mono) -> Published | None:
     """What the holder of unit `ns` publishes for the other workers' READY (`cosmigrate.readiness`): every
     reason this worker alone can see, and the head its delete sweep covers. None when it runs no capture of
     `ns` (nothing to vouch for). Freshness is not in it: each asking worker proves that itself."""
-    cap, app = daemon.captures.get(ns), daemon.appliers.get(ns)
-    held = daemon.keeper.holds(ns) if daemon.keeper is not None else None
-    if cap is None or app is None or held is None:
+    unit = worker.units.get(ns)
+    held = worker.keeper.holds(ns) if worker.keeper is not None else None
+    if unit is None or held is None:
         return None
+    cap, app = unit.capture, unit.applier
     blocks: list[str] = []
     states = {cap.status.state, app.status.state}
     if "failed" in states or cap.status.partition_failed:
@@ -122,25 +123,24 @@ def publishable(daemon: Daemon, ns: str, now: Mono) -> Published | None:
     if app.status.deferred:
         blocks.append(f"{ns}: {app.status.deferred} writes deferred by unique-index conflicts"
                       + (f" ({app.status.deferred_reason})" if app.status.deferred_reason else ""))
-    builder = daemon.builders.get(ns)
-    if builder is not None and not builder.unique_ready.is_set():
-        blocks.append(f"{ns}: index plan not ready ({builder.summary()})")
-    loading = daemon.backfills.get(ns)
-    load_phase = loading.phase if loading is not None else ""
+    if not unit.builder.unique_ready.is_set():
+        blocks.append(f"{ns}: index plan not ready ({unit.builder.summary()})")
+    load_phase = unit.backfill.phase
     if load_phase in (BACKFILL, DROPPED):
         blocks.append(f"{ns}: full load {load_phase}")
-    _expiry(ns, cap, daemon.cfg, blocks)
+    _expiry(ns, cap, worker.cfg, blocks)
     always, head, why = False, None, "deletes are not tracked by this worker"
-    if daemon.proof is not None:
-        blocks += daemon.proof.verification.reasons([ns]) if daemon.proof.verification is not None else []
-        if daemon.proof.deletes is not None:
-            always, head, why = daemon.proof.deletes.claim(ns)
-    return Published(daemon.keeper.me.id if daemon.keeper is not None else "", tuple(blocks),
+    if worker.proof is not None:
+        blocks += worker.proof.verification.reasons([ns]) if worker.proof.verification is not None else []
+        if worker.proof.deletes is not None:
+            always, head, why = worker.proof.deletes.claim(ns)
+    return Published(worker.keeper.me.id if worker.keeper is not None else "", tuple(blocks),
                      fence_over=not held.write_block(now), deletes_always=always, deletes_head=head, deletes_why=why,
                      written_at=Wall.now())
 
 
-async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: bool = True) -> dict[str, Any]:
+async def build_status(worker: Worker, fresh_after: Mono | None = None, proof: bool = True,
+                       judged_at: Mono | None = None) -> dict[str, Any]:
     """Assemble the status object from the ledger, the head samples and the in-memory tasks.
 
     `fresh_after`: a namespace shows lag 0 only when it reached a head sampled at or after this
@@ -148,16 +148,20 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     the periodic STATUS= line accepts the last couple of sampling rounds). Lag and "current" are
     monotonic: a wall clock stepped back must never turn an old catch-up into lag 0. `proof=False`
     leaves out the reasons that deletes and verification add (cutover's precheck: the cutover
-    resolves those itself).
+    resolves those itself). `judged_at`: the moment "current" (caught up to a head sampled less than the
+    threshold before it) is judged at, now if None. `ctl status` passes the moment it was asked: it samples
+    every head first, and with thousands of units over a real round trip to Azure the first samples would
+    otherwise be older than the threshold by the time the last one returns, and READY would never come,
+    though each unit was caught up to a head sampled after the question. Lag is still measured now.
     """
-    assert daemon.ledger is not None
+    assert worker.ledger is not None
     now = Wall.now()
     mono = Mono.now()
     if fresh_after is None:
-        fresh_after = mono.minus(max(2 * daemon.cfg.capture.head_sample_interval_s, 1.0))
-    writer = "started" if daemon.gate.started else "stopped"
-    threshold = daemon.cfg.apply.cutover_threshold_seconds
-    include, exclude = daemon.cfg.capture.include, daemon.cfg.capture.exclude
+        fresh_after = mono.minus(max(2 * worker.cfg.capture.head_sample_interval_s, 1.0))
+    writer = "started" if worker.gate.started else "stopped"
+    threshold = worker.cfg.apply.cutover_threshold_seconds
+    include, exclude = worker.cfg.capture.include, worker.cfg.capture.exclude
     namespaces: list[dict[str, Any]] = []
     stale: list[str] = []
     lease_blocks: list[tuple[str, str]] = []  # (lease, why) of the units not writable here
@@ -166,13 +170,12 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     local: list[str] = []  # the namespaces judged by this worker's own parts
     at = mono
     expiry: list[str] = []
-    for meta in await daemon.ledger.list_namespaces():
+    for meta in await worker.ledger.list_namespaces():
         if not matches_patterns(meta.ns, include, exclude):
             continue  # excluded (SIGHUP or config): not part of the migration any more
-        held = unit_lease(daemon.keeper, meta.ns, at)
-        cap = daemon.captures.get(meta.ns)
-        app = daemon.appliers.get(meta.ns)
-        fresh = daemon.freshness.get(meta.ns)
+        held = unit_lease(worker.keeper, meta.ns, at)
+        unit = worker.units.get(meta.ns)
+        cap, app, fresh = (unit.capture, unit.applier, unit.freshness) if unit is not None else (None, None, None)
         foreign = held.lease == ELSEWHERE and cap is None
         if held.block:
             (cut_here if foreign else lease_blocks).append((held.lease, held.block))
@@ -180,8 +183,8 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         if not foreign:
             local.append(meta.ns)
         if foreign:  # judged here from the ledger and this worker's own head samples (`cosmigrate.readiness`)
-            judged = daemon.foreign.judge(meta.ns, held.worker, threshold, daemon.cfg.leases.renew_s, mono,
-                                          fresh_after)
+            judged = worker.foreign.judge(meta.ns, held.worker, threshold, worker.cfg.leases.renew_s, mono,
+                                          fresh_after, judged_at)
             foreign_blocks += judged.blocks
             lag, freshness, caught_up_at = judged.lag, judged.freshness, None
         elif fresh is not None:
@@ -194,13 +197,13 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
             elif fresh.last_sample_error:
                 # The latest attempt failed: whatever was proven before says nothing about writes since.
                 freshness = f"source head unreachable: {fresh.last_sample_error[:160]}"
-            elif fresh.current(threshold, mono):
+            elif fresh.current(threshold, judged_at or mono):
                 freshness = "current"
             else:
                 freshness = "behind"
             caught_up_at = fresh.caught_up_at
         else:
-            since = cap.status.started_at if cap else daemon.started_at
+            since = cap.status.started_at if cap else worker.started_at
             lag, freshness, caught_up_at = max(0.0, now - since), "not sampled yet", None
         if held.lease == EXPIRED and cap is None:
             freshness = "no worker holds it"
@@ -242,19 +245,17 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
             "empty_pages": cap.status.empty_pages if cap else 0,
             "deferred": app.status.deferred if app else 0,
             "deferred_reason": app.status.deferred_reason if app and app.status.deferred else "",
-            **_expiry(meta.ns, cap, daemon.cfg, expiry),
+            **_expiry(meta.ns, cap, worker.cfg, expiry),
             "partitions": list(cap.status.partitions) if cap else [],
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": error,
             "last_error_at": _iso(error_at),
             "phase": phase(state, freshness),  # refined below once the full-load phase is known
-            **(daemon.proof.fields(meta.ns) if daemon.proof is not None else {}),
+            **(worker.proof.fields(meta.ns) if worker.proof is not None else {}),
         })
-        loading = daemon.backfills.get(meta.ns)
-        namespaces[-1].update(loading.fields(meta.applied_events) if loading is not None else NO_BACKFILL)
+        namespaces[-1].update(unit.backfill.fields(meta.applied_events) if unit is not None else NO_BACKFILL)
         namespaces[-1]["phase"] = phase(state, freshness, namespaces[-1]["load_phase"])
-        builder = daemon.builders.get(meta.ns)
-        namespaces[-1]["indexes"] = builder.summary() if builder is not None else ""
+        namespaces[-1]["indexes"] = unit.builder.summary() if unit is not None else ""
         namespaces[-1].update(worker=held.worker, lease=held.lease, worker_heartbeat_age_s=held.heartbeat_age_s)
     gap = max((n["lag_seconds"] for n in namespaces), default=0.0)
     reasons = []
@@ -266,7 +267,7 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         operator.append(f"namespaces not healthy: {', '.join(failed)} failed (see last_error; `cosmigrate ctl retry "
                         "NAMESPACE` once fixed)")
     listed = {n["namespace"] for n in namespaces}
-    unclaimed = sorted(u for u in (daemon.keeper.leases if daemon.keeper is not None else {})
+    unclaimed = sorted(u for u in (worker.keeper.leases if worker.keeper is not None else {})
                        if u not in listed and matches_patterns(u, include, exclude))
     if unclaimed:  # a lease item but no ledger record yet: taken (or about to be) and not started
         reasons.append(f"units not started yet: {', '.join(unclaimed[:10])}"
@@ -284,7 +285,7 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
     if waiting:  # ownerless (taken at the next balance round), or in a new owner's fence wait
         more = f"; and {len(waiting) - 10} more" if len(waiting) > 10 else ""
         reasons.append(f"units not ready yet: {'; '.join(waiting[:10])}{more}")
-    refused = [f"{ns} ({why})" for ns, why in sorted(daemon.not_captured.items()) if matches_patterns(ns, include, exclude)]
+    refused = [f"{ns} ({why})" for ns, why in sorted(worker.not_captured.items()) if matches_patterns(ns, include, exclude)]
     if refused:  # they exist on the source and nothing migrates them: never ready while there are any
         more = f"; and {len(refused) - 10} more" if len(refused) > 10 else ""
         operator.append(f"namespaces not captured: {'; '.join(refused[:10])}{more}")
@@ -311,22 +312,22 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         reasons.append(f"not caught up to a source head sampled in the last {threshold:g}s: {'; '.join(stale)}")
     if gap >= threshold:
         reasons.append(f"gap {gap:.1f}s is not under {threshold:g}s")
-    unwatched = [ns for ns in daemon.unwatched if ns not in daemon.captures and matches_patterns(ns, include, exclude)]
+    unwatched = [ns for ns in worker.unwatched if ns not in worker.units and matches_patterns(ns, include, exclude)]
     if unwatched:
         reasons.append(f"collections on the source not captured yet (discovery is starting them): {', '.join(unwatched)}")
-    if daemon.unlisted:
-        reasons.append(f"cannot list the source's collections: {daemon.unlisted}")
+    if worker.unlisted:
+        reasons.append(f"cannot list the source's collections: {worker.unlisted}")
     if not namespaces:
         reasons.append("no namespace is being captured yet")
-    cutover = daemon.proof.cutover_status() if daemon.proof is not None else "not started"
-    if proof and daemon.proof is not None:
-        reasons += daemon.proof.reasons(local)  # the other workers' units: in their published readiness
+    cutover = worker.proof.cutover_status() if worker.proof is not None else "not started"
+    if proof and worker.proof is not None:
+        reasons += worker.proof.reasons(local)  # the other workers' units: in their published readiness
         if cutover == "cutover complete":
             reasons.append("cutover complete: the applications use the target now")
     return {
-        "cluster_name": daemon.cfg.cluster_name,
+        "cluster_name": worker.cfg.cluster_name,
         "version": __version__,
-        "uptime_s": round(max(0.0, now - daemon.started_at), 1),
+        "uptime_s": round(max(0.0, now - worker.started_at), 1),
         "current_time": _iso(now),
         "writer": writer,
         "gap_in_seconds": round(gap, 3),
@@ -334,13 +335,13 @@ async def build_status(daemon: Daemon, fresh_after: Mono | None = None, proof: b
         "ready_for_cutover": not reasons,
         "not_ready_reasons": reasons,
         "needs_operator": operator,
-        "insecure_target_tls": not daemon.target_tls.secure,  # only with target.allow_insecure_tls = true
+        "insecure_target_tls": not worker.target_tls.secure,  # only with target.allow_insecure_tls = true
         "namespaces": namespaces,
         "cutover": cutover,
         "backfill": totals(namespaces),
-        "plan": plan_status(daemon, {n["namespace"]: n["applied_events"] for n in namespaces}),
-        "this_worker": daemon.keeper.me.id if daemon.keeper is not None else "",
-        "workers": workers(daemon.keeper, at),
+        "plan": plan_status(worker, {n["namespace"]: n["applied_events"] for n in namespaces}),
+        "this_worker": worker.keeper.me.id if worker.keeper is not None else "",
+        "workers": workers(worker.keeper, at),
     }
 
 

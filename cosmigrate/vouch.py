@@ -21,46 +21,46 @@ from cosmigrate.timeouts import within
 from cosmigrate.tokens import Positions, TokenFormatError, positions
 
 if TYPE_CHECKING:
-    from cosmigrate.daemon import Daemon
+    from cosmigrate.worker import Worker
 
 
-def foreign_units(daemon: Daemon) -> list[str]:
+def foreign_units(worker: Worker) -> list[str]:
     """Units another worker holds (its lease renewed, as this worker saw it) and this one runs no capture of."""
-    if daemon.keeper is None:
+    if worker.keeper is None:
         return []
     now = Mono.now()
-    return sorted(ns for ns in daemon.keeper.leases
-                  if ns not in daemon.captures and unit_lease(daemon.keeper, ns, now).lease == ELSEWHERE)
+    return sorted(ns for ns in worker.keeper.leases
+                  if ns not in worker.units and unit_lease(worker.keeper, ns, now).lease == ELSEWHERE)
 
 
-async def publish_once(daemon: Daemon) -> None:
+async def publish_once(worker: Worker) -> None:
     """One readiness item per unit held here, each fenced by the unit's epoch."""
-    assert daemon.ledger is not None
+    assert worker.ledger is not None
     now = Mono.now()
-    for ns in sorted(daemon.keeper.held if daemon.keeper is not None else ()):
-        record = publishable(daemon, ns, now)
-        cap = daemon.captures.get(ns)
-        if record is None or cap is None:
+    for ns in sorted(worker.keeper.held if worker.keeper is not None else ()):
+        record = publishable(worker, ns, now)
+        unit = worker.units.get(ns)
+        if record is None or unit is None:
             continue
         try:
-            await within(publish(daemon.ledger, ns, cap.epoch, record), daemon.cfg.leases.renew_s)
+            await within(publish(worker.ledger, ns, unit.epoch, record), worker.cfg.leases.renew_s)
         except Fenced:
             continue  # the unit moved on: its new owner publishes; the lease loop stops it here
         except (LedgerError, TimeoutError) as exc:
-            daemon.log.warning("readiness not published; will retry", namespace=ns, error=redact(str(exc)) or "timeout")
+            worker.log.warning("readiness not published; will retry", namespace=ns, error=redact(str(exc)) or "timeout")
 
 
-async def publish_loop(daemon: Daemon) -> None:
+async def publish_loop(worker: Worker) -> None:
     while True:
-        await publish_once(daemon)
-        await asyncio.sleep(daemon.cfg.leases.renew_s)
+        await publish_once(worker)
+        await asyncio.sleep(worker.cfg.leases.renew_s)
 
 
-async def _sample(daemon: Daemon, ns: str) -> None:
-    assert daemon.sampler is not None
-    unit = daemon.foreign.of(ns)
+async def _sample(worker: Worker, ns: str) -> None:
+    assert worker.sampler is not None
+    unit = worker.foreign.of(ns)
     try:
-        _, at, tokens = await daemon.sampler.head(ns)
+        _, at, tokens = await worker.sampler.head(ns)
         head: Positions = {}
         for token in tokens:
             head.update(positions(token))
@@ -76,31 +76,31 @@ async def _sample(daemon: Daemon, ns: str) -> None:
     unit.add_sample(at, head)
 
 
-async def prove(daemon: Daemon, limit_s: float) -> None:
+async def prove(worker: Worker, limit_s: float) -> None:
     """Sample every foreign unit's head now, then read their ledger items until each is caught up to it, for at
     most `limit_s` (a unit that is not by then simply shows its lag)."""
-    assert daemon.ledger is not None
-    names = foreign_units(daemon)
-    daemon.foreign.keep(set(names))
-    if not names or daemon.sampler is None:
+    assert worker.ledger is not None
+    names = foreign_units(worker)
+    worker.foreign.keep(set(names))
+    if not names or worker.sampler is None:
         return
     async with asyncio.TaskGroup() as group:
         for ns in names:
-            group.create_task(_sample(daemon, ns))
+            group.create_task(_sample(worker, ns))
     deadline = Mono.now() + limit_s
     while True:
         try:
-            await daemon.foreign.read(daemon.ledger, names)
+            await worker.foreign.read(worker.ledger, names)
         except LedgerError as exc:
-            daemon.log.warning("could not read the other workers' units", error=redact(str(exc)))
+            worker.log.warning("could not read the other workers' units", error=redact(str(exc)))
             return
-        if Mono.now() >= deadline or all(daemon.foreign.of(ns).caught_up for ns in names):
+        if Mono.now() >= deadline or all(worker.foreign.of(ns).caught_up for ns in names):
             return
         await asyncio.sleep(0.1)
 
 
-async def prove_loop(daemon: Daemon) -> None:
+async def prove_loop(worker: Worker) -> None:
     """The other workers' units, proven every head-sample interval (the periodic status and metrics read it)."""
     while True:
-        await prove(daemon, 1.0)
-        await asyncio.sleep(daemon.cfg.capture.head_sample_interval_s)
+        await prove(worker, 1.0)
+        await asyncio.sleep(worker.cfg.capture.head_sample_interval_s)
