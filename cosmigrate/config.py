@@ -103,6 +103,7 @@ class CaptureConfig:
     deletes_preview: bool = False
     max_await_ms: int = 500
     head_sample_interval_s: float = 2.0
+    head_sample_concurrency: int = 32
     per_partition: bool = True
 
 
@@ -819,6 +820,9 @@ def validate(cfg: Config, uris: bool = True) -> None:
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
+    if not 1 <= cfg.capture.head_sample_concurrency <= 256:
+        raise ConfigError("capture.head_sample_concurrency: must be between 1 and 256 (head samples in flight at "
+                          "once, on a pool of 100 connections)")
     if not 0 <= cfg.capture.min_batch_age_s <= cfg.capture.max_batch_age_s:
         raise ConfigError("capture.min_batch_age_s: must be between 0 and capture.max_batch_age_s")
     for section in ("deletes", "verify"):

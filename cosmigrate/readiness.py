@@ -199,17 +199,18 @@ class ForeignUnits:
             unit.see_record(await ledger.get_progress(ns, KIND, KEY), now)
 
     def judge(self, ns: str, owner: str, threshold_s: float, renew_s: float, now: Mono,
-              fresh_after: Mono | None = None) -> Judgement:
+              fresh_after: Mono | None = None, judged_at: Mono | None = None) -> Judgement:
         """Whether the unit `owner` holds passes. Its lease is live (the caller asks only about units whose
         lease this worker saw renewed within lease_s); the rest is judged here. Lag is 0 only when the latest
-        sample is caught up and was taken at or after `fresh_after` (as for local units)."""
+        sample is caught up and was taken at or after `fresh_after` (as for local units). `judged_at`: the
+        moment "current" is judged at (`ctl status` passes when it was asked, see `build_status`)."""
         unit = self.of(ns)
         blocks: list[str] = []
         if unit.last_sample_error:
             freshness = f"source head unreachable: {unit.last_sample_error[:160]}"
         elif unit.last_sample_at is None:
             freshness = "not sampled yet"
-        elif unit.caught_up_t is not None and now - unit.caught_up_t < threshold_s:
+        elif unit.caught_up_t is not None and (judged_at or now) - unit.caught_up_t < threshold_s:
             freshness = "current"
         else:
             freshness = "behind"

@@ -53,3 +53,31 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], resend_s: float = 
     for task in every:  # retrieved, as `gather(return_exceptions=True)` would: their outcome no longer matters
         if not task.cancelled():
             task.exception()
+
+
+async def run_all(aws: Iterable[Awaitable[T]], limit: int) -> list[T]:
+    """Run every awaitable to its end, at most `limit` at once, then raise the first failure (if any).
+
+    Unlike a TaskGroup, one failure does not cancel the others: a unit taken while a sibling's ledger write
+    failed must still start, not stay held and idle. If the caller is cancelled, every task is cancelled and
+    awaited before the cancellation goes on (nothing keeps running behind the caller's back).
+    """
+    gate = asyncio.Semaphore(limit)
+
+    async def one(aw: Awaitable[T]) -> T:
+        async with gate:
+            return await aw
+
+    tasks = [asyncio.ensure_future(one(aw)) for aw in aws]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        await cancel_and_wait(tasks)
+        raise
+    for task in tasks:
+        exc = task.exception()
+        if exc is not None:
+            raise exc
+    return [task.result() for task in tasks]

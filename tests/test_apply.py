@@ -117,7 +117,7 @@ def _captured_to_now(run: Running, ns: str) -> Any:
 
     async def reached() -> bool:
         await run.status()  # samples the head now
-        captured = run.daemon.freshness[ns].captured_at
+        captured = run.daemon.units[ns].freshness.captured_at
         return captured is not None and captured >= after
 
     return reached
@@ -144,7 +144,7 @@ async def test_unique_value_cycles_are_broken(tmp_path: Path, sandbox: Sandbox, 
         await wait_for(_captured_to_now(run, "app.users"), 30, what="capture up to a head sampled after the updates")
         await run.writer("start")
         await wait_for(lambda: assert_converged(source, target, ["app.users"]), 30, what="cycle resolved")
-        assert run.daemon.appliers["app.users"].status.cycles_broken >= 1
+        assert run.daemon.units["app.users"].applier.status.cycles_broken >= 1
         assert run.ns_status(await run.status(), "app.users")["deferred"] == 0
 
 
@@ -218,7 +218,7 @@ async def test_corrupt_batch_stops_its_namespace_loudly(tmp_path: Path, sandbox:
         await source.app.bad.insert_many([{"_id": i} for i in range(10)])
         await source.app.good.insert_many([{"_id": i} for i in range(10)])
         await wait_for(lambda: _captured(run, "app.bad", 10), 30, what="capture")
-        record = (await run.daemon.ledger.list_batches("app.bad"))[0]  # type: ignore[union-attr]
+        record = (await run.daemon.worker.ledger.list_batches("app.bad"))[0]  # type: ignore[union-attr]
         path = Path(cfg.store.url.removeprefix("file://")) / record.key
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -298,5 +298,5 @@ async def test_unique_values_inside_arrays_are_swapped(tmp_path: Path, sandbox: 
         await wait_for(_captured_to_now(run, "app.arr"), 30, what="capture up to a head sampled after the swap")
         await run.writer("start")
         await wait_for(lambda: assert_converged(source, target, ["app.arr"]), 20, what="swap inside arrays applied")
-        assert run.daemon.appliers["app.arr"].status.cycles_broken >= 1
+        assert run.daemon.units["app.arr"].applier.status.cycles_broken >= 1
         assert run.ns_status(await run.status(), "app.arr")["deferred"] == 0

@@ -85,8 +85,8 @@ async def test_start_at_now_skips_history_but_keeps_later_changes(tmp_path: Path
     daemon, task = await _start(cfg)
     try:
         async def watching() -> bool:  # "running" is reached once the start position is in the ledger
-            cap = daemon.captures.get("app.users")
-            return cap is not None and cap.status.state == "running"
+            unit = daemon.units.get("app.users")
+            return unit is not None and unit.capture.status.state == "running"
 
         await wait_for(watching, 30, what="start position recorded")
         await source.app.users.update_many({"_id": {"$lt": 5}}, {"$set": {"v": 1}})
@@ -117,9 +117,9 @@ async def test_discovery_skips_system_namespaces_and_applies_patterns(tmp_path: 
     await prepare_backends(cfg)
     daemon, task = await _start(cfg)
     try:
-        await wait_for(lambda: _async_true(set(daemon.captures) == {"app.users", "shop.items"}), 30, what="discovery")
+        await wait_for(lambda: _async_true(set(daemon.units) == {"app.users", "shop.items"}), 30, what="discovery")
         await source.late.arrival.insert_one({"_id": 1})  # a collection created while running is picked up
-        await wait_for(lambda: _async_true("late.arrival" in daemon.captures), 30, what="re-scan")
+        await wait_for(lambda: _async_true("late.arrival" in daemon.units), 30, what="re-scan")
     finally:
         await _stop(daemon, task)
 
@@ -141,16 +141,16 @@ async def test_rejected_resume_token_fails_only_that_namespace(tmp_path: Path, s
         await source.app.doomed.insert_one({"_id": 2})
 
         async def failed() -> bool:
-            meta = await daemon.ledger.get_namespace("app.doomed")  # type: ignore[union-attr]
+            meta = await daemon.worker.ledger.get_namespace("app.doomed")  # type: ignore[union-attr]
             return meta is not None and meta.state == "failed"
 
         await wait_for(failed, 30, what="app.doomed marked failed")
-        meta = await daemon.ledger.get_namespace("app.doomed")  # type: ignore[union-attr]
+        meta = await daemon.worker.ledger.get_namespace("app.doomed")  # type: ignore[union-attr]
         assert "Change feed token format is invalid" in meta.last_error
-        assert daemon.captures["app.doomed"].status.state == "failed"
+        assert daemon.units["app.doomed"].capture.status.state == "failed"
         await source.app.healthy.insert_many([{"_id": i} for i in range(2, 50)])
         await wait_for(lambda: _captured_all(cfg, source, ["app.healthy"]), 30, what="other namespace keeps going")
-        assert daemon.captures["app.healthy"].status.state == "running"
+        assert daemon.units["app.healthy"].capture.status.state == "running"
     finally:
         await _stop(daemon, task)
     # Nothing was silently restarted from "now": the doomed namespace's new document was never captured.
@@ -187,7 +187,7 @@ async def test_throttling_dropped_connections_and_aws_errors_lose_nothing(
             await _stop(daemon, task)
         assert sum(proxy.failures.values()) > 10, proxy.failures
         assert all(n > 0 for n in proxy.failures.values()), proxy.failures
-        assert sum(c.status.throttled for c in daemon.captures.values()) > 0
+        assert sum(u.capture.status.throttled for u in daemon.units.values()) > 0
         del workload
     finally:
         await proxy.stop()

@@ -87,7 +87,7 @@ async def test_a_cutover_with_the_writer_stopped_fails_at_once_through_cosmigrat
     view = _operator_view(tmp_path, cfg.control.socket)
     report = tmp_path / "cutover.json"
     async with Running(cfg) as run:
-        await wait_for(lambda: asyncio.sleep(0, bool(run.daemon.captures)), 30, what="a namespace")
+        await wait_for(lambda: asyncio.sleep(0, bool(run.daemon.units)), 30, what="a namespace")
         began = time.time()
         client = await Client.start("cutover", "--report", str(report), env={"COSMIGRATE_CONFIG": str(view)})
         code = await client.finish(90)

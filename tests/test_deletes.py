@@ -190,7 +190,7 @@ async def test_a_reinsert_between_the_source_check_and_the_delete_wins(
         await run.writer("start")
         await wait_for(lambda: assert_converged(source, target, ["app.users"]), 30, what="initial copy")
         sweep = run.daemon.proof.deletes.sweeps["app.users"]  # type: ignore[union-attr]
-        cap = run.daemon.captures["app.users"]
+        cap = run.daemon.units["app.users"].capture
         seen: dict[str, bool] = {}
 
         async def reinsert_meanwhile(absent: list[bytes]) -> None:

@@ -28,7 +28,7 @@ async def _true(value: bool) -> bool:
 
 async def _settled(run: Running) -> DeleteSweep:
     """Converged, one sweep pass completed at the current head; then the background sweeps stop (the test drives)."""
-    source, target = run.daemon.source, run.daemon.target
+    source, target = run.daemon.worker.source, run.daemon.worker.target
     await wait_for(lambda: assert_converged(source, target, [NS]), 30, what="the initial copy")
     proof = run.daemon.proof
     assert proof is not None and proof.deletes is not None
@@ -44,12 +44,12 @@ async def _settled(run: Running) -> DeleteSweep:
 
 
 async def _applied_all(run: Running) -> None:
-    cap, app = run.daemon.captures[NS], run.daemon.appliers[NS]
+    cap, app = run.daemon.units[NS].capture, run.daemon.units[NS].applier
     await wait_for(lambda: _true(app.status.written_seq >= cap.status.committed_seq), 30, what="apply to catch up")
 
 
 async def _captured(run: Running, after: int) -> None:
-    cap = run.daemon.captures[NS]
+    cap = run.daemon.units[NS].capture
     await wait_for(lambda: _true(cap.status.committed_seq > after), 15, interval=0.02, what="the write captured")
 
 
@@ -69,7 +69,7 @@ async def test_a_pass_waits_for_apply_to_reach_the_head_it_started_at(
         sweep = await _settled(run)
         sweep.catch_up_s = 1.0  # the count mode's own wait gives up quickly: only the pass's start wait protects
         sandbox.target.faults.slow_write_ms = 3000  # the applier is slow: the insert waits in the pipeline
-        committed = run.daemon.captures[NS].status.committed_seq
+        committed = run.daemon.units[NS].capture.status.committed_seq
         await source.app.users.insert_one({"_id": 100, "v": 1})
         await _captured(run, committed)
         await source.app.users.delete_one({"_id": 100})
@@ -97,7 +97,7 @@ async def test_an_ordered_delete_never_overtakes_a_queued_write_of_the_same_id(
         sweep = await _settled(run)
         sweep.deleter.catch_up_s = 0.5
         await run.writer("stop")
-        committed = run.daemon.captures[NS].status.committed_seq
+        committed = run.daemon.units[NS].capture.status.committed_seq
         await source.app.users.update_one({"_id": 7}, {"$set": {"v": 2}})
         await _captured(run, committed)  # queued: the applier does not write it while the writer is stopped
         await source.app.users.delete_one({"_id": 7})
@@ -164,11 +164,13 @@ async def test_the_final_sweep_compares_ids_so_a_stale_and_a_missing_document_do
         await run.writer("start")
         proof = run.daemon.proof
         assert proof is not None and proof.verification is not None
-        verifier = proof.verification.verifiers[NS]
+        verification = proof.verification
+        await wait_for(lambda: _true(NS in verification.verifiers), 60, what="discovery to start the namespace")
+        verifier = verification.verifiers[NS]
         await wait_for(lambda: _true(bool(verifier.state.finished_at or verifier.state.last_finished_at)), 30,
                        what="a verification pass")
         await _settled(run)
-        committed = run.daemon.captures[NS].status.committed_seq
+        committed = run.daemon.units[NS].capture.status.committed_seq
         await wait_for(lambda: _true(verifier.state.recheck_seq >= committed), 30,
                        what="every batch re-checked (the batch log names none of the documents changed below)")
         await target.app.users.insert_one({"_id": 5.5, "v": 1})  # stale: the source does not hold it

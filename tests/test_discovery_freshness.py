@@ -26,7 +26,7 @@ async def _stop(daemon: Daemon, task: asyncio.Task[int]) -> int:
 
 async def _ready(daemon: Daemon) -> bool:
     await daemon.certify()
-    st = await build_status(daemon)
+    st = await build_status(daemon.worker)
     return st["ready_for_cutover"] and st["gap_in_seconds"] == 0
 
 
@@ -41,8 +41,8 @@ async def test_a_collection_created_after_the_first_start_is_copied_from_its_beg
     daemon, task = await _start(cfg)
     try:
         await wait_for(lambda: _has_capture(daemon, "app.users"), 30, what="first discovery")
-        await daemon.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
-        daemon.gate.start()
+        await daemon.worker.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
+        daemon.worker.gate.start()
         # Created after the first start: every one of its writes must reach the target, even those
         # made before discovery saw the collection.
         await source.app.late.insert_many([{"_id": i, "v": 1} for i in range(105)])
@@ -62,8 +62,8 @@ async def test_a_collection_created_after_the_first_start_is_copied_from_its_beg
 
 
 async def _has_capture(daemon: Daemon, ns: str) -> bool:
-    cap = daemon.captures.get(ns)
-    return cap is not None and cap.status.state == "running"
+    unit = daemon.units.get(ns)
+    return unit is not None and unit.capture.status.state == "running"
 
 
 async def test_an_excluded_namespace_does_not_block_readiness(
@@ -79,26 +79,26 @@ async def test_an_excluded_namespace_does_not_block_readiness(
     daemon, task = await _start(cfg, str(path))
     try:
         await wait_for(lambda: _has_capture(daemon, "app.keep"), 30, what="capture running")
-        await daemon.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
-        daemon.gate.start()
+        await daemon.worker.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
+        daemon.worker.gate.start()
         await wait_for(lambda: _ready(daemon), 60, what="ready")
         # Stop the writer in the middle of a round: small slow chunks, one at a time.
         cfg.apply.max_ops_per_write, cfg.apply.write_concurrency = 5, 1
         sandbox.target.faults.slow_write_ms = 150
         await source.app.drop_me.insert_many([{"_id": i} for i in range(20, 60)])
         await wait_for(lambda: _count_at_least(target, "app", "drop_me", 25), 30, what="the round under way")
-        await daemon.ledger.set_writer("stopped", "test", 0.0)  # type: ignore[union-attr]
-        await daemon.gate.stop()
+        await daemon.worker.ledger.set_writer("stopped", "test", 0.0)  # type: ignore[union-attr]
+        await daemon.worker.gate.stop()
         sandbox.target.faults.slow_write_ms = 0
         assert await target.app.drop_me.count_documents({}) < 60  # the round is parked at the gate
         cfg.capture.exclude = ["app.drop_me"]
         path.write_text(to_toml(cfg))
         daemon._reload.set()  # what SIGHUP does
         await wait_for(lambda: _not_capturing(daemon, "app.drop_me"), 30, what="the reload (must not hang)")
-        await daemon.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
-        daemon.gate.start()
+        await daemon.worker.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
+        daemon.worker.gate.start()
         await wait_for(lambda: _ready(daemon), 60, what="ready without the excluded namespace")
-        st = await build_status(daemon)
+        st = await build_status(daemon.worker)
         assert [n["namespace"] for n in st["namespaces"]] == ["app.keep"]
     finally:
         await _stop(daemon, task)
@@ -114,7 +114,7 @@ async def _count_at_least(client: AsyncMongoClient, db: str, coll: str, n: int) 
 
 
 async def _not_capturing(daemon: Daemon, ns: str) -> bool:
-    return ns not in daemon.captures
+    return ns not in daemon.units
 
 
 async def test_empty_pages_back_off_instead_of_spinning(
@@ -135,7 +135,7 @@ async def test_empty_pages_back_off_instead_of_spinning(
         rate = (sandbox.source.commands - before) / (loop.time() - t0)
         # Healthy idle: about 2 getMores/s (each waits max_await_ms). Spinning: thousands per second.
         assert rate < 40, f"{rate:.0f} source commands/s under empty pages"
-        st = await build_status(daemon)
+        st = await build_status(daemon.worker)
         assert st["namespaces"][0]["empty_pages"] >= 12 and not st["ready_for_cutover"]
         sandbox.source.faults.empty_page_rate = 0.0
         await source.app.users.insert_one({"_id": 99})
@@ -145,11 +145,11 @@ async def test_empty_pages_back_off_instead_of_spinning(
 
 
 async def _pages_at_least(daemon: Daemon, n: int) -> bool:
-    return daemon.captures["app.users"].status.empty_pages >= n
+    return daemon.units["app.users"].capture.status.empty_pages >= n
 
 
 async def _events_read(daemon: Daemon, n: int) -> bool:
-    return daemon.captures["app.users"].status.events_read >= n
+    return daemon.units["app.users"].capture.status.events_read >= n
 
 
 async def test_a_daemon_that_has_not_sampled_is_never_ready(
@@ -162,11 +162,11 @@ async def test_a_daemon_that_has_not_sampled_is_never_ready(
     daemon, task = await _start(cfg)
     try:
         await wait_for(lambda: _has_capture(daemon, "app.users"), 30, what="capture running")
-        await daemon.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
-        daemon.gate.start()
+        await daemon.worker.ledger.set_writer("started", "test", 0.0)  # type: ignore[union-attr]
+        daemon.worker.gate.start()
         await wait_for(lambda: _applied(daemon, 10), 30, what="history applied")
         await daemon.certify()
-        st = await build_status(daemon)
+        st = await build_status(daemon.worker)
         ns = st["namespaces"][0]
         assert not st["ready_for_cutover"] and ns["freshness"].startswith("unknown") and "grant" in ns["freshness"]
         assert any("grant" in r for r in st["not_ready_reasons"])
@@ -177,5 +177,5 @@ async def test_a_daemon_that_has_not_sampled_is_never_ready(
 
 
 async def _applied(daemon: Daemon, n: int) -> bool:
-    app = daemon.appliers.get("app.users")
-    return app is not None and app.status.events_applied >= n
+    unit = daemon.units.get("app.users")
+    return unit is not None and unit.applier.status.events_applied >= n

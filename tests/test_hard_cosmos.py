@@ -64,7 +64,7 @@ async def test_an_expired_position_fails_the_namespace_with_re_copy(tmp_path: Pa
         st = await _ns(run, "app.c")
         assert "re-copy this collection" in st["last_error"] and "72" in st["last_error"], st
         assert not (await run.status())["ready_for_cutover"]
-        assert run.daemon._tasks["app.c"].done()  # the watcher ended: no silent reopen loop
+        assert run.daemon.units["app.c"].tasks[0].done()  # the watcher ended: no silent reopen loop
 
 
 async def _captured_events(run: Running, ns: str, n: int) -> bool:
@@ -83,10 +83,10 @@ async def test_start_position_set_up_survives_a_run_of_50s(tmp_path: Path, sandb
     await source.app.c.insert_one({"_id": "spend", "pad": "x" * 3000})  # 20 RU out of a budget of 1
     async with Running(_config(tmp_path, sandbox, start_at=start_at)) as run:
         await wait_for(lambda: _async(sandbox.source.throttled.get(50, 0) >= 3), 30, what="three 50s at start-up")
-        await wait_for(lambda: _async("app.c" in run.daemon.captures), 30, what="discovery")
-        assert run.daemon.captures["app.c"].status.state == "starting"  # still trying, not failed
+        await wait_for(lambda: _async("app.c" in run.daemon.units), 30, what="discovery")
+        assert run.daemon.units["app.c"].capture.status.state == "starting"  # still trying, not failed
         sandbox.source.faults.ru_per_s = 0
-        await wait_for(lambda: _async(run.daemon.captures["app.c"].status.state == "running"), 30,
+        await wait_for(lambda: _async(run.daemon.units["app.c"].capture.status.state == "running"), 30,
                        what="capture running")
         await source.app.c.insert_one({"_id": "later"})
         want = 12 if start_at == "beginning" else 1  # from the beginning through GetChangeStreamTokens only
@@ -279,7 +279,7 @@ async def test_a_ttl_collection_says_its_expiry_needs_a_decision(tmp_path: Path,
     async with Running(_config(tmp_path, sandbox)) as run:
         await run.writer("start")
         await wait_for(lambda: assert_converged(source, target, ["app.t", "app.plain"]), 30, what="copy")
-        await wait_for(lambda: _async(all(run.daemon.captures[ns].status.ttl_indexes is not None
+        await wait_for(lambda: _async(all(run.daemon.units[ns].capture.status.ttl_indexes is not None
                                           for ns in ("app.t", "app.plain"))), 30, what="expiry read")
         st = await run.status()
         assert "undecided" in run.ns_status(st, "app.t")["expiry"] and run.ns_status(st, "app.plain")["expiry"] == ""

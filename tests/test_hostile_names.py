@@ -145,7 +145,7 @@ async def _running(daemon) -> asyncio.Task[int]:
 async def _captured(daemon, ns: str, events: int) -> bool:
     from cosmigrate.status import build_status
 
-    status = await build_status(daemon)
+    status = await build_status(daemon.worker)
     return any(n["namespace"] == ns and n["captured_events"] >= events for n in status["namespaces"])
 
 
@@ -166,7 +166,7 @@ async def test_a_name_the_driver_refuses_is_reported_and_discovery_goes_on(tmp_p
         # Created after the odd one was met: still discovered (and sorted after it).
         await source.app.zz.insert_many([{"_id": i} for i in range(3)])
         await wait_for(lambda: _captured(daemon, "app.zz", 3), 30, what="app.zz captured")
-        status = await build_status(daemon)
+        status = await build_status(daemon.worker)
         reasons = " ".join(status["not_ready_reasons"])
         assert "app.a..b" in reasons and "refuses this collection name" in reasons, reasons
         assert not status["ready_for_cutover"]
@@ -192,7 +192,7 @@ async def test_a_long_collection_name_is_discovered_and_captured(tmp_path: Path,
     task = await _running(daemon)
     try:
         await wait_for(lambda: _captured(daemon, ns, 20), 30, what="the long name captured")
-        cap = daemon.captures[ns]
+        cap = daemon.units[ns].capture
         assert cap.status.state == "running" and not cap.status.last_error, cap.status.last_error
     finally:
         daemon.request_stop()
@@ -310,7 +310,7 @@ async def test_a_namespace_that_cannot_start_does_not_stop_the_others(tmp_path: 
     task = await _running(daemon)
     try:
         await wait_for(lambda: _captured(daemon, "app.good", 1), 30, what="app.good captured")
-        reasons = " ".join((await build_status(daemon))["not_ready_reasons"])
+        reasons = " ".join((await build_status(daemon.worker))["not_ready_reasons"])
         assert "app.bad (could not start: ledger item too large" in reasons, reasons
     finally:
         daemon.request_stop()

@@ -71,7 +71,7 @@ async def test_ledger_reset_and_drop_cluster_refuse_while_held_confirm_journal_a
         code, _, err = await _cli(config, "drop-cluster", "--yes")
         assert code == 1 and "refusing" in err, err
         assert (await _items(cfg, "app.d"))[:2] != (0, 0), "nothing removed while held"
-        assert run.daemon.captures
+        assert run.daemon.units
 
     if backend == "s3+dynamodb":  # no lock on this host: the owner's recent update is what holds it
         code, _, err = await _cli(config, "reset", "app.d", "--yes")

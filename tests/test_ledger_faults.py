@@ -316,9 +316,9 @@ LOST_ANSWER_ROUNDS = int(os.environ.get("COSMIGRATE_LOST_ANSWER_ROUNDS", "1"))
 
 async def _captured_without_failure(cfg: Config, daemon: Daemon, source: Any, namespaces: list[str]) -> bool:
     """True once every namespace holds every source document; a failed namespace fails the test at once."""
-    for ns, cap in daemon.captures.items():
-        if cap.status.state in ("failed", "fenced"):
-            pytest.fail(f"{ns}: capture {cap.status.state}: {cap.status.last_error}")
+    for unit in daemon.units.values():
+        if unit.capture.status.state in ("failed", "fenced"):
+            pytest.fail(f"{unit.ns}: capture {unit.capture.status.state}: {unit.capture.status.last_error}")
     expected = await source_docs(source, namespaces)
     committed = await read_committed(cfg)
     for ns in namespaces:

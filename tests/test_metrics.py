@@ -303,7 +303,7 @@ async def test_http_endpoint_and_ctl_metrics_on_a_daemon_with_deletes_and_thrott
         await source.app.a.delete_one({"_id": 3})
         await wait_for(lambda: _count(target.app.a, 19), 30, what="the delete on the target")
         sandbox.source.faults.throttle_rate = 0.5
-        await wait_for(lambda: _async(run.daemon.captures["app.a"].status.throttled > 0), 30, what="a throttled read")
+        await wait_for(lambda: _async(run.daemon.units["app.a"].capture.status.throttled > 0), 30, what="a throttled read")
         sandbox.source.faults.throttle_rate = 0.0
 
         code, ctype, body = await asyncio.to_thread(_get, f"http://{host}:{port}/metrics")

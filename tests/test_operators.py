@@ -55,13 +55,13 @@ async def test_a_corrupt_batch_fails_the_namespace_and_ctl_retry_resumes_it_afte
     socket = cfg.control.socket
     await source.app.a.insert_many([{"_id": i, "v": 0} for i in range(10)])
     async with Running(cfg) as run:
-        await wait_for(lambda: _true(run.daemon.captures.get("app.a") and
-                                     run.daemon.captures["app.a"].status.committed_events >= 10), 30, what="capture")
+        await wait_for(lambda: _true(run.daemon.units.get("app.a") and
+                                     run.daemon.units["app.a"].capture.status.committed_events >= 10), 30, what="capture")
         batch = next(p for p in (tmp_path / "batches").rglob("*") if p.is_file() and not p.name.startswith("."))
         original = batch.read_bytes()
         batch.write_bytes(original[:-8] + b"garbage!")
         await run.writer("start")
-        await wait_for(lambda: _true(run.daemon.appliers["app.a"].status.state == "failed"), 30, what="apply to fail")
+        await wait_for(lambda: _true(run.daemon.units["app.a"].applier.status.state == "failed"), 30, what="apply to fail")
         before = await run.status()
         failed = _ns(before, "app.a")
         assert failed["state"] == "failed" and failed["phase"] == "failed" and "corrupt" in failed["last_error"]
@@ -109,7 +109,7 @@ async def test_a_capture_failure_is_reset_in_the_ledger_by_ctl_retry(tmp_path: P
             result = await _acli("ctl", "retry", "app.b", "--socket", cfg.control.socket)
             assert result.returncode == 0, result.stderr
             await wait_for(lambda: ledger_state("running"), 30, what="the ledger's failed state reset")
-            await wait_for(lambda: _true(run.daemon.captures["app.b"].status.committed_events >= 3), 30,
+            await wait_for(lambda: _true(run.daemon.units["app.b"].capture.status.committed_events >= 3), 30,
                            what="capture after the retry")
             meta = await ledger.get_namespace("app.b")
             assert meta is not None and meta.last_error == ""
@@ -127,8 +127,8 @@ async def test_a_store_error_shows_with_its_time_and_clears_when_the_store_recov
     async with Running(cfg) as run, aioboto3.Session().client("s3", endpoint_url=moto_endpoint,
                                                               region_name="us-east-1") as s3:
         await source.app.c.insert_one({"_id": 0})
-        await wait_for(lambda: _true(run.daemon.captures.get("app.c") and
-                                     run.daemon.captures["app.c"].status.committed_events >= 1), 30, what="capture")
+        await wait_for(lambda: _true(run.daemon.units.get("app.c") and
+                                     run.daemon.units["app.c"].capture.status.committed_events >= 1), 30, what="capture")
         for page in (await s3.list_objects_v2(Bucket=bucket)).get("Contents", []):
             await s3.delete_object(Bucket=bucket, Key=page["Key"])
         await s3.delete_bucket(Bucket=bucket)  # the store goes away
@@ -160,7 +160,7 @@ async def test_ctl_reads_only_the_socket_from_the_config_and_accepts_options_aft
     operator_view.write_text(f'cluster_name = "test"\n[source]\nuri = "env:NOT_SET_ANYWHERE"\n'
                              f'[target]\nuri = "credential:target-uri"\n[control]\nsocket = "{cfg.control.socket}"\n')
     async with Running(cfg) as run:
-        await wait_for(lambda: _true(run.daemon.captures), 30, what="a namespace")
+        await wait_for(lambda: _true(run.daemon.units), 30, what="a namespace")
         for args, env in ((("ctl", "status", "--json", "-c", str(operator_view)), None),
                           (("ctl", "-c", str(operator_view), "status", "--json"), None),
                           (("ctl", "status", "--json"), {"COSMIGRATE_CONFIG": str(operator_view)})):
@@ -299,8 +299,8 @@ async def test_sighup_log_level_changes_what_the_running_parts_log(tmp_path: Pat
     task = asyncio.create_task(daemon.serve())
     try:
         await source.app.e.insert_one({"_id": 1})
-        await wait_for(lambda: _true(daemon.captures.get("app.e") and
-                                     daemon.captures["app.e"].status.committed_events >= 1), 30, what="capture")
+        await wait_for(lambda: _true(daemon.units.get("app.e") and
+                                     daemon.units["app.e"].capture.status.committed_events >= 1), 30, what="capture")
         assert "batch committed" not in buf.getvalue()  # a debug line
         path.write_text(path.read_text().replace('level = "info"', 'level = "debug"'))
         os.kill(os.getpid(), signal.SIGHUP)

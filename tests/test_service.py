@@ -152,17 +152,17 @@ async def test_sighup_reloads_patterns_and_refuses_a_broken_file(tmp_path: Path,
     daemon = Daemon(cfg, env={}, config_path=str(config))
     task = asyncio.create_task(daemon.serve())
     try:
-        await wait_for(lambda: _is(set(daemon.captures), {"app.a", "app.b"}), 30, what="initial namespaces")
+        await wait_for(lambda: _is(set(daemon.units), {"app.a", "app.b"}), 30, what="initial namespaces")
         config.write_text(config.read_text().replace('include = ["app.*"]', 'include = ["app.*", "shop.*"]')
                           .replace("exclude = []", 'exclude = ["app.b"]').replace('level = "info"', 'level = "debug"'))
         os.kill(os.getpid(), signal.SIGHUP)
-        await wait_for(lambda: _is(set(daemon.captures), {"app.a", "shop.c"}), 30, what="reloaded namespaces")
+        await wait_for(lambda: _is(set(daemon.units), {"app.a", "shop.c"}), 30, what="reloaded namespaces")
         assert daemon.cfg.log.level == "debug"
         config.write_text("this is not toml [[[")
         os.kill(os.getpid(), signal.SIGHUP)  # refused: the daemon keeps running with what it has
         await source.shop.c.insert_one({"_id": 2})
-        await wait_for(lambda: _is(daemon.captures["shop.c"].status.committed_events >= 2, True), 30, what="still capturing")
-        assert set(daemon.captures) == {"app.a", "shop.c"}
+        await wait_for(lambda: _is(daemon.units["shop.c"].capture.status.committed_events >= 2, True), 30, what="still capturing")
+        assert set(daemon.units) == {"app.a", "shop.c"}
     finally:
         daemon.request_stop()
         await asyncio.wait_for(task, 60)

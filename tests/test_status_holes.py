@@ -56,8 +56,8 @@ async def test_a_collection_discovery_has_not_seen_yet_blocks_readiness(
 
 
 async def _running(daemon: Daemon, ns: str) -> bool:
-    cap = daemon.captures.get(ns)
-    return cap is not None and cap.status.state == "running"
+    unit = daemon.units.get(ns)
+    return unit is not None and unit.capture.status.state == "running"
 
 
 async def test_a_wall_clock_stepped_back_never_shows_lag_zero(
@@ -92,7 +92,7 @@ async def test_a_wall_clock_stepped_back_never_shows_lag_zero(
 
 
 async def _empty_pages(daemon: Daemon, n: int) -> bool:
-    return daemon.captures["app.users"].status.empty_pages >= n
+    return daemon.units["app.users"].capture.status.empty_pages >= n
 
 
 async def test_an_exclude_does_not_hang_while_batches_cannot_be_stored(
@@ -129,8 +129,52 @@ async def test_an_exclude_does_not_hang_while_batches_cannot_be_stored(
 
 
 async def _put_failing(daemon: Daemon, ns: str) -> bool:
-    return "cannot write" in daemon.captures[ns].status.last_error
+    return "cannot write" in daemon.units[ns].capture.status.last_error
 
 
 async def _gone(daemon: Daemon, ns: str) -> bool:
-    return ns not in daemon.captures
+    return ns not in daemon.units
+
+
+async def test_status_judges_young_heads_at_the_moment_it_was_asked(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """Issue 19 (the size of a real account). `ctl status` samples every head before it answers; when that takes
+    longer than the cutover threshold (thousands of units over a round trip to Azure; here: 4 units, one sample
+    at a time, each answered after 0.7 s, threshold 2 s), the first samples were older than the threshold by the
+    time the answer was built, and READY never came although every unit reached a head sampled after the
+    question. Judged at the question's moment, it comes; and it still never comes while a write is not applied."""
+    cfg = make_config(tmp_path, sandbox.source_uri, sandbox.target_uri, "file+sqlite")
+    cfg.capture.head_sample_interval_s = 60.0  # the periodic sampler stays out of the way: status samples
+    cfg.capture.head_sample_concurrency = 1
+    cfg.apply.cutover_threshold_seconds = 2.0
+    await prepare_backends(cfg)
+    names = [f"c{i}" for i in range(4)]
+    for name in names:
+        await source.app[name].insert_many([{"_id": i} for i in range(5)])
+    daemon = Daemon(cfg)
+    task = asyncio.create_task(daemon.serve())
+    try:
+        for name in names:
+            await wait_for(lambda name=name: _running(daemon, f"app.{name}"), 30, what="capture running")
+        await daemon.handle_control({"cmd": "writer", "action": "start"})
+        await wait_for(lambda: _ready(daemon), 30, what="ready before the heads slow down")
+        sandbox.source.faults.slow_head_ms = 700
+        asked = time.monotonic()
+        st = await _status(daemon)
+        took = time.monotonic() - asked
+        assert took > cfg.apply.cutover_threshold_seconds, f"status answered in {took:.1f}s: the case is not made"
+        assert st["ready_for_cutover"], st["not_ready_reasons"]
+        assert st["gap_in_seconds"] == 0
+        # A write the target does not hold yet (its writes are slow now): the answer must not be READY.
+        sandbox.target.faults.slow_write_ms = 30_000
+        await source.app.c0.insert_one({"_id": "late"})
+        st = await _status(daemon)
+        assert await target.app.c0.find_one({"_id": "late"}) is None
+        assert not st["ready_for_cutover"], "READY while the target lacks a write the source holds"
+    finally:
+        sandbox.source.faults.slow_head_ms = 0
+        sandbox.target.faults.slow_write_ms = 0
+        daemon.request_stop()
+        await asyncio.wait_for(task, 60)
+

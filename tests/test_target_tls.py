@@ -150,7 +150,7 @@ async def test_an_allowed_plain_target_is_shown_in_status_and_warned_about(tmp_p
                 return daemon.control is not None
 
             await wait_for(up, 30, what="daemon up")
-            status = await build_status(daemon)
+            status = await build_status(daemon.worker)
             daemon.request_stop()
             assert await asyncio.wait_for(task, 60) == 0
     finally:

@@ -168,12 +168,12 @@ async def test_expired_documents_are_deleted_on_the_target_by_the_sweep(
 
         await wait_for(ready, 60, what="READY before the expiry")
         # The source's clock moves two hours on: its documents expire, no change event says so, no head moves.
-        head = run.daemon.freshness[TTL_NS].latest_head
+        head = run.daemon.units[TTL_NS].freshness.latest_head
         sandbox.source.faults.ttl_lazy_delete = True  # hidden at once, deleted later: the head does not move
         sandbox.source.faults.ttl_clock_advance_s = 7200
         assert await _ids(source) == ["kept", "longer"]
         await run.status()  # samples every head
-        assert run.daemon.freshness[TTL_NS].latest_head == head
+        assert run.daemon.units[TTL_NS].freshness.latest_head == head
         await wait_for(lambda: _target_ids(target, ["kept", "longer"]), 60, what="the sweep deleting the expired")
         await assert_converged(source, target, BOTH)
         st = await run.status()

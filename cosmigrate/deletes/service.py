@@ -68,6 +68,7 @@ class Deletes:
         self.preview_since: Mono | None = Mono.now() if self.preview else None
         """When the delete preview became active in this process: a pass that started before it does not count."""
         self._detected = not cfg.deletes.detect_preview or self.preview
+        self._detect_lock = asyncio.Lock()
         self.links: dict[str, NamespaceLink] = {}
         self.sweeps: dict[str, DeleteSweep] = {}
         self.lookups: dict[str, LookupMisses] = {}
@@ -83,13 +84,14 @@ class Deletes:
 
     async def detect(self, ns: str) -> None:
         """Tier 1: ask the account once (on the first namespace) whether it has the delete preview."""
-        if self._detected:
-            return
-        self._detected = True
-        found = await preview_available(self.source, ns)
-        if found:
-            self.cfg.capture.deletes_preview = self.preview = True
-            self.preview_since = Mono.now()
+        async with self._detect_lock:  # units start concurrently: none opens its stream before the answer is in
+            if self._detected:
+                return
+            self._detected = True
+            found = await preview_available(self.source, ns)
+            if found:
+                self.cfg.capture.deletes_preview = self.preview = True
+                self.preview_since = Mono.now()
         self.log.info("delete tier", tier=tier_name(self.preview, self.cfg.deletes.enabled),
                       preview="available" if found else "refused" if found is False else "unknown (could not ask)")
 

@@ -453,6 +453,8 @@ class CosmosSource(MongoServer):
                                "Unauthorized")
         if self.faults.chance(self.faults.head_throttle_rate):
             await self._throttle()
+        if self.faults.slow_head_ms:
+            await asyncio.sleep(self.faults.slow_head_ms / 1000)
         name = body.get("collection")
         coll = self.store.get(db, name) if isinstance(name, str) else None
         if coll is None or coll.feed is None:

@@ -48,6 +48,8 @@ class Faults:
     """Refuse collStats with Unauthorized (13), as a user without the clusterMonitor-like read would be."""
     head_throttle_rate: float = 0.0
     """Share of GetChangeStreamTokens calls answered with 16500 (on top of throttle_rate)."""
+    slow_head_ms: int = 0
+    """Delay every GetChangeStreamTokens answer this long (a real round trip to Azure, or a busy account)."""
     token_kind: int = 0
     """Resume-token form: 1 (`_kind: 1`, JSON), 4 (`_kind: 4`, gzip of the JSON), 0 = both mixed (real accounts)."""
     refuse_beginning_token: bool = False
