@@ -454,7 +454,7 @@ class Daemon:
         await self._wait_or_cancel([task for unit in stopping for task in unit.tasks],
                                    "stopped namespaces did not drain in time; stopped without committing the rest")
         for unit in stopping:
-            self.units.remove(unit.ns)
+            self.units.remove(unit)
             await unit.stop_indexes()
             if self.proof is not None:
                 await self.proof.detach(unit.ns)

@@ -138,12 +138,13 @@ class Units:
         self._units[unit.ns] = unit
         self.start_failures.pop(unit.ns, None)
 
-    def remove(self, ns: str) -> Unit | None:
-        """Forget a stopped unit, remembering whether its last write went unanswered."""
-        unit = self._units.pop(ns, None)
-        if unit is not None and unit.applier.unanswered_at is not None:
-            self.unanswered[ns] = unit.applier.unanswered_at
-        return unit
+    def remove(self, unit: Unit) -> None:
+        """Forget a stopped unit, remembering whether its last write went unanswered. Only that very unit: one
+        that replaced it meanwhile (`ctl retry`, or the lease taken again) stays registered."""
+        if unit.applier.unanswered_at is not None:
+            self.unanswered[unit.ns] = unit.applier.unanswered_at
+        if self._units.get(unit.ns) is unit:
+            del self._units[unit.ns]
 
     def unanswered_at(self, ns: str) -> Mono | None:
         unit = self._units.get(ns)

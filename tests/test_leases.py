@@ -177,3 +177,38 @@ async def test_handover_on_stop_and_the_holder_stops_writing_when_renewals_fail(
     finally:
         await la.close()
         await lb.close()
+
+
+async def test_a_unit_dropped_after_an_unanswered_renew_is_taken_back_by_its_only_worker(cfg) -> None:
+    """A slow ledger (moto under load) left a renew unanswered for a whole lease: the worker dropped the unit,
+    but the lease item still named it, so `plan()` counted the unit as its own and never ran it again (the
+    target stopped converging with one worker). The next balance round takes it back, with a fence wait."""
+    ledger = open_ledger(cfg)
+    units = Units()
+    a = keeper(ledger, "A", units)
+    try:
+        await a.join()
+        await a.offer(["db.x"], "beginning")
+        await a.balance_once()
+        assert set(units.gained) == {"db.x"}
+        first = units.gained["db.x"]
+        stalled = asyncio.Event()
+        real_renew = a.table.renew
+
+        async def unanswered(rec: LeaseRecord) -> LeaseRecord:
+            await stalled.wait()  # the ledger never answers this renew
+            return await real_renew(rec)
+
+        a.table.renew = unanswered  # type: ignore[method-assign]
+        deadline = Mono.now() + 10 * SHORT.lease_s
+        while "db.x" in units.gained and Mono.now() < deadline:
+            await a.renew_once()
+        assert units.lost and units.lost[0][0] == "db.x", "the unit was not dropped when its lease ran out"
+        a.table.renew = real_renew  # type: ignore[method-assign]
+        await a.balance_once()
+        assert "db.x" in units.gained, "the only worker never took its dropped unit back"
+        again = units.gained["db.x"]
+        assert again.record.version > first.record.version
+        assert again.write_block().startswith("db.x: fence wait"), "a write of the dropped unit may still land"
+    finally:
+        await ledger.close()

@@ -56,7 +56,8 @@ class Plan:
 
 
 def plan(leases: list[LeaseRecord], seen: Observations, live: set[str], me: str, lease_s: float, now: Mono,
-         wanted: set[str] | None = None, dead: set[str] = frozenset()) -> Plan:  # type: ignore[assignment]
+         wanted: set[str] | None = None, dead: set[str] = frozenset(),  # type: ignore[assignment]
+         orphans: set[str] = frozenset()) -> Plan:  # type: ignore[assignment]
     """This round's takes toward an even share `ceil(units / live workers)`.
 
     Free and expired leases are taken first, up to the share; a lease free for a whole
@@ -65,16 +66,21 @@ def plan(leases: list[LeaseRecord], seen: Observations, live: set[str], me: str,
     nothing is free, one lease is stolen from the busiest worker if it holds at least
     two more than this one: the spread settles with no worker two above another, and
     then nothing moves. `dead`: owners known to be dead without waiting (this worker holds the flock of
-    their worker name on this host), whose leases count as expired at once.
+    their worker name on this host), whose leases count as expired at once. `orphans`: units whose lease item
+    still names this worker but that it no longer runs (it dropped them when a renew went unanswered for a
+    whole lease, the ledger only slow): taken again first, like expired ones. Without this, a single worker
+    counted them as its own and never ran them again.
     """
     units = [rec for rec in leases if wanted is None or rec.unit in wanted]
     workers = live | {me}
     share = math.ceil(len(units) / len(workers)) if units else 0
 
     def expired(rec: LeaseRecord) -> bool:
+        if rec.unit in orphans:
+            return not rec.free and rec.owner == me
         return not rec.free and rec.owner != me and (rec.owner in dead or seen.unchanged_for(rec.unit, now) >= lease_s)
 
-    mine = sum(1 for rec in units if rec.owner == me and not rec.free)
+    mine = sum(1 for rec in units if rec.owner == me and not rec.free and rec.unit not in orphans)
     expired_ones = sorted((rec for rec in units if expired(rec)), key=lambda r: r.unit)
     free = sorted((rec for rec in units if rec.free), key=lambda r: r.unit)
     need = max(0, share - mine)

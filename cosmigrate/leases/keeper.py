@@ -61,6 +61,8 @@ class LeaseKeeper:
         self._hb_version = 0
         self._kick = asyncio.Event()
         self._busy = asyncio.Lock()  # a balance round and a gain/loss never interleave
+        self._stopping: set[str] = set()
+        """Units being stopped after a loss: not orphans yet (their parts may still be draining)."""
         self.last_read: Mono | None = None
         """When the lease items were last read (status says how old its view of other workers is)."""
 
@@ -199,8 +201,10 @@ class LeaseKeeper:
                 await self._lose(unit, f"taken by worker {self.leases[unit].owner or '(released)'}")
             wanted = {u for u in self.leases if self.wanted(u)}
             dead = self._dead(leases)  # an earlier process under this worker's lock: not a live worker either
+            orphans = {u for u, rec in self.leases.items()
+                       if rec.owner == self.me.id and not rec.free and u not in self.held and u not in self._stopping}
             todo = plan(leases, self.lease_seen, self.live(now) - dead, self.me.id, self.cfg.lease_s, now, wanted,
-                        dead)
+                        dead, orphans)
             await run_all((self._take(rec, now, stolen=False) for rec in todo.take), START_CONCURRENCY)
             if todo.steal is not None and steal:
                 await self._take(todo.steal, now, stolen=True)
@@ -253,7 +257,11 @@ class LeaseKeeper:
         rec = self.leases.get(unit)
         self._moved("unit lost", unit, self.me.id, (rec.owner if rec and rec.owner != self.me.id else "") or "unknown",
                     warn=True, reason=reason)
-        await self.events.lost(unit, reason)
+        self._stopping.add(unit)
+        try:
+            await self.events.lost(unit, reason)
+        finally:
+            self._stopping.discard(unit)
 
     def _moved(self, event: str, unit: str, frm: str, to: str, *, warn: bool = False, **fields: object) -> None:
         """Every line about a unit's lease names where it goes from and to: operators follow a unit through
