@@ -42,11 +42,13 @@ from collections.abc import Callable
 class _Waiter:
     """One fetch waiting for room."""
 
-    __slots__ = ("queued",)
+    __slots__ = ("queued", "woken")
 
     def __init__(self) -> None:
         self.queued = 0
         """In the queues of this many levels, from its namespace's up."""
+        self.woken = asyncio.Event()
+        """Set when this fetch should check again: it is first in a queue at a level that changed."""
 
 
 class ByteBudget:
@@ -66,8 +68,6 @@ class ByteBudget:
         self.hint: int | None = None
         """What a fetch with no page size of its own reserves: the largest recent page; None until one was seen."""
         self._root: ByteBudget = parent._root if parent is not None else self
-        self._wake = asyncio.Event()
-        """The root's: set (and replaced) whenever bytes or reservations change at any level."""
         self._closed = False
         self.held_at_close = 0
         """What `close` gave back for it: 0 after a clean drain (every byte was accounted for)."""
@@ -128,13 +128,15 @@ class ByteBudget:
     async def reserve(self, last_page: int | None = None, give_up: Callable[[], bool] = lambda: False) -> int | None:
         """Wait for room for one page; the reservation to hand to `fetched` (or `cancel`), or None once
         `give_up()` is true (checked at every change and at `wake`). Fetches are served in arrival order."""
-        root = self._root
         me = _Waiter()
         try:
-            while not self._admitted(me, self.expect(last_page)):
+            while True:
+                me.woken.clear()
+                if self._admitted(me, self.expect(last_page)):
+                    break
                 if give_up():
                     return None
-                await root._wake.wait()
+                await me.woken.wait()
         finally:
             for level in self._levels()[:me.queued]:
                 level._waiters.remove(me)
@@ -192,11 +194,16 @@ class ByteBudget:
         self._notify()
 
     def wake(self) -> None:
-        """Make every waiter check again (their `give_up` may have become true)."""
+        """Make every waiter of this level check again (their `give_up` may have become true)."""
+        for waiter in self._waiters:
+            waiter.woken.set()
         self._notify()
 
     def _notify(self) -> None:
-        """Wake every waiter (they check their own condition again); later waiters wait on a fresh event."""
-        root = self._root
-        root._wake.set()
-        root._wake = asyncio.Event()
+        """Bytes or reservations changed at this level and the ones above: the first fetch in line at each of
+        them checks again. Only those can be admitted (the queues are served in arrival order, and a fetch
+        joins a parent's queue only as the first of its own), so a change wakes at most one fetch a level.
+        Waking every waiter at every change cost a core for 200 idle watchers (each poll woke all of them)."""
+        for level in self._levels():
+            if level._waiters:
+                level._waiters[0].woken.set()
