@@ -50,6 +50,10 @@ from cosmigrate.vouch import prove, prove_loop, publish_loop
 from cosmigrate.worker import Worker
 
 
+class LeaseMoved(Exception):
+    """A unit's lease was lost while the unit was being started or retried: it is not started here."""
+
+
 class StartupError(Exception):
     """A dependency did not answer at start-up; the message says what to do."""
 
@@ -457,7 +461,7 @@ class Daemon:
             self.units.remove(unit)
             await unit.stop_indexes()
             if self.proof is not None:
-                await self.proof.detach(unit.ns)
+                await self.proof.detach(unit)
 
     # --- what the lease keeper tells the worker (cosmigrate.leases.UnitEvents) ----------------------------------
 
@@ -547,8 +551,13 @@ class Daemon:
             self.log.error("retry refused", namespace=ns, error=redact(str(exc)))
             return {"ok": False, "error": f"{ns}: cannot reset its failed state: {redact(str(exc))}"}
         stored = await w.ledger.get_namespace(ns)
-        await self._start_capture(ns, None if stored and stored.resume_token is not None else "beginning",
-                                  previous=old)
+        if self.units.get(ns) is not old:  # its lease was lost (and the unit stopped) while it was being retried
+            return {"ok": False, "error": f"{ns}: its lease moved while it was being retried; see `ctl status`"}
+        try:
+            await self._start_capture(ns, None if stored and stored.resume_token is not None else "beginning",
+                                      previous=old)
+        except LeaseMoved as exc:
+            return {"ok": False, "error": str(exc)}
         self.log.info("namespace restarted by ctl retry", namespace=ns)
         return {"ok": True, "namespace": ns, "state": "running"}
 
@@ -558,8 +567,12 @@ class Daemon:
         samples, index plan and counters carry over: its ledger position did not change)."""
         w = self.worker
         assert w.ledger is not None and w.store is not None
+        held = lease if lease is not None else (previous.applier.lease if previous is not None else None)
         if self.proof is not None:
             await self.proof.deletes_tier(ns)  # before the first stream opens: the delete preview changes its pipeline
+        if held is not None and w.keeper is not None and w.keeper.holds(ns) is not held:
+            # Checked before the claim too: a claim bumps the epoch, which would fence the unit's new owner.
+            raise LeaseMoved(f"{ns}: its lease moved while the unit was starting; not started here")
         meta = await w.ledger.claim(ns, w.owner)
         fresh = previous.freshness if previous is not None else Freshness()
         fresh.barriers.clear()
@@ -569,7 +582,6 @@ class Daemon:
             has_position=meta.resume_token is not None, freshness=fresh)
         cap = NamespaceCapture(ns, meta, w.source_streams, w.store, w.ledger, self.cfg, w.crash,
                                start_at=start_at, freshness=fresh, budget=w.read_budget)
-        held = lease if lease is not None else (previous.applier.lease if previous is not None else None)
         app = NamespaceApplier(ns, w.target, w.store, w.ledger, self.cfg, w.gate, w.pool, w.crash,
                                epoch=meta.epoch, lease=held)
         cap.on_commit = app.wake.set
@@ -582,6 +594,14 @@ class Daemon:
         if backfill.phase != BACKFILL:
             builder.backfill_done.set()
         unit = Unit(ns, cap, app, fresh, backfill, builder, index_task=index_task)
+        existing = self.units.get(ns)
+        if existing is not None and existing is not previous:  # never two units of one namespace at once
+            await self._stop_units([ns], fenced=True)
+        # No await from here to the start: the lease checked is the lease the unit runs under.
+        if held is not None and w.keeper is not None and w.keeper.holds(ns) is not held:
+            raise LeaseMoved(f"{ns}: its lease moved while the unit was starting; not started here")
+        if previous is not None and self.units.get(ns) is not previous:
+            raise LeaseMoved(f"{ns}: stopped while it was being retried; not started again here")
         self.units.add(unit)
         unit.start()
         if self.proof is not None:

@@ -122,7 +122,7 @@ class Proof:
             if sampler is not None:
                 await sampler.sample(ns, fresh)
 
-        link = self.links[ns] = NamespaceLink(
+        link = unit.link = self.links[ns] = NamespaceLink(
             ns, cap.epoch, committed_seq=lambda: cap.status.committed_seq, written_seq=lambda: app.status.written_seq,
             positioned=lambda: app.status.positioned, caught_up=caught_up,
             latest_head=lambda: fresh.latest_head,
@@ -133,7 +133,12 @@ class Proof:
         self.deletes.attach(link, app)
         self.verification.attach(link)
 
-    async def detach(self, ns: str) -> None:
+    async def detach(self, unit: Unit) -> None:
+        """A unit stopped: its deletes and verification stop too. Only its own: when the namespace was started
+        again meanwhile (its lease taken back while this one drained), the new unit's parts stay."""
+        ns = unit.ns
+        if unit.link is None or self.links.get(ns) is not unit.link:
+            return
         self.links.pop(ns, None)
         if self.deletes is not None:
             await self.deletes.detach(ns)

@@ -76,8 +76,7 @@ async def run_all(aws: Iterable[Awaitable[T]], limit: int) -> list[T]:
     except asyncio.CancelledError:
         await cancel_and_wait(tasks)
         raise
-    for task in tasks:
-        exc = task.exception()
-        if exc is not None:
-            raise exc
+    failures = [exc for exc in (task.exception() for task in tasks) if exc is not None]  # every one retrieved
+    if failures:
+        raise failures[0]
     return [task.result() for task in tasks]

@@ -49,6 +49,8 @@ class Unit:
     """The index plan's task. A `ctl retry` hands it to the unit's next incarnation (the plan is not redone)."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     """The capture and apply tasks, while they run."""
+    link: Any = None
+    """What the proof layer attached to this unit (`cosmigrate.nslink.NamespaceLink`), once attached."""
 
     @property
     def epoch(self) -> int:
@@ -57,7 +59,7 @@ class Unit:
     def start(self) -> None:
         """Start capture at once, and apply once the unique indexes exist on the target (its conflict handling
         reads them). Each task is supervised: a crash marks the unit failed, never the process."""
-        if self.index_task is None:
+        if self.index_task is None or self.index_task.cancelled():  # a stop cancelled the one handed over
             self.index_task = asyncio.create_task(self.builder.run(), name=f"indexes:{self.ns}")
         self.tasks = [
             asyncio.create_task(self._supervise(self.capture, self.capture.run), name=f"capture:{self.ns}"),
