@@ -28,11 +28,9 @@ source's `collStats` count, sampled at start and refreshed every
 
 from __future__ import annotations
 
-import asyncio
 import collections
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import bson
 from pymongo.errors import OperationFailure, PyMongoError
@@ -275,46 +273,30 @@ async def collection_exists(source: Any, ns: str) -> bool:
     return coll in await source[db].list_collection_names(filter={"name": coll})
 
 
-class LoadingUnit(Protocol):
-    """The parts of a unit the full-load check reads (`cosmigrate.units.Unit` is one)."""
-
-    ns: str
-    capture: NamespaceCapture
-    applier: NamespaceApplier
-    freshness: Freshness
-    backfill: NamespaceBackfill
-    builder: IndexBuilder
-
-
-async def backfill_loop(units: Callable[[], Iterable[LoadingUnit]], source: Any, ledger: Ledger,
-                        interval_s: float = 0.25) -> None:
-    """Move units from backfill to tailing (or dropped), persist it, and release the deferred indexes.
-
-    Every failure only means "check again next round": this loop never stops capture or apply.
-    """
-    log = get_logger(component="backfill")
-    while True:
-        for unit in list(units()):
-            state, cap, app, fresh = unit.backfill, unit.capture, unit.applier, unit.freshness
-            if state.phase != BACKFILL:
-                continue
+async def check_round(state: NamespaceBackfill, cap: NamespaceCapture, app: NamespaceApplier, fresh: Freshness,
+                      builder: IndexBuilder, source: Any, ledger: Ledger) -> None:
+    """One round of the full-load check of one unit: move it from backfill to tailing (or dropped), persist
+    it, and release its deferred indexes. A failure only means "check again next round": it is logged here,
+    and capture and apply never stop for it."""
+    if state.phase != BACKFILL:
+        return
+    try:
+        if not state.head:
             try:
-                if not state.head:
-                    try:
-                        await state.sample_late_head(source, ledger, cap.epoch, fresh)
-                    except (PyMongoError, BackfillError):
-                        pass  # still none: the phase stays backfill (status says why freshness is unknown)
-                if state.reached(cap.status.committed_seq, app.status.applied_seq):
-                    await state.finish(ledger, cap.epoch)
-                    unit.builder.backfill_done.set()
-                    continue
-                gone = not await state.refresh_estimate(source, ledger, cap.epoch)
-                if not gone and cap.status.state == "failed" and (
-                        state.exists_checked is None or state.exists_checked.elapsed() > EXISTS_CHECK_S):
-                    state.exists_checked = Mono.now()  # a listing costs request units: not every round
-                    gone = not await collection_exists(source, unit.ns)
-                if gone:
-                    await state.dropped(ledger, cap.epoch)
-            except Exception as exc:  # the ledger or the source did not answer: try again next round
-                log.warning("backfill check failed; retrying", namespace=unit.ns, error=redact(str(exc))[:300])
-        await asyncio.sleep(interval_s)
+                await state.sample_late_head(source, ledger, cap.epoch, fresh)
+            except (PyMongoError, BackfillError):
+                pass  # still none: the phase stays backfill (status says why freshness is unknown)
+        if state.reached(cap.status.committed_seq, app.status.applied_seq):
+            await state.finish(ledger, cap.epoch)
+            builder.backfill_done.set()
+            return
+        gone = not await state.refresh_estimate(source, ledger, cap.epoch)
+        if not gone and cap.status.state == "failed" and (
+                state.exists_checked is None or state.exists_checked.elapsed() > EXISTS_CHECK_S):
+            state.exists_checked = Mono.now()  # a listing costs request units: not every round
+            gone = not await collection_exists(source, state.ns)
+        if gone:
+            await state.dropped(ledger, cap.epoch)
+    except Exception as exc:  # the ledger or the source did not answer: try again next round
+        get_logger(component="backfill").warning("backfill check failed; retrying", namespace=state.ns,
+                                                 error=redact(str(exc))[:300])

@@ -18,8 +18,8 @@ import pymongo
 from pymongo.errors import PyMongoError
 
 from cosmigrate import __version__
-from cosmigrate.apply import NamespaceApplier
-from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill, backfill_loop
+from cosmigrate.apply import NamespaceApplier, WriteLease
+from cosmigrate.backfill import BACKFILL, BackfillError, NamespaceBackfill
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config, worker_socket
@@ -233,7 +233,7 @@ class Daemon:
                           asyncio.create_task(publish_loop(self.worker), name="readiness-publish"),
                           asyncio.create_task(prove_loop(self.worker), name="readiness-prove"),
                           asyncio.create_task(progress_loop(self.worker, self.cfg.log.progress_interval_s), name="progress"),
-                          asyncio.create_task(backfill_loop(self.units.values, self.worker.source, self.worker.ledger), name="backfill"),
+                          asyncio.create_task(self._backfill_loop(), name="backfill"),
                           asyncio.create_task(plan_loop(self.worker), name="plan")]
             if self.cfg.metrics.cloudwatch:
                 background.append(asyncio.create_task(self.metrics.emf_loop(
@@ -515,6 +515,14 @@ class Daemon:
             except LedgerError as exc:
                 self.notify.status(f"ledger unavailable: {redact(str(exc))[:200]}")
 
+    async def _backfill_loop(self, interval_s: float = 0.25) -> None:
+        """Every unit's full-load check, every `interval_s` (`cosmigrate.backfill.check_round`)."""
+        assert self.worker.ledger is not None
+        while True:
+            for unit in self.units.values():
+                await unit.check_backfill(self.worker.source, self.worker.ledger)
+            await asyncio.sleep(interval_s)
+
     async def _watchdog(self, interval: float) -> None:
         """Ping systemd from the event loop itself: a blocked loop misses pings and gets restarted."""
         while True:
@@ -570,9 +578,7 @@ class Daemon:
         held = lease if lease is not None else (previous.applier.lease if previous is not None else None)
         if self.proof is not None:
             await self.proof.deletes_tier(ns)  # before the first stream opens: the delete preview changes its pipeline
-        if held is not None and w.keeper is not None and w.keeper.holds(ns) is not held:
-            # Checked before the claim too: a claim bumps the epoch, which would fence the unit's new owner.
-            raise LeaseMoved(f"{ns}: its lease moved while the unit was starting; not started here")
+        self._require_lease(ns, held)  # before the claim too: a claim bumps the epoch, fencing a new owner
         meta = await w.ledger.claim(ns, w.owner)
         fresh = previous.freshness if previous is not None else Freshness()
         fresh.barriers.clear()
@@ -598,8 +604,7 @@ class Daemon:
         if existing is not None and existing is not previous:  # never two units of one namespace at once
             await self._stop_units([ns], fenced=True)
         # No await from here to the start: the lease checked is the lease the unit runs under.
-        if held is not None and w.keeper is not None and w.keeper.holds(ns) is not held:
-            raise LeaseMoved(f"{ns}: its lease moved while the unit was starting; not started here")
+        self._require_lease(ns, held)
         if previous is not None and self.units.get(ns) is not previous:
             raise LeaseMoved(f"{ns}: stopped while it was being retried; not started again here")
         self.units.add(unit)
@@ -609,10 +614,16 @@ class Daemon:
         self.log.info("watching namespace", namespace=ns, epoch=meta.epoch, next_seq=meta.next_seq,
                       applied_seq=meta.applied_seq, start_at=cap.start_at if meta.resume_token is None else "stored")
 
+    def _require_lease(self, ns: str, held: WriteLease | None) -> None:
+        """Raise LeaseMoved unless this worker still holds the lease a unit is being started under."""
+        keeper = self.worker.keeper
+        if held is not None and keeper is not None and keeper.holds(ns) is not held:
+            raise LeaseMoved(f"{ns}: its lease moved while the unit was starting; not started here")
+
     async def _drain(self) -> None:
         units = self.units.values()
-        for unit in units:
-            await unit.stop_indexes()  # a build in flight finishes on the target; a restart reads the plan back
+        # A build in flight finishes on the target; a restart reads the plan back.
+        await cancel_and_wait([unit.index_task for unit in units if unit.index_task is not None])
         for unit in units:
             unit.stop(fenced=False)
         await self._wait_or_cancel(self.units.tasks(), "drain timed out; uncommitted events will be re-read on the next start")

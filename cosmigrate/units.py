@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cosmigrate.apply import NamespaceApplier
-from cosmigrate.backfill import NamespaceBackfill
+from cosmigrate.backfill import NamespaceBackfill, check_round
 from cosmigrate.capture import NamespaceCapture
 from cosmigrate.clock import Mono
 from cosmigrate.freshness import Freshness
 from cosmigrate.indexplan import IndexBuilder
+from cosmigrate.ledger import Ledger
 from cosmigrate.logs import get_logger
 from cosmigrate.redact import redact
 from cosmigrate.timeouts import cancel_and_wait
@@ -74,6 +75,10 @@ class Unit:
             self.applier.fence()
         else:
             self.applier.stop()
+
+    async def check_backfill(self, source: Any, ledger: Ledger) -> None:
+        """One round of this unit's full-load check (`cosmigrate.backfill.check_round`)."""
+        await check_round(self.backfill, self.capture, self.applier, self.freshness, self.builder, source, ledger)
 
     async def stop_indexes(self) -> None:
         """A build in flight finishes on the target; the next owner reads the plan back."""

@@ -76,8 +76,8 @@ def plan(leases: list[LeaseRecord], seen: Observations, live: set[str], me: str,
     share = math.ceil(len(units) / len(workers)) if units else 0
 
     def expired(rec: LeaseRecord) -> bool:
-        if rec.unit in orphans:
-            return not rec.free and rec.owner == me
+        if rec.unit in orphans:  # the caller's: named this worker, not free, not run here
+            return True
         return not rec.free and rec.owner != me and (rec.owner in dead or seen.unchanged_for(rec.unit, now) >= lease_s)
 
     mine = sum(1 for rec in units if rec.owner == me and not rec.free and rec.unit not in orphans)
