@@ -14,12 +14,25 @@ import sys
 import time
 from pathlib import Path
 
+import bson
 import pytest
 from pymongo import AsyncMongoClient
 
 from cosmigrate.config import worker_socket
+from cosmigrate.partitions import decode
 from cosmigrate.sandbox import Sandbox
-from tests.helpers import Workload, assert_converged, backends, make_config, prepare_backends, wait_for, write_config
+from tests.helpers import (
+    Workload,
+    assert_converged,
+    backends,
+    check_committed,
+    make_config,
+    prepare_backends,
+    read_committed,
+    source_docs,
+    wait_for,
+    write_config,
+)
 from tests.test_capture_processes import Child
 
 # One unit per namespace (docs/design.md, "What a unit is"): the 6- and 1-partition collections of the issue,
@@ -292,3 +305,91 @@ async def test_a_rolling_restart_leaves_no_unit_ownerless_longer_than_a_renew_in
     # 0.1 s poll of this observer and one conditional write are the slack.
     assert longest, "no handover was observed"
     assert max(longest.values()) <= cfg.leases.renew_s + 1.0, longest
+
+
+@pytest.mark.parametrize("backend", backends("file+sqlite"))
+async def test_a_split_during_a_takeover_loses_nothing_and_applies_nothing_out_of_order(
+    request, backend: str, tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient
+) -> None:
+    """Worker A holds a 3-partition namespace and is SIGKILLed under a steady write load. A partition splits
+    while the unit has no owner, another while B waits out A's lease and the bound, and a third once B tails.
+    B resumes from A's committed per-partition positions: the children start from their parent's, so the
+    target converges byte for byte, the committed batches keep every document's changes in order, and every
+    write B sends (all target writes from A's last possible one on) carries a version no older than the one B
+    wrote before it for that document: nothing is applied twice out of order."""
+    ns = "app.split"
+    db, _, name = ns.partition(".")
+    cfg, config = await _setup(request, backend, tmp_path, sandbox, source, {ns: 3})
+    workload = Workload(source, [ns], keys_per_ns=300, seed=29)
+    await workload.run_bulk(600)
+    socks = {n: worker_socket(cfg.control.socket, n) for n in ("a", "b")}
+    written: list[tuple[float, bytes, int]] = []  # (when the target executed it, _id, v)
+    store_doc = sandbox.target._store_doc
+
+    def recording(coll, key, id_value, raw, doc, op):  # type: ignore[no-untyped-def]
+        if coll.ns == ns:
+            written.append((time.monotonic(), bson.encode({"_id": id_value}), bson.decode(raw).get("v", -1)))
+        return store_doc(coll, key, id_value, raw, doc, op)
+
+    sandbox.target._store_doc = recording  # type: ignore[method-assign]
+
+    def split(index: int) -> None:
+        parts = sandbox.source.store.get(db, name).feed.partitions  # type: ignore[union-attr]
+        sandbox.source.split_partition(db, name, index % len(parts))
+
+    async def owner() -> str:
+        st = await status(socks["b"])
+        held = held_by(st)
+        names = {w["worker"]: w["name"] for w in st["workers"]}
+        return next((names[w] for w, units in held.items() if ns in units), "")
+
+    a = await Child.start(config, COSMIGRATE_WORKER="a")
+    b: Child | None = None
+    stop = asyncio.Event()
+    writes: asyncio.Task | None = None
+    try:
+        await wait_for(lambda: status(socks["a"]), 60, what="a's control socket")
+        await writer_start(socks["a"])
+        await wait_for(lambda: assert_converged(source, target, [ns]), 90, interval=1.0, what="A's first copy")
+        b = await Child.start(config, COSMIGRATE_WORKER="b")  # a standby: one unit, held by A
+        await wait_for(lambda: status(socks["b"]), 60, what="b's control socket")
+        assert await owner() == "a"
+        writes = asyncio.create_task(workload.run(10**9, stop, pace_s=0.003))
+        await wait_for(lambda: asyncio.sleep(0, len(written) > 50), 60, what="A applying live writes")
+        await a.finish(signal.SIGKILL)
+        killed = time.monotonic()
+        split(0)  # no owner now: A is dead, B has not taken the lease yet
+
+        async def b_holds() -> bool:
+            assert await owner() == "b"
+            return True
+
+        await wait_for(b_holds, 90, interval=0.5, what="B to take A's unit")
+        split(1)  # B holds the lease and waits out A's lease and the bound before its first write
+        first = len(written)
+        await wait_for(lambda: asyncio.sleep(0, len(written) > first), 90, what="B's first write")
+        split(2)  # B tails
+        await asyncio.sleep(1.0)
+        stop.set()
+        await writes
+        writes = None
+        await wait_for(lambda: assert_converged(source, target, [ns]), 120, interval=1.0, what="convergence")
+    finally:
+        stop.set()
+        if writes is not None:
+            await writes
+        sandbox.target._store_doc = store_doc  # type: ignore[method-assign]
+        if b is not None:
+            assert await b.finish(signal.SIGTERM) == 0, b.stderr[-5:]
+    committed = (await read_committed(cfg))[ns]
+    check_committed(committed, (await source_docs(source, [ns]))[ns])
+    assert sum(u.state == "split" for u in decode(committed.resume_token)) >= 3, decode(committed.resume_token)
+    # A's writes were sent before its lease ran out and executed within the bound: everything after is B's.
+    after = [(key, v) for t, key, v in written if t > killed + cfg.apply.write_bound_s]
+    assert after, "B wrote nothing"
+    last: dict[bytes, int] = {}
+    for key, v in after:
+        assert v >= last.get(key, -1), f"B wrote v{v} of {key!r} after v{last[key]}"
+        last[key] = v
+    print(f"{workload.writes} writes, {len(written)} target writes, {len(after)} by B")
+
