@@ -63,6 +63,12 @@ class NamespaceLink:
     deletes_applied: Callable[[], int] = lambda: 0
     """Deletes the applier sent from the feed (preview events, lookup misses gone at the source), counted before
     sending: a delete between the sweep's source and target counts would balance a stale document out."""
+    reuse_heads_s: float = 0.5
+    """How old the latest head (sampled by anyone: the worker's periodic sampler included) may be before a wait
+    samples one itself, and how often it then does. The worker sets twice its sampler's interval: the delete
+    sweeps and verification of a thousand namespaces, each waiting for catch-up, then reuse the sampler's heads
+    instead of asking the source for one per namespace every half second (which starved the worker). The
+    cutover asks for its own pace (`wait_caught_up_to(..., sample_every_s=0.5)`)."""
 
     async def wait_written(self, seq: int, limit_s: float) -> bool:
         """Wait until the applier has written every batch up to `seq` (bounded)."""
@@ -88,24 +94,31 @@ class NamespaceLink:
             await asyncio.sleep(0.05)
         return self.written_seq()
 
-    async def wait_caught_up_to(self, after: Mono, limit_s: float) -> bool:
+    async def wait_caught_up_to(self, after: Mono, limit_s: float, sample_every_s: float | None = None) -> bool:
         """Wait until everything written at the source before `after` is applied (head samples say so).
 
         Heads only move forward: a sample taken at or after `after` that is captured and applied covers every
         source write before it. Before the first catch-up `caught_up` is None: this waits, it never reads
-        "nothing yet" as "reached".
+        "nothing yet" as "reached". A head sampled by the worker's periodic sampler counts like one of its own
+        (`reuse_heads_s`, or `sample_every_s` when given).
         """
-        return await self._sampling_until(lambda: (at := self.caught_up()) is not None and at >= after, limit_s)
+        every_s = self.reuse_heads_s if sample_every_s is None else sample_every_s
+        return await self._sampling_until(lambda: (at := self.caught_up()) is not None and at >= after, limit_s,
+                                          every_s)
 
-    async def _sampling_until(self, done: Callable[[], bool], limit_s: float) -> bool:
-        """Poll `done`, sampling the head at most every half second (so that catch-up can move), bounded."""
+    async def _sampling_until(self, done: Callable[[], bool], limit_s: float, every_s: float) -> bool:
+        """Poll `done`, sampling the head itself only when no head younger than `every_s` exists and it did not
+        sample within `every_s` (so that catch-up can move), bounded. Polls at a tenth of that pace (0.05 to
+        0.25 s): a thousand waiting namespaces must not wake the loop twenty thousand times a second."""
         deadline = Mono.now() + limit_s
+        poll_s = min(0.25, max(0.05, every_s / 10))
         sampled: Mono | None = None
         while not done():
             if Mono.now() >= deadline:
                 return False
-            if sampled is None or sampled.elapsed() > 0.5:
+            latest = self.latest_head_at()
+            if (latest is None or latest.elapsed() > every_s) and (sampled is None or sampled.elapsed() > every_s):
                 sampled = Mono.now()
                 await self.sample()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(poll_s)
         return True

@@ -129,6 +129,7 @@ class Proof:
             latest_head_at=lambda: fresh.last_sample_at,
             sample=sample, add_head=fresh.add_sample, deletes_applied=lambda: app.deletes_sent,
             expires=lambda: bool(cap.status.ttl_indexes or cap.status.ttl_unknown),
+            reuse_heads_s=max(0.5, 2 * self.cfg.capture.head_sample_interval_s),
         )
         self.deletes.attach(link, app)
         self.verification.attach(link)

@@ -365,7 +365,7 @@ class Cutover:
             link = self.host.links[ns]
             link.add_head(at, heads[ns])
             progress, since = (link.committed_seq(), link.written_seq()), Mono.now()
-            while not await link.wait_caught_up_to(at, 5.0):
+            while not await link.wait_caught_up_to(at, 5.0, sample_every_s=0.5):
                 if not self.host.gate.started:  # only an operator starts it again: fail now, not after STALL_S
                     raise CutoverStop(EXIT_NOT_READY, f"{ns} cannot reach the quiesced head: the writer is stopped "
                                                       "(run `cosmigrate ctl writer start`, then cutover again)")
