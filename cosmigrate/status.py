@@ -78,14 +78,16 @@ def phase(state: str, freshness: str, load_phase: str = "") -> str:
     return "in sync" if freshness == "current" else "catching up"
 
 
-def _expiry(ns: str, cap: NamespaceCapture | None, cfg: Config, blocking: list[str]) -> dict[str, str]:
+def _expiry(ns: str, cap: NamespaceCapture | None, cfg: Config, blocking: list[str],
+            pending: list[str] | None = None) -> dict[str, str]:
     """The namespace's `expiry` and `ttl_decision` fields (`cosmigrate.ttl`); a `_ts` TTL without a decision, or
     indexes that could not be read, add to `blocking`. Not read yet (capture reads them beside its watchers):
-    unknown, and blocking too."""
+    unknown, and blocking too, but in `pending` when given: that clears by itself, and a cutover waits for it
+    instead of calling it the operator's (a loaded source answered the read after the cutover's first look)."""
     if cap is None:
         return {"expiry": "", "ttl_decision": ""}
     if cap.status.ttl_indexes is None:
-        blocking.append(f"{ns}: expiry unknown (the source's indexes are not read yet)")
+        (blocking if pending is None else pending).append(f"{ns}: expiry unknown (the source's indexes are not read yet)")
         return {"expiry": "unknown: the source's indexes are not read yet", "ttl_decision": "unknown"}
     state = ttl_state(ns, cap.status.ttl_indexes, cfg, cap.status.ttl_unknown)
     if state.blocking:
@@ -170,6 +172,7 @@ async def build_status(worker: Worker, fresh_after: Mono | None = None, proof: b
     local: list[str] = []  # the namespaces judged by this worker's own parts
     at = mono
     expiry: list[str] = []
+    expiry_unread: list[str] = []
     for meta in await worker.ledger.list_namespaces():
         if not matches_patterns(meta.ns, include, exclude):
             continue  # excluded (SIGHUP or config): not part of the migration any more
@@ -245,7 +248,7 @@ async def build_status(worker: Worker, fresh_after: Mono | None = None, proof: b
             "empty_pages": cap.status.empty_pages if cap else 0,
             "deferred": app.status.deferred if app else 0,
             "deferred_reason": app.status.deferred_reason if app and app.status.deferred else "",
-            **_expiry(meta.ns, cap, worker.cfg, expiry),
+            **_expiry(meta.ns, cap, worker.cfg, expiry, expiry_unread),
             "partitions": list(cap.status.partitions) if cap else [],
             "throughput_eps": round(app.status.throughput(), 1) if app else 0.0,
             "last_error": error,
@@ -296,6 +299,9 @@ async def build_status(worker: Worker, fresh_after: Mono | None = None, proof: b
     if expiry:  # a `[ttl]` decision in the config: only the operator makes it
         operator.append(f"source expiry (TTL) needs a decision, or is not known: {'; '.join(expiry)}")
     reasons += operator
+    if expiry_unread:  # capture reads them beside its watchers: waited for, not the operator's
+        more = f"; and {len(expiry_unread) - 10} more" if len(expiry_unread) > 10 else ""
+        reasons.append(f"source expiry (TTL) not read yet: {'; '.join(expiry_unread[:10])}{more}")
     unhealthy = [n["namespace"] for n in namespaces if n["state"] in ("stopped", "starting")]
     if unhealthy:
         reasons.append(f"namespaces not healthy yet (starting): {', '.join(unhealthy)}")

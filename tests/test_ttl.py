@@ -233,3 +233,36 @@ def test_ttl_state_and_the_ttl_table_round_trip(tmp_path: Path) -> None:
     ignored = ttl_state("app.a", ts[:1], again)
     assert not ignored.expires and "ignored" in ignored.describe() and not ignored.blocking
     assert ttl_state("app.x", ts[:1], again).describe() == ""
+
+
+async def test_a_cutover_waits_for_the_ttl_read_instead_of_calling_it_the_operators(
+    tmp_path: Path, sandbox: Sandbox, source: AsyncMongoClient, target: AsyncMongoClient,
+) -> None:
+    """The TTL indexes are read beside the watchers; a loaded account answers late. Until then expiry is unknown
+    and readiness waits, but nothing needs the operator: a cutover started then waits for the read (it failed at
+    once with "needs you" when the read came after its first look, under a loaded `make test`)."""
+    await _ttl_collection(source)
+    sandbox.source.faults.slow_list_indexes_ms = 5000
+    cfg = _config(tmp_path, sandbox, app__sessions="none")
+    config = write_config(cfg, tmp_path / "cosmigrate.toml")
+    await prepare_backends(cfg)
+    child = await Child.start(config)
+    try:
+        await wait_for(lambda: _status(config), 60, what="the daemon's control socket")
+        assert (await ctl(config, "writer", "start"))[0] == 0
+
+        async def unread() -> dict | None:
+            st = await _status(config)
+            return st if st and any("expiry (TTL) not read yet" in r for r in st["not_ready_reasons"]) else None
+
+        st = await wait_for(unread, 30, interval=0.2, what="status waiting for the TTL read")
+        assert not [r for r in st["needs_operator"] if "expiry" in r], st
+        assert _ns(st, TTL_NS)["expiry"].startswith("unknown")
+    finally:
+        await child.finish(signal.SIGTERM)
+    sandbox.source.faults.slow_list_indexes_ms = 2500  # still late for the cutover's first look, and quicker
+    code, out, err = await cli(config, "cutover")
+    assert code == 0, err[-2000:]
+    entry = next(n for n in json.loads(out)["namespaces"] if n["namespace"] == TTL_NS)
+    assert entry["ttl_decision"] == "none"
+    await assert_converged(source, target, BOTH)

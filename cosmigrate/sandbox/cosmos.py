@@ -362,6 +362,8 @@ class CosmosSource(MongoServer):
         self.store.expire(time.time() + self.faults.ttl_clock_advance_s, self.faults.ttl_lazy_delete)
         if self.faults.chance(self.faults.throttle_rate):
             await self._throttle()
+        if name == "listIndexes" and self.faults.slow_list_indexes_ms:
+            await asyncio.sleep(self.faults.slow_list_indexes_ms / 1000)
         ns = self._ns_of(name, body)
         if ns is not None and name == "aggregate" and self._is_feed(name, body):
             await self._await_units(ns, wait=self._open_wait_s(ns, body))  # the partition it opens on

@@ -50,6 +50,8 @@ class Faults:
     """Share of GetChangeStreamTokens calls answered with 16500 (on top of throttle_rate)."""
     slow_head_ms: int = 0
     """Delay every GetChangeStreamTokens answer this long (a real round trip to Azure, or a busy account)."""
+    slow_list_indexes_ms: int = 0
+    """Delay every listIndexes (a loaded account answers the TTL read late)."""
     token_kind: int = 0
     """Resume-token form: 1 (`_kind: 1`, JSON), 4 (`_kind: 4`, gzip of the JSON), 0 = both mixed (real accounts)."""
     refuse_beginning_token: bool = False
