@@ -24,6 +24,7 @@ from cosmigrate.ledger import BatchRecord, Ledger, open_ledger
 from cosmigrate.mongo import RAW
 from cosmigrate.sandbox.cosmos import make_token
 from cosmigrate.stores import BatchStore, batch_key, open_store, store_prefix
+from cosmigrate.timeouts import cancel_and_wait
 
 TOKEN = make_token("rid", 7)
 
@@ -60,9 +61,7 @@ class Harness:
         self.tasks: list[asyncio.Task[None]] = []
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)  # one cancel can be lost in PyMongo's own wait_for (Python 3.11)
         await self.store.close()
         await self.ledger.close()
 
