@@ -25,6 +25,24 @@ class Backoff:
         self.attempt = 0
 
 
+class IdlePace:
+    """Pauses between polls of an idle change stream: none for its first two empty pages (a trickle stays as
+    quick as ever), then a quarter second doubling up to `cap` (0: never pause), with a little jitter so that
+    streams gone idle together do not poll together. `reset` on an event."""
+
+    def __init__(self, cap: float, after: int = 2, first: float = 0.25) -> None:
+        self.cap, self.after, self.first, self.idle = cap, after, first, 0
+
+    def next_delay(self) -> float:
+        self.idle += 1
+        if self.cap <= 0 or self.idle <= self.after:
+            return 0.0
+        return min(self.cap, self.first * 2 ** (self.idle - self.after - 1)) * random.uniform(0.75, 1.0)
+
+    def reset(self) -> None:
+        self.idle = 0
+
+
 def retry_after_s(exc: OperationFailure) -> float:
     """Cosmos says how long to wait (RetryAfterMs); add jitter so watchers do not stampede."""
     m = _RETRY_AFTER.search(str(exc))

@@ -38,7 +38,7 @@ from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
-from cosmigrate.backoff import Backoff, retry_after_s
+from cosmigrate.backoff import Backoff, IdlePace, retry_after_s
 from cosmigrate.batchfile import BatchCodec, BatchHeader, token_bytes
 from cosmigrate.bytebudget import ByteBudget
 from cosmigrate.clock import Mono, Wall
@@ -159,6 +159,9 @@ class CaptureStatus:
     throttled: int = 0
     empty_pages: int = 0
     """Empty pages that came back faster than max_await_ms (a throttled stream); each one backs off."""
+    idle_pauses: int = 0
+    """Pauses between polls of an idle stream (`capture.idle_poll_max_s`), each ended early by a head sample
+    that the namespace has not reached."""
     idle_cuts: int = 0
     """Batches cut because the stream was idle at a page boundary (not full, not `max_batch_age_s` old)."""
     ttl_indexes: list[dict[str, Any]] | None = None
@@ -286,6 +289,9 @@ class NamespaceCapture:
         """Per-partition mode: each unit's latest position handed to the committer (freshness)."""
         self._tg: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        """Set (and replaced) to end the idle watchers' sleeps: a head sample they have not reached, or a stop."""
+        self.freshness.on_behind = self._wake_idle
         self._dead = False  # fenced or failed: never write again
         self.on_commit: Any = None  # called after each commit (wakes the namespace's applier)
         self._error_from = ""  # "source" or "store": which side set status.last_error, so only its recovery clears it
@@ -299,6 +305,12 @@ class NamespaceCapture:
     def _stop_reading(self) -> None:
         self._stopping.set()
         self.budget.wake()  # a watcher waiting for room sees the stop
+        self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        """End every idle watcher's sleep now (each waits on the event it saw when it began to sleep)."""
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
 
     async def _read_expiry(self) -> None:
         """Read the collection's TTL indexes beside the watchers, never before them.
@@ -488,6 +500,7 @@ class NamespaceCapture:
             self.freshness.mark(buf.base_token, self._next_seq - 1)
         empty = Backoff(base=0.05, cap=max(0.05, self.cap.max_await_ms / 1000))
         fast_s = self.cap.max_await_ms / 2000
+        idle = IdlePace(self.cap.idle_poll_max_s)
         page = _Page()
         while not self._stopping.is_set() and not self._dead:
             try:
@@ -522,8 +535,15 @@ class NamespaceCapture:
                                 # once spins and burns request units; back off (capped, reset by an event).
                                 self.status.empty_pages += 1
                                 await self._sleep(empty.next_delay())
+                            elif not buf.events and (pause := idle.next_delay()) > 0:
+                                # Idle for a while: ask less often (a thousand idle streams asking twice a
+                                # second starved the worker), until a head sample shows this namespace
+                                # behind (status, the cutover and the sampler all sample), or a stop.
+                                self.status.idle_pauses += 1
+                                await self._idle_sleep(pause)
                         else:
                             empty.reset()
+                            idle.reset()
                             raw = bytes(change.raw)
                             page.left -= len(raw)  # moved from the driver's page to the buffer: still counted
                             buf.add(raw, event_token(raw), now)
@@ -707,6 +727,15 @@ class NamespaceCapture:
     async def _sleep(self, seconds: float) -> None:
         try:
             await within(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _idle_sleep(self, seconds: float) -> None:
+        """Sleep until `seconds` pass or `_wake_idle` is called (a stop calls it too)."""
+        if self._stopping.is_set():
+            return
+        try:
+            await within(self._wake.wait(), seconds)
         except TimeoutError:
             pass
 

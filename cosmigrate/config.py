@@ -102,6 +102,8 @@ class CaptureConfig:
     discovery_interval_s: float = 60.0
     deletes_preview: bool = False
     max_await_ms: int = 500
+    idle_poll_max_s: float = 5.0
+    """The longest pause between polls of an idle stream (0: none); a head sample it has not reached ends it."""
     head_sample_interval_s: float = 2.0
     head_sample_concurrency: int = 32
     per_partition: bool = True
@@ -820,6 +822,9 @@ def validate(cfg: Config, uris: bool = True) -> None:
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
+    if not 0 <= cfg.capture.idle_poll_max_s <= 60:
+        raise ConfigError("capture.idle_poll_max_s: must be between 0 and 60 (0: an idle stream is polled "
+                          "without pause)")
     if not 1 <= cfg.capture.head_sample_concurrency <= 256:
         raise ConfigError("capture.head_sample_concurrency: must be between 1 and 256 (head samples in flight at "
                           "once, on a pool of 100 connections)")

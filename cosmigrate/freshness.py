@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cosmigrate.clock import Mono, Wall
@@ -90,6 +91,9 @@ class Freshness:
     """The seqs of `_marks`, in the same order (non-decreasing: bisected when pruning)."""
     barriers: list[HeadSample] = field(default_factory=list)
     """Heads that must be reached once, kept apart from the samples (the backfill's head at unit creation)."""
+    on_behind: Callable[[], None] | None = None
+    """Called when a sample is not reached by any recorded position (the source moved): capture then ends its
+    idle watchers' pauses, so a change in an idle namespace waits at most one sampling round."""
 
     # --- inputs ---------------------------------------------------------------------
 
@@ -118,6 +122,8 @@ class Freshness:
             sample.seq = self._at_least_last(seq)
         if sample.seq is None:
             self._waiting.append(sample)
+            if self.on_behind is not None:
+                self.on_behind()
         else:
             self._reached.append(sample)
         while self._pending() > MAX_SAMPLES:

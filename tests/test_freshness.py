@@ -186,3 +186,17 @@ def test_a_split_childs_head_is_judged_against_its_parents_position_until_the_ch
     assert not reached({left: 50, right: 56, other: 9}, head)
     assert reached({left: 50, right: 57, other: 9}, head)
     assert not reached({left: 50, right: 57}, head)  # a range capture does not cover is never reached
+
+
+def test_a_sample_beyond_every_recorded_position_calls_on_behind_and_a_reached_one_does_not() -> None:
+    """Capture ends its idle watchers' pauses on `on_behind`: only a head the namespace has not reached calls it."""
+    calls: list[int] = []
+    fresh = Freshness(on_behind=lambda: calls.append(1))
+    fresh.mark(old(5), 0)
+    fresh.add_sample(Mono.now(), [old(5)])
+    assert calls == []
+    fresh.add_sample(Mono.now(), [old(9)])
+    assert calls == [1]
+    fresh.mark(old(9), 1)
+    fresh.add_sample(Mono.now(), [old(9)])
+    assert calls == [1]
