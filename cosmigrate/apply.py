@@ -54,7 +54,7 @@ from pymongo.errors import (
     PyMongoError,
 )
 
-from cosmigrate.backoff import Backoff
+from cosmigrate.backoff import Backoff, IdlePace
 from cosmigrate.batchfile import Batch, BatchCodec, CorruptBatch
 from cosmigrate.clock import Mono, Wall
 from cosmigrate.config import Config
@@ -71,6 +71,9 @@ from cosmigrate.stores import BatchStore, ObjectMissing, StoreError
 T = TypeVar("T")
 DUPLICATE_KEY = 11000
 INFLIGHT_GRACE_S = 60.0  # how long a cancelled round still waits for a write command already sent
+IDLE_POLL_MAX_S = 5.0
+"""The longest ledger poll interval of an idle applier: its capture's commits wake it at once (`wake`), so the
+poll is only the safety net, and a thousand idle units polling every half second kept SQLite busy."""
 RELEASE_PER_ROUND = 64  # applied batch objects marked for expiry per round at most
 MAX_UNRELEASED = 10_000  # applied batch objects remembered for another marking attempt
 # Failover, network, throttling and interruption codes: retry the same writes.
@@ -509,6 +512,7 @@ class NamespaceApplier:
         self.status.state = "running"
         self.status.last_error = ""
         backoff.reset()
+        idle = IdlePace(max(self.acfg.poll_interval_s, IDLE_POLL_MAX_S), first=self.acfg.poll_interval_s)
         while not self._stopping.is_set():
             if not self.gate.started:
                 self.status.state = "paused"
@@ -537,8 +541,13 @@ class NamespaceApplier:
                 self.log.warning("apply round failed; retrying", error=self.status.last_error)
                 await self._sleep(backoff.next_delay())
                 continue
-            if not worked:
+            if worked:
+                idle.reset()
+            elif self._deferred:  # retried at the configured pace, never the idle one
+                idle.reset()
                 await self._wait(self.wake.wait(), self.acfg.poll_interval_s)
+            else:
+                await self._wait(self.wake.wait(), idle.next_delay() or self.acfg.poll_interval_s)
         if self._fenced:
             self._become_fenced("fenced by the daemon: this process no longer owns the namespace")
         elif self.status.state != "failed":

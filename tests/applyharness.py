@@ -59,6 +59,7 @@ class Harness:
         self.ledger: Ledger = open_ledger(cfg)
         self.codec = BatchCodec()
         self.tasks: list[asyncio.Task[None]] = []
+        self.appliers: list[NamespaceApplier] = []
 
     async def close(self) -> None:
         await cancel_and_wait(self.tasks)  # one cancel can be lost in PyMongo's own wait_for (Python 3.11)
@@ -83,6 +84,9 @@ class Harness:
         record = BatchRecord(ns=ns, seq=seq, key=key, events=len(events), bytes=len(data), raw_bytes=header.raw_bytes,
                              checksum=checksum, first_captured_at=time.time(), captured_at=time.time())
         await self.ledger.commit_batch(ns, epoch, record, bson.encode(TOKEN))
+        for app in self.appliers:  # as the daemon's capture does after each commit (the poll is a safety net)
+            if app.ns == ns:
+                app.wake.set()
         return record
 
     def applier(self, ns: str, epoch: int, *, gate: WriterGate | None = None, pool: asyncio.Semaphore | None = None,
@@ -93,4 +97,5 @@ class Harness:
     def start(self, app: NamespaceApplier) -> asyncio.Task[None]:
         task = asyncio.create_task(app.run(), name=f"apply:{app.ns}:e{app.epoch}")
         self.tasks.append(task)
+        self.appliers.append(app)
         return task
