@@ -105,6 +105,8 @@ class CaptureConfig:
     idle_poll_max_s: float = 5.0
     """The longest pause between polls of an idle stream (0: none); a head sample it has not reached ends it."""
     head_sample_interval_s: float = 2.0
+    head_sample_max_per_s: float = 250.0
+    """The periodic sampler's pace at most (samples a second): with more namespaces, its round gets longer."""
     head_sample_concurrency: int = 32
     per_partition: bool = True
 
@@ -822,6 +824,8 @@ def validate(cfg: Config, uris: bool = True) -> None:
     for key in ("max_batch_age_s", "discovery_interval_s", "head_sample_interval_s"):
         if getattr(cfg.capture, key) <= 0:
             raise ConfigError(f"capture.{key}: must be greater than 0")
+    if cfg.capture.head_sample_max_per_s <= 0:
+        raise ConfigError("capture.head_sample_max_per_s: must be greater than 0")
     if not 0 <= cfg.capture.idle_poll_max_s <= 60:
         raise ConfigError("capture.idle_poll_max_s: must be between 0 and 60 (0: an idle stream is polled "
                           "without pause)")

@@ -221,7 +221,8 @@ class Daemon:
                                  "the documents can be read or changed on the network", problem=self.worker.target_tls.problem)
             sampler = self.worker.sampler = HeadSampler(self.worker.source, self._sampled,
                                                         self.cfg.capture.head_sample_interval_s,
-                                                        self.cfg.capture.head_sample_concurrency)
+                                                        self.cfg.capture.head_sample_concurrency,
+                                                        self.cfg.capture.head_sample_max_per_s)
             assert self.worker.keeper is not None and self.worker.ledger is not None
             # Renewal runs on its own task until the drain is over (then the leases are handed over).
             renewer = asyncio.create_task(self.worker.keeper.renew_loop(), name="lease-renew")

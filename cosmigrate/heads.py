@@ -57,11 +57,16 @@ class HeadSampler:
 
     def __init__(
         self, source: Any, targets: Callable[[], Mapping[str, Freshness]], interval_s: float, concurrency: int = 16,
+        max_per_s: float = 250.0,
     ) -> None:
         self.source = source
         self._limit = asyncio.Semaphore(concurrency)
         self.targets = targets
         self.interval_s = interval_s
+        self.max_per_s = max_per_s
+        self.round_s = interval_s
+        """How often each namespace is sampled by `run`: the interval, or longer with more namespaces than
+        `max_per_s` allows in it. What "recent" means for the periodic status line follows it."""
         self.log = get_logger()
 
     async def head(self, ns: str) -> tuple[Wall, Mono, list[bytes]]:
@@ -100,10 +105,19 @@ class HeadSampler:
             fresh.unknown_reason = reason
 
     async def run(self) -> None:
+        """Every namespace once per round, the samples spread over the round at most `max_per_s` a second: ten
+        thousand namespaces every two seconds would be more requests than the worker (and the account's
+        request units) can serve. `ctl status`, the sweeps and the cutover sample what they need themselves."""
         while True:
+            began = Mono.now()
             targets = dict(self.targets())
+            self.round_s = max(self.interval_s, len(targets) / self.max_per_s)
             if targets:
+                gap_s = 1 / self.max_per_s
                 async with asyncio.TaskGroup() as group:
-                    for ns, fresh in targets.items():
+                    for i, (ns, fresh) in enumerate(targets.items()):
+                        ahead = i * gap_s - began.elapsed()
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
                         group.create_task(self.sample(ns, fresh))
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(max(0.0, self.round_s - began.elapsed()))

@@ -160,7 +160,8 @@ async def build_status(worker: Worker, fresh_after: Mono | None = None, proof: b
     now = Wall.now()
     mono = Mono.now()
     if fresh_after is None:
-        fresh_after = mono.minus(max(2 * worker.cfg.capture.head_sample_interval_s, 1.0))
+        round_s = worker.sampler.round_s if worker.sampler is not None else worker.cfg.capture.head_sample_interval_s
+        fresh_after = mono.minus(max(2 * round_s, 1.0))
     writer = "started" if worker.gate.started else "stopped"
     threshold = worker.cfg.apply.cutover_threshold_seconds
     include, exclude = worker.cfg.capture.include, worker.cfg.capture.exclude

@@ -200,3 +200,33 @@ def test_a_sample_beyond_every_recorded_position_calls_on_behind_and_a_reached_o
     fresh.mark(old(9), 1)
     fresh.add_sample(Mono.now(), [old(9)])
     assert calls == [1]
+
+
+async def test_the_periodic_sampler_spreads_a_round_at_most_max_per_s_and_lengthens_it() -> None:
+    """Ten namespaces at five samples a second: the round takes two seconds, not the 0.1 s interval, and
+    the samples are sent one every 0.2 s instead of all at once (the head is stubbed: pacing only)."""
+    import asyncio
+
+    fresh = {f"app.c{i}": Freshness() for i in range(10)}
+    sampler = HeadSampler(None, lambda: fresh, 0.1, concurrency=16, max_per_s=5.0)
+    sent: list[float] = []
+    rounds = asyncio.Event()
+
+    async def head(ns: str) -> tuple[Wall, Mono, list[bytes]]:
+        sent.append(Mono.now().s)
+        if len(sent) == 11:
+            rounds.set()
+        return Wall.now(), Mono.now(), [old(len(sent))]
+
+    sampler.head = head  # type: ignore[method-assign]
+    task = asyncio.create_task(sampler.run())
+    try:
+        await asyncio.wait_for(rounds.wait(), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sampler.round_s == 2.0
+    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    assert min(gaps[:9]) >= 0.15, gaps  # one every 0.2 s within the round
+    assert sent[10] - sent[0] >= 1.9, gaps  # the next round starts a round after the first
+    assert all(f.last_sample_at is not None for f in fresh.values())
