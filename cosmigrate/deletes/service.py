@@ -39,7 +39,7 @@ from typing import Any
 from pymongo.errors import PyMongoError
 
 from cosmigrate.apply import NamespaceApplier, WriteAborted
-from cosmigrate.backoff import Backoff
+from cosmigrate.backoff import Backoff, IdlePace
 from cosmigrate.budget import SourceBudget
 from cosmigrate.clock import Mono
 from cosmigrate.config import Config
@@ -56,6 +56,9 @@ from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError
 from cosmigrate.timeouts import cancel_and_wait, check_cancelled, within
 from cosmigrate.tokens import Positions, reached
+
+IDLE_CHECK_MAX_S = 2.0
+"""How long a namespace's sweep loop waits at most, once idle, before it looks whether a pass is due."""
 
 
 class Deletes:
@@ -76,6 +79,8 @@ class Deletes:
         self.final_only: dict[str, DeleteSweep] = {}
         """With `deletes.enabled` false: the sweep of each namespace, for the cutover's final pass only."""
         self._kicked: set[str] = set()
+        self._nudge = asyncio.Event()
+        """Set (and replaced) when `certify` kicks passes: the idle loops stop waiting at once."""
         self.halted = False
         """Set by a completed cutover: the target belongs to the applications now, nothing is deleted any more."""
         self.log = get_logger(component="deletes")
@@ -170,6 +175,8 @@ class Deletes:
         asked = Mono.now()
         stale = [ns for ns, sw in self.sweeps.items() if ns in self._tasks and not sw.state.running
                  and sw.state.completed and (not _covers(sw.state.last_head, sw.link.latest_head()) or self._expired(sw))]
+        nudge, self._nudge = self._nudge, asyncio.Event()
+        nudge.set()  # every loop looks now (a first pass that waits for its first head included)
         if not stale:
             return
         self._kicked.update(stale)
@@ -197,6 +204,7 @@ class Deletes:
     async def _loop(self, ns: str) -> None:
         sweep = self.sweeps[ns]
         backoff = Backoff(base=1.0, cap=60.0)
+        idle = IdlePace(IDLE_CHECK_MAX_S, after=0, first=0.25)
         while not self.halted:
             check_cancelled()
             try:
@@ -205,8 +213,12 @@ class Deletes:
                 if self._due(sweep):
                     await sweep.run_pass()
                     backoff.reset()
+                    idle.reset()
                 else:
-                    await asyncio.sleep(0.25)
+                    # Not due: look again soon, then less often (a thousand idle namespaces checked four times
+                    # a second each); `certify` ends the wait at once.
+                    with contextlib.suppress(TimeoutError):
+                        await within(self._nudge.wait(), idle.next_delay())
             except (Fenced, WriteAborted):
                 return  # another owner, or the daemon stops: nothing more to do here
             except (PyMongoError, LedgerError, StoreError) as exc:
