@@ -428,3 +428,84 @@ async def test_a_full_sqlite_ledger_fails_a_commit_cleanly_and_the_next_one_work
             assert [b.seq for b in await ledger.list_batches(NS)] == [0, 1]
         finally:
             await ledger.close()
+
+
+async def test_concurrent_sqlite_writes_share_one_commit_and_a_failing_one_fails_alone(tmp_path: Path) -> None:
+    """Group commit: writes sent together run in one transaction (fewer commits than writes), each in its own
+    savepoint. A write whose condition fails (a version conflict, a stale epoch) raises to its caller alone and
+    leaves no trace; the writes around it are stored. A group that meets a full file fails every write in it,
+    and commits none of them."""
+    from cosmigrate.ledger import Fenced, ProgressConflict
+
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
+    groups: list[int] = []
+    flush = ledger._flush
+
+    def counting_flush() -> None:
+        with ledger._lock:
+            n = len(ledger._pending)
+        if n:
+            groups.append(n)
+        flush()
+
+    ledger._flush = counting_flush  # type: ignore[method-assign]
+    try:
+        await ledger.init()
+        epoch = (await ledger.claim(NS, "me")).epoch
+        for i in range(40):
+            await ledger.put_progress("", "lease", f"u{i}", b"v1", epoch=None, expect_version=0)
+        writes: list[Awaitable[Any]] = []
+        for i in range(40):  # every fifth is stale (expects version 0 of an item at 1)
+            writes.append(ledger.put_progress("", "lease", f"u{i}", b"v2", epoch=None,
+                                              expect_version=0 if i % 5 == 0 else 1))
+        writes.append(ledger.put_progress(NS, "sweep", "state", b"x", epoch=epoch + 1))  # a stale owner's
+        writes.append(ledger.commit_batch(NS, epoch, _big_record(0), b"t0"))
+        groups.clear()
+        results = await _while_the_thread_is_held(ledger, writes)
+        assert groups == [len(writes)], groups  # all of them in one transaction
+        for i, result in enumerate(results[:40]):
+            assert isinstance(result, ProgressConflict) if i % 5 == 0 else result is None, (i, result)
+        assert isinstance(results[40], Fenced) and results[41] is None
+        stored = {p.key: (p.data, p.version) for p in await ledger.list_progress("", "lease")}
+        assert all(stored[f"u{i}"] == ((b"v1", 1) if i % 5 == 0 else (b"v2", 2)) for i in range(40)), stored
+        assert await ledger.get_progress(NS, "sweep", "state") is None
+        meta = await ledger.get_namespace(NS)
+        assert meta is not None and meta.next_seq == 1
+        # A full file: every write of the group fails, none is committed.
+        await ledger._run(lambda c: c.execute(f"PRAGMA max_page_count = {c.execute('PRAGMA page_count').fetchone()[0]}"))
+        small = [ledger.put_progress("", "lease", f"u{i}", b"v3", epoch=None, expect_version=2) for i in (1, 2, 3)]
+        results = await _while_the_thread_is_held(ledger, [ledger.commit_batch(NS, epoch, _big_record(1), b"t1"),
+                                                           *small])
+        assert all(isinstance(r, LedgerError) for r in results), results
+        assert not await ledger._run(lambda c: c.in_transaction)
+        await ledger._run(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
+        assert {p.key: p.version for p in await ledger.list_progress("", "lease")}["u1"] == 2
+        meta = await ledger.get_namespace(NS)
+        assert meta is not None and meta.next_seq == 1
+    finally:
+        await ledger.close()
+
+
+async def _while_the_thread_is_held(ledger: SqliteLedger, writes: list[Awaitable[Any]]) -> list[Any]:
+    """Send `writes` while the ledger's thread is busy, so that they all wait for the same group."""
+    import threading
+
+    held, running = threading.Event(), threading.Event()
+
+    def hold(_: Any) -> None:
+        running.set()
+        held.wait(10)
+
+    blocker = asyncio.ensure_future(ledger._run(hold))
+    await asyncio.to_thread(running.wait, 10)
+    tasks = [asyncio.ensure_future(w) for w in writes]
+    await wait_for(lambda: _pending(ledger, len(tasks)), 10, what="every write queued")
+    held.set()
+    await blocker
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _pending(ledger: SqliteLedger, n: int) -> bool:
+    with ledger._lock:
+        return len(ledger._pending) == n

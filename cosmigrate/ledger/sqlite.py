@@ -5,6 +5,15 @@ event loop never blocks on an fsync. WAL mode with synchronous=FULL: a commit
 that returned is on disk. `BEGIN IMMEDIATE` takes the write lock up front, so
 two processes sharing the file serialize their commits and the epoch check
 fences the loser.
+
+Writes are group-committed: the writes that callers sent while the thread was
+busy run together in ONE transaction, each inside its own savepoint, with
+one COMMIT (one fsync) for all of them. A write that fails its own condition
+(Fenced, a version or seq conflict) rolls back to its savepoint alone and
+raises to its caller; the others are kept. A caller's write returns only
+once the COMMIT that holds it returned, so what returned is on disk, as
+before. (A thousand units renewing leases and publishing their state every
+few seconds were a thousand fsyncs, one at a time, on one thread.)
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +85,18 @@ _META_COLS = "ns, owner, epoch, next_seq, resume_token, applied_seq, captured_ev
 _BATCH_COLS = "ns, seq, key, events, bytes, raw_bytes, checksum, first_captured_at, captured_at, applied_at, epoch"
 
 
+class _Write:
+    """One caller's write waiting for a group commit."""
+
+    __slots__ = ("fn", "result", "error", "done")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
 def _owner_only(path: Path) -> None:
     """Make the ledger and its -wal/-shm owner-only (0600) if they are not; SQLite gives new -wal/-shm
     files the mode of the main file, so fixing it once keeps them all private."""
@@ -96,6 +118,11 @@ class SqliteLedger:
         self.cluster = cluster
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self._conn: sqlite3.Connection | None = None
+        self._pending: list[_Write] = []
+        """Writes sent and not yet taken by a group (guarded by `_lock`: appended on the loop, taken on the thread)."""
+        self._lock = threading.Lock()
+        self._grouping = False
+        """True on the ledger thread while a group runs: `_tx` then opens a savepoint, not a transaction."""
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -147,21 +174,74 @@ class SqliteLedger:
         if missing() or ("namespaces" in existing and "progress" not in existing):
             self._tx(conn, body)
 
+    def _mapped(self, exc: sqlite3.Error | OSError) -> LedgerError:
+        """The project's error for a SQLite or file-system failure."""
+        if isinstance(exc, sqlite3.OperationalError):
+            if "locked" in str(exc) or "busy" in str(exc):
+                return LedgerUnavailable(f"ledger {self.path}: {exc}")
+            if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                return LedgerError(f"ledger {self.path}: {exc} (nothing was written; free space on its file system)")
+        return LedgerError(f"ledger {self.path}: {exc}")
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T], create: bool = False) -> T:
         def call() -> T:
             try:
                 return fn(self._connect(create))
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    raise LedgerUnavailable(f"ledger {self.path}: {exc}") from exc
-                if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                    raise LedgerError(f"ledger {self.path}: {exc} (nothing was written; free space on its "
-                                      "file system)") from exc
-                raise LedgerError(f"ledger {self.path}: {exc}") from exc
             except (sqlite3.Error, OSError) as exc:
-                raise LedgerError(f"ledger {self.path}: {exc}") from exc
+                raise self._mapped(exc) from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` (whose writes go through `_tx`) in the next group commit; its result or its own error."""
+        write: _Write = _Write(fn)
+        with self._lock:
+            self._pending.append(write)
+        # The thread runs in order: this call's group takes the write, unless an earlier one already did.
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._flush)
+        if not write.done:
+            raise LedgerError(f"ledger {self.path}: a write was not run (internal error; retried)")
+        if write.error is not None:
+            raise write.error
+        return write.result  # type: ignore[no-any-return]
+
+    def _flush(self) -> None:
+        """On the ledger thread: every pending write in one transaction, one savepoint each, one COMMIT."""
+        with self._lock:
+            group, self._pending = self._pending, []
+        if not group:
+            return
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connect(False)
+            conn.execute("BEGIN IMMEDIATE")
+            self._grouping = True
+            try:
+                for write in group:
+                    try:
+                        write.result = write.fn(conn)
+                    except (sqlite3.Error, OSError):
+                        raise  # the transaction itself is in doubt: the whole group fails
+                    except Exception as exc:  # its own condition (Fenced, a conflict): its savepoint rolled back
+                        write.error = exc
+                    if not conn.in_transaction:  # never run the rest outside the transaction
+                        raise sqlite3.OperationalError("the group's transaction ended early")
+            finally:
+                self._grouping = False
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                self._leave_transaction(conn)
+            error = self._mapped(exc)
+            for write in group:
+                write.result, write.error = None, error
+        except BaseException:
+            if conn is not None:
+                self._leave_transaction(conn)
+            raise
+        finally:
+            for write in group:
+                write.done = True
 
     def _tx(self, conn: sqlite3.Connection, body: Callable[[], T]) -> T:
         """`body` and its COMMIT as one write transaction; on any failure the connection leaves it, and the
@@ -172,6 +252,23 @@ class SqliteLedger:
         a transaction refuses every later BEGIN, so the namespace would stop for good; and a ROLLBACK sent
         after SQLite's own would fail with "no transaction is active", hiding the real cause (disk full).
         """
+        if self._grouping:  # inside a group commit: this body's own savepoint
+            conn.execute("SAVEPOINT write")
+            try:
+                result = body()
+            except BaseException as exc:
+                if not conn.in_transaction:  # SQLite rolled everything back itself (a full disk): the group fails
+                    raise
+                try:
+                    conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
+                except sqlite3.Error:
+                    if isinstance(exc, sqlite3.Error | OSError):
+                        raise exc from None  # the first error is the one raised
+                    raise  # this body's writes could not be undone: the group fails, nothing is committed
+                raise
+            conn.execute("RELEASE write")
+            return result
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = body()
@@ -235,7 +332,7 @@ class SqliteLedger:
 
             return self._tx(conn, body)
 
-        return await self._run(claim)
+        return await self._write(claim)
 
     def _check_epoch(self, conn: sqlite3.Connection, ns: str, epoch: int) -> tuple[int, int, int, bytes | None]:
         """(epoch, next_seq, applied_seq, resume_token) of `ns`; raises Fenced unless the epoch is `epoch`."""
@@ -257,7 +354,7 @@ class SqliteLedger:
 
             return self._tx(conn, body)
 
-        return await self._run(run)
+        return await self._write(run)
 
     async def commit_batch(self, ns: str, epoch: int, record: BatchRecord, resume_token: bytes) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -280,7 +377,7 @@ class SqliteLedger:
 
             self._tx(conn, body)
 
-        await self._run(run)
+        await self._write(run)
 
     def _committed_by(self, conn: sqlite3.Connection, ns: str, record: BatchRecord, epoch: int) -> bool:
         row = conn.execute("SELECT checksum, epoch FROM batches WHERE cluster=? AND ns=? AND seq=?",
@@ -298,7 +395,7 @@ class SqliteLedger:
 
             self._tx(conn, body)
 
-        await self._run(run)
+        await self._write(run)
 
     async def get_namespace(self, ns: str) -> NamespaceMeta | None:
         def run(conn: sqlite3.Connection) -> NamespaceMeta | None:
@@ -345,7 +442,7 @@ class SqliteLedger:
 
             self._tx(conn, body)
 
-        await self._run(run)
+        await self._write(run)
 
     async def get_control(self) -> WriterControl:
         def run(conn: sqlite3.Connection) -> WriterControl:
@@ -388,7 +485,7 @@ class SqliteLedger:
 
             return self._tx(conn, body)
 
-        return await self._run(run)
+        return await self._write(run)
 
     # --- progress items -------------------------------------------------------------------
 
@@ -438,7 +535,7 @@ class SqliteLedger:
 
             self._tx(conn, body)
 
-        await self._run(run)
+        await self._write(run)
 
     async def delete_progress(self, ns: str, kind: str, key: str, *, epoch: int | None) -> None:
         def run(conn: sqlite3.Connection) -> None:
@@ -449,7 +546,7 @@ class SqliteLedger:
 
             self._tx(conn, body)
 
-        await self._run(run)
+        await self._write(run)
 
     async def purge(self, ns: str | None, *, dry_run: bool = False) -> dict[str, int]:
         where, args = ("cluster=? AND ns=?", (self.cluster, ns)) if ns is not None else ("cluster=?", (self.cluster,))
