@@ -13,6 +13,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -489,15 +490,13 @@ async def test_concurrent_sqlite_writes_share_one_commit_and_a_failing_one_fails
 
 async def _while_the_thread_is_held(ledger: SqliteLedger, writes: list[Awaitable[Any]]) -> list[Any]:
     """Send `writes` while the ledger's thread is busy, so that they all wait for the same group."""
-    import threading
-
     held, running = threading.Event(), threading.Event()
 
-    def hold(_: Any) -> None:
+    def hold() -> None:
         running.set()
         held.wait(10)
 
-    blocker = asyncio.ensure_future(ledger._run(hold))
+    blocker = asyncio.wrap_future(ledger._pool.submit(hold))
     await asyncio.to_thread(running.wait, 10)
     tasks = [asyncio.ensure_future(w) for w in writes]
     await wait_for(lambda: _pending(ledger, len(tasks)), 10, what="every write queued")
@@ -509,3 +508,56 @@ async def _while_the_thread_is_held(ledger: SqliteLedger, writes: list[Awaitable
 async def _pending(ledger: SqliteLedger, n: int) -> bool:
     with ledger._lock:
         return len(ledger._pending) == n
+
+
+async def test_a_group_whose_connect_fails_acknowledges_writes_it_never_ran(tmp_path: Path) -> None:
+    """`_connect` raises LedgerError (not sqlite3.Error/OSError) when the file is missing or cannot be made
+    owner-only: every write of the group fails with it, not only the caller whose job ran the group (the
+    others were told success for writes never run: a lost batch commit)."""
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
+    await ledger.init()
+    epoch = (await ledger.claim(NS, "me")).epoch
+    # The connection is dropped (as `_leave_transaction` does when a ROLLBACK cannot end the transaction)
+    # and the next connect fails with a LedgerError (here: the file was moved away).
+    ledger._conn.close()  # type: ignore[union-attr]
+    ledger._conn = None
+    path.rename(tmp_path / "moved.db")
+    try:
+        results = await _while_the_thread_is_held(ledger, [
+            ledger.put_progress("", "lease", "u1", b"x", epoch=None, expect_version=0),
+            ledger.commit_batch(NS, epoch, record(0), b"t0"),
+            ledger.claim(NS, "me"),
+        ])
+        assert all(isinstance(r, LedgerError) for r in results), results
+    finally:
+        await ledger.close()
+
+
+async def test_a_write_whose_caller_was_cancelled_before_its_group_is_never_committed_later(tmp_path: Path) -> None:
+    """A write whose caller was cancelled (a timeout) before a group took it is taken back: the next unrelated
+    write's group must not commit it (a late claim would bump the epoch and fence whoever claimed since)."""
+    path = tmp_path / "ledger.db"
+    ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
+    await ledger.init()
+    epoch = (await ledger.claim(NS, "me")).epoch
+    held, running = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        running.set()
+        held.wait(10)
+
+    blocker = asyncio.wrap_future(ledger._pool.submit(hold))
+    await asyncio.to_thread(running.wait, 10)
+    try:
+        with pytest.raises(TimeoutError):  # as LeaseKeeper._renew does with `within(...)`
+            async with asyncio.timeout(0.2):
+                await ledger.claim(NS, "me")  # the caller is told it did not happen
+        held.set()
+        await blocker
+        assert (await ledger.get_namespace(NS)).epoch == epoch  # type: ignore[union-attr]
+        await ledger.put_progress("", "lease", "other", b"x", epoch=None, expect_version=0)  # ... another write
+        assert (await ledger.get_namespace(NS)).epoch == epoch, "the cancelled claim was committed later"  # type: ignore[union-attr]
+    finally:
+        held.set()
+        await ledger.close()

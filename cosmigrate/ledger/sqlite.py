@@ -198,7 +198,15 @@ class SqliteLedger:
         with self._lock:
             self._pending.append(write)
         # The thread runs in order: this call's group takes the write, unless an earlier one already did.
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._flush)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._flush)
+        except asyncio.CancelledError:
+            # A caller told "not done" must not have its write committed later by someone else's group: taken
+            # back unless a group already runs it (as a job already started did before group commit).
+            with self._lock:
+                if write in self._pending:
+                    self._pending.remove(write)
+            raise
         if not write.done:
             raise LedgerError(f"ledger {self.path}: a write was not run (internal error; retried)")
         if write.error is not None:
@@ -229,15 +237,23 @@ class SqliteLedger:
             finally:
                 self._grouping = False
             conn.execute("COMMIT")
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # every write of the group gets the outcome, not only the caller that ran it
             if conn is not None:
                 self._leave_transaction(conn)
-            error = self._mapped(exc)
+            error: BaseException
+            if isinstance(exc, sqlite3.Error | OSError):
+                error = self._mapped(exc)
+            elif isinstance(exc, LedgerError):
+                error = exc  # `_connect`: the file is missing, or cannot be made owner-only
+            else:
+                error = LedgerError(f"ledger {self.path}: {type(exc).__name__}: {exc}")
             for write in group:
                 write.result, write.error = None, error
         except BaseException:
             if conn is not None:
                 self._leave_transaction(conn)
+            for write in group:
+                write.result, write.error = None, LedgerError(f"ledger {self.path}: the write was interrupted")
             raise
         finally:
             for write in group:
