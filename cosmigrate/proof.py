@@ -141,10 +141,10 @@ class Proof:
         if unit.link is None or self.links.get(ns) is not unit.link:
             return
         self.links.pop(ns, None)
-        if self.deletes is not None:
-            await self.deletes.detach(ns)
-        if self.verification is not None:
-            await self.verification.detach(ns)
+        # Every part dropped before the first await: the namespace may be attached again during it.
+        tasks = self.deletes.forget(ns) if self.deletes is not None else []
+        tasks += self.verification.forget(ns) if self.verification is not None else []
+        await cancel_and_wait(tasks)
 
     async def certify(self, limit_s: float) -> None:
         if self.deletes is not None and not self.deletes.halted:

@@ -121,13 +121,18 @@ class Deletes:
             self._tasks[ns] = asyncio.create_task(self._loop(ns), name=f"deletes:{ns}")
 
     async def detach(self, ns: str) -> None:
+        await cancel_and_wait(self.forget(ns))
+
+    def forget(self, ns: str) -> list[asyncio.Task[None]]:
+        """Drop the namespace's parts at once (no await: a new incarnation attached while the old task is being
+        cancelled keeps its own; popping after the await took the new one's sweep) and return the task to
+        cancel."""
         task = self._tasks.pop(ns, None)
-        if task is not None:
-            await cancel_and_wait([task])
         self.sweeps.pop(ns, None)
         self.final_only.pop(ns, None)
         self.lookups.pop(ns, None)
         self.links.pop(ns, None)
+        return [task] if task is not None else []
 
     def resume(self) -> None:
         """Restart the background passes stopped by `stop` (a cutover that ended early)."""

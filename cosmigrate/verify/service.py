@@ -88,11 +88,15 @@ class Verification:
         self._tasks[link.ns] = asyncio.create_task(self._start(link.ns), name=f"verify:{link.ns}")
 
     async def detach(self, ns: str) -> None:
+        await cancel_and_wait(self.forget(ns))
+
+    def forget(self, ns: str) -> list[asyncio.Task[None]]:
+        """Drop the namespace's parts at once (no await: a new incarnation attached while the old task is being
+        cancelled keeps its own) and return the task to cancel."""
         task = self._tasks.pop(ns, None)
-        if task is not None:
-            await cancel_and_wait([task])
         self.verifiers.pop(ns, None)
         self._locks.pop(ns, None)
+        return [task] if task is not None else []
 
     def resume(self) -> None:
         """Restart the tasks stopped by `stop` (a cutover that ended early)."""
