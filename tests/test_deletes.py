@@ -71,7 +71,8 @@ async def test_deletes_at_every_point_reach_the_target_and_cutover_proves_it(
         await source.app.users.insert_one({"_id": 13.5, "v": 3})
         await source.shop.items.delete_many({"_id": {"$gte": 100, "$lt": 110}})
         await wait_for(lambda: assert_converged(source, target, NS), 60, what="convergence while tailing")
-        await wait_for(lambda: _swept_since(run, "app.users", mark), 30, what="a sweep after the last deletes")
+        for ns in NS:  # every namespace's last deletes swept: then status says ready
+            await wait_for(lambda: _swept_since(run, ns, mark), 30, what=f"a sweep of {ns} after the last deletes")  # noqa: B023
         status = await run.status()
         assert status["ready_for_cutover"], status["not_ready_reasons"]
         users = run.ns_status(status, "app.users")

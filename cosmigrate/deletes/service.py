@@ -57,7 +57,7 @@ from cosmigrate.stores import StoreError
 from cosmigrate.timeouts import cancel_and_wait, check_cancelled, within
 from cosmigrate.tokens import Positions, reached
 
-IDLE_CHECK_MAX_S = 2.0
+IDLE_CHECK_MAX_S = 1.0
 """How long a namespace's sweep loop waits at most, once idle, before it looks whether a pass is due."""
 
 
