@@ -240,9 +240,10 @@ async def test_a_cutover_waits_for_the_ttl_read_instead_of_calling_it_the_operat
 ) -> None:
     """The TTL indexes are read beside the watchers; a loaded account answers late. Until then expiry is unknown
     and readiness waits, but nothing needs the operator: a cutover started then waits for the read (it failed at
-    once with "needs you" when the read came after its first look, under a loaded `make test`)."""
+    once with "needs you" when the read came after its first look, under a loaded `make test`). The sandbox
+    holds every listIndexes until the test has seen each side wait."""
     await _ttl_collection(source)
-    sandbox.source.faults.slow_list_indexes_ms = 5000
+    sandbox.source.faults.hold_list_indexes = True
     cfg = _config(tmp_path, sandbox, app__sessions="none")
     config = write_config(cfg, tmp_path / "cosmigrate.toml")
     await prepare_backends(cfg)
@@ -255,14 +256,31 @@ async def test_a_cutover_waits_for_the_ttl_read_instead_of_calling_it_the_operat
             st = await _status(config)
             return st if st and any("expiry (TTL) not read yet" in r for r in st["not_ready_reasons"]) else None
 
-        st = await wait_for(unread, 30, interval=0.2, what="status waiting for the TTL read")
+        st = await wait_for(unread, 60, interval=0.2, what="status waiting for the TTL read")
         assert not [r for r in st["needs_operator"] if "expiry" in r], st
         assert _ns(st, TTL_NS)["expiry"].startswith("unknown")
     finally:
         await child.finish(signal.SIGTERM)
-    sandbox.source.faults.slow_list_indexes_ms = 2500  # still late for the cutover's first look, and quicker
-    code, out, err = await cli(config, "cutover")
-    assert code == 0, err[-2000:]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cosmigrate", "cutover", "--config", str(config),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(None))
+    assert proc.stderr is not None
+    try:
+        async def waiting() -> bool:  # the cutover's precheck says it waits for the read: then it is answered
+            line = await proc.stderr.readline()  # type: ignore[union-attr]
+            if not line:
+                raise AssertionError("the cutover exited before it waited for the TTL read")
+            return b"cutover precheck waiting" in line and b"not read yet" in line
+
+        await asyncio.wait_for(wait_for(waiting, 120, interval=0.0, what="the cutover waiting for the TTL read"), 150)
+        sandbox.source.faults.hold_list_indexes = False
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        sandbox.source.faults.hold_list_indexes = False
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
     entry = next(n for n in json.loads(out)["namespaces"] if n["namespace"] == TTL_NS)
     assert entry["ttl_decision"] == "none"
     await assert_converged(source, target, BOTH)

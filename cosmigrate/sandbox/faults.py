@@ -52,6 +52,8 @@ class Faults:
     """Delay every GetChangeStreamTokens answer this long (a real round trip to Azure, or a busy account)."""
     slow_list_indexes_ms: int = 0
     """Delay every listIndexes (a loaded account answers the TTL read late)."""
+    hold_list_indexes: bool = False
+    """listIndexes waits while this is set (a test decides when the TTL read is answered)."""
     token_kind: int = 0
     """Resume-token form: 1 (`_kind: 1`, JSON), 4 (`_kind: 4`, gzip of the JSON), 0 = both mixed (real accounts)."""
     refuse_beginning_token: bool = False
