@@ -364,7 +364,8 @@ class CosmosSource(MongoServer):
             await self._throttle()
         if name == "listIndexes" and self.faults.slow_list_indexes_ms:
             await asyncio.sleep(self.faults.slow_list_indexes_ms / 1000)
-        while name == "listIndexes" and self.faults.hold_list_indexes:
+        # A plain switch (set by tests and by the sandbox's admin command), so polled rather than an Event.
+        while name == "listIndexes" and self.faults.hold_list_indexes:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         ns = self._ns_of(name, body)
         if ns is not None and name == "aggregate" and self._is_feed(name, body):
