@@ -37,7 +37,8 @@ class IdlePace:
         self.idle += 1
         if self.cap <= 0 or self.idle <= self.after:
             return 0.0
-        return min(self.cap, self.first * 2 ** (self.idle - self.after - 1)) * random.uniform(0.75, 1.0)
+        # The exponent stops growing at 60 (2**1024 is no float): a stream idle for hours must not raise.
+        return min(self.cap, self.first * 2.0 ** min(self.idle - self.after - 1, 60)) * random.uniform(0.75, 1.0)
 
     def reset(self) -> None:
         self.idle = 0

@@ -111,3 +111,12 @@ def test_the_pace_starts_after_two_empty_pages_doubles_to_its_cap_and_resets_on_
     pace.reset()
     assert pace.next_delay() == 0.0
     assert all(IdlePace(cap=0.0).next_delay() == 0.0 for _ in range(5))
+
+
+def test_the_pace_stays_at_its_cap_however_long_a_stream_is_idle() -> None:
+    """Hours idle are thousands of steps: the delay stays at the cap (2**1024 once raised OverflowError,
+    which failed an idle namespace's capture after about 80 minutes, its applier and its sweep loop)."""
+    for cap, first, after in ((5.0, 0.25, 2), (5.0, 0.5, 2), (1.0, 0.25, 0)):
+        pace = IdlePace(cap, after=after, first=first)
+        delays = [pace.next_delay() for _ in range(5000)]
+        assert all(0 <= d <= cap for d in delays) and delays[-1] >= 0.75 * cap

@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import signal
+import time
 from pathlib import Path
 
 from pymongo import AsyncMongoClient
@@ -55,6 +56,7 @@ async def test_sigkill_during_partitioned_capture_with_splits_loses_nothing(
     stop = asyncio.Event()
     writer = asyncio.create_task(workload.run(10**9, stop, pace_s=0.001))
     kills = splits = 0
+    missed: list[str] = []  # why rounds got no split (in the message if none landed)
     try:
         # Until at least one split landed while a process read the partitions: a child whose crash point fires
         # before it commits gets no split that round (under load, several rounds in a row).
@@ -73,7 +75,12 @@ async def test_sigkill_during_partitioned_capture_with_splits_loses_nothing(
                         now = (await read_committed(cfg)).get(ns)  # noqa: B023
                         return now is not None and now.next_seq > seqs  # noqa: B023
 
+                    t0 = time.monotonic()
                     await wait_for(this_process_commits, 30, what="the child to commit")
+                    if child.proc.returncode is not None:
+                        last = [line for line in child.stderr if "crash point" in line or "error" in line][-1:]
+                        missed.append(f"{ns} from seq {seqs}: exited {child.proc.returncode} after "
+                                      f"{time.monotonic() - t0:.1f}s {last}")
                     if child.proc.returncode is None:
                         await asyncio.sleep(rng.uniform(0.05, 0.3))
                         parts = sandbox.source.store.get(db, coll).feed.partitions  # type: ignore[union-attr]
@@ -89,7 +96,8 @@ async def test_sigkill_during_partitioned_capture_with_splits_loses_nothing(
     finally:
         stop.set()
         await writer
-    assert splits >= 1, f"no split landed in {kills} rounds: every child crashed before it committed"
+    assert splits >= 1, (f"no split landed in {kills} rounds: every child crashed before it committed: "
+                         + "; ".join(missed[-6:])[:3000])
     final = await Child.start(config)
     try:
         await wait_for(lambda: _check_all(cfg, source), 120, what="every change captured after the kills")
