@@ -26,7 +26,9 @@ from bench.live import run_live  # noqa: E402
 from bench.pipeline import run_suite as run_pipeline  # noqa: E402
 from bench.plan import run_plan_bench  # noqa: E402
 from bench.requestunits import run_requestunits  # noqa: E402
+from bench.units import run_units  # noqa: E402
 from bench.verify import run_verify_bench  # noqa: E402
+from bench.workers import run_workers  # noqa: E402
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -60,6 +62,11 @@ TARGETS = [
     ("fullload.peak_rss_mb_small", "<", 512, "daemon peak RSS at the small size (independent of size)"),
     ("plan.time_ratio", "within", (0.75, 1.25), "`cosmigrate plan`'s full-load time / the measured one (4 partitions, RU-throttled)"),
     ("plan.ru_ratio", "within", (0.8, 1.2), "`cosmigrate plan`'s source RU / the RU the sandbox charged for the full load"),
+    ("workers.scaling_2", ">=", 0.8, "2 workers' documents/s vs 2 x one worker's, on a latency-bound target"),
+    ("workers.scaling_4", ">=", 0.8, "4 workers' documents/s vs 4 x one worker's, on a latency-bound target"),
+    ("units.many.started_s", "<=", 60.0,
+     "seconds until `ctl status` lists every collection started, one worker (goal set for 10,000: `units.many.collections`)"),
+    ("units.wide.ready_s", "<=", 60.0, "seconds to READY, one worker holding 100 partitions + 100 collections"),
 ]
 
 
@@ -280,6 +287,10 @@ def main() -> None:
         ("suite 8: full load, capture per partition",
          lambda: asyncio.run(run_capture_partitions(30_000 if q else 100_000))),
         ("suite 9: the plan against the run", lambda: asyncio.run(run_plan_bench(full=not q))),
+        ("suite 10: several workers", lambda: asyncio.run(run_workers(full=not q))),
+        # Many units: 1,000 collections quick, 2,000 full (10,000: `python bench/units.py --full`, by hand: the
+        # first READY of that many takes longer than a suite's limits on this machine).
+        ("suite 11: many units on one worker", lambda: asyncio.run(run_units(collections=1_000 if q else 2_000))),
     ]
     combined, per_run, r["failed_suites"] = run_suites(suites, args.repeats)
     r.update(combined)
