@@ -488,8 +488,9 @@ async def test_concurrent_sqlite_writes_share_one_commit_and_a_failing_one_fails
         await ledger.close()
 
 
-async def _while_the_thread_is_held(ledger: SqliteLedger, writes: list[Awaitable[Any]]) -> list[Any]:
-    """Send `writes` while the ledger's thread is busy, so that they all wait for the same group."""
+@contextlib.asynccontextmanager
+async def _thread_held(ledger: SqliteLedger) -> AsyncIterator[None]:
+    """The ledger's thread kept busy for the block: writes sent meanwhile wait for the next group."""
     held, running = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -498,10 +499,18 @@ async def _while_the_thread_is_held(ledger: SqliteLedger, writes: list[Awaitable
 
     blocker = asyncio.wrap_future(ledger._pool.submit(hold))
     await asyncio.to_thread(running.wait, 10)
-    tasks = [asyncio.ensure_future(w) for w in writes]
-    await wait_for(lambda: _pending(ledger, len(tasks)), 10, what="every write queued")
-    held.set()
-    await blocker
+    try:
+        yield
+    finally:
+        held.set()
+        await blocker
+
+
+async def _while_the_thread_is_held(ledger: SqliteLedger, writes: list[Awaitable[Any]]) -> list[Any]:
+    """Send `writes` while the ledger's thread is busy, so that they all wait for the same group."""
+    async with _thread_held(ledger):
+        tasks = [asyncio.ensure_future(w) for w in writes]
+        await wait_for(lambda: _pending(ledger, len(tasks)), 10, what="every write queued")
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
@@ -541,23 +550,13 @@ async def test_a_write_whose_caller_was_cancelled_before_its_group_is_never_comm
     ledger = SqliteLedger(f"sqlite://{path}", str(path), "test")
     await ledger.init()
     epoch = (await ledger.claim(NS, "me")).epoch
-    held, running = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        running.set()
-        held.wait(10)
-
-    blocker = asyncio.wrap_future(ledger._pool.submit(hold))
-    await asyncio.to_thread(running.wait, 10)
     try:
-        with pytest.raises(TimeoutError):  # as LeaseKeeper._renew does with `within(...)`
-            async with asyncio.timeout(0.2):
-                await ledger.claim(NS, "me")  # the caller is told it did not happen
-        held.set()
-        await blocker
+        async with _thread_held(ledger):
+            with pytest.raises(TimeoutError):  # as LeaseKeeper._renew does with `within(...)`
+                async with asyncio.timeout(0.2):
+                    await ledger.claim(NS, "me")  # the caller is told it did not happen
         assert (await ledger.get_namespace(NS)).epoch == epoch  # type: ignore[union-attr]
         await ledger.put_progress("", "lease", "other", b"x", epoch=None, expect_version=0)  # ... another write
         assert (await ledger.get_namespace(NS)).epoch == epoch, "the cancelled claim was committed later"  # type: ignore[union-attr]
     finally:
-        held.set()
         await ledger.close()
