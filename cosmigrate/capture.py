@@ -76,7 +76,7 @@ from cosmigrate.partitions import decode as decode_units
 from cosmigrate.partitions import encode as encode_units
 from cosmigrate.redact import redact
 from cosmigrate.stores import BatchStore, StoreError, batch_key, store_prefix
-from cosmigrate.timeouts import cancel_and_wait, within
+from cosmigrate.timeouts import Pulse, cancel_and_wait, within
 from cosmigrate.tokens import Range, TokenFormatError, positions
 from cosmigrate.ttl import read_ttl_indexes
 
@@ -289,9 +289,9 @@ class NamespaceCapture:
         """Per-partition mode: each unit's latest position handed to the committer (freshness)."""
         self._tg: asyncio.TaskGroup | None = None
         self._stopping = asyncio.Event()
-        self._wake = asyncio.Event()
-        """Set (and replaced) to end the idle watchers' sleeps: a head sample they have not reached, or a stop."""
-        self.freshness.on_behind = self._wake_idle
+        self._wake = Pulse()
+        """Ends the idle watchers' pauses: a head sample they have not reached, or a stop."""
+        self.freshness.on_behind = self._wake.fire
         self._dead = False  # fenced or failed: never write again
         self.on_commit: Any = None  # called after each commit (wakes the namespace's applier)
         self._error_from = ""  # "source" or "store": which side set status.last_error, so only its recovery clears it
@@ -305,12 +305,7 @@ class NamespaceCapture:
     def _stop_reading(self) -> None:
         self._stopping.set()
         self.budget.wake()  # a watcher waiting for room sees the stop
-        self._wake_idle()
-
-    def _wake_idle(self) -> None:
-        """End every idle watcher's sleep now (each waits on the event it saw when it began to sleep)."""
-        wake, self._wake = self._wake, asyncio.Event()
-        wake.set()
+        self._wake.fire()
 
     async def _read_expiry(self) -> None:
         """Read the collection's TTL indexes beside the watchers, never before them.
@@ -536,10 +531,7 @@ class NamespaceCapture:
                                 self.status.empty_pages += 1
                                 await self._sleep(empty.next_delay())
                             elif not buf.events and (pause := idle.next_delay()) > 0:
-                                # (A wake that came during the fetch is not kept: the next sample the namespace
-                                # has not reached wakes it again. Keeping it makes a watcher ask again after each
-                                # sample that came during a fetch; with 2,000 units polled by status every second
-                                # one run gave READY in 582 s against 226 s without it: not kept until measured.)
+                                # (A wake during the fetch is not kept: the next unreached sample wakes it again.)
                                 # Idle for a while: ask less often (a thousand idle streams asking twice a
                                 # second starved the worker), until a head sample shows this namespace
                                 # behind (status, the cutover and the sampler all sample), or a stop.
@@ -735,13 +727,9 @@ class NamespaceCapture:
             pass
 
     async def _idle_sleep(self, seconds: float) -> None:
-        """Sleep until `seconds` pass or `_wake_idle` is called (a stop calls it too)."""
-        if self._stopping.is_set():
-            return
-        try:
-            await within(self._wake.wait(), seconds)
-        except TimeoutError:
-            pass
+        """Sleep until `seconds` pass or the pause is ended (a stop ends it too)."""
+        if not self._stopping.is_set():
+            await self._wake.wait(seconds)
 
     async def _retrying(self, fn: Any) -> Any:
         backoff = Backoff()

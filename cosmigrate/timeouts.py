@@ -22,6 +22,26 @@ async def within(aw: Awaitable[T], seconds: float | None) -> T:
         return await aw
 
 
+class Pulse:
+    """Wakes every task waiting on it at that moment, and none that starts waiting later: an Event that is
+    replaced as it fires (idle watchers and sweep loops end their pauses on it)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait until the next `fire` or `seconds`; True when fired."""
+        try:
+            await within(self._event.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
 def check_cancelled() -> None:
     """Raise CancelledError if this task was asked to stop, even if a library swallowed the request.
 

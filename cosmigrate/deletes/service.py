@@ -54,7 +54,7 @@ from cosmigrate.mongo import raw_collection
 from cosmigrate.nslink import NamespaceLink
 from cosmigrate.redact import redact
 from cosmigrate.stores import StoreError
-from cosmigrate.timeouts import cancel_and_wait, check_cancelled, within
+from cosmigrate.timeouts import Pulse, cancel_and_wait, check_cancelled, within
 from cosmigrate.tokens import Positions, reached
 
 IDLE_CHECK_MAX_S = 1.0
@@ -79,8 +79,8 @@ class Deletes:
         self.final_only: dict[str, DeleteSweep] = {}
         """With `deletes.enabled` false: the sweep of each namespace, for the cutover's final pass only."""
         self._kicked: set[str] = set()
-        self._nudge = asyncio.Event()
-        """Set (and replaced) when `certify` kicks passes: the idle loops stop waiting at once."""
+        self._nudge = Pulse()
+        """Fired when `certify` kicks passes: the idle loops stop waiting at once."""
         self.halted = False
         """Set by a completed cutover: the target belongs to the applications now, nothing is deleted any more."""
         self.log = get_logger(component="deletes")
@@ -180,8 +180,7 @@ class Deletes:
         asked = Mono.now()
         stale = [ns for ns, sw in self.sweeps.items() if ns in self._tasks and not sw.state.running
                  and sw.state.completed and (not _covers(sw.state.last_head, sw.link.latest_head()) or self._expired(sw))]
-        nudge, self._nudge = self._nudge, asyncio.Event()
-        nudge.set()  # every loop looks now (a first pass that waits for its first head included)
+        self._nudge.fire()  # every loop looks now (a first pass that waits for its first head included)
         if not stale:
             return
         self._kicked.update(stale)
@@ -222,8 +221,7 @@ class Deletes:
                 else:
                     # Not due: look again soon, then less often (a thousand idle namespaces checked four times
                     # a second each); `certify` ends the wait at once.
-                    with contextlib.suppress(TimeoutError):
-                        await within(self._nudge.wait(), idle.next_delay())
+                    await self._nudge.wait(idle.next_delay())
             except (Fenced, WriteAborted):
                 return  # another owner, or the daemon stops: nothing more to do here
             except (PyMongoError, LedgerError, StoreError) as exc:
